@@ -1,0 +1,176 @@
+//! Pooled read buffers: memory only while there are unparsed bytes.
+//!
+//! Most WebSocket connections are idle most of the time. Giving each one its own read buffer means the
+//! idle ones pay for memory they use a few microseconds a minute. Here a connection takes a buffer from
+//! the shared [`BufferPool`] when a read is about to happen and hands it back as soon as every byte in it
+//! has been parsed ([`ReadBuffer::release`]). A connection holds a buffer across reads only while a frame
+//! is partially received.
+//!
+//! The pool is a mutex-protected free list: one uncontended lock per acquire/release, no allocation once
+//! warm. It keeps at most `max_pooled` buffers; beyond that, released buffers are freed.
+
+use std::sync::{Arc, Mutex};
+
+use super::ReadBuffer;
+
+/// A shared free list of equally sized buffers.
+#[derive(Debug)]
+pub struct BufferPool {
+    free: Mutex<Vec<Box<[u8]>>>,
+    buffer_size: usize,
+    max_pooled: usize,
+}
+
+impl BufferPool {
+    pub fn new(buffer_size: usize, max_pooled: usize) -> Arc<Self> {
+        Arc::new(BufferPool {
+            free: Mutex::new(Vec::with_capacity(max_pooled.min(4096))),
+            buffer_size: buffer_size.max(super::ring::MIN_RING_CAPACITY),
+            max_pooled,
+        })
+    }
+
+    pub fn buffer_size(&self) -> usize {
+        self.buffer_size
+    }
+
+    /// Buffers currently idle in the pool.
+    pub fn pooled(&self) -> usize {
+        self.free.lock().map(|f| f.len()).unwrap_or(0)
+    }
+
+    fn take(&self) -> Box<[u8]> {
+        // A poisoned lock only means another thread panicked mid-push/pop; the Vec is still sound.
+        let popped = match self.free.lock() {
+            Ok(mut f) => f.pop(),
+            Err(p) => p.into_inner().pop(),
+        };
+        popped.unwrap_or_else(|| vec![0u8; self.buffer_size].into_boxed_slice())
+    }
+
+    fn give(&self, buf: Box<[u8]>) {
+        let mut free = match self.free.lock() {
+            Ok(f) => f,
+            Err(p) => p.into_inner(),
+        };
+        if free.len() < self.max_pooled {
+            free.push(buf);
+        }
+    }
+}
+
+/// A connection's handle on the pool, holding a buffer only while it has unparsed bytes.
+#[derive(Debug)]
+pub struct PooledBuffer {
+    pool: Arc<BufferPool>,
+    buf: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+}
+
+impl PooledBuffer {
+    pub fn new(pool: Arc<BufferPool>) -> Self {
+        PooledBuffer { pool, buf: None, start: 0, end: 0 }
+    }
+}
+
+impl ReadBuffer for PooledBuffer {
+    #[inline]
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn readable_mut(&mut self) -> (&mut [u8], &mut [u8]) {
+        match &mut self.buf {
+            Some(b) => (&mut b[self.start..self.end], &mut []),
+            None => (&mut [], &mut []),
+        }
+    }
+
+    fn consume(&mut self, n: usize) {
+        debug_assert!(n <= self.len());
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    fn writable(&mut self) -> (&mut [u8], &mut [u8]) {
+        let pool = &self.pool;
+        let buf = self.buf.get_or_insert_with(|| pool.take());
+        if self.end == buf.len() && self.start > 0 {
+            // Move the partial frame to the front to make room behind it.
+            buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        (&mut buf[self.end..], &mut [])
+    }
+
+    fn commit(&mut self, n: usize) {
+        self.end += n;
+        debug_assert!(self.buf.as_ref().is_some_and(|b| self.end <= b.len()));
+    }
+
+    fn frame_capacity(&self) -> usize {
+        self.pool.buffer_size
+    }
+
+    fn release(&mut self) {
+        if self.start == self.end {
+            if let Some(b) = self.buf.take() {
+                self.pool.give(b);
+            }
+        }
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.buf.as_ref().map_or(0, |b| b.len())
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.pool.give(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::fill_from;
+
+    #[test]
+    fn idle_connection_holds_no_buffer() {
+        let pool = BufferPool::new(1024, 8);
+        let mut b = PooledBuffer::new(pool.clone());
+        assert_eq!(b.held_bytes(), 0);
+        fill_from(&mut b, b"hello");
+        assert_eq!(b.held_bytes(), 1024);
+        b.release();
+        assert_eq!(b.held_bytes(), 1024, "unparsed bytes keep the buffer");
+        b.consume(5);
+        b.release();
+        assert_eq!(b.held_bytes(), 0);
+        assert_eq!(pool.pooled(), 1);
+        // The next read reuses the pooled buffer instead of allocating.
+        fill_from(&mut b, b"x");
+        assert_eq!(pool.pooled(), 0);
+    }
+
+    #[test]
+    fn partial_frame_is_compacted_to_make_room() {
+        let pool = BufferPool::new(256, 8);
+        let mut b = PooledBuffer::new(pool);
+        fill_from(&mut b, &[7u8; 256]);
+        b.consume(200);
+        assert_eq!(fill_from(&mut b, &[9u8; 100]), 100);
+        let (r, _) = b.readable_mut();
+        assert_eq!(r.len(), 156);
+        assert_eq!(r[55], 7);
+        assert_eq!(r[56], 9);
+    }
+}

@@ -1,0 +1,382 @@
+//! The message reader: bytes in a [`ReadBuffer`] in, WebSocket events out.
+//!
+//! This is where RFC 6455's receive-side rules live: masking, fragmentation, interleaved control frames,
+//! UTF-8 of text messages, close payloads and size limits. It never touches a socket: the driver reads
+//! into the buffer, then calls [`Reader::next`] until it returns `Ok(None)` ("need more bytes").
+//!
+//! # How bytes move
+//! * A header is consumed from the buffer as soon as it is complete; the reader keeps it.
+//! * The payload is unmasked (and, for text, UTF-8-checked) as soon as its bytes arrive, even before the
+//!   frame is complete: a peer streaming an invalid text message is stopped at the first impossible byte.
+//!   `processed` counts the payload bytes at the front of the buffer that are already unmasked/checked.
+//! * A single-frame message that completes inside the buffer is handed out *in place*, as up to two
+//!   slices of the buffer (two when a ring wraps): no copy. The bytes are consumed on the next call.
+//! * Fragmented messages, and frames too large to wait for in the buffer
+//!   ([`ReadBuffer::frame_capacity`]), are appended to the message buffer as they arrive and consumed
+//!   from the read buffer at once, so the read buffer never needs to hold more than one buffer's worth.
+//!   The message buffer is freed after delivery unless it is small, so one huge message does not pin
+//!   memory for the rest of a connection's life.
+//!
+//! Limits are checked from the header, before any payload is buffered.
+
+use crate::buffer::ReadBuffer;
+use crate::close::{parse_close_payload, CloseCode};
+use crate::error::WireError;
+use crate::frame::{decode_header, FrameHeader, OpCode, Role, MAX_HEADER_LEN};
+use crate::mask::apply_mask;
+use crate::utf8::Utf8Validator;
+
+/// Size limits, enforced from frame headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest accepted frame payload, in bytes (→ 1009).
+    pub max_frame_payload: u64,
+    /// Largest accepted message (sum of its fragments), in bytes (→ 1009).
+    pub max_message_size: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_frame_payload: 1 << 20, max_message_size: 1 << 20 }
+    }
+}
+
+/// A payload, as it lies in memory: `first` then `second` (non-empty only when a ring buffer wraps).
+#[derive(Debug, Clone, Copy)]
+pub struct Payload<'a> {
+    pub first: &'a [u8],
+    pub second: &'a [u8],
+}
+
+impl<'a> Payload<'a> {
+    pub fn len(&self) -> usize {
+        self.first.len() + self.second.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The payload as one slice when it is contiguous (always, unless a ring wrapped).
+    pub fn contiguous(&self) -> Option<&'a [u8]> {
+        if self.second.is_empty() {
+            Some(self.first)
+        } else if self.first.is_empty() {
+            Some(self.second)
+        } else {
+            None
+        }
+    }
+
+    /// Appends the payload to `out`.
+    pub fn copy_to(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.first);
+        out.extend_from_slice(self.second);
+    }
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len());
+        self.copy_to(&mut v);
+        v
+    }
+}
+
+/// What the peer sent.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A complete data message (text is valid UTF-8).
+    Message { opcode: OpCode, payload: Payload<'a> },
+    /// A ping: answer with a pong carrying the same payload.
+    Ping(Payload<'a>),
+    /// A pong (solicited or not).
+    Pong(Payload<'a>),
+    /// A valid close frame; `code` is `NO_STATUS` (1005) when the payload was empty.
+    Close { code: CloseCode, reason: &'a [u8] },
+}
+
+/// Message buffers up to this capacity are kept between messages; larger ones are freed after delivery.
+const KEEP_MESSAGE_CAPACITY: usize = 0;
+
+/// The receive-side state of one WebSocket connection.
+#[derive(Debug)]
+pub struct Reader {
+    role: Role,
+    limits: Limits,
+    allowed_rsv: u8,
+    /// Header of the frame whose payload is being received.
+    frame: Option<FrameHeader>,
+    /// Payload bytes of `frame` already moved out of the read buffer (streamed).
+    frame_streamed: u64,
+    /// Payload bytes at the front of the read buffer already unmasked (and UTF-8 checked).
+    processed: usize,
+    /// Opcode of the fragmented message in progress, if any.
+    message: Option<OpCode>,
+    /// Whether the payload of the frame in progress is streamed into `assembled`.
+    streaming: bool,
+    assembled: Vec<u8>,
+    utf8: Utf8Validator,
+    /// Read-buffer bytes to consume at the next call (the last event borrowed them).
+    pending_consume: usize,
+    /// The last event borrowed `assembled`; clear it at the next call.
+    pending_clear: bool,
+    /// A close frame was delivered; nothing after it is read.
+    closed: bool,
+}
+
+impl Reader {
+    pub fn new(role: Role, limits: Limits) -> Self {
+        Reader {
+            role,
+            limits,
+            allowed_rsv: 0,
+            frame: None,
+            frame_streamed: 0,
+            processed: 0,
+            message: None,
+            streaming: false,
+            assembled: Vec::new(),
+            utf8: Utf8Validator::new(),
+            pending_consume: 0,
+            pending_clear: false,
+            closed: false,
+        }
+    }
+
+    /// Whether the reader is in the middle of a frame or message (bytes are owed to it).
+    pub fn is_mid_message(&self) -> bool {
+        self.frame.is_some() || self.message.is_some()
+    }
+
+    /// Heap bytes held for message assembly.
+    pub fn held_bytes(&self) -> usize {
+        self.assembled.capacity()
+    }
+
+    /// Applies what the previous event borrowed. Call before reading more into the buffer, so that the
+    /// buffer has the room the last event was occupying (`next` also does this itself).
+    pub fn settle<B: ReadBuffer + ?Sized>(&mut self, buf: &mut B) {
+        if self.pending_consume > 0 {
+            buf.consume(self.pending_consume);
+            self.pending_consume = 0;
+        }
+        if self.pending_clear {
+            self.pending_clear = false;
+            self.assembled.clear();
+            if self.assembled.capacity() > KEEP_MESSAGE_CAPACITY {
+                self.assembled = Vec::new();
+            }
+        }
+    }
+
+    /// Returns the next event, `Ok(None)` when more bytes are needed, or the protocol violation that
+    /// must close the connection (see [`WireError::close_code`]).
+    pub fn next<'a, B: ReadBuffer + ?Sized>(&'a mut self, buf: &'a mut B) -> Result<Option<Event<'a>>, WireError> {
+        self.settle(buf);
+        if self.closed {
+            return Ok(None);
+        }
+        loop {
+            let header = match self.frame {
+                Some(h) => h,
+                None => match self.read_header(buf)? {
+                    Some(h) => h,
+                    None => return Ok(None),
+                },
+            };
+            let remaining = header.payload_len - self.frame_streamed;
+            let available = (buf.len() as u64).min(remaining) as usize;
+            if available > self.processed {
+                self.process(buf, &header, available)?;
+            }
+            let complete = available as u64 == remaining;
+
+            if header.opcode.is_control() {
+                if !complete {
+                    // Control payloads are ≤ 125 bytes and every buffer holds at least 256: wait.
+                    return Ok(None);
+                }
+                self.frame = None;
+                self.processed = 0;
+                self.pending_consume = available;
+                // Nothing after a close frame is read.
+                self.closed = header.opcode == OpCode::Close;
+                let (a, b) = buf.readable_mut();
+                let (a, b) = split_prefix(a, b, available);
+                let payload = Payload { first: a, second: b };
+                return match header.opcode {
+                    OpCode::Ping => Ok(Some(Event::Ping(payload))),
+                    OpCode::Pong => Ok(Some(Event::Pong(payload))),
+                    _ => {
+                        // Close: its payload must be contiguous to parse; only a wrapped ring isn't.
+                        let bytes: &[u8] = match payload.contiguous() {
+                            Some(s) => s,
+                            None => {
+                                self.assembled.clear();
+                                payload.copy_to(&mut self.assembled);
+                                self.pending_clear = true;
+                                &self.assembled
+                            }
+                        };
+                        let (code, reason) = parse_close_payload(bytes)?;
+                        Ok(Some(Event::Close { code, reason }))
+                    }
+                };
+            }
+
+            let opcode = if header.opcode == OpCode::Continuation {
+                self.message.unwrap_or(OpCode::Binary)
+            } else {
+                header.opcode
+            };
+
+            if complete && !self.streaming && header.fin && self.message.is_none() {
+                // The common case: a whole single-frame message in the buffer, handed out in place.
+                if opcode == OpCode::Text {
+                    self.utf8.finish().map_err(|_| WireError::InvalidUtf8)?;
+                }
+                self.frame = None;
+                self.processed = 0;
+                self.pending_consume = available;
+                let (a, b) = buf.readable_mut();
+                let (a, b) = split_prefix(a, b, available);
+                return Ok(Some(Event::Message { opcode, payload: Payload { first: a, second: b } }));
+            }
+
+            // Here the frame is a fragment, already streaming, or incomplete (a fragment's `fin == false`
+            // implies `message.is_some()`).
+            let must_stream =
+                self.streaming || self.message.is_some() || header.payload_len > buf.frame_capacity() as u64;
+            if !must_stream {
+                // A single frame that will fit: wait for the rest of it in place.
+                return Ok(None);
+            }
+            self.streaming = true;
+            {
+                let (a, b) = buf.readable_mut();
+                let (a, b) = split_prefix(a, b, available);
+                self.assembled.extend_from_slice(a);
+                self.assembled.extend_from_slice(b);
+            }
+            buf.consume(available);
+            self.frame_streamed += available as u64;
+            self.processed = 0;
+            if !complete {
+                return Ok(None);
+            }
+            self.frame = None;
+            self.frame_streamed = 0;
+            self.streaming = false;
+            if !header.fin {
+                // More fragments to come; the next header continues the message.
+                continue;
+            }
+            self.message = None;
+            if opcode == OpCode::Text {
+                self.utf8.finish().map_err(|_| WireError::InvalidUtf8)?;
+            }
+            self.pending_clear = true;
+            return Ok(Some(Event::Message { opcode, payload: Payload { first: &self.assembled, second: &[] } }));
+        }
+    }
+
+    /// Decodes and consumes the next header, applying the fragmentation rules and limits to it.
+    fn read_header<B: ReadBuffer + ?Sized>(&mut self, buf: &mut B) -> Result<Option<FrameHeader>, WireError> {
+        let (a, b) = buf.readable_mut();
+        let decoded = if a.len() >= MAX_HEADER_LEN || b.is_empty() {
+            decode_header(a, self.role, self.allowed_rsv)?
+        } else {
+            // The header straddles the end of a ring: look at it through a small copy.
+            let mut tmp = [0u8; MAX_HEADER_LEN];
+            let n1 = a.len();
+            let n2 = b.len().min(MAX_HEADER_LEN - n1);
+            tmp[..n1].copy_from_slice(a);
+            tmp[n1..n1 + n2].copy_from_slice(&b[..n2]);
+            decode_header(&tmp[..n1 + n2], self.role, self.allowed_rsv)?
+        };
+        let Some((header, header_len)) = decoded else {
+            return Ok(None);
+        };
+        match header.opcode {
+            OpCode::Continuation if self.message.is_none() => return Err(WireError::UnexpectedContinuation),
+            OpCode::Text | OpCode::Binary => {
+                if self.message.is_some() {
+                    return Err(WireError::ExpectedContinuation);
+                }
+                self.utf8.reset();
+                if !header.fin {
+                    self.message = Some(header.opcode);
+                }
+            }
+            _ => {}
+        }
+        if !header.opcode.is_control() {
+            if header.payload_len > self.limits.max_frame_payload {
+                return Err(WireError::FrameTooLarge);
+            }
+            if self.assembled.len() as u64 + header.payload_len > self.limits.max_message_size {
+                return Err(WireError::MessageTooLarge);
+            }
+        }
+        buf.consume(header_len);
+        self.frame = Some(header);
+        self.frame_streamed = 0;
+        self.processed = 0;
+        Ok(Some(header))
+    }
+
+    /// Unmasks (and UTF-8-checks) payload bytes `processed..available` at the front of the buffer.
+    fn process<B: ReadBuffer + ?Sized>(
+        &mut self,
+        buf: &mut B,
+        header: &FrameHeader,
+        available: usize,
+    ) -> Result<(), WireError> {
+        let is_text = match header.opcode {
+            OpCode::Text => true,
+            OpCode::Continuation => self.message == Some(OpCode::Text),
+            _ => false,
+        };
+        let (a, b) = buf.readable_mut();
+        let (a, b) = split_prefix_mut(a, b, available);
+        let (a, b) = skip_prefix_mut(a, b, self.processed);
+        let offset = (self.frame_streamed as usize).wrapping_add(self.processed);
+        if let Some(key) = header.mask {
+            apply_mask(a, key, offset);
+            apply_mask(b, key, offset.wrapping_add(a.len()));
+        }
+        if is_text {
+            self.utf8.feed(a).map_err(|_| WireError::InvalidUtf8)?;
+            self.utf8.feed(b).map_err(|_| WireError::InvalidUtf8)?;
+        }
+        self.processed = available;
+        Ok(())
+    }
+}
+
+/// The first `n` bytes of the two-slice sequence `(a, b)`.
+fn split_prefix<'a>(a: &'a [u8], b: &'a [u8], n: usize) -> (&'a [u8], &'a [u8]) {
+    if n <= a.len() {
+        (&a[..n], &[])
+    } else {
+        (a, &b[..n - a.len()])
+    }
+}
+
+fn split_prefix_mut<'a>(a: &'a mut [u8], b: &'a mut [u8], n: usize) -> (&'a mut [u8], &'a mut [u8]) {
+    if n <= a.len() {
+        (&mut a[..n], &mut [])
+    } else {
+        let al = a.len();
+        (a, &mut b[..n - al])
+    }
+}
+
+/// The two-slice sequence `(a, b)` without its first `n` bytes.
+fn skip_prefix_mut<'a>(a: &'a mut [u8], b: &'a mut [u8], n: usize) -> (&'a mut [u8], &'a mut [u8]) {
+    if n <= a.len() {
+        (&mut a[n..], b)
+    } else {
+        let al = a.len();
+        (&mut [], &mut b[n - al..])
+    }
+}

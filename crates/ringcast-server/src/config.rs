@@ -1,0 +1,366 @@
+//! Configuration: one typed struct, with defaults, loaded from a TOML file, environment and flags.
+//!
+//! Every key can be set three ways besides its default, in this order of precedence:
+//! a command-line flag of the same name (`read_buffer` → `--read-buffer pool`), an environment variable
+//! (`RINGCAST_READ_BUFFER=pool`), the TOML file. [`KEYS`] is the single list of keys with their docs; the
+//! CLI builds its flags from it, [`Config::load`] reads the environment from it, and `genconfig` prints it.
+//! A test keeps it in step with the struct.
+//!
+//! Every value is checked at start ([`Config::validate`]); an error names the key.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use ringcast_wire::Strategy;
+
+/// What kind of value a key takes (how a flag or environment string is turned into TOML).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Bool,
+    Int,
+    Str,
+    /// A list of strings; comma-separated on the command line and in the environment.
+    List,
+}
+
+/// A configuration key and its documentation.
+#[derive(Debug, Clone, Copy)]
+pub struct Key {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+}
+
+const fn key(name: &'static str, kind: Kind, help: &'static str) -> Key {
+    Key { name, kind, help }
+}
+
+/// Every configuration key, in the order `genconfig` documents them.
+pub const KEYS: &[Key] = &[
+    key("listen", Kind::Str, "Address the server listens on; WebSocket endpoints and the HTTP API share it."),
+    key("dev", Kind::Bool, "Development mode: enables the echo endpoint and allows any Origin."),
+    key("workers", Kind::Int, "Runtime worker threads; 0 means one per CPU core."),
+    key("read_buffer", Kind::Str, "Read-buffer strategy: \"pool\" (default; idle connections hold no buffer), \"ring\" (fixed per connection), \"growable\"."),
+    key("ring_buffer_size", Kind::Int, "Bytes of each connection's ring buffer (read_buffer = \"ring\")."),
+    key("pool_buffer_size", Kind::Int, "Bytes of each pooled read buffer (read_buffer = \"pool\")."),
+    key("pool_max_buffers", Kind::Int, "Idle buffers the pool keeps for reuse; more are freed."),
+    key("growable_initial_size", Kind::Int, "First allocation of a growable read buffer (read_buffer = \"growable\")."),
+    key("max_frame_size", Kind::Int, "Largest accepted frame payload in bytes; larger closes with 1009."),
+    key("max_message_size", Kind::Int, "Largest accepted message (all fragments) in bytes; larger closes with 1009."),
+    key("max_request_head", Kind::Int, "Largest accepted HTTP upgrade request head in bytes; larger answers 431."),
+    key("client_queue_max_size", Kind::Int, "Bytes of outbound frames a connection may have queued. The echo endpoint stops reading while over it."),
+    key("handshake_timeout", Kind::Str, "Time a new connection has to complete its upgrade request (slowloris guard)."),
+    key("idle_timeout", Kind::Str, "Close a connection that sends nothing for this long; \"0s\" disables."),
+    key("write_timeout", Kind::Str, "Close a connection whose socket accepts no bytes for this long while we have bytes to send."),
+    key("close_timeout", Kind::Str, "How long to wait for the peer's close frame after we sent ours."),
+    key("shutdown_timeout", Kind::Str, "On SIGINT/SIGTERM, how long connections get to close before the process exits."),
+    key("echo", Kind::Bool, "Serve the echo endpoint (default: on with --dev, off otherwise)."),
+    key("echo_path", Kind::Str, "Path of the echo endpoint; \"/\" works for load tools that always request /."),
+    key("allowed_origins", Kind::List, "Origins allowed to open WebSockets (\"*\" for any). Empty: requests without Origin and same-origin requests only."),
+    key("log_level", Kind::Str, "Log filter (tracing EnvFilter syntax), e.g. \"info\" or \"ringcast_server=debug\"."),
+];
+
+/// The server's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: String,
+    pub dev: bool,
+    pub workers: usize,
+    pub read_buffer: String,
+    pub ring_buffer_size: usize,
+    pub pool_buffer_size: usize,
+    pub pool_max_buffers: usize,
+    pub growable_initial_size: usize,
+    pub max_frame_size: u64,
+    pub max_message_size: u64,
+    pub max_request_head: usize,
+    pub client_queue_max_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub echo: Option<bool>,
+    pub echo_path: String,
+    pub allowed_origins: Vec<String>,
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8000".into(),
+            dev: false,
+            workers: 0,
+            read_buffer: "pool".into(),
+            ring_buffer_size: 4096,
+            pool_buffer_size: 16 * 1024,
+            pool_max_buffers: 1024,
+            growable_initial_size: 4096,
+            max_frame_size: 1 << 20,
+            max_message_size: 1 << 20,
+            max_request_head: 8 * 1024,
+            client_queue_max_size: 1 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            write_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(3),
+            shutdown_timeout: Duration::from_secs(10),
+            echo: None,
+            echo_path: "/echo".into(),
+            allowed_origins: Vec::new(),
+            log_level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: String, message: String },
+    #[error("unknown configuration key `{0}`")]
+    UnknownKey(String),
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_string(), message: message.into() }
+}
+
+/// Turns a flag or environment string into the TOML value its key takes.
+fn to_toml(key: &Key, raw: &str) -> Result<toml::Value, ConfigError> {
+    Ok(match key.kind {
+        Kind::Bool => match raw.trim().to_ascii_lowercase().as_str() {
+            "" | "true" | "1" | "yes" | "on" => toml::Value::Boolean(true),
+            "false" | "0" | "no" | "off" => toml::Value::Boolean(false),
+            other => return Err(invalid(key.name, format!("expected true or false, got {other:?}"))),
+        },
+        Kind::Int => match raw.trim().parse::<i64>() {
+            Ok(v) => toml::Value::Integer(v),
+            Err(_) => return Err(invalid(key.name, format!("expected a whole number, got {raw:?}"))),
+        },
+        Kind::Str => toml::Value::String(raw.to_string()),
+        Kind::List => toml::Value::Array(
+            raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into())).collect(),
+        ),
+    })
+}
+
+/// The environment variable for a key: `RINGCAST_` + the key in upper case.
+pub fn env_var(key: &str) -> String {
+    format!("RINGCAST_{}", key.to_ascii_uppercase())
+}
+
+/// The effective settings derived from a validated [`Config`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub strategy: Strategy,
+    pub echo: bool,
+}
+
+impl Config {
+    /// Loads the configuration: defaults, overridden by `file`, then by environment variables (looked up
+    /// through `env`), then by `flags` (key name → raw value, as given on the command line).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+        flags: &[(String, String)],
+    ) -> Result<(Config, Settings), ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })?
+            }
+            None => toml::Table::new(),
+        };
+        for k in KEYS {
+            if let Some(raw) = env(&env_var(k.name)) {
+                table.insert(k.name.to_string(), to_toml(k, &raw)?);
+            }
+        }
+        for (name, raw) in flags {
+            let k = KEYS.iter().find(|k| k.name == name).ok_or_else(|| ConfigError::UnknownKey(name.clone()))?;
+            table.insert(k.name.to_string(), to_toml(k, raw)?);
+        }
+        let config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+            // toml names the offending key in its message ("unknown field `x`", "invalid type ... for key `y`").
+            ConfigError::Parse { path: file.map_or("(flags/environment)".into(), |p| p.display().to_string()), message: e.to_string() }
+        })?;
+        let settings = config.validate()?;
+        Ok((config, settings))
+    }
+
+    /// Checks every value; errors name the key.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let listen: SocketAddr = self.listen.parse().map_err(|e| invalid("listen", format!("{e} (expected HOST:PORT)")))?;
+        let strategy = Strategy::parse(&self.read_buffer)
+            .ok_or_else(|| invalid("read_buffer", format!("{:?} is not one of \"pool\", \"ring\", \"growable\"", self.read_buffer)))?;
+        if self.ring_buffer_size < 256 {
+            return Err(invalid("ring_buffer_size", "must be at least 256 bytes"));
+        }
+        if self.pool_buffer_size < 256 {
+            return Err(invalid("pool_buffer_size", "must be at least 256 bytes"));
+        }
+        if self.growable_initial_size < 256 {
+            return Err(invalid("growable_initial_size", "must be at least 256 bytes"));
+        }
+        if self.max_frame_size == 0 {
+            return Err(invalid("max_frame_size", "must be positive"));
+        }
+        if self.max_message_size == 0 {
+            return Err(invalid("max_message_size", "must be positive"));
+        }
+        if self.max_request_head < 256 {
+            return Err(invalid("max_request_head", "must be at least 256 bytes"));
+        }
+        if self.client_queue_max_size < 1024 {
+            return Err(invalid("client_queue_max_size", "must be at least 1024 bytes"));
+        }
+        for (name, d) in [
+            ("handshake_timeout", self.handshake_timeout),
+            ("write_timeout", self.write_timeout),
+            ("close_timeout", self.close_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(name, "must be positive"));
+            }
+        }
+        if !self.echo_path.starts_with('/') {
+            return Err(invalid("echo_path", "must start with '/'"));
+        }
+        Ok(Settings { listen, strategy, echo: self.echo.unwrap_or(self.dev) })
+    }
+
+    /// A documented TOML file with every key at its default.
+    pub fn documented_toml() -> String {
+        let defaults = toml::Value::try_from(Config::default()).unwrap_or(toml::Value::Table(toml::Table::new()));
+        let mut out = String::from("# ringcast configuration. Every key can also be set by a flag of the same name\n# (`read_buffer` -> `--read-buffer`) or by an environment variable (`RINGCAST_READ_BUFFER`).\n# Precedence: flag > environment > this file > default.\n\n");
+        for k in KEYS {
+            for line in k.help.lines() {
+                out.push_str("# ");
+                out.push_str(line);
+                out.push('\n');
+            }
+            match defaults.get(k.name) {
+                Some(v) => out.push_str(&format!("{} = {}\n\n", k.name, v)),
+                None => out.push_str(&format!("# {} =\n\n", k.name)),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let (c, s) = Config::load(None, no_env, &[]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(s.strategy, Strategy::Pool);
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8000");
+        assert!(!s.echo);
+    }
+
+    #[test]
+    fn key_table_matches_the_struct() {
+        // Every serialized field is documented…
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        for name in defaults.as_table().unwrap().keys() {
+            assert!(KEYS.iter().any(|k| k.name == name), "`{name}` is missing from KEYS");
+        }
+        // …and every documented key is a field that takes a value of its kind.
+        for k in KEYS {
+            let sample = match k.kind {
+                Kind::Bool => "true",
+                Kind::Int => "4096",
+                Kind::Str => "x",
+                Kind::List => "a,b",
+            };
+            let mut t = toml::Table::new();
+            t.insert(k.name.into(), to_toml(k, sample).unwrap());
+            let r: Result<Config, _> = toml::Value::Table(t).try_into();
+            // Strings that must parse further (durations) may fail on "x", but never as an unknown field.
+            if let Err(e) = r {
+                assert!(!e.to_string().contains("unknown field"), "{}: {e}", k.name);
+            }
+        }
+    }
+
+    #[test]
+    fn precedence_is_flag_over_env_over_file() {
+        let dir = std::env::temp_dir().join(format!("ringcast-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "read_buffer = \"ring\"\nring_buffer_size = 1000\nidle_timeout = \"5s\"\n").unwrap();
+        let env = |k: &str| match k {
+            "RINGCAST_READ_BUFFER" => Some("growable".to_string()),
+            "RINGCAST_RING_BUFFER_SIZE" => Some("2000".to_string()),
+            _ => None,
+        };
+        let (c, s) = Config::load(Some(&file), env, &[("ring_buffer_size".into(), "3000".into())]).unwrap();
+        assert_eq!(s.strategy, Strategy::Growable, "env beats file");
+        assert_eq!(c.ring_buffer_size, 3000, "flag beats env");
+        assert_eq!(c.idle_timeout, Duration::from_secs(5), "file beats default");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::load(None, no_env, &[("read_buffer".into(), "bogus".into())]).unwrap_err();
+        assert!(e.to_string().contains("`read_buffer`"), "{e}");
+        let e = Config::load(None, no_env, &[("ring_buffer_size".into(), "lots".into())]).unwrap_err();
+        assert!(e.to_string().contains("`ring_buffer_size`"), "{e}");
+        let e = Config::load(None, no_env, &[("idle_timeout".into(), "soon".into())]).unwrap_err();
+        assert!(e.to_string().contains("idle_timeout"), "{e}");
+        let e = Config::load(None, |k| (k == "RINGCAST_LISTEN").then(|| "nowhere".into()), &[]).unwrap_err();
+        assert!(e.to_string().contains("`listen`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = std::env::temp_dir().join(format!("ringcast-config-unk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "read_bufer = \"ring\"\n").unwrap();
+        let e = Config::load(Some(&file), no_env, &[]).unwrap_err();
+        assert!(e.to_string().contains("read_bufer"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn dev_turns_echo_on_unless_told_otherwise() {
+        let (_, s) = Config::load(None, no_env, &[("dev".into(), "true".into())]).unwrap();
+        assert!(s.echo);
+        let (_, s) = Config::load(None, no_env, &[("dev".into(), "true".into()), ("echo".into(), "false".into())]).unwrap();
+        assert!(!s.echo);
+    }
+
+    #[test]
+    fn documented_toml_round_trips_to_the_defaults() {
+        let text = Config::documented_toml();
+        let c: Config = toml::from_str(&text).unwrap();
+        assert_eq!(c, Config::default());
+    }
+}

@@ -1,0 +1,143 @@
+//! The listener: accept, hand each connection its own task, and drain them all on shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ringcast_wire::{BufferPool, Limits};
+use socket2::{Domain, Socket, Type};
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Settings};
+use crate::error::ServerError;
+use crate::shutdown;
+
+/// What every connection task shares: read-only settings and the buffer pool.
+#[derive(Debug)]
+pub struct Context {
+    pub config: Config,
+    pub settings: Settings,
+    pub limits: Limits,
+    pub pool: Arc<BufferPool>,
+    /// `allowed_origins`, or `*` in dev mode when none are configured.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Context {
+    pub fn new(config: Config, settings: Settings) -> Self {
+        let limits = Limits { max_frame_payload: config.max_frame_size, max_message_size: config.max_message_size };
+        let pool = BufferPool::new(config.pool_buffer_size, config.pool_max_buffers);
+        let allowed_origins = if config.allowed_origins.is_empty() && config.dev {
+            vec!["*".to_string()]
+        } else {
+            config.allowed_origins.clone()
+        };
+        Context { config, settings, limits, pool, allowed_origins }
+    }
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    listener: TcpListener,
+    ctx: Arc<Context>,
+}
+
+impl Server {
+    /// Binds the listening socket (SO_REUSEADDR, a deep backlog for connection storms).
+    pub fn bind(config: Config, settings: Settings) -> Result<Server, ServerError> {
+        let addr = settings.listen;
+        let bind = |addr: SocketAddr| -> std::io::Result<TcpListener> {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(4096)?;
+            TcpListener::from_std(socket.into())
+        };
+        let listener = bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
+        Ok(Server { listener, ctx: Arc::new(Context::new(config, settings)) })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `signal` resolves, then closes every connection with 1001 and waits for them, up to
+    /// `shutdown_timeout`.
+    pub async fn run(self, signal: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let (trigger, shutdown) = shutdown::channel();
+        let tracker = TaskTracker::new();
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        metrics::counter!("ringcast_tcp_accepted_total").increment(1);
+                        if let Err(e) = stream.set_nodelay(true) {
+                            tracing::debug!(%peer, error = %e, "set_nodelay failed");
+                        }
+                        tracker.spawn(crate::connection::serve(stream, peer, self.ctx.clone(), shutdown.clone()));
+                    }
+                    Err(e) => {
+                        // EMFILE/ENFILE/ECONNABORTED are per-accept troubles, not reasons to stop serving.
+                        metrics::counter!("ringcast_tcp_accept_errors_total").increment(1);
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                },
+                _ = &mut signal => break,
+            }
+        }
+        drop(self.listener);
+        tracing::info!(connections = tracker.len(), "shutting down: closing connections with 1001");
+        trigger.trigger();
+        tracker.close();
+        if tokio::time::timeout(self.ctx.config.shutdown_timeout, tracker.wait()).await.is_err() {
+            tracing::warn!(remaining = tracker.len(), "shutdown timeout: dropping remaining connections");
+        }
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Builds the runtime, binds, and serves until SIGINT/SIGTERM. What `ringcast serve` runs.
+pub fn run_blocking(config: Config, settings: Settings) -> Result<(), ServerError> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.workers > 0 {
+        builder.worker_threads(config.workers);
+    }
+    let runtime = builder.enable_all().thread_name("ringcast").build().map_err(ServerError::Runtime)?;
+    runtime.block_on(async move {
+        let server = Server::bind(config, settings)?;
+        let addr = server.local_addr().map_err(ServerError::Runtime)?;
+        tracing::info!(%addr, strategy = server.ctx.settings.strategy.name(), echo = server.ctx.settings.echo, "ringcast listening");
+        if server.ctx.settings.echo {
+            tracing::info!("echo endpoint: ws://{}{}", addr, server.ctx.config.echo_path);
+        }
+        server.run(termination_signal()).await
+    })
+}

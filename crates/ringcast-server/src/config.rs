@@ -200,7 +200,10 @@ impl Config {
         }
         let config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
             // toml names the offending key in its message ("unknown field `x`", "invalid type ... for key `y`").
-            ConfigError::Parse { path: file.map_or("(flags/environment)".into(), |p| p.display().to_string()), message: e.to_string() }
+            ConfigError::Parse {
+                path: file.map_or("(flags/environment)".into(), |p| p.display().to_string()),
+                message: e.to_string(),
+            }
         })?;
         let settings = config.validate()?;
         Ok((config, settings))
@@ -208,9 +211,11 @@ impl Config {
 
     /// Checks every value; errors name the key.
     pub fn validate(&self) -> Result<Settings, ConfigError> {
-        let listen: SocketAddr = self.listen.parse().map_err(|e| invalid("listen", format!("{e} (expected HOST:PORT)")))?;
-        let strategy = Strategy::parse(&self.read_buffer)
-            .ok_or_else(|| invalid("read_buffer", format!("{:?} is not one of \"pool\", \"ring\", \"growable\"", self.read_buffer)))?;
+        let listen: SocketAddr =
+            self.listen.parse().map_err(|e| invalid("listen", format!("{e} (expected HOST:PORT)")))?;
+        let strategy = Strategy::parse(&self.read_buffer).ok_or_else(|| {
+            invalid("read_buffer", format!("{:?} is not one of \"pool\", \"ring\", \"growable\"", self.read_buffer))
+        })?;
         if self.ring_buffer_size < 256 {
             return Err(invalid("ring_buffer_size", "must be at least 256 bytes"));
         }
@@ -353,7 +358,8 @@ mod tests {
     fn dev_turns_echo_on_unless_told_otherwise() {
         let (_, s) = Config::load(None, no_env, &[("dev".into(), "true".into())]).unwrap();
         assert!(s.echo);
-        let (_, s) = Config::load(None, no_env, &[("dev".into(), "true".into()), ("echo".into(), "false".into())]).unwrap();
+        let (_, s) =
+            Config::load(None, no_env, &[("dev".into(), "true".into()), ("echo".into(), "false".into())]).unwrap();
         assert!(!s.echo);
     }
 

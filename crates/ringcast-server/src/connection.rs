@@ -1,31 +1,37 @@
 //! One connection, from the first byte of its HTTP upgrade to the FIN after its close handshake.
 //!
-//! A single task owns the socket, the read buffer, the reader and the outbound queue, so nothing here
-//! is locked. The task sleeps in one `select!` on: the socket becoming readable, the socket becoming
-//! writable (only while frames are queued), its one timer, and shutdown.
+//! # Shape
+//! A connection is one hand-written future, [`Connection`], owning the socket, the handshake bytes, the
+//! read buffer, the reader, the outbound queue, one timer and its shutdown notification. Nothing is
+//! locked: no other task touches any of it. `poll` waits on the socket through tokio's
+//! `poll_read_ready`/`poll_write_ready`, which park the waker in the socket's own registration, so
+//! waiting costs no extra future state; an `async fn` with `select!` carried ~1.3 KiB of nested future
+//! state per connection, which alone broke the 1 KiB-per-idle-connection budget.
 //!
 //! # Why the write path looks like this
 //! Replies produced while parsing one read (echoes, pongs, a close) are encoded into a per-thread
 //! scratch buffer and written with a single non-blocking `write` at the end of the pass: one syscall for
 //! a whole burst, and no allocation. Only bytes the kernel does not take right away are copied into a
 //! `Bytes` and queued ([`Outbound`]); from then on replies go behind them in the queue, preserving order.
-//! The scratch buffer is thread-local and only touched between two `.await`s, so tasks migrating between
+//! The scratch buffer is thread-local and only touched inside one `poll`, so tasks migrating between
 //! worker threads never share it.
 //!
 //! # Memory of an idle connection
-//! An idle connection holds: the task and this future (socket handle, reader state, an empty queue, one
-//! timer), and whatever its read-buffer strategy keeps (nothing for `pool`). No read or write buffer, no
-//! message buffer.
+//! The task and this future (socket handle, reader state, an empty queue, one timer, the shutdown
+//! waiter), plus whatever the read-buffer strategy keeps (nothing for `pool`). No handshake buffer, no
+//! read or write buffer, no message buffer once a connection is idle.
 //!
 //! # Timers
-//! One `Sleep`, re-armed lazily: reads only record the time; when the timer fires the real deadline is
-//! recomputed (idle, write stall, close wait) and either acted on or re-armed. No timer-wheel work per
-//! message.
+//! One `Sleep`, re-armed lazily: reads only record the time; the timer is moved only when a deadline
+//! comes *earlier* (a write stall, a close wait) or after it fired and the real deadline (recomputed
+//! then) is still ahead. No timer-wheel work per message.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,9 +40,9 @@ use ringcast_wire::close::encode_close_payload;
 use ringcast_wire::frame::{encode_header, MAX_HEADER_LEN};
 use ringcast_wire::handshake::{self, HandshakeError};
 use ringcast_wire::{CloseCode, Event, OpCode, Payload, Reader, Role, Strategy};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::sync::futures::OwnedNotified;
+use tokio::time::{Instant, Sleep};
 
 use crate::outbound::Outbound;
 use crate::server::Context;
@@ -50,276 +56,355 @@ thread_local! {
 /// Scratch capacity kept between passes; a pass that needed more (a huge echo) gives it back.
 const SCRATCH_KEEP: usize = 256 * 1024;
 
+/// Reads one `poll` may do before yielding to other tasks (a flooding peer must not hog a worker).
+const READS_PER_POLL: usize = 16;
+
+/// Rounds of (shutdown, read, write, timer) one `poll` may run before yielding.
+const ROUNDS_PER_POLL: usize = 32;
+
 /// What an endpoint does with messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
+    /// Not chosen yet (still in the handshake).
+    None,
     Echo,
 }
 
-/// Where the close handshake stands.
+/// Where the connection stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// Reading the HTTP upgrade request.
+    Handshake,
     Open,
-    /// We sent a close frame and wait (bounded) for the peer's.
+    /// We sent a close frame and wait (bounded by `close_timeout`) for the peer's.
     Closing,
-    /// The peer broke the protocol: we sent a close with the code for it. The byte stream can no longer be
-    /// parsed, so after our close we send FIN and discard input until EOF (bounded by `close_timeout`);
-    /// discarding rather than just closing avoids an RST that could destroy our close frame in flight.
-    Failed,
-    /// The close handshake is over (or abandoned): flush, FIN, done.
+    /// We sent our last bytes (a close for a protocol violation, or an HTTP error) and the peer's input
+    /// can no longer be parsed: after the queue is flushed we send FIN and discard input until EOF,
+    /// bounded by `close_timeout`. Discarding, rather than closing at once, avoids the RST that a close
+    /// with unread input triggers, which could destroy our last bytes in flight.
+    Draining,
+    /// Nothing more to say: flush what is queued, then drop the socket.
     Done,
 }
 
-/// Serves one accepted TCP connection to the end.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, mut shutdown: Shutdown) {
-    let cfg = &ctx.config;
-    let upgraded = tokio::select! {
-        r = tokio::time::timeout(cfg.handshake_timeout, handshake(&stream, &ctx)) => match r {
-            Ok(r) => r,
-            Err(_) => {
-                metrics::counter!("ringcast_handshake_failures_total", "reason" => "timeout").increment(1);
-                tracing::debug!(%peer, "handshake timed out");
-                return;
-            }
-        },
-        _ = shutdown.recv() => return,
-    };
-    let (endpoint, leftover) = match upgraded {
-        Ok(v) => v,
-        Err(HandshakeFailure::Io(e)) => {
-            tracing::debug!(%peer, error = %e, "connection lost during handshake");
-            return;
-        }
-        Err(HandshakeFailure::Rejected(e)) => {
-            metrics::counter!("ringcast_handshake_failures_total", "reason" => e.label()).increment(1);
-            tracing::info!(%peer, status = e.status(), error = %e, "handshake rejected");
-            let mut stream = stream;
-            let _ = tokio::time::timeout(cfg.write_timeout, stream.write_all(e.response())).await;
-            let _ = stream.shutdown().await;
-            return;
-        }
-    };
-    metrics::counter!("ringcast_ws_connections_total").increment(1);
-    metrics::gauge!("ringcast_ws_connections").increment(1.0);
-    let mut conn = Conn::new(stream, peer, ctx.clone(), endpoint);
-    let result = conn.run(leftover, &mut shutdown).await;
-    metrics::gauge!("ringcast_ws_connections").decrement(1.0);
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "connection ended with an IO error");
+pin_project_lite::pin_project! {
+    /// A connection's whole life as one future. Spawned once per accepted socket.
+    pub struct Connection {
+        conn: Conn,
+        #[pin]
+        timer: Sleep,
+        #[pin]
+        shutdown: OwnedNotified,
     }
 }
 
-enum HandshakeFailure {
-    Io(io::Error),
-    Rejected(HandshakeError),
+impl Connection {
+    pub fn new(stream: TcpStream, ctx: Arc<Context>, shutdown: &Shutdown) -> Connection {
+        let notified = shutdown.notified();
+        let mut conn = Conn::new(stream, ctx);
+        if shutdown.is_shutdown() {
+            conn.phase = Phase::Done;
+        }
+        let deadline = conn.next_deadline();
+        Connection { conn, timer: tokio::time::sleep_until(deadline), shutdown: notified }
+    }
 }
 
-/// Reads and answers the upgrade request. Returns the endpoint and any bytes that followed the head.
-async fn handshake(stream: &TcpStream, ctx: &Context) -> Result<(Endpoint, Vec<u8>), HandshakeFailure> {
-    let cfg = &ctx.config;
-    let max = cfg.max_request_head;
-    let mut head: Vec<u8> = Vec::with_capacity(1024);
-    loop {
-        stream.readable().await.map_err(HandshakeFailure::Io)?;
-        if head.len() == head.capacity() {
-            head.reserve((head.capacity()).min(max + 1 - head.len()).max(1));
-        }
-        let spare = head.capacity() - head.len();
-        let start = head.len();
-        head.resize(start + spare, 0);
-        match stream.try_read(&mut head[start..]) {
-            Ok(0) => return Err(HandshakeFailure::Io(io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => head.truncate(start + n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                head.truncate(start);
+impl Future for Connection {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        let mut this = self.project();
+        let conn = this.conn;
+        for _ in 0..ROUNDS_PER_POLL {
+            if !conn.shutdown_seen && this.shutdown.as_mut().poll(cx).is_ready() {
+                conn.shutdown_seen = true;
+                conn.on_shutdown();
+            }
+            let progressed = match conn.step(cx) {
+                Ok(Step::Again) => true,
+                Ok(Step::Wait) => false,
+                Ok(Step::Finished) => return Poll::Ready(()),
+                Err(e) => {
+                    conn.log_io_error(&e);
+                    return Poll::Ready(());
+                }
+            };
+            if progressed {
                 continue;
             }
-            Err(e) => return Err(HandshakeFailure::Io(e)),
+            let deadline = conn.next_deadline();
+            if deadline < this.timer.deadline() || this.timer.is_elapsed() {
+                this.timer.as_mut().reset(deadline);
+            }
+            match this.timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) => {
+                    if conn.on_timer() {
+                        return Poll::Ready(());
+                    }
+                }
+            }
         }
-        let req = match handshake::parse_request(&head, max, &[]) {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
-            Err(e) => return Err(HandshakeFailure::Rejected(e)),
-        };
-        let endpoint = if ctx.settings.echo && req.path == cfg.echo_path {
-            Endpoint::Echo
-        } else {
-            return Err(HandshakeFailure::Rejected(HandshakeError::NotFound));
-        };
-        if !handshake::origin_allowed(req.origin, req.host, &ctx.allowed_origins) {
-            return Err(HandshakeFailure::Rejected(HandshakeError::OriginNotAllowed));
-        }
-        let mut response = Vec::with_capacity(160);
-        handshake::write_response(&req, &mut response);
-        let head_len = req.head_len;
-        let mut w = stream;
-        write_all(&mut w, &response).await.map_err(HandshakeFailure::Io)?;
-        let leftover = head.split_off(head_len);
-        return Ok((endpoint, leftover));
+        // Still busy after many rounds: let other connections run, and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
-async fn write_all(stream: &mut &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.endpoint != Endpoint::None {
+            metrics::gauge!("ringcast_ws_connections").decrement(1.0);
         }
     }
-    Ok(())
 }
 
-/// A WebSocket connection after its upgrade.
+enum Step {
+    /// Something happened; look again.
+    Again,
+    /// Nothing ready: wait for the socket, the timer or shutdown.
+    Wait,
+    Finished,
+}
+
 struct Conn {
     stream: TcpStream,
-    peer: SocketAddr,
     ctx: Arc<Context>,
+    phase: Phase,
     endpoint: Endpoint,
+    /// The upgrade request as received so far; empty (and unallocated) once upgraded.
+    head: Vec<u8>,
     buf: AnyBuffer,
     reader: Reader,
     out: Outbound,
-    phase: Phase,
     /// The peer sent EOF: nothing more to read.
     read_closed: bool,
+    fin_sent: bool,
+    shutdown_seen: bool,
+    /// Start of the handshake, then the time of the last read.
     last_read: Instant,
     /// Since when queued bytes have been waiting for a writable socket.
     write_stalled_since: Option<Instant>,
     closing_since: Option<Instant>,
-    fin_sent: bool,
 }
 
 impl Conn {
-    fn new(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, endpoint: Endpoint) -> Self {
+    fn new(stream: TcpStream, ctx: Arc<Context>) -> Self {
         let cfg = &ctx.config;
         let buf = match ctx.settings.strategy {
             Strategy::Ring => AnyBuffer::Ring(RingBuffer::new(cfg.ring_buffer_size)),
             Strategy::Pool => AnyBuffer::Pool(PooledBuffer::new(ctx.pool.clone())),
             Strategy::Growable => AnyBuffer::Growable(GrowableBuffer::new(
                 cfg.growable_initial_size,
-                cfg.max_frame_size.min(usize::MAX as u64) as usize,
+                usize::try_from(cfg.max_frame_size).unwrap_or(usize::MAX),
             )),
         };
         let reader = Reader::new(Role::Server, ctx.limits);
         Conn {
             stream,
-            peer,
             ctx,
-            endpoint,
+            phase: Phase::Handshake,
+            endpoint: Endpoint::None,
+            head: Vec::new(),
             buf,
             reader,
             out: Outbound::new(),
-            phase: Phase::Open,
             read_closed: false,
+            fin_sent: false,
+            shutdown_seen: false,
             last_read: Instant::now(),
             write_stalled_since: None,
             closing_since: None,
-            fin_sent: false,
         }
     }
 
-    async fn run(&mut self, leftover: Vec<u8>, shutdown: &mut Shutdown) -> io::Result<()> {
-        // Frames the client sent right behind its upgrade request.
-        let mut rest: &[u8] = &leftover;
-        while !rest.is_empty() && self.phase != Phase::Done {
-            self.reader.settle(&mut self.buf);
-            let n = fill_from(&mut self.buf, rest);
-            rest = &rest[n..];
-            self.process_and_reply()?;
+    fn step(&mut self, cx: &mut TaskContext<'_>) -> io::Result<Step> {
+        let mut progressed = false;
+        if self.wants_read() {
+            match self.stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.on_readable()?;
+                    progressed = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => {}
+            }
         }
-        drop(leftover);
+        if !self.out.is_empty() {
+            match self.stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.flush()?;
+                    progressed = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => {}
+            }
+        }
+        if self.out.is_empty() {
+            match self.phase {
+                Phase::Done => return Ok(Step::Finished),
+                Phase::Draining if !self.fin_sent => {
+                    self.fin_sent = true;
+                    // FIN after our last bytes; input is still read (and discarded) until EOF.
+                    let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write);
+                }
+                _ => {}
+            }
+        }
+        Ok(if progressed { Step::Again } else { Step::Wait })
+    }
 
-        let timer = tokio::time::sleep_until(self.next_deadline());
-        tokio::pin!(timer);
-        loop {
-            if self.phase == Phase::Done && self.out.is_empty() {
+    fn wants_read(&self) -> bool {
+        match self.phase {
+            Phase::Handshake | Phase::Draining => !self.read_closed,
+            Phase::Open | Phase::Closing => {
+                !self.read_closed && self.out.queued_bytes() <= self.ctx.config.client_queue_max_size
+            }
+            Phase::Done => false,
+        }
+    }
+
+    fn on_shutdown(&mut self) {
+        match self.phase {
+            Phase::Handshake => self.phase = Phase::Done,
+            Phase::Open => self.start_close(CloseCode::GOING_AWAY, "server shutting down"),
+            _ => {}
+        }
+    }
+
+    /// Reads what the socket has (until it would block, or a few reads for fairness).
+    fn on_readable(&mut self) -> io::Result<()> {
+        for _ in 0..READS_PER_POLL {
+            if !self.wants_read() {
                 break;
             }
-            if self.phase == Phase::Failed && self.out.is_empty() && !self.fin_sent {
-                self.fin_sent = true;
-                let _ = self.stream.shutdown().await;
-            }
-            let want_read = !self.read_closed
-                && self.phase != Phase::Done
-                && self.out.queued_bytes() <= self.ctx.config.client_queue_max_size;
-            let want_write = !self.out.is_empty();
-            let shutting_down = self.phase == Phase::Open;
-            tokio::select! {
-                r = self.stream.readable(), if want_read => {
-                    r?;
-                    self.on_readable()?;
-                }
-                w = self.stream.writable(), if want_write => {
-                    w?;
-                    self.flush()?;
-                }
-                _ = timer.as_mut() => {
-                    if self.on_timer() {
-                        break;
-                    }
-                }
-                _ = shutdown.recv(), if shutting_down => {
-                    self.start_close(CloseCode::GOING_AWAY, "server shutting down");
-                    self.flush()?;
-                }
-            }
-            let deadline = self.next_deadline();
-            if deadline < timer.deadline() || timer.is_elapsed() {
-                timer.as_mut().reset(deadline);
-            }
-            if self.out.is_empty() {
-                self.out.shrink_if_empty();
-            }
-        }
-        // The server closes the TCP connection first (RFC 6455 §7.1.1): FIN after the last frame.
-        let _ = self.stream.shutdown().await;
-        Ok(())
-    }
-
-    /// Reads everything the socket has, parsing and replying as it goes.
-    fn on_readable(&mut self) -> io::Result<()> {
-        loop {
-            self.reader.settle(&mut self.buf);
-            let (a, b) = self.buf.writable();
-            let space = a.len() + b.len();
-            let mut iov = [io::IoSliceMut::new(a), io::IoSliceMut::new(b)];
-            match self.stream.try_read_vectored(&mut iov) {
-                Ok(0) => {
+            let n = match self.phase {
+                Phase::Handshake => self.read_handshake()?,
+                _ => self.read_frames()?,
+            };
+            match n {
+                None => break,
+                Some(0) => {
                     self.read_closed = true;
-                    if self.phase != Phase::Done {
-                        tracing::debug!(peer = %self.peer, "peer closed TCP without a close handshake");
+                    if !matches!(self.phase, Phase::Done) {
+                        if self.phase == Phase::Open {
+                            tracing::debug!("peer closed TCP without a close handshake");
+                        }
                         self.phase = Phase::Done;
                     }
-                    self.buf.release();
-                    return Ok(());
+                    break;
                 }
-                Ok(n) => {
-                    self.buf.commit(n);
-                    self.last_read = Instant::now();
-                    if self.phase == Phase::Failed {
-                        let len = self.buf.len();
-                        self.buf.consume(len);
-                        continue;
-                    }
-                    self.process_and_reply()?;
-                    if n < space || self.phase == Phase::Done {
-                        // The socket is (very likely) drained; don't pay a syscall to hear WouldBlock.
-                        break;
-                    }
-                    if self.out.queued_bytes() > self.ctx.config.client_queue_max_size {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                Some(_) => {}
             }
         }
         self.reader.settle(&mut self.buf);
         self.buf.release();
         Ok(())
+    }
+
+    /// One read of frames. `Ok(None)`: would block; `Ok(Some(0))`: EOF.
+    fn read_frames(&mut self) -> io::Result<Option<usize>> {
+        self.reader.settle(&mut self.buf);
+        let (a, b) = self.buf.writable();
+        let mut iov = [io::IoSliceMut::new(a), io::IoSliceMut::new(b)];
+        let n = match self.stream.try_read_vectored(&mut iov) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Some(usize::MAX)),
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Ok(Some(0));
+        }
+        self.buf.commit(n);
+        self.last_read = Instant::now();
+        if self.phase == Phase::Draining {
+            let len = self.buf.len();
+            self.buf.consume(len);
+        } else {
+            self.process_and_reply()?;
+        }
+        Ok(Some(n))
+    }
+
+    /// One read of the upgrade request; answers it once complete.
+    fn read_handshake(&mut self) -> io::Result<Option<usize>> {
+        let max = self.ctx.config.max_request_head;
+        if self.head.capacity() == 0 {
+            self.head.reserve_exact(1024);
+        } else if self.head.len() == self.head.capacity() {
+            // Grow up to one byte past the limit, so "too large" is detected rather than read forever.
+            let more = self.head.capacity().min(max + 1 - self.head.len().min(max)).max(1);
+            self.head.reserve_exact(more);
+        }
+        let start = self.head.len();
+        self.head.resize(self.head.capacity(), 0);
+        let n = match self.stream.try_read(&mut self.head[start..]) {
+            Ok(n) => n,
+            Err(e) => {
+                self.head.truncate(start);
+                return match e.kind() {
+                    io::ErrorKind::WouldBlock => Ok(None),
+                    io::ErrorKind::Interrupted => Ok(Some(usize::MAX)),
+                    _ => Err(e),
+                };
+            }
+        };
+        self.head.truncate(start + n);
+        if n == 0 {
+            return Ok(Some(0));
+        }
+        let parsed = handshake::parse_request(&self.head, max, &[]);
+        let (endpoint, head_len, response) = match parsed {
+            Ok(None) => return Ok(Some(n)),
+            Err(e) => {
+                self.reject(e);
+                return Ok(Some(n));
+            }
+            Ok(Some(req)) => {
+                let endpoint = if self.ctx.settings.echo && req.path == self.ctx.config.echo_path {
+                    Endpoint::Echo
+                } else {
+                    self.reject(HandshakeError::NotFound);
+                    return Ok(Some(n));
+                };
+                if !handshake::origin_allowed(req.origin, req.host, &self.ctx.allowed_origins) {
+                    self.reject(HandshakeError::OriginNotAllowed);
+                    return Ok(Some(n));
+                }
+                let mut response = Vec::with_capacity(160);
+                handshake::write_response(&req, &mut response);
+                (endpoint, req.head_len, response)
+            }
+        };
+        self.endpoint = endpoint;
+        self.phase = Phase::Open;
+        self.last_read = Instant::now();
+        metrics::counter!("ringcast_ws_connections_total").increment(1);
+        metrics::gauge!("ringcast_ws_connections").increment(1.0);
+        self.out.push(Bytes::from(response));
+        self.flush()?;
+        // Frames the client sent right behind its upgrade request.
+        let head = std::mem::take(&mut self.head);
+        let mut rest = &head[head_len..];
+        while !rest.is_empty() && self.phase == Phase::Open {
+            self.reader.settle(&mut self.buf);
+            let filled = fill_from(&mut self.buf, rest);
+            rest = &rest[filled..];
+            self.process_and_reply()?;
+        }
+        Ok(Some(n))
+    }
+
+    /// Answers a bad upgrade request with its HTTP status, then drains.
+    fn reject(&mut self, e: HandshakeError) {
+        metrics::counter!("ringcast_handshake_failures_total", "reason" => e.label()).increment(1);
+        tracing::info!(status = e.status(), error = %e, "handshake rejected");
+        self.head = Vec::new();
+        self.out.push(Bytes::from_static(e.response()));
+        self.phase = Phase::Draining;
+        self.closing_since = Some(Instant::now());
     }
 
     /// Parses every complete event in the buffer; replies are batched into one write.
@@ -337,19 +422,17 @@ impl Conn {
     }
 
     fn process(&mut self, scratch: &mut Vec<u8>) {
-        let Conn { reader, buf, out, phase, endpoint, peer, closing_since, .. } = self;
+        let Conn { reader, buf, out, phase, endpoint, closing_since, .. } = self;
         loop {
-            if matches!(*phase, Phase::Done | Phase::Failed) {
+            if !matches!(*phase, Phase::Open | Phase::Closing) {
                 return;
             }
             match reader.next(buf) {
                 Ok(None) => return,
                 Ok(Some(event)) => match event {
                     Event::Message { opcode, payload } => {
-                        if *phase == Phase::Open {
-                            match endpoint {
-                                Endpoint::Echo => emit(scratch, out, opcode, payload),
-                            }
+                        if *phase == Phase::Open && *endpoint == Endpoint::Echo {
+                            emit(scratch, out, opcode, payload);
                         }
                     }
                     Event::Ping(payload) => {
@@ -376,12 +459,12 @@ impl Conn {
                 Err(e) => {
                     metrics::counter!("ringcast_ws_protocol_errors_total", "reason" => e.label()).increment(1);
                     if *phase == Phase::Open {
-                        tracing::info!(peer = %peer, code = e.close_code().0, error = %e, "closing connection: protocol violation");
+                        tracing::info!(code = e.close_code().0, error = %e, "closing connection: protocol violation");
                         let mut body = [0u8; 125];
                         let n = encode_close_payload(e.close_code(), &e.to_string(), &mut body);
                         emit(scratch, out, OpCode::Close, Payload { first: &body[..n], second: &[] });
                     }
-                    *phase = Phase::Failed;
+                    *phase = Phase::Draining;
                     *closing_since = Some(Instant::now());
                     return;
                 }
@@ -420,17 +503,19 @@ impl Conn {
 
     fn flush(&mut self) -> io::Result<()> {
         let before = self.out.queued_bytes();
-        let done = self.out.flush(&self.stream)?;
-        if done {
+        if self.out.flush(&self.stream)? {
             self.write_stalled_since = None;
+            self.out.shrink_if_empty();
         } else if self.out.queued_bytes() < before {
             // Progress resets the stall clock: a slow reader is fine, a stuck one is not.
+            self.write_stalled_since = Some(Instant::now());
+        } else if self.write_stalled_since.is_none() {
             self.write_stalled_since = Some(Instant::now());
         }
         Ok(())
     }
 
-    /// Sends a close frame of our own (shutdown, timeouts) and waits for the peer's.
+    /// Sends a close frame of our own (shutdown, idle timeout) and waits for the peer's.
     fn start_close(&mut self, code: CloseCode, reason: &str) {
         if self.phase != Phase::Open {
             return;
@@ -443,17 +528,19 @@ impl Conn {
         frame.extend_from_slice(&hdr[..h]);
         frame.extend_from_slice(&body[..n]);
         self.out.push(Bytes::from(frame));
+        if self.write_stalled_since.is_none() {
+            self.write_stalled_since = Some(Instant::now());
+        }
         self.phase = Phase::Closing;
         self.closing_since = Some(Instant::now());
     }
 
     fn next_deadline(&self) -> Instant {
         let cfg = &self.ctx.config;
-        let far = Instant::now() + Duration::from_secs(86_400);
-        let mut d = if cfg.idle_timeout.is_zero() || self.phase != Phase::Open {
-            far
-        } else {
-            self.last_read + cfg.idle_timeout
+        let mut d = match self.phase {
+            Phase::Handshake => self.last_read + cfg.handshake_timeout,
+            Phase::Open if !cfg.idle_timeout.is_zero() => self.last_read + cfg.idle_timeout,
+            _ => self.last_read + Duration::from_secs(86_400),
         };
         if let Some(t) = self.write_stalled_since {
             d = d.min(t + cfg.write_timeout);
@@ -468,27 +555,35 @@ impl Conn {
     fn on_timer(&mut self) -> bool {
         let cfg = &self.ctx.config;
         let now = Instant::now();
+        if self.phase == Phase::Handshake && now >= self.last_read + cfg.handshake_timeout {
+            metrics::counter!("ringcast_handshake_failures_total", "reason" => "timeout").increment(1);
+            tracing::debug!("handshake timed out");
+            return true;
+        }
         if let Some(t) = self.write_stalled_since {
             if now >= t + cfg.write_timeout {
                 metrics::counter!("ringcast_ws_timeouts_total", "kind" => "write").increment(1);
-                tracing::info!(peer = %self.peer, "closing connection: write timeout");
+                tracing::info!("closing connection: write timeout");
                 return true;
             }
         }
         if let Some(t) = self.closing_since {
             if now >= t + cfg.close_timeout {
-                tracing::debug!(peer = %self.peer, "peer did not answer our close in time");
+                tracing::debug!("peer did not finish the close in time");
                 return true;
             }
         }
         if self.phase == Phase::Open && !cfg.idle_timeout.is_zero() && now >= self.last_read + cfg.idle_timeout {
             metrics::counter!("ringcast_ws_timeouts_total", "kind" => "idle").increment(1);
-            tracing::debug!(peer = %self.peer, "closing connection: idle timeout");
+            tracing::debug!("closing connection: idle timeout");
             self.start_close(CloseCode::GOING_AWAY, "idle timeout");
-            // A write error here surfaces on the next flush; the close timer bounds the wait either way.
-            let _ = self.flush();
         }
         false
+    }
+
+    fn log_io_error(&self, e: &io::Error) {
+        metrics::counter!("ringcast_io_errors_total").increment(1);
+        tracing::debug!(peer = ?self.stream.peer_addr().ok(), error = %e, "connection ended with an IO error");
     }
 }
 
@@ -505,5 +600,24 @@ fn emit(scratch: &mut Vec<u8>, out: &mut Outbound, opcode: OpCode, payload: Payl
         frame.extend_from_slice(&hdr[..h]);
         payload.copy_to(&mut frame);
         out.push(Bytes::from(frame));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The future is what every idle connection pays for; keep an eye on it (see BENCHMARKS.md for RSS).
+    #[tokio::test]
+    async fn connection_future_stays_small() {
+        let (config, settings) =
+            crate::Config::load(None, |_| None, &[("listen".into(), "127.0.0.1:0".into())]).expect("config");
+        let ctx = std::sync::Arc::new(crate::server::Context::new(config, settings));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (stream, _) = listener.accept().await.expect("accept");
+        let (_trigger, shutdown) = crate::shutdown::channel();
+        let conn = super::Connection::new(stream, ctx, &shutdown);
+        let size = std::mem::size_of_val(&conn);
+        println!("Connection future: {size} B");
+        assert!(size <= 640, "Connection grew to {size} B");
     }
 }

@@ -74,11 +74,12 @@ impl Server {
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        tracing::trace!(%peer, "accepted");
                         metrics::counter!("ringcast_tcp_accepted_total").increment(1);
                         if let Err(e) = stream.set_nodelay(true) {
                             tracing::debug!(%peer, error = %e, "set_nodelay failed");
                         }
-                        tracker.spawn(crate::connection::serve(stream, peer, self.ctx.clone(), shutdown.clone()));
+                        tracker.spawn(crate::connection::Connection::new(stream, self.ctx.clone(), &shutdown));
                     }
                     Err(e) => {
                         // EMFILE/ENFILE/ECONNABORTED are per-accept troubles, not reasons to stop serving.

@@ -1,0 +1,157 @@
+//! Heap discipline, measured with a counting global allocator:
+//! * the echo hot path (read → parse → reply → write) allocates nothing per message in steady state,
+//!   for every read-buffer strategy, with one message in flight and with bursts of glued messages;
+//! * 1,000 connections opened and closed give back their memory.
+//!
+//! One #[test] runs every phase in sequence, because the allocator counts the whole process and tests in
+//! one binary run concurrently.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use ringcast_server::{Config, Server};
+use ringcast_wire::frame::{encode_client_frame, OpCode};
+
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static LIVE: AtomicI64 = AtomicI64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Relaxed);
+        LIVE.fetch_add(layout.size() as i64, Relaxed);
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as i64, Relaxed);
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Relaxed);
+        LIVE.fetch_add(new_size as i64 - layout.size() as i64, Relaxed);
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn start(rt: &tokio::runtime::Runtime, strategy: &str) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let flags = vec![
+        ("listen".to_string(), "127.0.0.1:0".to_string()),
+        ("dev".to_string(), "true".to_string()),
+        ("read_buffer".to_string(), strategy.to_string()),
+        ("pool_max_buffers".to_string(), "8".to_string()),
+    ];
+    let (config, settings) = Config::load(None, |_| None, &flags).expect("config");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let addr = rt.block_on(async {
+        let server = Server::bind(config, settings).expect("bind");
+        let addr = server.local_addr().expect("addr");
+        tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        addr
+    });
+    (addr, tx)
+}
+
+/// A blocking client: handshake, then echo round trips with no allocation of its own.
+fn client(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut req = Vec::new();
+    ringcast_wire::handshake::write_client_request(
+        &mut req,
+        &addr.to_string(),
+        "/echo",
+        "dGhlIHNhbXBsZSBub25jZQ==",
+        &[],
+    );
+    s.write_all(&req).expect("upgrade");
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).expect("read"), 1, "closed during handshake");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    s
+}
+
+/// Sends `rounds` bursts of `window` 20-byte messages, reading every echo back.
+fn echo_rounds(s: &mut TcpStream, burst: &[u8], reply: &mut [u8], rounds: usize) {
+    for _ in 0..rounds {
+        s.write_all(burst).expect("write");
+        s.read_exact(reply).expect("read echoes");
+    }
+}
+
+fn wait_until(cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn echo_allocates_nothing_per_message_and_closed_connections_give_memory_back() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+
+    for strategy in ["pool", "ring", "growable"] {
+        let (addr, stop) = start(&rt, strategy);
+        for window in [1usize, 16] {
+            let mut s = client(addr);
+            let mut burst = Vec::new();
+            for i in 0..window {
+                encode_client_frame(&mut burst, true, OpCode::Binary, &[i as u8; 20], [1, 2, 3, 4]);
+            }
+            let mut reply = vec![0u8; window * 22];
+            echo_rounds(&mut s, &burst, &mut reply, 2_000); // warm up: pools, scratch, runtime
+            let before = ALLOCS.load(Relaxed);
+            let rounds = 20_000 / window;
+            echo_rounds(&mut s, &burst, &mut reply, rounds);
+            let allocs = ALLOCS.load(Relaxed) - before;
+            let messages = (rounds * window) as u64;
+            println!("{strategy} window {window}: {allocs} allocations for {messages} echoed messages");
+            assert_eq!(&reply[..2], &[0x82, 20]);
+            // Not per message: a handful at most over 20,000 messages (runtime bookkeeping, if anything).
+            assert!(allocs <= 8, "{strategy} window {window}: {allocs} allocations for {messages} messages");
+        }
+        let _ = stop.send(());
+    }
+
+    // Memory: open and close 1,000 connections; live heap must come back to where it was.
+    let (addr, stop) = start(&rt, "pool");
+    let metrics = rt.metrics();
+    let warm: Vec<TcpStream> = (0..1000).map(|_| client(addr)).collect();
+    drop(warm);
+    wait_until(|| metrics.num_alive_tasks() <= 1);
+    std::thread::sleep(Duration::from_millis(200));
+    let baseline = LIVE.load(Relaxed);
+    let mut conns: Vec<TcpStream> = (0..1000).map(|_| client(addr)).collect();
+    let mut frame = Vec::new();
+    encode_client_frame(&mut frame, true, OpCode::Text, b"hello", [5, 6, 7, 8]);
+    let mut reply = [0u8; 7];
+    for c in &mut conns {
+        c.write_all(&frame).expect("write");
+        c.read_exact(&mut reply).expect("echo");
+    }
+    let during = LIVE.load(Relaxed);
+    drop(conns);
+    wait_until(|| metrics.num_alive_tasks() <= 1);
+    std::thread::sleep(Duration::from_millis(200));
+    let after = LIVE.load(Relaxed);
+    println!("live heap: baseline {baseline} B, with 1000 open {during} B, after closing {after} B");
+    assert!(during - baseline > 100_000, "1000 open connections should be visible in the heap");
+    assert!(after - baseline < 16 * 1024, "{} bytes not given back after 1000 connections closed", after - baseline);
+    let _ = stop.send(());
+}

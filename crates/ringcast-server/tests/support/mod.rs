@@ -1,0 +1,167 @@
+//! Test harness: the real server on an ephemeral loopback port, and a raw client for breaking rules.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ringcast_server::{Config, Server};
+use ringcast_wire::frame::{encode_client_frame, OpCode, Role};
+use ringcast_wire::{Event, GrowableBuffer, Limits, Reader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    pub handle: JoinHandle<Result<(), ringcast_server::ServerError>>,
+}
+
+impl TestServer {
+    /// Starts a server with `--dev` plus the given flags (key, value).
+    pub async fn start(flags: &[(&str, &str)]) -> TestServer {
+        let mut all: Vec<(String, String)> = vec![
+            ("listen".into(), "127.0.0.1:0".into()),
+            ("dev".into(), "true".into()),
+            ("close_timeout".into(), "500ms".into()),
+        ];
+        all.extend(flags.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let (config, settings) = Config::load(None, |_| None, &all).expect("test config");
+        let server = Server::bind(config, settings).expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        TestServer { addr, stop: Some(tx), handle }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Triggers graceful shutdown and waits for `run` to return.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(15), &mut self.handle).await;
+    }
+}
+
+/// A WebSocket client that speaks raw frames, so tests can send what no library would.
+pub struct RawClient {
+    pub stream: TcpStream,
+    buf: GrowableBuffer,
+    reader: Reader,
+}
+
+/// What the server sent, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Got {
+    Msg(OpCode, Vec<u8>),
+    Ping(Vec<u8>),
+    Pong(Vec<u8>),
+    Close(u16, String),
+    /// The server closed TCP.
+    Eof,
+}
+
+pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+impl RawClient {
+    pub async fn connect(addr: SocketAddr, path: &str) -> RawClient {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).ok();
+        let mut req = Vec::new();
+        ringcast_wire::handshake::write_client_request(&mut req, &addr.to_string(), path, KEY, &[]);
+        stream.write_all(&req).await.expect("send upgrade");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = stream.read(&mut byte).await.expect("read response");
+            assert!(n > 0, "server closed during handshake: {}", String::from_utf8_lossy(&head));
+            head.push(byte[0]);
+        }
+        let resp = ringcast_wire::handshake::parse_response(&head, KEY.as_bytes()).expect("101 response");
+        assert!(resp.is_some());
+        RawClient {
+            stream,
+            buf: GrowableBuffer::new(4096, 1 << 24),
+            reader: Reader::new(Role::Client, Limits { max_frame_payload: 1 << 24, max_message_size: 1 << 24 }),
+        }
+    }
+
+    pub async fn send_frame(&mut self, fin: bool, op: OpCode, payload: &[u8]) {
+        let mut out = Vec::new();
+        encode_client_frame(&mut out, fin, op, payload, [1, 2, 3, 4]);
+        self.stream.write_all(&out).await.expect("send frame");
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("send raw");
+    }
+
+    /// The next thing the server sends (or EOF), within `timeout`.
+    pub async fn recv(&mut self, timeout: Duration) -> Got {
+        tokio::time::timeout(timeout, self.recv_inner()).await.expect("server sent nothing in time")
+    }
+
+    async fn recv_inner(&mut self) -> Got {
+        use ringcast_wire::ReadBuffer;
+        loop {
+            match self.reader.next(&mut self.buf) {
+                Ok(Some(ev)) => {
+                    return match ev {
+                        Event::Message { opcode, payload } => Got::Msg(opcode, payload.to_vec()),
+                        Event::Ping(p) => Got::Ping(p.to_vec()),
+                        Event::Pong(p) => Got::Pong(p.to_vec()),
+                        Event::Close { code, reason } => {
+                            Got::Close(code.0, String::from_utf8_lossy(reason).into_owned())
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => panic!("server sent an invalid frame: {e}"),
+            }
+            self.reader.settle(&mut self.buf);
+            let (a, _) = self.buf.writable();
+            match self.stream.read(a).await {
+                Ok(0) | Err(_) => return Got::Eof,
+                Ok(n) => self.buf.commit(n),
+            }
+        }
+    }
+
+    /// Expects a close frame with `code`, then the server closing TCP.
+    pub async fn expect_close(&mut self, code: u16) {
+        match self.recv(Duration::from_secs(5)).await {
+            Got::Close(c, reason) => assert_eq!(c, code, "close reason: {reason}"),
+            other => panic!("expected close {code}, got {other:?}"),
+        }
+        // Answer the close, as a well-behaved client does, then the server must drop TCP.
+        let mut out = Vec::new();
+        encode_client_frame(&mut out, true, OpCode::Close, &code.to_be_bytes(), [9, 9, 9, 9]);
+        let _ = self.stream.write_all(&out).await;
+        assert_eq!(self.recv(Duration::from_secs(5)).await, Got::Eof);
+    }
+}
+
+/// Sends a raw HTTP request and returns the response head (up to the blank line, or whatever came
+/// before the server closed).
+pub async fn http_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let _ = stream.write_all(request).await;
+    let mut out = Vec::new();
+    let mut b = [0u8; 1024];
+    while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut b)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&b[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub const STRATEGIES: [&str; 3] = ["pool", "ring", "growable"];

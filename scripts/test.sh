@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The whole ringcast test suite, runnable on a fresh machine of this project's kind:
+#   1. starts Redis (127.0.0.1:6379) and NATS (127.0.0.1:4222) if they are not running, installing
+#      them with apt-get only when missing;
+#   2. cargo test for every crate (unit, property and real-socket integration tests);
+#   3. the Autobahn|Testsuite server cases (groups 1-7, 9, 10) against a release build, once per
+#      read-buffer strategy, failing on anything that is not OK;
+#   4. a short fuzz smoke run of the frame decoder and handshake parser, when a nightly toolchain is there.
+# Ends with one line: "total: N passed, N failed".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+log_dir="$root/target/test-logs"
+mkdir -p "$log_dir"
+passed=0
+failed=0
+
+step() { printf '\n== %s\n' "$*"; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {
+    for _ in $(seq 1 50); do port_open "$1" && return 0; sleep 0.1; done
+    return 1
+}
+
+apt_install() {
+    if [ -z "${RINGCAST_APT_UPDATED:-}" ]; then apt-get update -qq; export RINGCAST_APT_UPDATED=1; fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_services() {
+    if ! port_open 6379; then
+        command -v redis-server >/dev/null || apt_install redis-server
+        redis-server --daemonize yes --port 6379 --bind 127.0.0.1 --save "" --appendonly no >/dev/null
+        wait_port 6379 || { echo "redis did not start" >&2; exit 1; }
+    fi
+    if ! port_open 4222; then
+        command -v nats-server >/dev/null || apt_install nats-server
+        (nats-server -a 127.0.0.1 -p 4222 >"$log_dir/nats.log" 2>&1 &)
+        wait_port 4222 || { echo "nats did not start" >&2; exit 1; }
+    fi
+}
+
+count_cargo() {
+    # Sum the "test result: ok. N passed; M failed" lines of a cargo test log.
+    local sums
+    sums=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+                END { printf "%d %d", p, f }' "$1")
+    passed=$((passed + ${sums% *}))
+    failed=$((failed + ${sums#* }))
+}
+
+step "services: redis and nats on loopback"
+ensure_services
+
+step "cargo test --workspace"
+cargo test --workspace 2>&1 | tee "$log_dir/cargo-test.log"
+count_cargo "$log_dir/cargo-test.log"
+
+step "autobahn|testsuite, groups 1-7, 9, 10, every read-buffer strategy"
+cargo build --release -p ringcast
+for strategy in pool ring growable; do
+    port=$((9100 + RANDOM % 800))
+    ./target/release/ringcast serve --dev --echo-path / --listen "127.0.0.1:$port" --read-buffer "$strategy" \
+        --max-message-size 16777216 --max-frame-size 16777216 --log-level warn >"$log_dir/autobahn-$strategy-server.log" 2>&1 &
+    server=$!
+    wait_port "$port" || { echo "server did not start" >&2; kill $server; exit 1; }
+    set +e
+    scripts/autobahn/run.sh "127.0.0.1:$port" "$strategy" >"$log_dir/autobahn-$strategy.log" 2>&1
+    rc=$?
+    result=$(python3 scripts/autobahn/check.py "target/autobahn/$strategy")
+    check_rc=$?
+    set -e
+    kill -INT $server 2>/dev/null || true
+    wait $server 2>/dev/null || true
+    echo "$result" | tail -n 5
+    line=$(echo "$result" | tail -n 1)
+    p=$(echo "$line" | sed -nE 's/^([0-9]+) passed, ([0-9]+) failed$/\1/p')
+    f=$(echo "$line" | sed -nE 's/^([0-9]+) passed, ([0-9]+) failed$/\2/p')
+    if [ $rc -ne 0 ] || [ $check_rc -ne 0 ] || [ -z "$p" ]; then
+        echo "autobahn ($strategy) failed: run.sh exit $rc, check exit $check_rc; see $log_dir/autobahn-$strategy.log" >&2
+        failed=$((failed + ${f:-1}))
+    fi
+    passed=$((passed + ${p:-0}))
+done
+
+if [ -d fuzz ] && cargo +nightly --version >/dev/null 2>&1; then
+    step "fuzz smoke run (nightly)"
+    scripts/fuzz-smoke.sh 2>&1 | tail -n 20
+fi
+
+printf '\n'
+echo "total: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

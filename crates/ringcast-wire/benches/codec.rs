@@ -54,10 +54,7 @@ fn parse_all(buf: &mut AnyBuffer, reader: &mut Reader, data: &[u8], read: usize)
 }
 
 fn parse(c: &mut Criterion) {
-    let cases = [
-        ("small-20B", 2000usize, 20usize),
-        ("large-64KiB", 32, 64 * 1024),
-    ];
+    let cases = [("small-20B", 2000usize, 20usize), ("large-64KiB", 32, 64 * 1024)];
     for (name, count, size) in cases {
         let data = stream(count, size);
         for (mode, read) in [("glued", 64 * 1024usize), ("split", if size < 100 { 7 } else { 1460 })] {

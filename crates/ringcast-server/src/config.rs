@@ -225,8 +225,17 @@ impl Config {
         if self.growable_initial_size < 256 {
             return Err(invalid("growable_initial_size", "must be at least 256 bytes"));
         }
-        if self.max_frame_size == 0 {
-            return Err(invalid("max_frame_size", "must be positive"));
+        if self.max_frame_size == 0 || self.max_frame_size > 1 << 30 {
+            return Err(invalid("max_frame_size", "must be between 1 byte and 1 GiB"));
+        }
+        for (name, v) in [
+            ("ring_buffer_size", self.ring_buffer_size),
+            ("pool_buffer_size", self.pool_buffer_size),
+            ("growable_initial_size", self.growable_initial_size),
+        ] {
+            if v > 1 << 30 {
+                return Err(invalid(name, "must be at most 1 GiB"));
+            }
         }
         if self.max_message_size == 0 {
             return Err(invalid("max_message_size", "must be positive"));
@@ -244,6 +253,16 @@ impl Config {
         ] {
             if d.is_zero() {
                 return Err(invalid(name, "must be positive"));
+            }
+        }
+        for (name, d) in [
+            ("handshake_timeout", self.handshake_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("write_timeout", self.write_timeout),
+            ("close_timeout", self.close_timeout),
+        ] {
+            if d > Duration::from_secs(86_400) {
+                return Err(invalid(name, "must be at most 24h"));
             }
         }
         if !self.echo_path.starts_with('/') {

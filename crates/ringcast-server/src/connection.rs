@@ -2,8 +2,9 @@
 //!
 //! # Shape
 //! A connection is one hand-written future, [`Connection`], owning the socket, the handshake bytes, the
-//! read buffer, the reader, the outbound queue, one timer and its shutdown notification. Nothing is
-//! locked: no other task touches any of it. `poll` waits on the socket through tokio's
+//! read buffer, the reader and the outbound queue; its deadlines live in the shared [`Deadlines`] table
+//! (8 bytes here instead of a 112-byte `Sleep`). Nothing of the connection is locked: no other task
+//! touches it. `poll` waits on the socket through tokio's
 //! `poll_read_ready`/`poll_write_ready`, which park the waker in the socket's own registration, so
 //! waiting costs no extra future state; an `async fn` with `select!` carried ~1.3 KiB of nested future
 //! state per connection, which alone broke the 1 KiB-per-idle-connection budget.
@@ -17,14 +18,14 @@
 //! worker threads never share it.
 //!
 //! # Memory of an idle connection
-//! The task and this future (socket handle, reader state, an empty queue, one timer, the shutdown
-//! waiter), plus whatever the read-buffer strategy keeps (nothing for `pool`). No handshake buffer, no
-//! read or write buffer, no message buffer once a connection is idle.
+//! The task and this future (socket handle, reader state, an empty queue, a deadline key), a deadline
+//! table entry, plus whatever the read-buffer strategy keeps (nothing for `pool`). No handshake buffer,
+//! no read or write buffer, no message buffer once a connection is idle. A unit test bounds the size.
 //!
 //! # Timers
-//! One `Sleep`, re-armed lazily: reads only record the time; the timer is moved only when a deadline
-//! comes *earlier* (a write stall, a close wait) or after it fired and the real deadline (recomputed
-//! then) is still ahead. No timer-wheel work per message.
+//! Re-armed lazily: reads only record the time; the table entry is moved only when a deadline comes
+//! *earlier* (a write stall, a close wait) or after it fired and the real deadline (recomputed then) is
+//! still ahead. No timer work per message.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -41,12 +42,10 @@ use ringcast_wire::frame::{encode_header, MAX_HEADER_LEN};
 use ringcast_wire::handshake::{self, HandshakeError};
 use ringcast_wire::{CloseCode, Event, OpCode, Payload, Reader, Role, Strategy};
 use tokio::net::TcpStream;
-use tokio::sync::futures::OwnedNotified;
-use tokio::time::{Instant, Sleep};
 
+use crate::deadline::{reached, Key};
 use crate::outbound::Outbound;
 use crate::server::Context;
-use crate::shutdown::Shutdown;
 
 thread_local! {
     /// Replies produced during one parse pass, written with one syscall. Per worker thread.
@@ -59,7 +58,7 @@ const SCRATCH_KEEP: usize = 256 * 1024;
 /// Reads one `poll` may do before yielding to other tasks (a flooding peer must not hog a worker).
 const READS_PER_POLL: usize = 16;
 
-/// Rounds of (shutdown, read, write, timer) one `poll` may run before yielding.
+/// Rounds of (shutdown, read, write, deadlines) one `poll` may run before yielding.
 const ROUNDS_PER_POLL: usize = 32;
 
 /// What an endpoint does with messages.
@@ -87,26 +86,19 @@ enum Phase {
     Done,
 }
 
-pin_project_lite::pin_project! {
-    /// A connection's whole life as one future. Spawned once per accepted socket.
-    pub struct Connection {
-        conn: Conn,
-        #[pin]
-        timer: Sleep,
-        #[pin]
-        shutdown: OwnedNotified,
-    }
+/// A connection's whole life as one future. Spawned once per accepted socket.
+pub struct Connection {
+    conn: Conn,
 }
 
 impl Connection {
-    pub fn new(stream: TcpStream, ctx: Arc<Context>, shutdown: &Shutdown) -> Connection {
-        let notified = shutdown.notified();
-        let mut conn = Conn::new(stream, ctx);
-        if shutdown.is_shutdown() {
+    pub fn new(stream: TcpStream, ctx: Arc<Context>, spread: usize) -> Connection {
+        let mut conn = Conn::new(stream, ctx, spread);
+        if conn.ctx.deadlines.is_shutdown() {
+            conn.shutdown_seen = true;
             conn.phase = Phase::Done;
         }
-        let deadline = conn.next_deadline();
-        Connection { conn, timer: tokio::time::sleep_until(deadline), shutdown: notified }
+        Connection { conn }
     }
 }
 
@@ -114,37 +106,41 @@ impl Future for Connection {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
-        let mut this = self.project();
-        let conn = this.conn;
+        // Every field is Unpin: the connection never relies on its own address.
+        let conn = &mut self.get_mut().conn;
         for _ in 0..ROUNDS_PER_POLL {
-            if !conn.shutdown_seen && this.shutdown.as_mut().poll(cx).is_ready() {
+            if !conn.shutdown_seen && conn.ctx.deadlines.is_shutdown() {
                 conn.shutdown_seen = true;
                 conn.on_shutdown();
             }
-            let progressed = match conn.step(cx) {
-                Ok(Step::Again) => true,
-                Ok(Step::Wait) => false,
+            match conn.step(cx) {
+                Ok(Step::Again) => continue,
+                Ok(Step::Wait) => {}
                 Ok(Step::Finished) => return Poll::Ready(()),
                 Err(e) => {
                     conn.log_io_error(&e);
                     return Poll::Ready(());
                 }
-            };
-            if progressed {
+            }
+            let now = conn.ctx.deadlines.now_ms();
+            let deadline = conn.next_deadline();
+            if reached(now, deadline) {
+                if conn.on_timer(now) {
+                    return Poll::Ready(());
+                }
                 continue;
             }
-            let deadline = conn.next_deadline();
-            if deadline < this.timer.deadline() || this.timer.is_elapsed() {
-                this.timer.as_mut().reset(deadline);
+            // Arm lazily: keep an earlier arming (it will fire, and we re-arm then), replace a later one,
+            // or one that already fired.
+            let arm = match conn.armed {
+                None => true,
+                Some(at) => reached(now, at) || !reached(deadline, at),
+            };
+            if arm {
+                conn.ctx.deadlines.arm(conn.key, deadline, cx.waker());
+                conn.armed = Some(deadline);
             }
-            match this.timer.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(()) => {
-                    if conn.on_timer() {
-                        return Poll::Ready(());
-                    }
-                }
-            }
+            return Poll::Pending;
         }
         // Still busy after many rounds: let other connections run, and come back.
         cx.waker().wake_by_ref();
@@ -154,6 +150,7 @@ impl Future for Connection {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        self.ctx.deadlines.remove(self.key);
         if self.endpoint != Endpoint::None {
             metrics::gauge!("ringcast_ws_connections").decrement(1.0);
         }
@@ -182,15 +179,18 @@ struct Conn {
     read_closed: bool,
     fin_sent: bool,
     shutdown_seen: bool,
+    key: Key,
+    /// The deadline the table entry is armed with (milliseconds on the table's clock), if any.
+    armed: Option<u32>,
     /// Start of the handshake, then the time of the last read.
-    last_read: Instant,
+    last_read: u32,
     /// Since when queued bytes have been waiting for a writable socket.
-    write_stalled_since: Option<Instant>,
-    closing_since: Option<Instant>,
+    write_stalled_since: Option<u32>,
+    closing_since: Option<u32>,
 }
 
 impl Conn {
-    fn new(stream: TcpStream, ctx: Arc<Context>) -> Self {
+    fn new(stream: TcpStream, ctx: Arc<Context>, spread: usize) -> Self {
         let cfg = &ctx.config;
         let buf = match ctx.settings.strategy {
             Strategy::Ring => AnyBuffer::Ring(RingBuffer::new(cfg.ring_buffer_size)),
@@ -201,6 +201,8 @@ impl Conn {
             )),
         };
         let reader = Reader::new(Role::Server, ctx.limits);
+        let key = ctx.deadlines.register(spread);
+        let now = ctx.deadlines.now_ms();
         Conn {
             stream,
             ctx,
@@ -213,7 +215,9 @@ impl Conn {
             read_closed: false,
             fin_sent: false,
             shutdown_seen: false,
-            last_read: Instant::now(),
+            key,
+            armed: None,
+            last_read: now,
             write_stalled_since: None,
             closing_since: None,
         }
@@ -318,7 +322,7 @@ impl Conn {
             return Ok(Some(0));
         }
         self.buf.commit(n);
-        self.last_read = Instant::now();
+        self.last_read = self.ctx.deadlines.now_ms();
         if self.phase == Phase::Draining {
             let len = self.buf.len();
             self.buf.consume(len);
@@ -380,7 +384,7 @@ impl Conn {
         };
         self.endpoint = endpoint;
         self.phase = Phase::Open;
-        self.last_read = Instant::now();
+        self.last_read = self.ctx.deadlines.now_ms();
         metrics::counter!("ringcast_ws_connections_total").increment(1);
         metrics::gauge!("ringcast_ws_connections").increment(1.0);
         self.out.push(Bytes::from(response));
@@ -404,7 +408,7 @@ impl Conn {
         self.head = Vec::new();
         self.out.push(Bytes::from_static(e.response()));
         self.phase = Phase::Draining;
-        self.closing_since = Some(Instant::now());
+        self.closing_since = Some(self.ctx.deadlines.now_ms());
     }
 
     /// Parses every complete event in the buffer; replies are batched into one write.
@@ -422,6 +426,7 @@ impl Conn {
     }
 
     fn process(&mut self, scratch: &mut Vec<u8>) {
+        let now = self.ctx.deadlines.now_ms();
         let Conn { reader, buf, out, phase, endpoint, closing_since, .. } = self;
         loop {
             if !matches!(*phase, Phase::Open | Phase::Closing) {
@@ -465,7 +470,7 @@ impl Conn {
                         emit(scratch, out, OpCode::Close, Payload { first: &body[..n], second: &[] });
                     }
                     *phase = Phase::Draining;
-                    *closing_since = Some(Instant::now());
+                    *closing_since = Some(now);
                     return;
                 }
             }
@@ -496,7 +501,7 @@ impl Conn {
         }
         self.out.push(Bytes::copy_from_slice(&batch[written..]));
         if self.write_stalled_since.is_none() {
-            self.write_stalled_since = Some(Instant::now());
+            self.write_stalled_since = Some(self.ctx.deadlines.now_ms());
         }
         Ok(())
     }
@@ -508,9 +513,9 @@ impl Conn {
             self.out.shrink_if_empty();
         } else if self.out.queued_bytes() < before {
             // Progress resets the stall clock: a slow reader is fine, a stuck one is not.
-            self.write_stalled_since = Some(Instant::now());
+            self.write_stalled_since = Some(self.ctx.deadlines.now_ms());
         } else if self.write_stalled_since.is_none() {
-            self.write_stalled_since = Some(Instant::now());
+            self.write_stalled_since = Some(self.ctx.deadlines.now_ms());
         }
         Ok(())
     }
@@ -529,61 +534,80 @@ impl Conn {
         frame.extend_from_slice(&body[..n]);
         self.out.push(Bytes::from(frame));
         if self.write_stalled_since.is_none() {
-            self.write_stalled_since = Some(Instant::now());
+            self.write_stalled_since = Some(self.ctx.deadlines.now_ms());
         }
         self.phase = Phase::Closing;
-        self.closing_since = Some(Instant::now());
+        self.closing_since = Some(self.ctx.deadlines.now_ms());
     }
 
-    fn next_deadline(&self) -> Instant {
+    /// The earliest deadline that applies now (milliseconds on the deadline table's clock).
+    fn next_deadline(&self) -> u32 {
         let cfg = &self.ctx.config;
         let mut d = match self.phase {
-            Phase::Handshake => self.last_read + cfg.handshake_timeout,
-            Phase::Open if !cfg.idle_timeout.is_zero() => self.last_read + cfg.idle_timeout,
-            _ => self.last_read + Duration::from_secs(86_400),
+            Phase::Handshake => self.last_read.wrapping_add(ms(cfg.handshake_timeout)),
+            Phase::Open if !cfg.idle_timeout.is_zero() => self.last_read.wrapping_add(ms(cfg.idle_timeout)),
+            _ => self.last_read.wrapping_add(ms(Duration::from_secs(86_400))),
         };
         if let Some(t) = self.write_stalled_since {
-            d = d.min(t + cfg.write_timeout);
+            d = earlier(d, t.wrapping_add(ms(cfg.write_timeout)));
         }
         if let Some(t) = self.closing_since {
-            d = d.min(t + cfg.close_timeout);
+            d = earlier(d, t.wrapping_add(ms(cfg.close_timeout)));
         }
         d
     }
 
-    /// The timer fired: act on whichever deadline really passed. Returns true to drop the connection.
-    fn on_timer(&mut self) -> bool {
+    /// A deadline passed: act on whichever really did. Returns true to drop the connection.
+    fn on_timer(&mut self, now: u32) -> bool {
         let cfg = &self.ctx.config;
-        let now = Instant::now();
-        if self.phase == Phase::Handshake && now >= self.last_read + cfg.handshake_timeout {
+        if self.phase == Phase::Handshake && reached(now, self.last_read.wrapping_add(ms(cfg.handshake_timeout))) {
             metrics::counter!("ringcast_handshake_failures_total", "reason" => "timeout").increment(1);
             tracing::debug!("handshake timed out");
             return true;
         }
         if let Some(t) = self.write_stalled_since {
-            if now >= t + cfg.write_timeout {
+            if reached(now, t.wrapping_add(ms(cfg.write_timeout))) {
                 metrics::counter!("ringcast_ws_timeouts_total", "kind" => "write").increment(1);
                 tracing::info!("closing connection: write timeout");
                 return true;
             }
         }
         if let Some(t) = self.closing_since {
-            if now >= t + cfg.close_timeout {
+            if reached(now, t.wrapping_add(ms(cfg.close_timeout))) {
                 tracing::debug!("peer did not finish the close in time");
                 return true;
             }
         }
-        if self.phase == Phase::Open && !cfg.idle_timeout.is_zero() && now >= self.last_read + cfg.idle_timeout {
+        if self.phase == Phase::Open
+            && !cfg.idle_timeout.is_zero()
+            && reached(now, self.last_read.wrapping_add(ms(cfg.idle_timeout)))
+        {
             metrics::counter!("ringcast_ws_timeouts_total", "kind" => "idle").increment(1);
             tracing::debug!("closing connection: idle timeout");
             self.start_close(CloseCode::GOING_AWAY, "idle timeout");
+            return false;
         }
+        // Nothing was due after all (a deadline moved later since it was armed).
         false
     }
 
     fn log_io_error(&self, e: &io::Error) {
         metrics::counter!("ringcast_io_errors_total").increment(1);
         tracing::debug!(peer = ?self.stream.peer_addr().ok(), error = %e, "connection ended with an IO error");
+    }
+}
+
+/// A duration in the deadline table's milliseconds (configured timeouts are validated to be ≤ 1 day).
+fn ms(d: Duration) -> u32 {
+    d.as_millis().min(u128::from(u32::MAX / 4)) as u32
+}
+
+/// The earlier of two wrapping-millisecond times.
+fn earlier(a: u32, b: u32) -> u32 {
+    if reached(a, b) {
+        b
+    } else {
+        a
     }
 }
 
@@ -614,10 +638,9 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let _client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
         let (stream, _) = listener.accept().await.expect("accept");
-        let (_trigger, shutdown) = crate::shutdown::channel();
-        let conn = super::Connection::new(stream, ctx, &shutdown);
+        let conn = super::Connection::new(stream, ctx, 0);
         let size = std::mem::size_of_val(&conn);
         println!("Connection future: {size} B");
-        assert!(size <= 640, "Connection grew to {size} B");
+        assert!(size <= 320, "Connection grew to {size} B");
     }
 }

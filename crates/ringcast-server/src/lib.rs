@@ -4,16 +4,16 @@
 //! * [`server`]: the listener, the accept loop, graceful shutdown.
 //! * [`connection`]: one task per connection: handshake, read → parse → reply, timeouts, close.
 //! * [`outbound`]: the per-connection queue of shared, pre-encoded frames, flushed with `writev`.
-//! * [`shutdown`]: the shutdown signal every task holds.
+//! * [`deadline`]: every connection's deadlines in one swept table; also how shutdown reaches them.
 //! * [`config`]: the typed configuration (file, environment, flags) and its validation.
 //! * [`error`]: errors that stop the server (connection errors never do).
 
 pub mod config;
 pub mod connection;
+pub mod deadline;
 pub mod error;
 pub mod outbound;
 pub mod server;
-pub mod shutdown;
 
 pub use config::{Config, ConfigError, Settings};
 pub use error::ServerError;

@@ -11,8 +11,8 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Settings};
+use crate::deadline::Deadlines;
 use crate::error::ServerError;
-use crate::shutdown;
 
 /// What every connection task shares: read-only settings and the buffer pool.
 #[derive(Debug)]
@@ -23,6 +23,8 @@ pub struct Context {
     pub pool: Arc<BufferPool>,
     /// `allowed_origins`, or `*` in dev mode when none are configured.
     pub allowed_origins: Vec<String>,
+    /// Every connection's deadlines; also how shutdown reaches them.
+    pub deadlines: Arc<Deadlines>,
 }
 
 impl Context {
@@ -34,7 +36,7 @@ impl Context {
         } else {
             config.allowed_origins.clone()
         };
-        Context { config, settings, limits, pool, allowed_origins }
+        Context { config, settings, limits, pool, allowed_origins, deadlines: Deadlines::new() }
     }
 }
 
@@ -67,8 +69,9 @@ impl Server {
     /// Serves until `signal` resolves, then closes every connection with 1001 and waits for them, up to
     /// `shutdown_timeout`.
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let (trigger, shutdown) = shutdown::channel();
         let tracker = TaskTracker::new();
+        tokio::spawn(self.ctx.deadlines.clone().run_sweeper());
+        let mut accepted_count = 0usize;
         tokio::pin!(signal);
         loop {
             tokio::select! {
@@ -79,7 +82,8 @@ impl Server {
                         if let Err(e) = stream.set_nodelay(true) {
                             tracing::debug!(%peer, error = %e, "set_nodelay failed");
                         }
-                        tracker.spawn(crate::connection::Connection::new(stream, self.ctx.clone(), &shutdown));
+                        accepted_count = accepted_count.wrapping_add(1);
+                        tracker.spawn(crate::connection::Connection::new(stream, self.ctx.clone(), accepted_count));
                     }
                     Err(e) => {
                         // EMFILE/ENFILE/ECONNABORTED are per-accept troubles, not reasons to stop serving.
@@ -93,7 +97,7 @@ impl Server {
         }
         drop(self.listener);
         tracing::info!(connections = tracker.len(), "shutting down: closing connections with 1001");
-        trigger.trigger();
+        self.ctx.deadlines.shutdown();
         tracker.close();
         if tokio::time::timeout(self.ctx.config.shutdown_timeout, tracker.wait()).await.is_err() {
             tracing::warn!(remaining = tracker.len(), "shutdown timeout: dropping remaining connections");

@@ -132,9 +132,12 @@ fn echo_allocates_nothing_per_message_and_closed_connections_give_memory_back() 
     // Memory: open and close 1,000 connections; live heap must come back to where it was.
     let (addr, stop) = start(&rt, "pool");
     let metrics = rt.metrics();
+    std::thread::sleep(Duration::from_millis(100));
+    let base_tasks = metrics.num_alive_tasks();
     let warm: Vec<TcpStream> = (0..1000).map(|_| client(addr)).collect();
+    assert!(metrics.num_alive_tasks() >= base_tasks + 1000);
     drop(warm);
-    wait_until(|| metrics.num_alive_tasks() <= 1);
+    wait_until(|| metrics.num_alive_tasks() <= base_tasks);
     std::thread::sleep(Duration::from_millis(200));
     let baseline = LIVE.load(Relaxed);
     let mut conns: Vec<TcpStream> = (0..1000).map(|_| client(addr)).collect();
@@ -147,7 +150,8 @@ fn echo_allocates_nothing_per_message_and_closed_connections_give_memory_back() 
     }
     let during = LIVE.load(Relaxed);
     drop(conns);
-    wait_until(|| metrics.num_alive_tasks() <= 1);
+    wait_until(|| metrics.num_alive_tasks() <= base_tasks);
+    assert_eq!(metrics.num_alive_tasks(), base_tasks, "connection tasks left behind");
     std::thread::sleep(Duration::from_millis(200));
     let after = LIVE.load(Relaxed);
     println!("live heap: baseline {baseline} B, with 1000 open {during} B, after closing {after} B");

@@ -107,8 +107,9 @@ pub struct Reader {
     frame: Option<FrameHeader>,
     /// Payload bytes of `frame` already moved out of the read buffer (streamed).
     frame_streamed: u64,
-    /// Payload bytes at the front of the read buffer already unmasked (and UTF-8 checked).
-    processed: usize,
+    /// Payload bytes at the front of the read buffer already unmasked (and UTF-8 checked). `u32`: read
+    /// buffers are below 4 GiB, and every idle connection carries this struct.
+    processed: u32,
     /// Opcode of the fragmented message in progress, if any.
     message: Option<OpCode>,
     /// Whether the payload of the frame in progress is streamed into `assembled`.
@@ -116,7 +117,7 @@ pub struct Reader {
     assembled: Vec<u8>,
     utf8: Utf8Validator,
     /// Read-buffer bytes to consume at the next call (the last event borrowed them).
-    pending_consume: usize,
+    pending_consume: u32,
     /// The last event borrowed `assembled`; clear it at the next call.
     pending_clear: bool,
     /// A close frame was delivered; nothing after it is read.
@@ -156,7 +157,7 @@ impl Reader {
     /// buffer has the room the last event was occupying (`next` also does this itself).
     pub fn settle<B: ReadBuffer + ?Sized>(&mut self, buf: &mut B) {
         if self.pending_consume > 0 {
-            buf.consume(self.pending_consume);
+            buf.consume(self.pending_consume as usize);
             self.pending_consume = 0;
         }
         if self.pending_clear {
@@ -185,7 +186,7 @@ impl Reader {
             };
             let remaining = header.payload_len - self.frame_streamed;
             let available = (buf.len() as u64).min(remaining) as usize;
-            if available > self.processed {
+            if available > self.processed as usize {
                 self.process(buf, &header, available)?;
             }
             let complete = available as u64 == remaining;
@@ -197,7 +198,7 @@ impl Reader {
                 }
                 self.frame = None;
                 self.processed = 0;
-                self.pending_consume = available;
+                self.pending_consume = available as u32;
                 // Nothing after a close frame is read.
                 self.closed = header.opcode == OpCode::Close;
                 let (a, b) = buf.readable_mut();
@@ -236,7 +237,7 @@ impl Reader {
                 }
                 self.frame = None;
                 self.processed = 0;
-                self.pending_consume = available;
+                self.pending_consume = available as u32;
                 let (a, b) = buf.readable_mut();
                 let (a, b) = split_prefix(a, b, available);
                 return Ok(Some(Event::Message { opcode, payload: Payload { first: a, second: b } }));
@@ -338,8 +339,8 @@ impl Reader {
         };
         let (a, b) = buf.readable_mut();
         let (a, b) = split_prefix_mut(a, b, available);
-        let (a, b) = skip_prefix_mut(a, b, self.processed);
-        let offset = (self.frame_streamed as usize).wrapping_add(self.processed);
+        let (a, b) = skip_prefix_mut(a, b, self.processed as usize);
+        let offset = (self.frame_streamed as usize).wrapping_add(self.processed as usize);
         if let Some(key) = header.mask {
             apply_mask(a, key, offset);
             apply_mask(b, key, offset.wrapping_add(a.len()));
@@ -348,7 +349,7 @@ impl Reader {
             self.utf8.feed(a).map_err(|_| WireError::InvalidUtf8)?;
             self.utf8.feed(b).map_err(|_| WireError::InvalidUtf8)?;
         }
-        self.processed = available;
+        self.processed = available as u32;
         Ok(())
     }
 }

@@ -9,6 +9,12 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 use ringcast_server::config::{self, Kind, KEYS};
 use ringcast_server::Config;
 
+/// mimalloc rather than the system allocator: tokio's per-connection task and socket registrations are
+/// 128-byte-aligned allocations; glibc serves those with padding that cost ~45% on top of what an idle
+/// connection really needs (BENCHMARKS.md, "idle memory").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for invalid configuration or usage.
 const EXIT_CONFIG: u8 = 2;
 

@@ -9,32 +9,42 @@ use super::ReadBuffer;
 pub struct GrowableBuffer {
     /// Always fully initialized: its length is its size. Readable bytes are `start..end`.
     buf: Vec<u8>,
-    start: usize,
-    end: usize,
-    initial: usize,
-    max_frame: usize,
+    // u32: the buffer never exceeds `max_frame` (≤ 1 GiB) plus one read, and idle connections carry these.
+    start: u32,
+    end: u32,
+    initial: u32,
+    max_frame: u32,
 }
+
+/// Largest `max_frame` a growable buffer holds whole (positions inside it are `u32`).
+pub const MAX_GROWABLE_FRAME: usize = 1 << 30;
 
 impl GrowableBuffer {
     /// `initial`: the first allocation; `max_frame`: the largest frame held whole before streaming.
     pub fn new(initial: usize, max_frame: usize) -> Self {
-        GrowableBuffer { buf: Vec::new(), start: 0, end: 0, initial: initial.max(256), max_frame: max_frame.max(256) }
+        GrowableBuffer {
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            initial: initial.clamp(256, MAX_GROWABLE_FRAME) as u32,
+            max_frame: max_frame.clamp(256, MAX_GROWABLE_FRAME) as u32,
+        }
     }
 }
 
 impl ReadBuffer for GrowableBuffer {
     #[inline]
     fn len(&self) -> usize {
-        self.end - self.start
+        (self.end - self.start) as usize
     }
 
     fn readable_mut(&mut self) -> (&mut [u8], &mut [u8]) {
-        (&mut self.buf[self.start..self.end], &mut [])
+        (&mut self.buf[self.start as usize..self.end as usize], &mut [])
     }
 
     fn consume(&mut self, n: usize) {
         debug_assert!(n <= self.len());
-        self.start += n;
+        self.start += n as u32;
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -43,27 +53,30 @@ impl ReadBuffer for GrowableBuffer {
 
     fn writable(&mut self) -> (&mut [u8], &mut [u8]) {
         if self.buf.is_empty() {
-            self.buf = vec![0u8; self.initial];
-        } else if self.end == self.buf.len() {
+            self.buf = vec![0u8; self.initial as usize];
+        } else if self.end as usize == self.buf.len() {
             if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
+                self.buf.copy_within(self.start as usize..self.end as usize, 0);
                 self.end -= self.start;
                 self.start = 0;
             } else {
-                let size = self.buf.len() * 2;
-                self.buf.resize(size, 0);
+                // Grow, but never past what the largest held frame needs (streamed frames don't grow it).
+                let size = (self.buf.len() * 2).min(self.max_frame as usize + 64 * 1024);
+                if size > self.buf.len() {
+                    self.buf.resize(size, 0);
+                }
             }
         }
-        (&mut self.buf[self.end..], &mut [])
+        (&mut self.buf[self.end as usize..], &mut [])
     }
 
     fn commit(&mut self, n: usize) {
-        self.end += n;
-        debug_assert!(self.end <= self.buf.len());
+        self.end += n as u32;
+        debug_assert!(self.end as usize <= self.buf.len());
     }
 
     fn frame_capacity(&self) -> usize {
-        self.max_frame
+        self.max_frame as usize
     }
 
     fn held_bytes(&self) -> usize {

@@ -13,6 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use super::ReadBuffer;
 
+/// Largest pooled buffer (positions inside one are `u32`).
+pub const MAX_POOL_BUFFER: usize = 1 << 30;
+
 /// A shared free list of equally sized buffers.
 #[derive(Debug)]
 pub struct BufferPool {
@@ -25,7 +28,7 @@ impl BufferPool {
     pub fn new(buffer_size: usize, max_pooled: usize) -> Arc<Self> {
         Arc::new(BufferPool {
             free: Mutex::new(Vec::with_capacity(max_pooled.min(4096))),
-            buffer_size: buffer_size.max(super::ring::MIN_RING_CAPACITY),
+            buffer_size: buffer_size.clamp(super::ring::MIN_RING_CAPACITY, MAX_POOL_BUFFER),
             max_pooled,
         })
     }
@@ -64,8 +67,9 @@ impl BufferPool {
 pub struct PooledBuffer {
     pool: Arc<BufferPool>,
     buf: Option<Box<[u8]>>,
-    start: usize,
-    end: usize,
+    // u32: a pooled buffer is far below 4 GiB, and every idle connection carries these fields.
+    start: u32,
+    end: u32,
 }
 
 impl PooledBuffer {
@@ -77,19 +81,19 @@ impl PooledBuffer {
 impl ReadBuffer for PooledBuffer {
     #[inline]
     fn len(&self) -> usize {
-        self.end - self.start
+        (self.end - self.start) as usize
     }
 
     fn readable_mut(&mut self) -> (&mut [u8], &mut [u8]) {
         match &mut self.buf {
-            Some(b) => (&mut b[self.start..self.end], &mut []),
+            Some(b) => (&mut b[self.start as usize..self.end as usize], &mut []),
             None => (&mut [], &mut []),
         }
     }
 
     fn consume(&mut self, n: usize) {
         debug_assert!(n <= self.len());
-        self.start += n;
+        self.start += n as u32;
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -99,18 +103,18 @@ impl ReadBuffer for PooledBuffer {
     fn writable(&mut self) -> (&mut [u8], &mut [u8]) {
         let pool = &self.pool;
         let buf = self.buf.get_or_insert_with(|| pool.take());
-        if self.end == buf.len() && self.start > 0 {
+        if self.end as usize == buf.len() && self.start > 0 {
             // Move the partial frame to the front to make room behind it.
-            buf.copy_within(self.start..self.end, 0);
+            buf.copy_within(self.start as usize..self.end as usize, 0);
             self.end -= self.start;
             self.start = 0;
         }
-        (&mut buf[self.end..], &mut [])
+        (&mut buf[self.end as usize..], &mut [])
     }
 
     fn commit(&mut self, n: usize) {
-        self.end += n;
-        debug_assert!(self.buf.as_ref().is_some_and(|b| self.end <= b.len()));
+        self.end += n as u32;
+        debug_assert!(self.buf.as_ref().is_some_and(|b| self.end as usize <= b.len()));
     }
 
     fn frame_capacity(&self) -> usize {

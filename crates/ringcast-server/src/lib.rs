@@ -8,10 +8,13 @@
 //! * [`config`]: the typed configuration (file, environment, flags) and its validation.
 //! * [`error`]: errors that stop the server (connection errors never do).
 
+pub mod broker;
+pub mod client;
 pub mod config;
 pub mod connection;
 pub mod deadline;
 pub mod error;
+pub mod hub;
 pub mod outbound;
 pub mod server;
 

@@ -1,12 +1,17 @@
-//! A connection's queue of frames waiting for the socket.
+//! A queue of encoded frames waiting for a socket.
 //!
 //! Frames are `Bytes`: already encoded, possibly shared by many connections (a publication is encoded
 //! once and queued everywhere). A queued frame is never mutated; a partial write only advances the front
 //! `Bytes` (a pointer bump, no copy). [`Outbound::flush`] hands the socket up to [`MAX_IOV`] frames per
 //! `writev`, so a burst of small frames costs one syscall, not one each.
 //!
-//! The queue itself never blocks and never holds a lock: the connection task owns it and writes with
-//! non-blocking `try_write_vectored`, awaiting writability only when the kernel buffer is full.
+//! The first frame lives inline (`head`), so a connection that has one frame at a time in flight — the
+//! usual case for a subscriber — never allocates queue storage, and an idle connection holds none. The
+//! `VecDeque` behind it is only used for bursts, and freed when drained.
+//!
+//! The same type serves as a connection's private queue (owned by its task, written with non-blocking
+//! `try_write_vectored`) and, inside a mutex, as the queue other tasks deliver into
+//! ([`crate::client::ClientShared`]); [`Outbound::take_all`] moves one into the other without copying.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -19,7 +24,8 @@ pub const MAX_IOV: usize = 64;
 
 #[derive(Debug, Default)]
 pub struct Outbound {
-    frames: VecDeque<Bytes>,
+    head: Option<Bytes>,
+    rest: VecDeque<Bytes>,
     queued: usize,
 }
 
@@ -29,7 +35,7 @@ impl Outbound {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
+        self.head.is_none()
     }
 
     /// Bytes waiting to be written.
@@ -38,31 +44,57 @@ impl Outbound {
     }
 
     pub fn push(&mut self, frame: Bytes) {
-        if !frame.is_empty() {
-            self.queued += frame.len();
-            self.frames.push_back(frame);
+        if frame.is_empty() {
+            return;
+        }
+        self.queued += frame.len();
+        if self.head.is_none() {
+            self.head = Some(frame);
+        } else {
+            self.rest.push_back(frame);
         }
     }
 
-    /// Heap bytes held by the queue's own storage (not counting shared frames).
-    pub fn held_bytes(&self) -> usize {
-        self.frames.capacity() * std::mem::size_of::<Bytes>()
+    /// Moves every frame of `other` behind ours. Without copying frames, and without allocating when we
+    /// were empty (the usual case: the storage of the two queues trades places).
+    pub fn take_all(&mut self, other: &mut Outbound) {
+        if other.is_empty() {
+            return;
+        }
+        if self.is_empty() {
+            std::mem::swap(self, other);
+            return;
+        }
+        self.queued += other.queued;
+        other.queued = 0;
+        if let Some(h) = other.head.take() {
+            self.rest.push_back(h);
+        }
+        self.rest.append(&mut other.rest);
     }
 
     /// Drops the queue's storage once empty, so an idle connection keeps none.
     pub fn shrink_if_empty(&mut self) {
-        if self.frames.is_empty() && self.frames.capacity() > 0 {
-            self.frames = VecDeque::new();
+        if self.is_empty() && self.rest.capacity() > 0 {
+            self.rest = VecDeque::new();
         }
+    }
+
+    /// Forgets every queued frame.
+    pub fn clear(&mut self) {
+        self.head = None;
+        self.rest = VecDeque::new();
+        self.queued = 0;
     }
 
     /// Writes as much as the socket accepts without blocking. `Ok(true)`: everything is written;
     /// `Ok(false)`: the socket is full, await writability and call again.
     pub fn flush(&mut self, stream: &TcpStream) -> io::Result<bool> {
-        while !self.frames.is_empty() {
+        while let Some(head) = &self.head {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
-            let mut n = 0;
-            for f in self.frames.iter().take(MAX_IOV) {
+            iov[0] = IoSlice::new(head);
+            let mut n = 1;
+            for f in self.rest.iter().take(MAX_IOV - 1) {
                 iov[n] = IoSlice::new(f);
                 n += 1;
             }
@@ -81,10 +113,10 @@ impl Outbound {
     fn advance(&mut self, mut n: usize) {
         self.queued -= n;
         while n > 0 {
-            let Some(front) = self.frames.front_mut() else { break };
+            let Some(front) = self.head.as_mut() else { break };
             if n >= front.len() {
                 n -= front.len();
-                self.frames.pop_front();
+                self.head = self.rest.pop_front();
             } else {
                 front.advance(n);
                 n = 0;
@@ -106,8 +138,44 @@ mod tests {
         assert_eq!(q.queued_bytes(), 7);
         q.advance(4);
         assert_eq!(q.queued_bytes(), 3);
-        assert_eq!(&q.frames[0][..], b"efg");
+        assert_eq!(q.head.as_deref(), Some(&b"efg"[..]));
         q.advance(3);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn one_frame_at_a_time_needs_no_storage() {
+        let mut q = Outbound::new();
+        q.push(Bytes::from_static(b"one"));
+        assert_eq!(q.rest.capacity(), 0);
+        q.advance(3);
+        q.push(Bytes::from_static(b"two"));
+        assert_eq!(q.rest.capacity(), 0);
+    }
+
+    #[test]
+    fn take_all_keeps_order() {
+        let mut a = Outbound::new();
+        let mut b = Outbound::new();
+        a.push(Bytes::from_static(b"1"));
+        b.push(Bytes::from_static(b"2"));
+        b.push(Bytes::from_static(b"3"));
+        a.take_all(&mut b);
+        assert!(b.is_empty());
+        assert_eq!(b.queued_bytes(), 0);
+        assert_eq!(a.queued_bytes(), 3);
+        let mut out = Vec::new();
+        while let Some(h) = a.head.clone() {
+            out.extend_from_slice(&h);
+            a.advance(h.len());
+        }
+        assert_eq!(out, b"123");
+        // Moving into an empty queue swaps storage: nothing is copied or allocated.
+        let mut c = Outbound::new();
+        let mut d = Outbound::new();
+        d.push(Bytes::from_static(b"x"));
+        c.take_all(&mut d);
+        assert_eq!(c.queued_bytes(), 1);
+        assert!(d.is_empty());
     }
 }

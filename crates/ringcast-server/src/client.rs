@@ -1,0 +1,179 @@
+//! What other tasks may do to a connection: deliver frames to it, and ask it to disconnect.
+//!
+//! Publishers never touch a connection's socket. They push an already-encoded frame (a `Bytes` shared
+//! with every other subscriber) into the connection's [`ClientShared`] queue and wake its task; the task
+//! moves the queue into its own (no copy, no allocation when it was empty) and writes. The mutex here is
+//! held for a push or a take — never across IO.
+//!
+//! A queue over `client_queue_max_size` bytes means the peer does not read fast enough: the connection
+//! is marked for disconnect with the protocol's "slow" code (3008), its queued frames are dropped, and
+//! nothing more is queued. Other subscribers are not affected.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+
+use bytes::Bytes;
+use ringcast_protocol::Format;
+
+use crate::outbound::Outbound;
+
+/// A client id: random 128 bits, shown as a UUID (what Centrifugo SDKs expect in `client`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(pub u128);
+
+impl ClientId {
+    pub fn random() -> ClientId {
+        // Version-4 UUID layout: random bits with the version and variant nibbles set.
+        let r = (u128::from(fastrand::u64(..)) << 64) | u128::from(fastrand::u64(..));
+        ClientId((r & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62))
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0.to_be_bytes();
+        for (i, byte) in b.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                f.write_str("-")?;
+            }
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A disconnect asked for by another task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DisconnectRequest {
+    pub code: u16,
+    pub reason: String,
+}
+
+/// Outcome of a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Queued,
+    /// The queue overflowed now: the client is being disconnected as slow.
+    Slow,
+    /// The client is already disconnecting; the frame was dropped.
+    Closed,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    out: Outbound,
+    waker: Option<Waker>,
+    /// The task was woken and has not taken the queue since: no need to wake it again.
+    notified: bool,
+    disconnect: Option<DisconnectRequest>,
+}
+
+/// The part of a connection other tasks can reach.
+#[derive(Debug)]
+pub struct ClientShared {
+    pub id: ClientId,
+    pub format: Format,
+    max_queue: usize,
+    state: Mutex<State>,
+}
+
+impl ClientShared {
+    pub fn new(id: ClientId, format: Format, max_queue: usize) -> Arc<ClientShared> {
+        Arc::new(ClientShared { id, format, max_queue, state: Mutex::new(State::default()) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Poisoning only means a panic elsewhere mid-push; the queue is still consistent.
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Queues a frame for this client and wakes its task.
+    pub fn deliver(&self, frame: &Bytes) -> Delivery {
+        let waker;
+        let outcome;
+        {
+            let mut st = self.lock();
+            if st.disconnect.is_some() {
+                return Delivery::Closed;
+            }
+            if st.out.queued_bytes() + frame.len() > self.max_queue {
+                st.out.clear();
+                st.disconnect = Some(DisconnectRequest { code: 3008, reason: "slow".into() });
+                outcome = Delivery::Slow;
+            } else {
+                st.out.push(frame.clone());
+                outcome = Delivery::Queued;
+            }
+            waker = if st.notified { None } else { st.waker.clone() };
+            st.notified = true;
+        }
+        if let Some(w) = waker {
+            w.wake();
+        }
+        outcome
+    }
+
+    /// Asks the connection to disconnect with `code` (it sends the close frame itself).
+    pub fn request_disconnect(&self, code: u16, reason: &str) {
+        let waker = {
+            let mut st = self.lock();
+            if st.disconnect.is_none() {
+                st.disconnect = Some(DisconnectRequest { code, reason: reason.to_string() });
+            }
+            st.notified = true;
+            st.waker.clone()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Called by the connection's task: registers its waker, moves queued frames into `local` and
+    /// returns a pending disconnect request, if any.
+    pub fn take(&self, local: &mut Outbound, waker: &Waker) -> Option<DisconnectRequest> {
+        let mut st = self.lock();
+        match &st.waker {
+            Some(w) if w.will_wake(waker) => {}
+            _ => st.waker = Some(waker.clone()),
+        }
+        st.notified = false;
+        local.take_all(&mut st.out);
+        st.disconnect.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_id_looks_like_a_v4_uuid() {
+        let s = ClientId::random().to_string();
+        assert_eq!(s.len(), 36);
+        assert_eq!(&s[14..15], "4");
+        assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"), "{s}");
+        assert_ne!(ClientId::random(), ClientId::random());
+    }
+
+    #[test]
+    fn overflow_marks_slow_and_drops_the_queue() {
+        let c = ClientShared::new(ClientId(1), Format::Json, 10);
+        assert_eq!(c.deliver(&Bytes::from_static(b"123456")), Delivery::Queued);
+        assert_eq!(c.deliver(&Bytes::from_static(b"123456")), Delivery::Slow);
+        assert_eq!(c.deliver(&Bytes::from_static(b"1")), Delivery::Closed);
+        let mut local = Outbound::new();
+        let req = c.take(&mut local, std::task::Waker::noop());
+        assert_eq!(req.map(|r| r.code), Some(3008));
+        assert!(local.is_empty(), "a slow client's backlog is dropped, not written");
+    }
+}

@@ -1,0 +1,249 @@
+//! The channel registry: who is subscribed to what, and fan-out of encoded frames to them.
+//!
+//! Sharded by channel name so that subscribes, unsubscribes and publishes on different channels never
+//! contend on one lock. A publication is encoded into a WebSocket frame once per wire format (JSON,
+//! Protobuf), lazily — only for formats some subscriber uses — and that one `Bytes` is queued on every
+//! subscriber: no per-subscriber serialization, copy or allocation.
+//!
+//! The shard lock also orders a subscribe against publishes on the same channel: a publish appends to
+//! history and fans out while holding the shard's *read* lock ([`Hub::publish_with`]); a subscribe reads
+//! history, registers and queues its reply while holding the *write* lock ([`Hub::subscribe_with`]). So
+//! every publication reaches a recovering subscriber exactly once: in its recovery replay or as a push,
+//! never both and never neither. No lock here is held across a socket write.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use bytes::Bytes;
+use ringcast_protocol::Format;
+
+use crate::client::{ClientId, ClientShared, Delivery};
+
+const SHARDS: usize = 64;
+
+type Channels = HashMap<Box<str>, Vec<Arc<ClientShared>>>;
+
+#[derive(Debug)]
+pub struct Hub {
+    shards: Box<[RwLock<Channels>]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+/// A frame for every format, encoded on first use.
+pub struct Frames<'a> {
+    encode: &'a dyn Fn(Format) -> Option<Bytes>,
+    json: Option<Option<Bytes>>,
+    protobuf: Option<Option<Bytes>>,
+}
+
+impl<'a> Frames<'a> {
+    pub fn new(encode: &'a dyn Fn(Format) -> Option<Bytes>) -> Self {
+        Frames { encode, json: None, protobuf: None }
+    }
+
+    pub fn get(&mut self, format: Format) -> Option<&Bytes> {
+        let slot = match format {
+            Format::Json => &mut self.json,
+            Format::Protobuf => &mut self.protobuf,
+        };
+        slot.get_or_insert_with(|| (self.encode)(format)).as_ref()
+    }
+}
+
+/// Counts of one fan-out.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FanOut {
+    pub delivered: usize,
+    pub slow: usize,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn shard_of(&self, channel: &str) -> usize {
+        (self.hasher.hash_one(channel) as usize) % SHARDS
+    }
+
+    fn read(&self, i: usize) -> RwLockReadGuard<'_, Channels> {
+        match self.shards[i].read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn write(&self, i: usize) -> RwLockWriteGuard<'_, Channels> {
+        match self.shards[i].write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Registers `client` on `channel` while `before` runs under the channel's exclusive lock (read
+    /// history, queue the subscribe reply). `before` returning `Err` aborts the subscription.
+    pub fn subscribe_with<T, E>(
+        &self,
+        channel: &str,
+        client: &Arc<ClientShared>,
+        before: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut shard = self.write(self.shard_of(channel));
+        let out = before()?;
+        let subs = shard.entry(channel.into()).or_default();
+        if !subs.iter().any(|c| c.id == client.id) {
+            subs.push(client.clone());
+        }
+        Ok(out)
+    }
+
+    /// Removes `client` from `channel`. Returns whether it was subscribed.
+    pub fn unsubscribe(&self, channel: &str, client: ClientId) -> bool {
+        let mut shard = self.write(self.shard_of(channel));
+        let Some(subs) = shard.get_mut(channel) else { return false };
+        let Some(pos) = subs.iter().position(|c| c.id == client) else { return false };
+        subs.swap_remove(pos);
+        if subs.is_empty() {
+            shard.remove(channel);
+        }
+        true
+    }
+
+    /// Runs `during` (append to history, assign the offset) and fans out the frames `encode` makes of
+    /// its result, all under the channel's shared lock.
+    pub fn publish_with<T>(
+        &self,
+        channel: &str,
+        during: impl FnOnce() -> T,
+        encode: impl Fn(&T, Format) -> Option<Bytes>,
+    ) -> (T, FanOut) {
+        let shard = self.read(self.shard_of(channel));
+        let value = during();
+        let enc = |f: Format| encode(&value, f);
+        let mut frames = Frames::new(&enc);
+        let mut fan = FanOut::default();
+        if let Some(subs) = shard.get(channel) {
+            for client in subs {
+                let Some(frame) = frames.get(client.format) else { continue };
+                match client.deliver(frame) {
+                    Delivery::Queued => fan.delivered += 1,
+                    Delivery::Slow => fan.slow += 1,
+                    Delivery::Closed => {}
+                }
+            }
+        }
+        (value, fan)
+    }
+
+    /// Fans a frame out to every subscriber of `channel` except `skip` (join/leave pushes).
+    pub fn broadcast(&self, channel: &str, skip: Option<ClientId>, encode: &dyn Fn(Format) -> Option<Bytes>) -> FanOut {
+        let shard = self.read(self.shard_of(channel));
+        let mut frames = Frames::new(encode);
+        let mut fan = FanOut::default();
+        if let Some(subs) = shard.get(channel) {
+            for client in subs.iter().filter(|c| Some(c.id) != skip) {
+                let Some(frame) = frames.get(client.format) else { continue };
+                match client.deliver(frame) {
+                    Delivery::Queued => fan.delivered += 1,
+                    Delivery::Slow => fan.slow += 1,
+                    Delivery::Closed => {}
+                }
+            }
+        }
+        fan
+    }
+
+    pub fn num_subscribers(&self, channel: &str) -> usize {
+        self.read(self.shard_of(channel)).get(channel).map_or(0, Vec::len)
+    }
+
+    /// Every channel with at least one local subscriber, with its subscriber count.
+    pub fn channels(&self) -> Vec<(String, usize)> {
+        let mut out = Vec::new();
+        for i in 0..SHARDS {
+            out.extend(self.read(i).iter().map(|(k, v)| (k.to_string(), v.len())));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::Outbound;
+
+    fn frame_for(format: Format) -> Option<Bytes> {
+        Some(Bytes::from(match format {
+            Format::Json => "json",
+            Format::Protobuf => "pb",
+        }))
+    }
+
+    #[test]
+    fn publication_is_encoded_once_per_format_and_shared() {
+        let hub = Hub::new();
+        let a = ClientShared::new(ClientId(1), Format::Json, 1 << 20);
+        let b = ClientShared::new(ClientId(2), Format::Json, 1 << 20);
+        let c = ClientShared::new(ClientId(3), Format::Protobuf, 1 << 20);
+        for cl in [&a, &b, &c] {
+            hub.subscribe_with("news", cl, || Ok::<_, ()>(())).unwrap();
+        }
+        let calls = std::cell::Cell::new(0);
+        let ((), fan) = hub.publish_with(
+            "news",
+            || (),
+            |_, f| {
+                calls.set(calls.get() + 1);
+                frame_for(f)
+            },
+        );
+        assert_eq!(fan, FanOut { delivered: 3, slow: 0 });
+        assert_eq!(calls.get(), 2, "one encoding per format, not per subscriber");
+        let mut la = Outbound::new();
+        let mut lb = Outbound::new();
+        a.take(&mut la, std::task::Waker::noop());
+        b.take(&mut lb, std::task::Waker::noop());
+        assert_eq!(la.queued_bytes(), 4);
+        assert_eq!(lb.queued_bytes(), 4);
+    }
+
+    #[test]
+    fn unsubscribe_removes_and_forgets_empty_channels() {
+        let hub = Hub::new();
+        let a = ClientShared::new(ClientId(1), Format::Json, 1 << 20);
+        hub.subscribe_with("x", &a, || Ok::<_, ()>(())).unwrap();
+        hub.subscribe_with("x", &a, || Ok::<_, ()>(())).unwrap();
+        assert_eq!(hub.num_subscribers("x"), 1, "subscribing twice registers once");
+        assert!(hub.unsubscribe("x", ClientId(1)));
+        assert!(!hub.unsubscribe("x", ClientId(1)));
+        assert!(hub.channels().is_empty());
+    }
+
+    #[test]
+    fn failed_subscribe_registers_nothing() {
+        let hub = Hub::new();
+        let a = ClientShared::new(ClientId(1), Format::Json, 1 << 20);
+        assert_eq!(hub.subscribe_with("x", &a, || Err::<(), _>("denied")), Err("denied"));
+        assert_eq!(hub.num_subscribers("x"), 0);
+    }
+
+    #[test]
+    fn broadcast_skips_the_sender() {
+        let hub = Hub::new();
+        let a = ClientShared::new(ClientId(1), Format::Json, 1 << 20);
+        let b = ClientShared::new(ClientId(2), Format::Json, 1 << 20);
+        hub.subscribe_with("x", &a, || Ok::<_, ()>(())).unwrap();
+        hub.subscribe_with("x", &b, || Ok::<_, ()>(())).unwrap();
+        assert_eq!(hub.broadcast("x", Some(ClientId(1)), &frame_for).delivered, 1);
+    }
+}

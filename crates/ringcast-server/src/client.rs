@@ -72,7 +72,10 @@ struct State {
     waker: Option<Waker>,
     /// The task was woken and has not taken the queue since: no need to wake it again.
     notified: bool,
+    /// A disconnect the connection has not picked up yet.
     disconnect: Option<DisconnectRequest>,
+    /// A disconnect was requested: nothing is queued any more (stays set after the pick-up).
+    closed: bool,
 }
 
 /// The part of a connection other tasks can reach.
@@ -103,12 +106,13 @@ impl ClientShared {
         let outcome;
         {
             let mut st = self.lock();
-            if st.disconnect.is_some() {
+            if st.closed {
                 return Delivery::Closed;
             }
             if st.out.queued_bytes() + frame.len() > self.max_queue {
                 st.out.clear();
                 st.disconnect = Some(DisconnectRequest { code: 3008, reason: "slow".into() });
+                st.closed = true;
                 outcome = Delivery::Slow;
             } else {
                 st.out.push(frame.clone());
@@ -127,8 +131,10 @@ impl ClientShared {
     pub fn request_disconnect(&self, code: u16, reason: &str) {
         let waker = {
             let mut st = self.lock();
-            if st.disconnect.is_none() {
+            if !st.closed {
                 st.disconnect = Some(DisconnectRequest { code, reason: reason.to_string() });
+                st.closed = true;
+                st.out.clear();
             }
             st.notified = true;
             st.waker.clone()
@@ -138,8 +144,12 @@ impl ClientShared {
         }
     }
 
-    /// Called by the connection's task: registers its waker, moves queued frames into `local` and
-    /// returns a pending disconnect request, if any.
+    /// Called by the connection's task: registers its waker, moves queued frames into `local` once
+    /// `local` has been written out, and returns a pending disconnect request, if any.
+    ///
+    /// Frames stay here while the connection still has unwritten ones of its own, so the backlog of a
+    /// client that does not read accumulates *here*, where [`Self::deliver`] measures it against the
+    /// limit (the connection's own queue then holds at most one earlier batch).
     pub fn take(&self, local: &mut Outbound, waker: &Waker) -> Option<DisconnectRequest> {
         let mut st = self.lock();
         match &st.waker {
@@ -147,7 +157,9 @@ impl ClientShared {
             _ => st.waker = Some(waker.clone()),
         }
         st.notified = false;
-        local.take_all(&mut st.out);
+        if local.is_empty() {
+            local.take_all(&mut st.out);
+        }
         st.disconnect.take()
     }
 }
@@ -166,6 +178,17 @@ mod tests {
     }
 
     #[test]
+    fn frames_wait_here_while_the_connection_has_its_own_backlog() {
+        let c = ClientShared::new(ClientId(1), Format::Json, 10);
+        let mut local = Outbound::new();
+        local.push(Bytes::from_static(b"unwritten"));
+        assert_eq!(c.deliver(&Bytes::from_static(b"12345")), Delivery::Queued);
+        c.take(&mut local, std::task::Waker::noop());
+        assert_eq!(local.queued_bytes(), 9, "not moved while the local queue is busy");
+        assert_eq!(c.deliver(&Bytes::from_static(b"123456")), Delivery::Slow, "the backlog is measured here");
+    }
+
+    #[test]
     fn overflow_marks_slow_and_drops_the_queue() {
         let c = ClientShared::new(ClientId(1), Format::Json, 10);
         assert_eq!(c.deliver(&Bytes::from_static(b"123456")), Delivery::Queued);
@@ -175,5 +198,7 @@ mod tests {
         let req = c.take(&mut local, std::task::Waker::noop());
         assert_eq!(req.map(|r| r.code), Some(3008));
         assert!(local.is_empty(), "a slow client's backlog is dropped, not written");
+        assert_eq!(c.deliver(&Bytes::from_static(b"1")), Delivery::Closed, "still closed after the pick-up");
+        assert_eq!(c.take(&mut local, std::task::Waker::noop()), None, "the disconnect is reported once");
     }
 }

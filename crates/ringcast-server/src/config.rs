@@ -24,6 +24,8 @@ pub enum Kind {
     Str,
     /// A list of strings; comma-separated on the command line and in the environment.
     List,
+    /// A TOML table or array of tables: set in the config file only.
+    Table,
 }
 
 /// A configuration key and its documentation.
@@ -61,6 +63,15 @@ pub const KEYS: &[Key] = &[
     key("echo_path", Kind::Str, "Path of the echo endpoint; \"/\" works for load tools that always request /."),
     key("allowed_origins", Kind::List, "Origins allowed to open WebSockets (\"*\" for any). Empty: requests without Origin and same-origin requests only."),
     key("log_level", Kind::Str, "Log filter (tracing EnvFilter syntax), e.g. \"info\" or \"ringcast_server=debug\"."),
+    key("ping_interval", Kind::Str, "Client protocol: how often the server pings a connected client (it must answer)."),
+    key("pong_timeout", Kind::Str, "Client protocol: how long a client has to answer a ping before disconnect 3012."),
+    key("allow_anonymous", Kind::Bool, "Client protocol: accept connect commands without a token (user \"\")."),
+    key("token_hmac_secret_key", Kind::Str, "Secret for HS256/384/512 connection and subscription tokens."),
+    key("token_rsa_public_key", Kind::Str, "PEM public key for RS256/384/512 tokens."),
+    key("token_ecdsa_public_key", Kind::Str, "PEM public key for ES256/384 tokens."),
+    key("api_key", Kind::Str, "Key the server HTTP API requires (X-API-Key or Authorization: apikey). Empty: the API refuses every call."),
+    key("channels", Kind::Table, "Options of channels outside any namespace ([channels] table: allow_subscribe_for_client, presence, history_size, ...)."),
+    key("namespaces", Kind::Table, "Channel namespaces ([[namespaces]] with name = \"ns\" and the channel options); channel \"ns:x\" uses namespace \"ns\"."),
 ];
 
 /// The server's configuration.
@@ -94,6 +105,17 @@ pub struct Config {
     pub echo_path: String,
     pub allowed_origins: Vec<String>,
     pub log_level: String,
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+    pub allow_anonymous: bool,
+    pub token_hmac_secret_key: String,
+    pub token_rsa_public_key: String,
+    pub token_ecdsa_public_key: String,
+    pub api_key: String,
+    pub channels: crate::namespace::ChannelOptions,
+    pub namespaces: Vec<crate::namespace::NamespaceConfig>,
 }
 
 impl Default for Config {
@@ -120,6 +142,15 @@ impl Default for Config {
             echo_path: "/echo".into(),
             allowed_origins: Vec::new(),
             log_level: "info".into(),
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(8),
+            allow_anonymous: false,
+            token_hmac_secret_key: String::new(),
+            token_rsa_public_key: String::new(),
+            token_ecdsa_public_key: String::new(),
+            api_key: String::new(),
+            channels: crate::namespace::ChannelOptions::default(),
+            namespaces: Vec::new(),
         }
     }
 }
@@ -156,6 +187,7 @@ fn to_toml(key: &Key, raw: &str) -> Result<toml::Value, ConfigError> {
         Kind::List => toml::Value::Array(
             raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into())).collect(),
         ),
+        Kind::Table => return Err(invalid(key.name, "can only be set in the config file")),
     })
 }
 
@@ -189,7 +221,7 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        for k in KEYS {
+        for k in KEYS.iter().filter(|k| k.kind != Kind::Table) {
             if let Some(raw) = env(&env_var(k.name)) {
                 table.insert(k.name.to_string(), to_toml(k, &raw)?);
             }
@@ -265,6 +297,14 @@ impl Config {
                 return Err(invalid(name, "must be at most 24h"));
             }
         }
+        for (name, d) in [("ping_interval", self.ping_interval), ("pong_timeout", self.pong_timeout)] {
+            if d > Duration::from_secs(3600) {
+                return Err(invalid(name, "must be at most 1h"));
+            }
+        }
+        if !self.ping_interval.is_zero() && self.pong_timeout.is_zero() {
+            return Err(invalid("pong_timeout", "must be positive when ping_interval is"));
+        }
         if !self.echo_path.starts_with('/') {
             return Err(invalid("echo_path", "must start with '/'"));
         }
@@ -321,6 +361,7 @@ mod tests {
                 Kind::Int => "4096",
                 Kind::Str => "x",
                 Kind::List => "a,b",
+                Kind::Table => continue,
             };
             let mut t = toml::Table::new();
             t.insert(k.name.into(), to_toml(k, sample).unwrap());

@@ -40,12 +40,15 @@ use ringcast_wire::buffer::{fill_from, AnyBuffer, GrowableBuffer, PooledBuffer, 
 use ringcast_wire::close::encode_close_payload;
 use ringcast_wire::frame::{encode_header, MAX_HEADER_LEN};
 use ringcast_wire::handshake::{self, HandshakeError};
+use ringcast_protocol::{DisconnectCode, Format, PROTOBUF_SUBPROTOCOL};
 use ringcast_wire::{CloseCode, Event, OpCode, Payload, Reader, Role, Strategy};
 use tokio::net::TcpStream;
 
+use crate::client::{ClientId, ClientShared};
 use crate::deadline::{reached, Key};
 use crate::outbound::Outbound;
 use crate::server::Context;
+use crate::session::Session;
 
 thread_local! {
     /// Replies produced during one parse pass, written with one syscall. Per worker thread.
@@ -67,6 +70,23 @@ enum Endpoint {
     /// Not chosen yet (still in the handshake).
     None,
     Echo,
+    /// The Centrifugo client protocol (`/connection/websocket`); the session lives in `Conn::session`.
+    Client,
+}
+
+/// The path of the client protocol endpoint (what the Centrifugo SDKs connect to).
+pub const CLIENT_PATH: &str = "/connection/websocket";
+
+/// Subprotocols we speak on the client endpoint; JSON is the default without one.
+const CLIENT_PROTOCOLS: &[&str] = &[PROTOBUF_SUBPROTOCOL, "centrifuge-json"];
+
+/// Client-protocol state that only client connections pay for (boxed: echo connections stay small).
+struct ClientState {
+    session: Session,
+    /// When the next server ping is due, once connected (deadline-table milliseconds).
+    ping_at: Option<u32>,
+    /// When the client's answer to the last ping is due.
+    pong_due: Option<u32>,
 }
 
 /// Where the connection stands.
@@ -134,11 +154,12 @@ impl Future for Connection {
             // or one that already fired.
             let arm = match conn.armed {
                 None => true,
-                Some(at) => reached(now, at) || !reached(deadline, at),
+                Some(at) => reached(now, at.get()) || !reached(deadline, at.get()),
             };
             if arm {
-                conn.ctx.deadlines.arm(conn.key, deadline, cx.waker());
-                conn.armed = Some(deadline);
+                let at = stamp(deadline);
+                conn.ctx.deadlines.arm(conn.key, at.get(), cx.waker());
+                conn.armed = Some(at);
             }
             return Poll::Pending;
         }
@@ -170,23 +191,26 @@ struct Conn {
     ctx: Arc<Context>,
     phase: Phase,
     endpoint: Endpoint,
-    /// The upgrade request as received so far; empty (and unallocated) once upgraded.
-    head: Vec<u8>,
+    /// The upgrade request as received so far; `None` once upgraded (boxed: 8 bytes, not 24, in every
+    /// connection's future for a buffer that only lives during the handshake).
+    #[allow(clippy::box_collection)]
+    head: Option<Box<Vec<u8>>>,
     buf: AnyBuffer,
     reader: Reader,
     out: Outbound,
+    client: Option<Box<ClientState>>,
     /// The peer sent EOF: nothing more to read.
     read_closed: bool,
     fin_sent: bool,
     shutdown_seen: bool,
     key: Key,
     /// The deadline the table entry is armed with (milliseconds on the table's clock), if any.
-    armed: Option<u32>,
+    armed: Option<Stamp>,
     /// Start of the handshake, then the time of the last read.
     last_read: u32,
     /// Since when queued bytes have been waiting for a writable socket.
-    write_stalled_since: Option<u32>,
-    closing_since: Option<u32>,
+    write_stalled_since: Option<Stamp>,
+    closing_since: Option<Stamp>,
 }
 
 impl Conn {
@@ -208,10 +232,11 @@ impl Conn {
             ctx,
             phase: Phase::Handshake,
             endpoint: Endpoint::None,
-            head: Vec::new(),
+            head: None,
             buf,
             reader,
             out: Outbound::new(),
+            client: None,
             read_closed: false,
             fin_sent: false,
             shutdown_seen: false,
@@ -225,6 +250,22 @@ impl Conn {
 
     fn step(&mut self, cx: &mut TaskContext<'_>) -> io::Result<Step> {
         let mut progressed = false;
+        if let Some(client) = &self.client {
+            // Frames publishers delivered, and disconnects asked for by others (slow, API).
+            let was_empty = self.out.is_empty();
+            if let Some(req) = client.session.shared.take(&mut self.out, cx.waker()) {
+                if req.code == DisconnectCode::SLOW.code && self.phase == Phase::Open {
+                    // A peer that does not read would never get our close behind its backlog.
+                    metrics::counter!("ringcast_queue_drops_total").increment(1);
+                    tracing::info!(client = %client.session.shared.id, "disconnecting slow client");
+                    self.out.drop_backlog();
+                }
+                self.start_close(CloseCode(req.code), &req.reason);
+            }
+            if was_empty && !self.out.is_empty() && self.write_stalled_since.is_none() {
+                self.write_stalled_since = Some(stamp(self.ctx.deadlines.now_ms()));
+            }
+        }
         if self.wants_read() {
             match self.stream.poll_read_ready(cx) {
                 Poll::Ready(Ok(())) => {
@@ -272,6 +313,10 @@ impl Conn {
     fn on_shutdown(&mut self) {
         match self.phase {
             Phase::Handshake => self.phase = Phase::Done,
+            Phase::Open if self.client.is_some() => {
+                let d = DisconnectCode::SHUTDOWN;
+                self.start_close(CloseCode(d.code), d.reason)
+            }
             Phase::Open => self.start_close(CloseCode::GOING_AWAY, "server shutting down"),
             _ => {}
         }
@@ -335,19 +380,18 @@ impl Conn {
     /// One read of the upgrade request; answers it once complete.
     fn read_handshake(&mut self) -> io::Result<Option<usize>> {
         let max = self.ctx.config.max_request_head;
-        if self.head.capacity() == 0 {
-            self.head.reserve_exact(1024);
-        } else if self.head.len() == self.head.capacity() {
+        let head = self.head.get_or_insert_with(|| Box::new(Vec::with_capacity(1024)));
+        if head.len() == head.capacity() {
             // Grow up to one byte past the limit, so "too large" is detected rather than read forever.
-            let more = self.head.capacity().min(max + 1 - self.head.len().min(max)).max(1);
-            self.head.reserve_exact(more);
+            let more = head.capacity().min(max + 1 - head.len().min(max)).max(1);
+            head.reserve_exact(more);
         }
-        let start = self.head.len();
-        self.head.resize(self.head.capacity(), 0);
-        let n = match self.stream.try_read(&mut self.head[start..]) {
+        let start = head.len();
+        head.resize(head.capacity(), 0);
+        let n = match self.stream.try_read(&mut head[start..]) {
             Ok(n) => n,
             Err(e) => {
-                self.head.truncate(start);
+                head.truncate(start);
                 return match e.kind() {
                     io::ErrorKind::WouldBlock => Ok(None),
                     io::ErrorKind::Interrupted => Ok(Some(usize::MAX)),
@@ -355,11 +399,11 @@ impl Conn {
                 };
             }
         };
-        self.head.truncate(start + n);
+        head.truncate(start + n);
         if n == 0 {
             return Ok(Some(0));
         }
-        let parsed = handshake::parse_request(&self.head, max, &[]);
+        let parsed = handshake::parse_request(head, max, CLIENT_PROTOCOLS);
         let (endpoint, head_len, response) = match parsed {
             Ok(None) => return Ok(Some(n)),
             Err(e) => {
@@ -369,6 +413,16 @@ impl Conn {
             Ok(Some(req)) => {
                 let endpoint = if self.ctx.settings.echo && req.path == self.ctx.config.echo_path {
                     Endpoint::Echo
+                } else if req.path == CLIENT_PATH {
+                    let format = if req.protocol == Some(PROTOBUF_SUBPROTOCOL) { Format::Protobuf } else { Format::Json };
+                    let shared = ClientShared::new(ClientId::random(), format, self.ctx.config.client_queue_max_size);
+                    let ping = self.ctx.config.ping_interval.as_secs() as u32;
+                    self.client = Some(Box::new(ClientState {
+                        session: Session::new(self.ctx.node.clone(), shared, ping),
+                        ping_at: None,
+                        pong_due: None,
+                    }));
+                    Endpoint::Client
                 } else {
                     self.reject(HandshakeError::NotFound);
                     return Ok(Some(n));
@@ -390,8 +444,8 @@ impl Conn {
         self.out.push(Bytes::from(response));
         self.flush()?;
         // Frames the client sent right behind its upgrade request.
-        let head = std::mem::take(&mut self.head);
-        let mut rest = &head[head_len..];
+        let head = self.head.take().unwrap_or_default();
+        let mut rest = &head[head_len.min(head.len())..];
         while !rest.is_empty() && self.phase == Phase::Open {
             self.reader.settle(&mut self.buf);
             let filled = fill_from(&mut self.buf, rest);
@@ -405,10 +459,10 @@ impl Conn {
     fn reject(&mut self, e: HandshakeError) {
         metrics::counter!("ringcast_handshake_failures_total", "reason" => e.label()).increment(1);
         tracing::info!(status = e.status(), error = %e, "handshake rejected");
-        self.head = Vec::new();
+        self.head = None;
         self.out.push(Bytes::from_static(e.response()));
         self.phase = Phase::Draining;
-        self.closing_since = Some(self.ctx.deadlines.now_ms());
+        self.closing_since = Some(stamp(self.ctx.deadlines.now_ms()));
     }
 
     /// Parses every complete event in the buffer; replies are batched into one write.
@@ -427,7 +481,7 @@ impl Conn {
 
     fn process(&mut self, scratch: &mut Vec<u8>) {
         let now = self.ctx.deadlines.now_ms();
-        let Conn { reader, buf, out, phase, endpoint, closing_since, .. } = self;
+        let Conn { reader, buf, out, phase, endpoint, closing_since, client, ctx, .. } = self;
         loop {
             if !matches!(*phase, Phase::Open | Phase::Closing) {
                 return;
@@ -436,8 +490,22 @@ impl Conn {
                 Ok(None) => return,
                 Ok(Some(event)) => match event {
                     Event::Message { opcode, payload } => {
-                        if *phase == Phase::Open && *endpoint == Endpoint::Echo {
-                            emit(scratch, out, opcode, payload);
+                        if *phase != Phase::Open {
+                            continue;
+                        }
+                        match (*endpoint, client.as_deref_mut()) {
+                            (Endpoint::Echo, _) => emit(scratch, out, opcode, payload),
+                            (Endpoint::Client, Some(state)) => {
+                                if let Err(d) = client_message(state, payload, scratch, out, now, &ctx.config) {
+                                    tracing::info!(code = d.code, reason = d.reason, "disconnecting client");
+                                    let mut body = [0u8; 125];
+                                    let n = encode_close_payload(CloseCode(d.code), d.reason, &mut body);
+                                    emit(scratch, out, OpCode::Close, Payload { first: &body[..n], second: &[] });
+                                    *phase = Phase::Closing;
+                                    *closing_since = Some(stamp(now));
+                                }
+                            }
+                            _ => {}
                         }
                     }
                     Event::Ping(payload) => {
@@ -470,7 +538,7 @@ impl Conn {
                         emit(scratch, out, OpCode::Close, Payload { first: &body[..n], second: &[] });
                     }
                     *phase = Phase::Draining;
-                    *closing_since = Some(now);
+                    *closing_since = Some(stamp(now));
                     return;
                 }
             }
@@ -501,7 +569,7 @@ impl Conn {
         }
         self.out.push(Bytes::copy_from_slice(&batch[written..]));
         if self.write_stalled_since.is_none() {
-            self.write_stalled_since = Some(self.ctx.deadlines.now_ms());
+            self.write_stalled_since = Some(stamp(self.ctx.deadlines.now_ms()));
         }
         Ok(())
     }
@@ -513,9 +581,9 @@ impl Conn {
             self.out.shrink_if_empty();
         } else if self.out.queued_bytes() < before {
             // Progress resets the stall clock: a slow reader is fine, a stuck one is not.
-            self.write_stalled_since = Some(self.ctx.deadlines.now_ms());
+            self.write_stalled_since = Some(stamp(self.ctx.deadlines.now_ms()));
         } else if self.write_stalled_since.is_none() {
-            self.write_stalled_since = Some(self.ctx.deadlines.now_ms());
+            self.write_stalled_since = Some(stamp(self.ctx.deadlines.now_ms()));
         }
         Ok(())
     }
@@ -534,10 +602,10 @@ impl Conn {
         frame.extend_from_slice(&body[..n]);
         self.out.push(Bytes::from(frame));
         if self.write_stalled_since.is_none() {
-            self.write_stalled_since = Some(self.ctx.deadlines.now_ms());
+            self.write_stalled_since = Some(stamp(self.ctx.deadlines.now_ms()));
         }
         self.phase = Phase::Closing;
-        self.closing_since = Some(self.ctx.deadlines.now_ms());
+        self.closing_since = Some(stamp(self.ctx.deadlines.now_ms()));
     }
 
     /// The earliest deadline that applies now (milliseconds on the deadline table's clock).
@@ -549,33 +617,50 @@ impl Conn {
             _ => self.last_read.wrapping_add(ms(Duration::from_secs(86_400))),
         };
         if let Some(t) = self.write_stalled_since {
-            d = earlier(d, t.wrapping_add(ms(cfg.write_timeout)));
+            d = earlier(d, t.get().wrapping_add(ms(cfg.write_timeout)));
         }
         if let Some(t) = self.closing_since {
-            d = earlier(d, t.wrapping_add(ms(cfg.close_timeout)));
+            d = earlier(d, t.get().wrapping_add(ms(cfg.close_timeout)));
+        }
+        if let (Some(c), Phase::Open) = (&self.client, self.phase) {
+            if let Some(t) = c.ping_at {
+                d = earlier(d, t);
+            }
+            if let Some(t) = c.pong_due {
+                d = earlier(d, t);
+            }
         }
         d
     }
 
     /// A deadline passed: act on whichever really did. Returns true to drop the connection.
     fn on_timer(&mut self, now: u32) -> bool {
-        let cfg = &self.ctx.config;
+        let ctx = self.ctx.clone();
+        let cfg = &ctx.config;
         if self.phase == Phase::Handshake && reached(now, self.last_read.wrapping_add(ms(cfg.handshake_timeout))) {
             metrics::counter!("ringcast_handshake_failures_total", "reason" => "timeout").increment(1);
             tracing::debug!("handshake timed out");
             return true;
         }
         if let Some(t) = self.write_stalled_since {
-            if reached(now, t.wrapping_add(ms(cfg.write_timeout))) {
+            if reached(now, t.get().wrapping_add(ms(cfg.write_timeout))) {
                 metrics::counter!("ringcast_ws_timeouts_total", "kind" => "write").increment(1);
                 tracing::info!("closing connection: write timeout");
                 return true;
             }
         }
         if let Some(t) = self.closing_since {
-            if reached(now, t.wrapping_add(ms(cfg.close_timeout))) {
+            if reached(now, t.get().wrapping_add(ms(cfg.close_timeout))) {
                 tracing::debug!("peer did not finish the close in time");
                 return true;
+            }
+        }
+        if self.phase == Phase::Open && self.client.is_some() {
+            if let Some(d) = self.heartbeat(now) {
+                metrics::counter!("ringcast_ws_timeouts_total", "kind" => "pong").increment(1);
+                tracing::info!(code = d.code, "disconnecting client: no pong");
+                self.start_close(CloseCode(d.code), d.reason);
+                return false;
             }
         }
         if self.phase == Phase::Open
@@ -591,10 +676,69 @@ impl Conn {
         false
     }
 
+    /// Sends the protocol's ping when due; returns the disconnect when the last one went unanswered.
+    fn heartbeat(&mut self, now: u32) -> Option<DisconnectCode> {
+        let cfg = &self.ctx.config;
+        let c = self.client.as_deref_mut()?;
+        if let Some(due) = c.pong_due {
+            if c.session.pong_received {
+                c.pong_due = None;
+            } else if reached(now, due) {
+                return Some(DisconnectCode::NO_PONG);
+            }
+        }
+        if let Some(at) = c.ping_at {
+            if reached(now, at) {
+                let frame = crate::node::ws_frame(c.session.format(), &c.session.ping_payload());
+                c.session.pong_received = false;
+                c.pong_due = Some(now.wrapping_add(ms(cfg.pong_timeout)));
+                c.ping_at = Some(now.wrapping_add(ms(cfg.ping_interval)));
+                self.out.push(frame);
+                if self.write_stalled_since.is_none() {
+                    self.write_stalled_since = Some(stamp(now));
+                }
+            }
+        }
+        None
+    }
+
     fn log_io_error(&self, e: &io::Error) {
         metrics::counter!("ringcast_io_errors_total").increment(1);
         tracing::debug!(peer = ?self.stream.peer_addr().ok(), error = %e, "connection ended with an IO error");
     }
+}
+
+/// Hands a client-protocol message to the session and frames its replies into the batch.
+fn client_message(
+    state: &mut ClientState,
+    payload: Payload<'_>,
+    scratch: &mut Vec<u8>,
+    out: &mut Outbound,
+    now: u32,
+    cfg: &crate::config::Config,
+) -> Result<(), DisconnectCode> {
+    let mut replies = bytes::BytesMut::new();
+    let was_connected = state.session.is_connected();
+    match payload.contiguous() {
+        Some(p) => state.session.on_message(p, &mut replies)?,
+        None => state.session.on_message(&payload.to_vec(), &mut replies)?,
+    }
+    if !was_connected && state.session.is_connected() && !cfg.ping_interval.is_zero() {
+        state.ping_at = Some(now.wrapping_add(ms(cfg.ping_interval)));
+    }
+    if !replies.is_empty() {
+        let opcode = if state.session.format().is_binary() { OpCode::Binary } else { OpCode::Text };
+        emit(scratch, out, opcode, Payload { first: &replies, second: &[] });
+    }
+    Ok(())
+}
+
+/// A time on the deadline table's clock, made odd so it is never zero: an `Option<Stamp>` is 4 bytes.
+/// (One millisecond of resolution is the price; deadlines are only checked every 50 ms anyway.)
+type Stamp = std::num::NonZeroU32;
+
+fn stamp(ms: u32) -> Stamp {
+    Stamp::new(ms | 1).unwrap_or(Stamp::MIN)
 }
 
 /// A duration in the deadline table's milliseconds (configured timeouts are validated to be ≤ 1 day).
@@ -634,13 +778,14 @@ mod tests {
     async fn connection_future_stays_small() {
         let (config, settings) =
             crate::Config::load(None, |_| None, &[("listen".into(), "127.0.0.1:0".into())]).expect("config");
-        let ctx = std::sync::Arc::new(crate::server::Context::new(config, settings));
+        let ctx = std::sync::Arc::new(crate::server::Context::new(config, settings).expect("context"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let _client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
         let (stream, _) = listener.accept().await.expect("accept");
         let conn = super::Connection::new(stream, ctx, 0);
         let size = std::mem::size_of_val(&conn);
         println!("Connection future: {size} B");
-        assert!(size <= 320, "Connection grew to {size} B");
+        // 304 B + tokio's 144-B task header = 448 B, an allocator size class (mimalloc): one byte more costs 64.
+        assert!(size <= 304, "Connection grew to {size} B");
     }
 }

@@ -8,15 +8,22 @@
 //! * [`config`]: the typed configuration (file, environment, flags) and its validation.
 //! * [`error`]: errors that stop the server (connection errors never do).
 
+pub mod api;
+pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod config;
 pub mod connection;
 pub mod deadline;
 pub mod error;
+pub mod http;
 pub mod hub;
+pub mod metrics;
+pub mod namespace;
+pub mod node;
 pub mod outbound;
 pub mod server;
+pub mod session;
 
 pub use config::{Config, ConfigError, Settings};
 pub use error::ServerError;

@@ -80,6 +80,13 @@ impl Outbound {
         }
     }
 
+    /// Forgets every queued frame except the first (which may be partly written already: dropping it
+    /// would cut a frame in half on the wire). Used before a disconnect that must not wait for a backlog.
+    pub fn drop_backlog(&mut self) {
+        self.rest = VecDeque::new();
+        self.queued = self.head.as_ref().map_or(0, Bytes::len);
+    }
+
     /// Forgets every queued frame.
     pub fn clear(&mut self) {
         self.head = None;

@@ -10,9 +10,13 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, Settings};
+use crate::auth::{TokenConfig, TokenVerifier};
+use crate::broker::MemoryBroker;
+use crate::config::{Config, ConfigError, Settings};
 use crate::deadline::Deadlines;
 use crate::error::ServerError;
+use crate::namespace::Namespaces;
+use crate::node::Node;
 
 /// What every connection task shares: read-only settings and the buffer pool.
 #[derive(Debug)]
@@ -25,10 +29,59 @@ pub struct Context {
     pub allowed_origins: Vec<String>,
     /// Every connection's deadlines; also how shutdown reaches them.
     pub deadlines: Arc<Deadlines>,
+    /// Channels, subscriptions, history, presence.
+    pub node: Arc<Node>,
+}
+
+fn key_error(key: &str, message: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Invalid { key: key.to_string(), message: message.to_string() }
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes).map(|_| format!("{:02x}", fastrand::u8(..))).collect()
 }
 
 impl Context {
-    pub fn new(config: Config, settings: Settings) -> Self {
+    pub fn new(mut config: Config, settings: Settings) -> Result<Self, ServerError> {
+        if config.dev {
+            // Development mode works out of the box: an API key and a token secret to try things with.
+            if config.api_key.is_empty() {
+                config.api_key = random_hex(16);
+                tracing::warn!(api_key = %config.api_key, "dev mode: generated API key (set api_key to choose one)");
+            }
+            if config.token_hmac_secret_key.is_empty() {
+                config.token_hmac_secret_key = random_hex(32);
+                tracing::warn!(
+                    token_hmac_secret_key = %config.token_hmac_secret_key,
+                    "dev mode: generated token secret (ringcast gentoken --user U --secret ...)"
+                );
+            }
+        }
+        let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let token_config = TokenConfig {
+            hmac_secret: opt(&config.token_hmac_secret_key),
+            rsa_public_key: opt(&config.token_rsa_public_key),
+            ecdsa_public_key: opt(&config.token_ecdsa_public_key),
+        };
+        let tokens = if token_config.hmac_secret.is_none()
+            && token_config.rsa_public_key.is_none()
+            && token_config.ecdsa_public_key.is_none()
+        {
+            None
+        } else {
+            Some(TokenVerifier::new(&token_config).map_err(|e| key_error("token_*_key", e))?)
+        };
+        let namespaces = if config.dev {
+            Namespaces::dev_mode()
+        } else {
+            Namespaces::new(config.channels.clone(), config.namespaces.clone()).map_err(|e| key_error("namespaces", e))?
+        };
+        let node = Arc::new(Node::new(
+            Arc::new(MemoryBroker::new()),
+            namespaces,
+            tokens,
+            config.allow_anonymous || config.dev,
+        ));
         let limits = Limits { max_frame_payload: config.max_frame_size, max_message_size: config.max_message_size };
         let pool = BufferPool::new(config.pool_buffer_size, config.pool_max_buffers);
         let allowed_origins = if config.allowed_origins.is_empty() && config.dev {
@@ -36,7 +89,7 @@ impl Context {
         } else {
             config.allowed_origins.clone()
         };
-        Context { config, settings, limits, pool, allowed_origins, deadlines: Deadlines::new() }
+        Ok(Context { config, settings, limits, pool, allowed_origins, deadlines: Deadlines::new(), node })
     }
 }
 
@@ -59,7 +112,7 @@ impl Server {
             TcpListener::from_std(socket.into())
         };
         let listener = bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
-        Ok(Server { listener, ctx: Arc::new(Context::new(config, settings)) })
+        Ok(Server { listener, ctx: Arc::new(Context::new(config, settings)?) })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {

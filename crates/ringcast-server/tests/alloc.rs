@@ -43,12 +43,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn start(rt: &tokio::runtime::Runtime, strategy: &str) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+fn start(rt: &tokio::runtime::Runtime, strategy: &str, pooled: usize) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let flags = vec![
         ("listen".to_string(), "127.0.0.1:0".to_string()),
         ("dev".to_string(), "true".to_string()),
         ("read_buffer".to_string(), strategy.to_string()),
-        ("pool_max_buffers".to_string(), "8".to_string()),
+        ("pool_max_buffers".to_string(), pooled.to_string()),
     ];
     let (config, settings) = Config::load(None, |_| None, &flags).expect("config");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -107,7 +107,7 @@ fn echo_allocates_nothing_per_message_and_closed_connections_give_memory_back() 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
 
     for strategy in ["pool", "ring", "growable"] {
-        let (addr, stop) = start(&rt, strategy);
+        let (addr, stop) = start(&rt, strategy, 8);
         for window in [1usize, 16] {
             let mut s = client(addr);
             let mut burst = Vec::new();
@@ -129,8 +129,9 @@ fn echo_allocates_nothing_per_message_and_closed_connections_give_memory_back() 
         let _ = stop.send(());
     }
 
-    // Memory: open and close 1,000 connections; live heap must come back to where it was.
-    let (addr, stop) = start(&rt, "pool");
+    // Memory: open and close 1,000 connections; live heap must come back to where it was. The pool keeps
+    // no idle buffers here, so whatever stays allocated is a leak, not a cache.
+    let (addr, stop) = start(&rt, "pool", 0);
     let metrics = rt.metrics();
     std::thread::sleep(Duration::from_millis(100));
     let base_tasks = metrics.num_alive_tasks();
@@ -156,6 +157,6 @@ fn echo_allocates_nothing_per_message_and_closed_connections_give_memory_back() 
     let after = LIVE.load(Relaxed);
     println!("live heap: baseline {baseline} B, with 1000 open {during} B, after closing {after} B");
     assert!(during - baseline > 100_000, "1000 open connections should be visible in the heap");
-    assert!(after - baseline < 16 * 1024, "{} bytes not given back after 1000 connections closed", after - baseline);
+    assert!(after - baseline < 4 * 1024, "{} bytes not given back after 1000 connections closed", after - baseline);
     let _ = stop.send(());
 }

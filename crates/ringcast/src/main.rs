@@ -26,7 +26,8 @@ fn cli() -> Command {
     let mut serve = Command::new("serve")
         .about("Run the server (embedded defaults; no config file needed)")
         .arg(Arg::new("config").long("config").value_name("FILE").help("TOML configuration file"));
-    for k in KEYS {
+    // Table-valued keys (channel options, namespaces) live in the config file only.
+    for k in KEYS.iter().filter(|k| k.kind != Kind::Table) {
         let mut arg = Arg::new(k.name)
             .long(flag_name(k.name))
             .help(format!("{} [env: {}]", k.help, config::env_var(k.name)))
@@ -35,7 +36,7 @@ fn cli() -> Command {
             Kind::Bool => arg.num_args(0..=1).default_missing_value("true").value_name("BOOL"),
             Kind::Int => arg.value_name("N"),
             Kind::Str => arg.value_name("VALUE"),
-            Kind::List => arg.value_name("A,B,..."),
+            Kind::List | Kind::Table => arg.value_name("A,B,..."),
         };
         serve = serve.arg(arg);
     }
@@ -49,7 +50,10 @@ fn cli() -> Command {
 }
 
 fn flags_from(m: &ArgMatches) -> Vec<(String, String)> {
-    KEYS.iter().filter_map(|k| m.get_one::<String>(k.name).map(|v| (k.name.to_string(), v.clone()))).collect()
+    KEYS.iter()
+        .filter(|k| k.kind != Kind::Table)
+        .filter_map(|k| m.get_one::<String>(k.name).map(|v| (k.name.to_string(), v.clone())))
+        .collect()
 }
 
 fn main() -> ExitCode {

@@ -1,0 +1,387 @@
+//! One client's Centrifugo protocol session: commands in, replies out, node operations in between.
+//!
+//! The connection hands every received WebSocket message to [`Session::on_message`], which decodes the
+//! commands it carries (JSON lines or varint-delimited Protobuf), runs each against the [`Node`], and
+//! appends the encoded replies to one buffer the connection sends as one frame. A protocol violation
+//! returns the disconnect the protocol prescribes; the connection closes with its code and reason.
+//!
+//! Replies are written by the connection in the same pass that produced them, before it next takes
+//! frames delivered by publishers, so a subscribe reply always precedes the first push of its channel.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use ringcast_protocol::messages::{
+    ClientInfo, Command, ConnectRequest, ConnectResult, HistoryResult, PresenceResult, PresenceStatsResult,
+    PublishResult, RefreshResult, Reply, Request, SubRefreshResult, SubscribeRequest,
+    SubscribeResult, UnsubscribeResult,
+};
+use ringcast_protocol::{decode_commands, encode_reply, DisconnectCode, ErrorCode, Format};
+
+use crate::broker::{recovery_complete, HistoryFilter};
+use crate::client::ClientShared;
+use crate::node::Node;
+
+/// The version string sent in connect replies.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+struct Sub {
+    channel: Box<str>,
+    chan_info: Bytes,
+    presence: bool,
+    join_leave: bool,
+}
+
+pub struct Session {
+    pub shared: Arc<ClientShared>,
+    node: Arc<Node>,
+    connected: bool,
+    user: String,
+    conn_info: Bytes,
+    /// Unix seconds when the connection's token expires (`None`: never).
+    pub expires_at: Option<i64>,
+    subs: Vec<Sub>,
+    /// Heartbeat settings announced in the connect reply (seconds).
+    ping_interval: u32,
+    /// The client answered the last server ping (an empty command).
+    pub pong_received: bool,
+    commands: Vec<Command>,
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+fn error_reply(id: u32, code: ErrorCode) -> Reply {
+    Reply::error(id, code.to_message())
+}
+
+impl Session {
+    pub fn new(node: Arc<Node>, shared: Arc<ClientShared>, ping_interval: u32) -> Session {
+        Session {
+            shared,
+            node,
+            connected: false,
+            user: String::new(),
+            conn_info: Bytes::new(),
+            expires_at: None,
+            subs: Vec::new(),
+            ping_interval,
+            pong_received: true,
+            commands: Vec::new(),
+        }
+    }
+
+    pub fn format(&self) -> Format {
+        self.shared.format
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// The payload of a server ping: an empty reply.
+    pub fn ping_payload(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        // An empty reply always encodes.
+        let _ = encode_reply(self.format(), &Reply::server_ping(), &mut out);
+        out.freeze()
+    }
+
+    fn client_info(&self, chan_info: Bytes) -> ClientInfo {
+        ClientInfo {
+            user: self.user.clone(),
+            client: self.shared.id.to_string(),
+            conn_info: self.conn_info.clone(),
+            chan_info,
+        }
+    }
+
+    /// Handles one received WebSocket message; replies are appended to `replies` (one frame's payload).
+    pub fn on_message(&mut self, payload: &[u8], replies: &mut BytesMut) -> Result<(), DisconnectCode> {
+        let mut commands = std::mem::take(&mut self.commands);
+        let result = self.run(payload, replies, &mut commands);
+        commands.clear();
+        self.commands = commands;
+        result
+    }
+
+    fn run(&mut self, payload: &[u8], replies: &mut BytesMut, commands: &mut Vec<Command>) -> Result<(), DisconnectCode> {
+        decode_commands(self.format(), payload, commands).map_err(|e| {
+            metrics::counter!("ringcast_client_protocol_errors_total", "reason" => e.label()).increment(1);
+            tracing::info!(client = %self.shared.id, error = %e, "disconnecting: malformed command");
+            e.disconnect()
+        })?;
+        metrics::counter!("ringcast_messages_in_total").increment(commands.len() as u64);
+        for cmd in commands.iter() {
+            if let Some(reply) = self.handle(cmd)? {
+                if encode_reply(self.format(), &reply, replies).is_err() {
+                    return Err(DisconnectCode::SERVER_ERROR);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, cmd: &Command) -> Result<Option<Reply>, DisconnectCode> {
+        let id = cmd.id;
+        let Some(request) = cmd.request() else {
+            // An empty command answers our ping.
+            self.pong_received = true;
+            return Ok(None);
+        };
+        if !self.connected {
+            return match request {
+                Request::Connect(req) => self.connect(id, req).map(Some),
+                _ => Err(DisconnectCode::BAD_REQUEST),
+            };
+        }
+        let reply = match request {
+            Request::Connect(_) => return Err(DisconnectCode::BAD_REQUEST),
+            Request::Subscribe(req) => self.subscribe(id, req),
+            Request::Unsubscribe(req) => {
+                self.unsubscribe(&req.channel);
+                Ok(Reply { id, unsubscribe: Some(UnsubscribeResult {}), ..Default::default() })
+            }
+            Request::Publish(req) => self.publish(id, &req.channel, req.data.clone()),
+            Request::Presence(req) => self.check_read(&req.channel, |o| o.allow_presence_for_client).and_then(|_| {
+                let presence = self.node.presence(&req.channel)?;
+                Ok(Reply { id, presence: Some(PresenceResult { presence }), ..Default::default() })
+            }),
+            Request::PresenceStats(req) => {
+                self.check_read(&req.channel, |o| o.allow_presence_for_client).and_then(|_| {
+                    let (num_clients, num_users) = self.node.presence_stats(&req.channel)?;
+                    Ok(Reply {
+                        id,
+                        presence_stats: Some(PresenceStatsResult { num_clients, num_users }),
+                        ..Default::default()
+                    })
+                })
+            }
+            Request::History(req) => self.check_read(&req.channel, |o| o.allow_history_for_client).and_then(|_| {
+                let filter = HistoryFilter {
+                    since: req.since.as_ref().map(|s| (s.offset, s.epoch.clone())),
+                    limit: req.limit,
+                    reverse: req.reverse,
+                };
+                let (publications, pos) = self.node.history(&req.channel, &filter)?;
+                Ok(Reply {
+                    id,
+                    history: Some(HistoryResult { publications, epoch: pos.epoch.to_string(), offset: pos.offset }),
+                    ..Default::default()
+                })
+            }),
+            Request::Ping(_) => Ok(Reply { id, ping: Some(Default::default()), ..Default::default() }),
+            Request::Refresh(req) => self.refresh(id, &req.token),
+            Request::SubRefresh(req) => {
+                if !self.subs.iter().any(|s| *s.channel == *req.channel) {
+                    Err(ErrorCode::PERMISSION_DENIED)
+                } else {
+                    self.verify_sub_token(&req.token, &req.channel).map(|_| Reply {
+                        id,
+                        sub_refresh: Some(SubRefreshResult::default()),
+                        ..Default::default()
+                    })
+                }
+            }
+            Request::Send(_) => return Ok(None),
+            Request::Rpc(_) => Err(ErrorCode::METHOD_NOT_FOUND),
+        };
+        Ok(Some(reply.unwrap_or_else(|code| error_reply(id, code))))
+    }
+
+    fn connect(&mut self, id: u32, req: &ConnectRequest) -> Result<Reply, DisconnectCode> {
+        let mut channels = Vec::new();
+        if req.token.is_empty() {
+            if !self.node.allow_anonymous {
+                tracing::info!(client = %self.shared.id, "disconnecting: connect without a token");
+                return Err(DisconnectCode::INVALID_TOKEN);
+            }
+        } else {
+            let Some(verifier) = &self.node.tokens else {
+                return Err(DisconnectCode::INVALID_TOKEN);
+            };
+            match verifier.verify_connect(&req.token, now_unix()) {
+                Ok(claims) => {
+                    self.user = claims.user;
+                    self.conn_info = claims.info;
+                    self.expires_at = claims.expires_at;
+                    channels = claims.channels;
+                }
+                Err(e) => {
+                    metrics::counter!("ringcast_auth_failures_total", "kind" => "connect").increment(1);
+                    tracing::info!(client = %self.shared.id, error = %e, "connect token rejected");
+                    return match e.for_connect() {
+                        crate::auth::ConnectOutcome::Error(code) => Ok(error_reply(id, code)),
+                        crate::auth::ConnectOutcome::Disconnect(code) => Err(code),
+                    };
+                }
+            }
+        }
+        self.connected = true;
+        self.node.register_client(&self.user, &self.shared);
+        let mut result = ConnectResult {
+            client: self.shared.id.to_string(),
+            version: VERSION.to_string(),
+            ping: self.ping_interval,
+            pong: true,
+            ..Default::default()
+        };
+        if let Some(exp) = self.expires_at {
+            result.expires = true;
+            result.ttl = (exp - now_unix()).max(0) as u32;
+        }
+        // Server-side subscriptions from the token's `channels` claim.
+        for channel in channels {
+            let sub = SubscribeRequest { channel: channel.clone(), ..Default::default() };
+            if let Ok(r) = self.do_subscribe(&sub, true) {
+                result.subs.insert(channel, r);
+            }
+        }
+        Ok(Reply { id, connect: Some(result), ..Default::default() })
+    }
+
+    fn verify_sub_token(&self, token: &str, channel: &str) -> Result<Bytes, ErrorCode> {
+        let verifier = self.node.tokens.as_ref().ok_or(ErrorCode::PERMISSION_DENIED)?;
+        verifier.verify_subscribe(token, &self.user, channel, now_unix()).map(|c| c.info).map_err(|e| {
+            metrics::counter!("ringcast_auth_failures_total", "kind" => "subscribe").increment(1);
+            e.for_subscribe()
+        })
+    }
+
+    fn subscribe(&mut self, id: u32, req: &SubscribeRequest) -> Result<Reply, ErrorCode> {
+        self.do_subscribe(req, false).map(|r| Reply { id, subscribe: Some(r), ..Default::default() })
+    }
+
+    /// Subscribes this client; `server_side` skips the client permission checks (token `channels`).
+    fn do_subscribe(&mut self, req: &SubscribeRequest, server_side: bool) -> Result<SubscribeResult, ErrorCode> {
+        let channel = req.channel.as_str();
+        let node = self.node.clone();
+        let opts = node.options(channel)?;
+        if self.subs.iter().any(|s| *s.channel == *channel) {
+            return Err(ErrorCode::ALREADY_SUBSCRIBED);
+        }
+        let mut chan_info = Bytes::new();
+        if !server_side {
+            let has_token = if req.token.is_empty() {
+                false
+            } else {
+                chan_info = self.verify_sub_token(&req.token, channel)?;
+                true
+            };
+            crate::namespace::can_subscribe(opts, channel, &self.user, has_token)
+                .map_err(|_| ErrorCode::PERMISSION_DENIED)?;
+        }
+        let history = Node::history_options(opts);
+        let recoverable = history.size > 0;
+        let recovering = req.recover && recoverable;
+        let result = node.hub.subscribe_with(channel, &self.shared, || {
+            let mut r = SubscribeResult { recoverable, ..Default::default() };
+            if recovering {
+                r.was_recovering = true;
+                let filter = HistoryFilter { since: Some((req.offset, req.epoch.clone())), limit: -1, reverse: false };
+                match node.broker.history(channel, &filter) {
+                    Ok((missed, pos)) => {
+                        r.recovered = recovery_complete(&missed, req.offset, &pos);
+                        if r.recovered {
+                            r.publications = missed;
+                        }
+                        r.epoch = pos.epoch.to_string();
+                        r.offset = pos.offset;
+                    }
+                    Err(_) => {
+                        let pos = node.broker.position(channel, history);
+                        r.epoch = pos.epoch.to_string();
+                        r.offset = pos.offset;
+                    }
+                }
+            } else if recoverable {
+                let pos = node.broker.position(channel, history);
+                r.epoch = pos.epoch.to_string();
+                r.offset = pos.offset;
+            }
+            Ok::<_, ErrorCode>(r)
+        })?;
+        if recovering {
+            metrics::counter!("ringcast_recoveries_total", "recovered" => if result.recovered { "true" } else { "false" })
+                .increment(1);
+        }
+        let info = self.client_info(chan_info.clone());
+        if opts.presence {
+            node.broker.add_presence(channel, self.shared.id, info.clone());
+        }
+        if opts.join_leave {
+            node.join(channel, &info, self.shared.id);
+        }
+        self.subs.push(Sub { channel: channel.into(), chan_info, presence: opts.presence, join_leave: opts.join_leave });
+        metrics::gauge!("ringcast_subscriptions").increment(1.0);
+        Ok(result)
+    }
+
+    fn unsubscribe(&mut self, channel: &str) {
+        let Some(pos) = self.subs.iter().position(|s| *s.channel == *channel) else { return };
+        let sub = self.subs.swap_remove(pos);
+        self.leave(&sub);
+    }
+
+    fn leave(&self, sub: &Sub) {
+        self.node.hub.unsubscribe(&sub.channel, self.shared.id);
+        if sub.presence {
+            self.node.broker.remove_presence(&sub.channel, self.shared.id);
+        }
+        if sub.join_leave {
+            self.node.leave(&sub.channel, &self.client_info(sub.chan_info.clone()), self.shared.id);
+        }
+        metrics::gauge!("ringcast_subscriptions").decrement(1.0);
+    }
+
+    fn publish(&self, id: u32, channel: &str, data: Bytes) -> Result<Reply, ErrorCode> {
+        let opts = self.node.options(channel)?;
+        let sub = self.subs.iter().find(|s| *s.channel == *channel);
+        crate::namespace::can_publish(opts, &self.user, sub.is_some()).map_err(|_| ErrorCode::PERMISSION_DENIED)?;
+        let info = self.client_info(sub.map(|s| s.chan_info.clone()).unwrap_or_default());
+        self.node.publish(channel, data, Some(info))?;
+        Ok(Reply { id, publish: Some(PublishResult {}), ..Default::default() })
+    }
+
+    /// Presence and history from a client need the namespace's permission (or a subscription).
+    fn check_read(&self, channel: &str, allowed: impl Fn(&crate::namespace::ChannelOptions) -> bool) -> Result<(), ErrorCode> {
+        let opts = self.node.options(channel)?;
+        if allowed(opts) || self.subs.iter().any(|s| *s.channel == *channel) {
+            Ok(())
+        } else {
+            Err(ErrorCode::PERMISSION_DENIED)
+        }
+    }
+
+    fn refresh(&mut self, id: u32, token: &str) -> Result<Reply, ErrorCode> {
+        let verifier = self.node.tokens.as_ref().ok_or(ErrorCode::PERMISSION_DENIED)?;
+        let claims = verifier.verify_connect(token, now_unix()).map_err(|e| match e.for_refresh() {
+            crate::auth::Outcome::Error(code) => code,
+            crate::auth::Outcome::Disconnect(_) => ErrorCode::PERMISSION_DENIED,
+        })?;
+        if claims.user != self.user {
+            return Err(ErrorCode::PERMISSION_DENIED);
+        }
+        self.expires_at = claims.expires_at;
+        let mut result = RefreshResult { client: self.shared.id.to_string(), version: VERSION.to_string(), ..Default::default() };
+        if let Some(exp) = self.expires_at {
+            result.expires = true;
+            result.ttl = (exp - now_unix()).max(0) as u32;
+        }
+        Ok(Reply { id, refresh: Some(result), ..Default::default() })
+    }
+
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for sub in std::mem::take(&mut self.subs) {
+            self.leave(&sub);
+        }
+        if self.connected {
+            self.node.unregister_client(&self.user, self.shared.id);
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The client protocol over real sockets: what an SDK sees.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use ringcast_protocol::messages::{Command, ConnectRequest, PublishRequest, Reply, SubscribeRequest};
+use ringcast_protocol::{decode_replies, encode_command, Format};
+use serde_json::{json, Value};
+use support::TestServer;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+const T: Duration = Duration::from_secs(5);
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A JSON protocol client.
+struct Client {
+    ws: Ws,
+    next_id: u32,
+    /// Pushes and replies received but not yet asked for.
+    inbox: Vec<Value>,
+}
+
+impl Client {
+    async fn open(server: &TestServer) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(server.url("/connection/websocket")).await.expect("ws connect");
+        Client { ws, next_id: 0, inbox: Vec::new() }
+    }
+
+    async fn send(&mut self, mut cmd: Value) -> u32 {
+        self.next_id += 1;
+        cmd["id"] = json!(self.next_id);
+        self.ws.send(Message::Text(cmd.to_string())).await.expect("send");
+        self.next_id
+    }
+
+    /// Next JSON object from the server (several may share one frame, separated by newlines).
+    async fn next(&mut self) -> Value {
+        loop {
+            if !self.inbox.is_empty() {
+                return self.inbox.remove(0);
+            }
+            let msg = tokio::time::timeout(T, self.ws.next()).await.expect("server sent nothing in time");
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    for line in t.split('\n').filter(|l| !l.trim().is_empty()) {
+                        self.inbox.push(serde_json::from_str(line).expect("server sent invalid JSON"));
+                    }
+                }
+                Some(Ok(Message::Close(f))) => return json!({"closed": f.map(|f| u16::from(f.code))}),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return json!({"error": e.to_string()}),
+                None => return json!({"closed": null}),
+            }
+        }
+    }
+
+    /// Sends a command and returns its reply (pushes received meanwhile stay in the inbox).
+    async fn call(&mut self, cmd: Value) -> Value {
+        let id = self.send(cmd).await;
+        let mut held = Vec::new();
+        loop {
+            let v = self.next().await;
+            if v["id"] == json!(id) || v.get("closed").is_some() {
+                held.append(&mut self.inbox);
+                self.inbox = held;
+                return v;
+            }
+            held.push(v);
+        }
+    }
+
+    async fn connect(server: &TestServer, token: &str) -> (Client, Value) {
+        let mut c = Client::open(server).await;
+        let reply = c.call(json!({"connect": {"token": token, "name": "test"}})).await;
+        (c, reply)
+    }
+
+    /// The next publication push (skipping join/leave pushes and pings).
+    async fn publication(&mut self) -> Value {
+        loop {
+            let v = self.push().await;
+            if v["push"].get("pub").is_some() || v.get("closed").is_some() {
+                return v;
+            }
+        }
+    }
+
+    /// The next push (skipping server pings).
+    async fn push(&mut self) -> Value {
+        loop {
+            let v = self.next().await;
+            if v.get("push").is_some() || v.get("closed").is_some() {
+                return v;
+            }
+        }
+    }
+}
+
+async fn dev() -> TestServer {
+    TestServer::start(&[]).await
+}
+
+#[tokio::test]
+async fn json_clients_publish_and_receive_in_order() {
+    let server = dev().await;
+    let (mut a, r) = Client::connect(&server, "").await;
+    assert_eq!(r["connect"]["version"], json!(env!("CARGO_PKG_VERSION")));
+    assert_eq!(r["connect"]["client"].as_str().map(str::len), Some(36));
+    assert_eq!(r["connect"]["pong"], json!(true));
+    let a_client = r["connect"]["client"].clone();
+    let (mut b, _) = Client::connect(&server, "").await;
+    let sub = b.call(json!({"subscribe": {"channel": "news"}})).await;
+    assert!(sub.get("error").is_none(), "{sub}");
+    assert_eq!(sub["subscribe"]["recoverable"], json!(true), "dev mode keeps history");
+    for i in 0..20 {
+        let r = a.call(json!({"publish": {"channel": "news", "data": {"n": i, "text": "hello"}}})).await;
+        assert_eq!(r["publish"], json!({}), "{r}");
+    }
+    for i in 0..20u64 {
+        let p = b.push().await;
+        assert_eq!(p["push"]["channel"], json!("news"));
+        assert_eq!(p["push"]["pub"]["data"], json!({"n": i, "text": "hello"}), "raw JSON data kept as is");
+        assert_eq!(p["push"]["pub"]["offset"], json!(i + 1));
+        assert_eq!(p["push"]["pub"]["info"]["client"], a_client, "publisher info attached");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn protobuf_client_speaks_the_same_protocol() {
+    let server = dev().await;
+    let mut req = server.url("/connection/websocket").into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", "centrifuge-protobuf".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.expect("connect");
+    assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "centrifuge-protobuf");
+    let mut frame = bytes::BytesMut::new();
+    let cmds = [
+        Command { id: 1, connect: Some(ConnectRequest::default()), ..Default::default() },
+        Command { id: 2, subscribe: Some(SubscribeRequest { channel: "pb".into(), ..Default::default() }), ..Default::default() },
+        Command {
+            id: 3,
+            publish: Some(PublishRequest { channel: "pb".into(), data: bytes::Bytes::from_static(b"\x00\x01binary") }),
+            ..Default::default()
+        },
+    ];
+    for c in &cmds {
+        encode_command(Format::Protobuf, c, &mut frame).unwrap();
+    }
+    // Three commands in one frame.
+    ws.send(Message::Binary(frame.to_vec())).await.unwrap();
+    let mut replies: Vec<Reply> = Vec::new();
+    while replies.len() < 4 {
+        match tokio::time::timeout(T, ws.next()).await.expect("in time") {
+            Some(Ok(Message::Binary(b))) => {
+                let mut got = Vec::new();
+                decode_replies(Format::Protobuf, &b, &mut got).expect("valid protobuf replies");
+                replies.extend(got);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(replies[0].connect.is_some());
+    assert!(replies[1].subscribe.is_some());
+    assert!(replies.iter().any(|r| r.id == 3 && r.publish.is_some()));
+    let push = replies.iter().find_map(|r| r.push.as_ref()).expect("a publication push");
+    assert_eq!(push.channel, "pb");
+    assert_eq!(&push.publication.as_ref().unwrap().data[..], b"\x00\x01binary");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reconnecting_client_recovers_exactly_what_it_missed() {
+    let server = dev().await;
+    let (mut a, _) = Client::connect(&server, "").await;
+    let sub = a.call(json!({"subscribe": {"channel": "chat"}})).await;
+    let epoch = sub["subscribe"]["epoch"].clone();
+    let (mut p, _) = Client::connect(&server, "").await;
+    p.call(json!({"publish": {"channel": "chat", "data": {"m": 1}}})).await;
+    let first = a.push().await;
+    let seen = first["push"]["pub"]["offset"].as_u64().unwrap();
+    drop(a); // the client goes away
+    for m in 2..=4 {
+        p.call(json!({"publish": {"channel": "chat", "data": {"m": m}}})).await;
+    }
+    let (mut a2, _) = Client::connect(&server, "").await;
+    let rec = a2.call(json!({"subscribe": {"channel": "chat", "recover": true, "offset": seen, "epoch": epoch}})).await;
+    let s = &rec["subscribe"];
+    assert_eq!(s["recovered"], json!(true), "{rec}");
+    assert_eq!(s["was_recovering"], json!(true));
+    let data: Vec<Value> = s["publications"].as_array().unwrap().iter().map(|p| p["data"].clone()).collect();
+    assert_eq!(data, vec![json!({"m": 2}), json!({"m": 3}), json!({"m": 4})]);
+    assert_eq!(s["offset"], json!(4));
+    // And live publications continue after the recovered ones.
+    p.call(json!({"publish": {"channel": "chat", "data": {"m": 5}}})).await;
+    assert_eq!(a2.push().await["push"]["pub"]["offset"], json!(5));
+
+    // A wrong epoch cannot be recovered, and nothing is replayed as if it were.
+    let (mut a3, _) = Client::connect(&server, "").await;
+    let rec = a3.call(json!({"subscribe": {"channel": "chat", "recover": true, "offset": 1, "epoch": "nope"}})).await;
+    assert_eq!(rec["subscribe"]["recovered"], Value::Null, "{rec}");
+    assert!(rec["subscribe"].get("publications").is_none(), "{rec}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn presence_and_join_leave() {
+    let server = dev().await;
+    let (mut a, _) = Client::connect(&server, "").await;
+    a.call(json!({"subscribe": {"channel": "room"}})).await;
+    let (mut b, rb) = Client::connect(&server, "").await;
+    b.call(json!({"subscribe": {"channel": "room"}})).await;
+    let join = a.push().await;
+    assert_eq!(join["push"]["join"]["info"]["client"], rb["connect"]["client"], "{join}");
+    let pres = a.call(json!({"presence": {"channel": "room"}})).await;
+    assert_eq!(pres["presence"]["presence"].as_object().map(|m| m.len()), Some(2), "{pres}");
+    let stats = a.call(json!({"presence_stats": {"channel": "room"}})).await;
+    assert_eq!(stats["presence_stats"]["num_clients"], json!(2));
+    b.call(json!({"unsubscribe": {"channel": "room"}})).await;
+    let leave = a.push().await;
+    assert_eq!(leave["push"]["leave"]["info"]["client"], rb["connect"]["client"]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn commands_before_connect_and_garbage_close_3501() {
+    let server = dev().await;
+    let mut c = Client::open(&server).await;
+    let r = c.call(json!({"subscribe": {"channel": "x"}})).await;
+    assert_eq!(r["closed"], json!(3501), "{r}");
+    let mut c = Client::open(&server).await;
+    c.ws.send(Message::Text("{not json".into())).await.unwrap();
+    assert_eq!(c.next().await["closed"], json!(3501));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_answer_pings_is_disconnected_3012() {
+    let server = TestServer::start(&[("ping_interval", "200ms"), ("pong_timeout", "200ms")]).await;
+    let (mut quiet, r) = Client::connect(&server, "").await;
+    assert!(r["connect"].get("ping").is_none(), "a sub-second interval announces 0 s (omitted); the server still pings");
+    let (mut good, _) = Client::connect(&server, "").await;
+    // The good client answers every ping with an empty command.
+    let good_task = tokio::spawn(async move {
+        for _ in 0..4 {
+            let v = good.next().await;
+            if v.get("closed").is_some() {
+                return Some(v);
+            }
+            if v.as_object().is_some_and(|o| o.is_empty()) {
+                good.ws.send(Message::Text("{}".into())).await.unwrap();
+            }
+        }
+        None
+    });
+    // The quiet one gets pinged ({}), says nothing, and is disconnected.
+    let ping = quiet.next().await;
+    assert_eq!(ping, json!({}));
+    assert_eq!(quiet.next().await["closed"], json!(3012));
+    assert_eq!(tokio::time::timeout(T, good_task).await.unwrap().unwrap(), None, "the answering client stays");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn slow_subscriber_is_disconnected_3008_and_a_fast_one_gets_everything() {
+    // Generous close/write timeouts: the slow peer reads only at the end, and must then find our close.
+    let server =
+        TestServer::start(&[("client_queue_max_size", "65536"), ("close_timeout", "30s"), ("write_timeout", "30s")])
+            .await;
+    let (mut fast, _) = Client::connect(&server, "").await;
+    fast.call(json!({"subscribe": {"channel": "firehose"}})).await;
+    // The slow subscriber: a raw socket that subscribes and then never reads.
+    let mut slow = support::RawClient::connect(server.addr, "/connection/websocket").await;
+    slow.send_frame(true, ringcast_wire::OpCode::Text, br#"{"id":1,"connect":{}}"#).await;
+    slow.send_frame(true, ringcast_wire::OpCode::Text, br#"{"id":2,"subscribe":{"channel":"firehose"}}"#).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut publisher, _) = Client::connect(&server, "").await;
+    let payload = "x".repeat(4000);
+    let total = 3000;
+    let reader = tokio::spawn(async move {
+        let mut got = 0;
+        while got < total {
+            let p = fast.publication().await;
+            assert_eq!(p["push"]["pub"]["offset"], json!(got + 1), "{p}");
+            got += 1;
+        }
+        got
+    });
+    for _ in 0..total {
+        let r = publisher.call(json!({"publish": {"channel": "firehose", "data": {"p": payload}}})).await;
+        assert_eq!(r["publish"], json!({}));
+    }
+    assert_eq!(tokio::time::timeout(Duration::from_secs(30), reader).await.unwrap().unwrap(), total);
+    // The slow one finds, after whatever the kernel had buffered, a close with 3008.
+    loop {
+        match slow.recv(Duration::from_secs(10)).await {
+            support::Got::Close(code, reason) => {
+                assert_eq!((code, reason.as_str()), (3008, "slow"));
+                break;
+            }
+            support::Got::Eof => panic!("closed without 3008"),
+            _ => {}
+        }
+    }
+    server.stop().await;
+}

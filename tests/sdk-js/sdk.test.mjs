@@ -1,0 +1,117 @@
+// The official JavaScript SDK (npm `centrifuge`) against a real ringcast server:
+// connect, subscribe, receive a publication made through the HTTP API, and recover what was published
+// while a forced reconnect was in progress — exactly once, in order.
+//
+// RINGCAST_BIN points at the server binary (scripts/test.sh builds it).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import net from 'node:net';
+import { Centrifuge } from 'centrifuge';
+import WebSocket from 'ws';
+
+const BIN = process.env.RINGCAST_BIN ?? '../../target/release/ringcast';
+const API_KEY = 'sdk-test-key';
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+    srv.on('error', reject);
+  });
+}
+
+async function startServer() {
+  const port = await freePort();
+  const proc = spawn(BIN, ['serve', '--dev', '--listen', `127.0.0.1:${port}`, '--api-key', API_KEY, '--log-level', 'warn'], {
+    stdio: ['ignore', 'inherit', 'inherit'],
+  });
+  for (let i = 0; i < 100; i++) {
+    const up = await new Promise((resolve) => {
+      const s = net.connect(port, '127.0.0.1', () => { s.end(); resolve(true); });
+      s.on('error', () => resolve(false));
+    });
+    if (up) return { port, proc };
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  proc.kill();
+  throw new Error('server did not start');
+}
+
+async function api(port, method, params) {
+  const res = await fetch(`http://127.0.0.1:${port}/api/${method}`, {
+    method: 'POST',
+    headers: { 'X-API-Key': API_KEY, 'Content-Type': 'application/json' },
+    body: JSON.stringify(params),
+  });
+  assert.equal(res.status, 200, `${method}: HTTP ${res.status}`);
+  const body = await res.json();
+  assert.equal(body.error, undefined, `${method}: ${JSON.stringify(body.error)}`);
+  return body.result;
+}
+
+function waitFor(pred, what, ms = 5000) {
+  return new Promise((resolve, reject) => {
+    const start = Date.now();
+    const tick = () => {
+      const v = pred();
+      if (v) return resolve(v);
+      if (Date.now() - start > ms) return reject(new Error(`timed out waiting for ${what}`));
+      setTimeout(tick, 10);
+    };
+    tick();
+  });
+}
+
+test('the official JS SDK connects, subscribes, receives and recovers', async () => {
+  const { port, proc } = await startServer();
+  const client = new Centrifuge(`ws://127.0.0.1:${port}/connection/websocket`, {
+    websocket: WebSocket,
+    minReconnectDelay: 200,
+    maxReconnectDelay: 400,
+  });
+  try {
+    const received = [];
+    const subscribedEvents = [];
+    const sub = client.newSubscription('news', { recoverable: true });
+    sub.on('publication', (ctx) => received.push(ctx.data));
+    sub.on('subscribed', (ctx) => subscribedEvents.push(ctx));
+    let connects = 0;
+    client.on('connected', () => { connects += 1; });
+    sub.subscribe();
+    client.connect();
+    await waitFor(() => subscribedEvents.length === 1, 'subscribed');
+    assert.equal(subscribedEvents[0].recoverable, true);
+
+    // A publication made through the server HTTP API reaches the SDK subscriber.
+    const r = await api(port, 'publish', { channel: 'news', data: { n: 1 } });
+    assert.ok(r.offset >= 1, JSON.stringify(r));
+    await waitFor(() => received.length === 1, 'first publication');
+    assert.deepEqual(received[0], { n: 1 });
+
+    // Force a reconnect, publish while the client is away, and expect exact recovery.
+    const disconnected = new Promise((resolve) => client.once('connecting', resolve));
+    await api(port, 'disconnect', { user: '', disconnect: { code: 3011, reason: 'force reconnect' } });
+    await disconnected;
+    await api(port, 'publish', { channel: 'news', data: { n: 2 } });
+    await api(port, 'publish', { channel: 'news', data: { n: 3 } });
+    await waitFor(() => subscribedEvents.length === 2, 're-subscribed after reconnect');
+    const again = subscribedEvents[1];
+    assert.equal(again.wasRecovering, true);
+    assert.equal(again.recovered, true);
+    await waitFor(() => received.length === 3, 'recovered publications');
+    assert.deepEqual(received, [{ n: 1 }, { n: 2 }, { n: 3 }]);
+    assert.equal(connects, 2);
+
+    // Live publications continue after recovery.
+    await api(port, 'publish', { channel: 'news', data: { n: 4 } });
+    await waitFor(() => received.length === 4, 'live publication after recovery');
+    assert.deepEqual(received[3], { n: 4 });
+  } finally {
+    client.disconnect();
+    proc.kill('SIGTERM');
+  }
+});

@@ -5,7 +5,8 @@
 #   2. cargo test for every crate (unit, property and real-socket integration tests);
 #   3. the Autobahn|Testsuite server cases (groups 1-7, 9, 10) against a release build, once per
 #      read-buffer strategy, failing on anything that is not OK;
-#   4. a short libFuzzer smoke run of the frame decoder and the handshake parser (stable toolchain).
+#   4. the official Centrifugo JavaScript SDK (npm centrifuge + ws) against the release build;
+#   5. a short libFuzzer smoke run of the frame decoder and the handshake parser (stable toolchain).
 # Ends with one line: "total: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,6 +86,23 @@ for strategy in pool ring growable; do
     fi
     passed=$((passed + ${p:-0}))
 done
+
+step "official JavaScript SDK (npm centrifuge) against the release build"
+command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+(cd tests/sdk-js && npm ci --no-audit --no-fund --loglevel=error >"$log_dir/npm.log" 2>&1)
+set +e
+(cd tests/sdk-js && RINGCAST_BIN="$root/target/release/ringcast" timeout 300 node --test sdk.test.mjs) >"$log_dir/sdk-js.log" 2>&1
+sdk_rc=$?
+set -e
+grep -E '^# (pass|fail) ' "$log_dir/sdk-js.log" || true
+p=$(sed -nE 's/^# pass ([0-9]+)$/\1/p' "$log_dir/sdk-js.log")
+f=$(sed -nE 's/^# fail ([0-9]+)$/\1/p' "$log_dir/sdk-js.log")
+passed=$((passed + ${p:-0}))
+if [ $sdk_rc -ne 0 ] || [ -z "$p" ]; then
+    tail -n 40 "$log_dir/sdk-js.log"
+    f=${f:-0}
+    failed=$((failed + (f > 0 ? f : 1)))
+fi
 
 step "fuzz smoke run: frame decoder (differential over the three strategies) and handshake parser"
 if FUZZ_SECONDS="${FUZZ_SECONDS:-15}" scripts/fuzz-smoke.sh >"$log_dir/fuzz.log" 2>&1; then

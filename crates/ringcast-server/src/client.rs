@@ -56,6 +56,18 @@ pub struct DisconnectRequest {
     pub reason: String,
 }
 
+/// Something another task (the HTTP API) asks a connection's session to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerCommand {
+    Subscribe(String),
+    Unsubscribe(String),
+    /// New expiry (Unix seconds; `None`: never), or expire now.
+    Refresh {
+        expire_at: Option<i64>,
+        expired: bool,
+    },
+}
+
 /// Outcome of a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
@@ -76,6 +88,8 @@ struct State {
     disconnect: Option<DisconnectRequest>,
     /// A disconnect was requested: nothing is queued any more (stays set after the pick-up).
     closed: bool,
+    /// Commands for the session, in order.
+    commands: Vec<ServerCommand>,
 }
 
 /// The part of a connection other tasks can reach.
@@ -141,6 +155,30 @@ impl ClientShared {
         };
         if let Some(w) = waker {
             w.wake();
+        }
+    }
+
+    /// Asks the connection's session to run `command` (server-side subscribe and the like).
+    pub fn command(&self, command: ServerCommand) {
+        let waker = {
+            let mut st = self.lock();
+            if st.closed {
+                return;
+            }
+            st.commands.push(command);
+            st.notified = true;
+            st.waker.clone()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Moves pending session commands into `out` (called by the connection's task).
+    pub fn take_commands(&self, out: &mut Vec<ServerCommand>) {
+        let mut st = self.lock();
+        if !st.commands.is_empty() {
+            out.append(&mut st.commands);
         }
     }
 

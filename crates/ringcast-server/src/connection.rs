@@ -36,11 +36,11 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use ringcast_protocol::{DisconnectCode, Format, PROTOBUF_SUBPROTOCOL};
 use ringcast_wire::buffer::{fill_from, AnyBuffer, GrowableBuffer, PooledBuffer, ReadBuffer, RingBuffer};
 use ringcast_wire::close::encode_close_payload;
 use ringcast_wire::frame::{encode_header, MAX_HEADER_LEN};
 use ringcast_wire::handshake::{self, HandshakeError};
-use ringcast_protocol::{DisconnectCode, Format, PROTOBUF_SUBPROTOCOL};
 use ringcast_wire::{CloseCode, Event, OpCode, Payload, Reader, Role, Strategy};
 use tokio::net::TcpStream;
 
@@ -104,6 +104,8 @@ enum Phase {
     Draining,
     /// Nothing more to say: flush what is queued, then drop the socket.
     Done,
+    /// A plain HTTP request (the server API, /health, /metrics): the socket goes to the HTTP server.
+    Http,
 }
 
 /// A connection's whole life as one future. Spawned once per accepted socket.
@@ -262,6 +264,7 @@ impl Conn {
                 }
                 self.start_close(CloseCode(req.code), &req.reason);
             }
+            self.run_server_commands();
             if was_empty && !self.out.is_empty() && self.write_stalled_since.is_none() {
                 self.write_stalled_since = Some(stamp(self.ctx.deadlines.now_ms()));
             }
@@ -286,6 +289,10 @@ impl Conn {
                 Poll::Pending => {}
             }
         }
+        if self.phase == Phase::Http {
+            self.hand_off_to_http();
+            return Ok(Step::Finished);
+        }
         if self.out.is_empty() {
             match self.phase {
                 Phase::Done => return Ok(Step::Finished),
@@ -306,7 +313,7 @@ impl Conn {
             Phase::Open | Phase::Closing => {
                 !self.read_closed && self.out.queued_bytes() <= self.ctx.config.client_queue_max_size
             }
-            Phase::Done => false,
+            Phase::Done | Phase::Http => false,
         }
     }
 
@@ -406,6 +413,11 @@ impl Conn {
         let parsed = handshake::parse_request(head, max, CLIENT_PROTOCOLS);
         let (endpoint, head_len, response) = match parsed {
             Ok(None) => return Ok(Some(n)),
+            // Not a WebSocket upgrade at all: the HTTP API's business (it answers 404/405 itself).
+            Err(HandshakeError::NotUpgrade(_) | HandshakeError::MethodNotAllowed) => {
+                self.phase = Phase::Http;
+                return Ok(Some(n));
+            }
             Err(e) => {
                 self.reject(e);
                 return Ok(Some(n));
@@ -414,7 +426,8 @@ impl Conn {
                 let endpoint = if self.ctx.settings.echo && req.path == self.ctx.config.echo_path {
                     Endpoint::Echo
                 } else if req.path == CLIENT_PATH {
-                    let format = if req.protocol == Some(PROTOBUF_SUBPROTOCOL) { Format::Protobuf } else { Format::Json };
+                    let format =
+                        if req.protocol == Some(PROTOBUF_SUBPROTOCOL) { Format::Protobuf } else { Format::Json };
                     let shared = ClientShared::new(ClientId::random(), format, self.ctx.config.client_queue_max_size);
                     let ping = self.ctx.config.ping_interval.as_secs() as u32;
                     self.client = Some(Box::new(ClientState {
@@ -453,6 +466,34 @@ impl Conn {
             self.process_and_reply()?;
         }
         Ok(Some(n))
+    }
+
+    /// Gives the socket, and the bytes read so far, to the HTTP server (a task of its own). The socket is
+    /// duplicated rather than moved out: this connection then ends, closing only its own descriptor.
+    fn hand_off_to_http(&mut self) {
+        use std::os::fd::AsFd;
+        let head = self.head.take().map(|b| *b).unwrap_or_default();
+        let dup = self
+            .stream
+            .as_fd()
+            .try_clone_to_owned()
+            .map(std::net::TcpStream::from)
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .and_then(TcpStream::from_std);
+        match dup {
+            Ok(stream) => {
+                metrics::counter!("ringcast_http_connections_total").increment(1);
+                let deadlines = self.ctx.deadlines.clone();
+                tokio::spawn(crate::http::serve_with(
+                    stream,
+                    head,
+                    self.ctx.router.clone(),
+                    crate::http::ServeOptions::default(),
+                    async move { deadlines.wait_shutdown().await },
+                ));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot hand a connection to the HTTP server"),
+        }
     }
 
     /// Answers a bad upgrade request with its HTTP status, then drains.
@@ -626,6 +667,10 @@ impl Conn {
             if let Some(t) = c.ping_at {
                 d = earlier(d, t);
             }
+            if let Some(secs) = c.session.expires_in() {
+                let now = self.ctx.deadlines.now_ms();
+                d = earlier(d, now.wrapping_add((secs.clamp(0, 86_400) as u32) * 1000));
+            }
             if let Some(t) = c.pong_due {
                 d = earlier(d, t);
             }
@@ -657,8 +702,9 @@ impl Conn {
         }
         if self.phase == Phase::Open && self.client.is_some() {
             if let Some(d) = self.heartbeat(now) {
-                metrics::counter!("ringcast_ws_timeouts_total", "kind" => "pong").increment(1);
-                tracing::info!(code = d.code, "disconnecting client: no pong");
+                let kind = if d == DisconnectCode::EXPIRED { "expired" } else { "pong" };
+                metrics::counter!("ringcast_ws_timeouts_total", "kind" => kind).increment(1);
+                tracing::info!(code = d.code, reason = d.reason, "disconnecting client");
                 self.start_close(CloseCode(d.code), d.reason);
                 return false;
             }
@@ -676,10 +722,32 @@ impl Conn {
         false
     }
 
-    /// Sends the protocol's ping when due; returns the disconnect when the last one went unanswered.
+    /// Runs what the server API asked of this client's session (server-side subscribe, …).
+    fn run_server_commands(&mut self) {
+        let Some(c) = self.client.as_deref_mut() else { return };
+        let mut commands = Vec::new();
+        c.session.shared.take_commands(&mut commands);
+        if commands.is_empty() || self.phase != Phase::Open {
+            return;
+        }
+        let format = c.session.format();
+        for command in commands {
+            if let Some(frame) =
+                c.session.server_command(command).and_then(|push| crate::node::push_frame(format, push))
+            {
+                self.out.push(frame);
+            }
+        }
+    }
+
+    /// Sends the protocol's ping when due; returns the disconnect when the last one went unanswered or
+    /// the connection's token expired.
     fn heartbeat(&mut self, now: u32) -> Option<DisconnectCode> {
         let cfg = &self.ctx.config;
         let c = self.client.as_deref_mut()?;
+        if c.session.is_connected() && c.session.expires_in().is_some_and(|s| s <= 0) {
+            return Some(DisconnectCode::EXPIRED);
+        }
         if let Some(due) = c.pong_due {
             if c.session.pong_received {
                 c.pong_due = None;

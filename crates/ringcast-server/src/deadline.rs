@@ -51,6 +51,8 @@ pub struct Deadlines {
     shards: Box<[Mutex<Slab<Entry>>]>,
     epoch: Instant,
     shutdown: AtomicBool,
+    /// For tasks that are not in the table (HTTP connections) and wait for shutdown as a future.
+    shutdown_notify: tokio::sync::Notify,
 }
 
 /// Whether time `now` has reached `at` (wrapping milliseconds).
@@ -65,6 +67,7 @@ impl Deadlines {
             shards: (0..SHARDS).map(|_| Mutex::new(Slab::new())).collect(),
             epoch: Instant::now(),
             shutdown: AtomicBool::new(false),
+            shutdown_notify: tokio::sync::Notify::new(),
         })
     }
 
@@ -116,6 +119,7 @@ impl Deadlines {
     /// Begins shutdown: every connection is woken and sees [`Self::is_shutdown`].
     pub fn shutdown(&self) {
         self.shutdown.store(true, Ordering::Release);
+        self.shutdown_notify.notify_waiters();
         let mut wake = Vec::new();
         for i in 0..SHARDS as u32 {
             wake.extend(self.shard(i).iter().filter_map(|(_, e)| e.waker.clone()));
@@ -123,6 +127,15 @@ impl Deadlines {
                 w.wake();
             }
         }
+    }
+
+    /// Resolves once shutdown has begun.
+    pub async fn wait_shutdown(&self) {
+        let notified = self.shutdown_notify.notified();
+        if self.is_shutdown() {
+            return;
+        }
+        notified.await;
     }
 
     /// Wakes every armed entry whose deadline has passed. Returns how many were woken.

@@ -30,11 +30,16 @@ pub struct Node {
     users: Mutex<HashMap<String, Vec<Arc<ClientShared>>>>,
     pub started: Instant,
     pub name: String,
+    /// This node's unique id (random per process), as reported by the API's `info`.
+    pub uid: String,
 }
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("name", &self.name).field("allow_anonymous", &self.allow_anonymous).finish_non_exhaustive()
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("allow_anonymous", &self.allow_anonymous)
+            .finish_non_exhaustive()
     }
 }
 
@@ -57,7 +62,12 @@ pub fn push_frame(format: Format, push: Push) -> Option<Bytes> {
 }
 
 impl Node {
-    pub fn new(broker: Arc<dyn Broker>, namespaces: Namespaces, tokens: Option<TokenVerifier>, allow_anonymous: bool) -> Node {
+    pub fn new(
+        broker: Arc<dyn Broker>,
+        namespaces: Namespaces,
+        tokens: Option<TokenVerifier>,
+        allow_anonymous: bool,
+    ) -> Node {
         Node {
             hub: Hub::new(),
             broker,
@@ -67,6 +77,7 @@ impl Node {
             users: Mutex::new(HashMap::new()),
             started: Instant::now(),
             name: "ringcast".into(),
+            uid: format!("{}", crate::client::ClientId::random()),
         }
     }
 
@@ -118,9 +129,29 @@ impl Node {
 
     /// Publishes to `channel`: appends to history (per its namespace) and delivers to every local
     /// subscriber, encoded once per format. Returns the stream position.
-    pub fn publish(&self, channel: &str, data: Bytes, info: Option<ClientInfo>) -> Result<(StreamPos, FanOut), ErrorCode> {
-        let opts = self.options(channel)?;
-        let history = Self::history_options(opts);
+    pub fn publish(
+        &self,
+        channel: &str,
+        data: Bytes,
+        info: Option<ClientInfo>,
+    ) -> Result<(StreamPos, FanOut), ErrorCode> {
+        let history = Self::history_options(self.options(channel)?);
+        self.publish_to(channel, data, info, history)
+    }
+
+    /// Publishes without appending to history (the API's `skip_history`).
+    pub fn publish_without_history(&self, channel: &str, data: Bytes) -> Result<(StreamPos, FanOut), ErrorCode> {
+        self.options(channel)?;
+        self.publish_to(channel, data, None, HistoryOptions::default())
+    }
+
+    fn publish_to(
+        &self,
+        channel: &str,
+        data: Bytes,
+        info: Option<ClientInfo>,
+        history: HistoryOptions,
+    ) -> Result<(StreamPos, FanOut), ErrorCode> {
         let ((_, pos), fan) = self.hub.publish_with(
             channel,
             || {
@@ -153,14 +184,28 @@ impl Node {
     /// Sends a join push to the channel's other subscribers.
     pub fn join(&self, channel: &str, info: &ClientInfo, skip: ClientId) {
         let push = |format| {
-            push_frame(format, Push { channel: channel.to_string(), join: Some(Join { info: Some(info.clone()) }), ..Default::default() })
+            push_frame(
+                format,
+                Push {
+                    channel: channel.to_string(),
+                    join: Some(Join { info: Some(info.clone()) }),
+                    ..Default::default()
+                },
+            )
         };
         self.hub.broadcast(channel, Some(skip), &push);
     }
 
     pub fn leave(&self, channel: &str, info: &ClientInfo, skip: ClientId) {
         let push = |format| {
-            push_frame(format, Push { channel: channel.to_string(), leave: Some(Leave { info: Some(info.clone()) }), ..Default::default() })
+            push_frame(
+                format,
+                Push {
+                    channel: channel.to_string(),
+                    leave: Some(Leave { info: Some(info.clone()) }),
+                    ..Default::default()
+                },
+            )
         };
         self.hub.broadcast(channel, Some(skip), &push);
     }

@@ -31,6 +31,8 @@ pub struct Context {
     pub deadlines: Arc<Deadlines>,
     /// Channels, subscriptions, history, presence.
     pub node: Arc<Node>,
+    /// The HTTP API, /health and /metrics, for requests that are not WebSocket upgrades.
+    pub router: axum::Router,
 }
 
 fn key_error(key: &str, message: impl std::fmt::Display) -> ConfigError {
@@ -74,7 +76,8 @@ impl Context {
         let namespaces = if config.dev {
             Namespaces::dev_mode()
         } else {
-            Namespaces::new(config.channels.clone(), config.namespaces.clone()).map_err(|e| key_error("namespaces", e))?
+            Namespaces::new(config.channels.clone(), config.namespaces.clone())
+                .map_err(|e| key_error("namespaces", e))?
         };
         let node = Arc::new(Node::new(
             Arc::new(MemoryBroker::new()),
@@ -89,7 +92,9 @@ impl Context {
         } else {
             config.allowed_origins.clone()
         };
-        Ok(Context { config, settings, limits, pool, allowed_origins, deadlines: Deadlines::new(), node })
+        let api = crate::api::ApiConfig { api_key: config.api_key.clone(), insecure: false };
+        let router = crate::api::router(node.clone(), api, crate::metrics::install());
+        Ok(Context { config, settings, limits, pool, allowed_origins, deadlines: Deadlines::new(), node, router })
     }
 }
 

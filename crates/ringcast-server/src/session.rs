@@ -14,8 +14,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use ringcast_protocol::messages::{
     ClientInfo, Command, ConnectRequest, ConnectResult, HistoryResult, PresenceResult, PresenceStatsResult,
-    PublishResult, RefreshResult, Reply, Request, SubRefreshResult, SubscribeRequest,
-    SubscribeResult, UnsubscribeResult,
+    PublishResult, Push, RefreshResult, Reply, Request, SubRefreshResult, Subscribe, SubscribeRequest, SubscribeResult,
+    Unsubscribe, UnsubscribeResult,
 };
 use ringcast_protocol::{decode_commands, encode_reply, DisconnectCode, ErrorCode, Format};
 
@@ -107,7 +107,12 @@ impl Session {
         result
     }
 
-    fn run(&mut self, payload: &[u8], replies: &mut BytesMut, commands: &mut Vec<Command>) -> Result<(), DisconnectCode> {
+    fn run(
+        &mut self,
+        payload: &[u8],
+        replies: &mut BytesMut,
+        commands: &mut Vec<Command>,
+    ) -> Result<(), DisconnectCode> {
         decode_commands(self.format(), payload, commands).map_err(|e| {
             metrics::counter!("ringcast_client_protocol_errors_total", "reason" => e.label()).increment(1);
             tracing::info!(client = %self.shared.id, error = %e, "disconnecting: malformed command");
@@ -242,6 +247,48 @@ impl Session {
         Ok(Reply { id, connect: Some(result), ..Default::default() })
     }
 
+    /// Runs a command from the server API; returns the push to send the client, if any.
+    pub fn server_command(&mut self, command: crate::client::ServerCommand) -> Option<Push> {
+        use crate::client::ServerCommand;
+        match command {
+            ServerCommand::Subscribe(channel) => {
+                let req = SubscribeRequest { channel: channel.clone(), ..Default::default() };
+                let r = self.do_subscribe(&req, true).ok()?;
+                Some(Push {
+                    channel,
+                    subscribe: Some(Subscribe {
+                        recoverable: r.recoverable,
+                        epoch: r.epoch,
+                        offset: r.offset,
+                        positioned: r.positioned,
+                        data: Bytes::new(),
+                    }),
+                    ..Default::default()
+                })
+            }
+            ServerCommand::Unsubscribe(channel) => {
+                if !self.subs.iter().any(|s| *s.channel == *channel) {
+                    return None;
+                }
+                self.unsubscribe(&channel);
+                Some(Push {
+                    channel,
+                    unsubscribe: Some(Unsubscribe { code: 2000, reason: "server unsubscribe".into() }),
+                    ..Default::default()
+                })
+            }
+            ServerCommand::Refresh { expire_at, expired } => {
+                self.expires_at = if expired { Some(now_unix()) } else { expire_at };
+                None
+            }
+        }
+    }
+
+    /// Seconds until the connection expires (`None`: never).
+    pub fn expires_in(&self) -> Option<i64> {
+        self.expires_at.map(|e| e - now_unix())
+    }
+
     fn verify_sub_token(&self, token: &str, channel: &str) -> Result<Bytes, ErrorCode> {
         let verifier = self.node.tokens.as_ref().ok_or(ErrorCode::PERMISSION_DENIED)?;
         verifier.verify_subscribe(token, &self.user, channel, now_unix()).map(|c| c.info).map_err(|e| {
@@ -314,7 +361,12 @@ impl Session {
         if opts.join_leave {
             node.join(channel, &info, self.shared.id);
         }
-        self.subs.push(Sub { channel: channel.into(), chan_info, presence: opts.presence, join_leave: opts.join_leave });
+        self.subs.push(Sub {
+            channel: channel.into(),
+            chan_info,
+            presence: opts.presence,
+            join_leave: opts.join_leave,
+        });
         metrics::gauge!("ringcast_subscriptions").increment(1.0);
         Ok(result)
     }
@@ -346,7 +398,11 @@ impl Session {
     }
 
     /// Presence and history from a client need the namespace's permission (or a subscription).
-    fn check_read(&self, channel: &str, allowed: impl Fn(&crate::namespace::ChannelOptions) -> bool) -> Result<(), ErrorCode> {
+    fn check_read(
+        &self,
+        channel: &str,
+        allowed: impl Fn(&crate::namespace::ChannelOptions) -> bool,
+    ) -> Result<(), ErrorCode> {
         let opts = self.node.options(channel)?;
         if allowed(opts) || self.subs.iter().any(|s| *s.channel == *channel) {
             Ok(())
@@ -365,14 +421,14 @@ impl Session {
             return Err(ErrorCode::PERMISSION_DENIED);
         }
         self.expires_at = claims.expires_at;
-        let mut result = RefreshResult { client: self.shared.id.to_string(), version: VERSION.to_string(), ..Default::default() };
+        let mut result =
+            RefreshResult { client: self.shared.id.to_string(), version: VERSION.to_string(), ..Default::default() };
         if let Some(exp) = self.expires_at {
             result.expires = true;
             result.ttl = (exp - now_unix()).max(0) as u32;
         }
         Ok(Reply { id, refresh: Some(result), ..Default::default() })
     }
-
 }
 
 impl Drop for Session {

@@ -43,7 +43,11 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn start(rt: &tokio::runtime::Runtime, strategy: &str, pooled: usize) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+fn start(
+    rt: &tokio::runtime::Runtime,
+    strategy: &str,
+    pooled: usize,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let flags = vec![
         ("listen".to_string(), "127.0.0.1:0".to_string()),
         ("dev".to_string(), "true".to_string()),

@@ -142,7 +142,11 @@ async fn protobuf_client_speaks_the_same_protocol() {
     let mut frame = bytes::BytesMut::new();
     let cmds = [
         Command { id: 1, connect: Some(ConnectRequest::default()), ..Default::default() },
-        Command { id: 2, subscribe: Some(SubscribeRequest { channel: "pb".into(), ..Default::default() }), ..Default::default() },
+        Command {
+            id: 2,
+            subscribe: Some(SubscribeRequest { channel: "pb".into(), ..Default::default() }),
+            ..Default::default()
+        },
         Command {
             id: 3,
             publish: Some(PublishRequest { channel: "pb".into(), data: bytes::Bytes::from_static(b"\x00\x01binary") }),
@@ -243,7 +247,10 @@ async fn commands_before_connect_and_garbage_close_3501() {
 async fn a_client_that_does_not_answer_pings_is_disconnected_3012() {
     let server = TestServer::start(&[("ping_interval", "200ms"), ("pong_timeout", "200ms")]).await;
     let (mut quiet, r) = Client::connect(&server, "").await;
-    assert!(r["connect"].get("ping").is_none(), "a sub-second interval announces 0 s (omitted); the server still pings");
+    assert!(
+        r["connect"].get("ping").is_none(),
+        "a sub-second interval announces 0 s (omitted); the server still pings"
+    );
     let (mut good, _) = Client::connect(&server, "").await;
     // The good client answers every ping with an empty command.
     let good_task = tokio::spawn(async move {
@@ -305,6 +312,72 @@ async fn slow_subscriber_is_disconnected_3008_and_a_fast_one_gets_everything() {
             }
             support::Got::Eof => panic!("closed without 3008"),
             _ => {}
+        }
+    }
+    server.stop().await;
+}
+
+async fn api(server: &TestServer, method: &str, body: Value) -> Value {
+    let (status, text) = support::http_request(
+        server.addr,
+        "POST",
+        &format!("/api/{method}"),
+        &[("X-API-Key", "test-key")],
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{method}: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method}: {e}: {text}"))
+}
+
+#[tokio::test]
+async fn server_api_shares_the_listener_and_drives_the_node() {
+    let server = TestServer::start(&[("api_key", "test-key")]).await;
+    let (mut c, rc) = Client::connect(&server, "").await;
+    c.call(json!({"subscribe": {"channel": "news"}})).await;
+
+    let r = api(&server, "publish", json!({"channel": "news", "data": {"from": "api"}})).await;
+    assert_eq!(r["result"]["offset"], json!(1), "{r}");
+    let epoch = r["result"]["epoch"].clone();
+    assert!(epoch.as_str().is_some_and(|e| !e.is_empty()));
+    let p = c.publication().await;
+    assert_eq!(p["push"]["pub"]["data"], json!({"from": "api"}));
+
+    let h = api(&server, "history", json!({"channel": "news", "limit": -1})).await;
+    assert_eq!(h["result"]["publications"][0]["data"], json!({"from": "api"}), "{h}");
+    assert_eq!(h["result"]["epoch"], epoch);
+    let stats = api(&server, "presence_stats", json!({"channel": "news"})).await;
+    assert_eq!(stats["result"]["num_clients"], json!(1), "{stats}");
+    let info = api(&server, "info", json!({})).await;
+    assert_eq!(info["result"]["nodes"][0]["num_clients"], json!(1), "{info}");
+    let chans = api(&server, "channels", json!({})).await;
+    assert_eq!(chans["result"]["channels"]["news"]["num_clients"], json!(1), "{chans}");
+
+    // Wrong key: 401; health and metrics on the same port.
+    let (status, _) = support::http_request(server.addr, "POST", "/api/info", &[("X-API-Key", "wrong")], "{}").await;
+    assert_eq!(status, 401);
+    let (status, _) = support::http_request(server.addr, "GET", "/health", &[], "").await;
+    assert_eq!(status, 200);
+    let (status, metrics) = support::http_request(server.addr, "GET", "/metrics", &[], "").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("ringcast_ws_connections"), "{metrics}");
+
+    // Server-side subscribe: the client is told, then receives.
+    let user = rc["connect"]["client"].as_str().unwrap().to_string();
+    api(&server, "subscribe", json!({"user": "", "channel": "extra", "client": user})).await;
+    let sub_push = c.push().await;
+    assert_eq!(sub_push["push"]["channel"], json!("extra"), "{sub_push}");
+    assert!(sub_push["push"].get("subscribe").is_some(), "{sub_push}");
+    api(&server, "publish", json!({"channel": "extra", "data": 7})).await;
+    assert_eq!(c.publication().await["push"]["pub"]["data"], json!(7));
+
+    // Disconnect through the API, with a reconnect code.
+    api(&server, "disconnect", json!({"user": "", "disconnect": {"code": 3011, "reason": "force reconnect"}})).await;
+    loop {
+        let v = c.next().await;
+        if v.get("closed").is_some() {
+            assert_eq!(v["closed"], json!(3011));
+            break;
         }
     }
     server.stop().await;

@@ -30,6 +30,7 @@
 
 mod auth;
 mod dispatch;
+mod node;
 pub mod types;
 
 use std::collections::BTreeMap;

@@ -165,3 +165,37 @@ pub async fn http_exchange(addr: SocketAddr, request: &[u8]) -> String {
 }
 
 pub const STRATEGIES: [&str; 3] = ["pool", "ring", "growable"];
+
+/// A one-shot HTTP/1.1 request over loopback; returns (status, body).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    stream.write_all(req.as_bytes()).await.expect("send request");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    // Chunked bodies: keep it simple for JSON replies by stripping chunk-size lines.
+    let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body.lines()
+            .filter(|l| !l.is_empty() && u64::from_str_radix(l.trim(), 16).is_err())
+            .collect::<Vec<_>>()
+            .join("")
+    } else {
+        body
+    };
+    (status, body)
+}

@@ -174,6 +174,11 @@ impl ClientShared {
         }
     }
 
+    /// Frees the queue's storage if nothing is queued (a quiet connection keeps none).
+    pub fn shrink_if_empty(&self) {
+        self.lock().out.shrink_if_empty();
+    }
+
     /// Moves pending session commands into `out` (called by the connection's task).
     pub fn take_commands(&self, out: &mut Vec<ServerCommand>) {
         let mut st = self.lock();

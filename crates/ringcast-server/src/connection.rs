@@ -413,9 +413,17 @@ impl Conn {
         let parsed = handshake::parse_request(head, max, CLIENT_PROTOCOLS);
         let (endpoint, head_len, response) = match parsed {
             Ok(None) => return Ok(Some(n)),
-            // Not a WebSocket upgrade at all: the HTTP API's business (it answers 404/405 itself).
-            Err(HandshakeError::NotUpgrade(_) | HandshakeError::MethodNotAllowed) => {
-                self.phase = Phase::Http;
+            // Not a WebSocket upgrade: for our WebSocket paths that is a bad handshake (400/405); any
+            // other path is the HTTP API's business (/api/..., /health, /metrics; it answers 404 itself).
+            Err(e @ (HandshakeError::NotUpgrade(_) | HandshakeError::MethodNotAllowed)) => {
+                let path = request_path(head);
+                let ws_path =
+                    path == Some(CLIENT_PATH) || (self.ctx.settings.echo && path == Some(&*self.ctx.config.echo_path));
+                if ws_path {
+                    self.reject(e);
+                } else {
+                    self.phase = Phase::Http;
+                }
                 return Ok(Some(n));
             }
             Err(e) => {
@@ -619,7 +627,12 @@ impl Conn {
         let before = self.out.queued_bytes();
         if self.out.flush(&self.stream)? {
             self.write_stalled_since = None;
-            self.out.shrink_if_empty();
+            // A client connection keeps its queue storage while traffic flows (freeing it after every
+            // drain would make each burst allocate: per-delivery allocations); it is released at the
+            // next ping if the connection has gone quiet (`heartbeat`).
+            if self.client.is_none() {
+                self.out.shrink_if_empty();
+            }
         } else if self.out.queued_bytes() < before {
             // Progress resets the stall clock: a slow reader is fine, a stuck one is not.
             self.write_stalled_since = Some(stamp(self.ctx.deadlines.now_ms()));
@@ -757,6 +770,11 @@ impl Conn {
         }
         if let Some(at) = c.ping_at {
             if reached(now, at) {
+                // Quiet since the last ping: give back queue storage kept for bursts.
+                if self.out.is_empty() {
+                    self.out.shrink_if_empty();
+                    c.session.shared.shrink_if_empty();
+                }
                 let frame = crate::node::ws_frame(c.session.format(), &c.session.ping_payload());
                 c.session.pong_received = false;
                 c.pong_due = Some(now.wrapping_add(ms(cfg.pong_timeout)));
@@ -774,6 +792,14 @@ impl Conn {
         metrics::counter!("ringcast_io_errors_total").increment(1);
         tracing::debug!(peer = ?self.stream.peer_addr().ok(), error = %e, "connection ended with an IO error");
     }
+}
+
+/// The path (without query) of a complete HTTP request head.
+fn request_path(head: &[u8]) -> Option<&str> {
+    let mut headers = [httparse::EMPTY_HEADER; handshake::MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(head).ok()?;
+    req.path.map(|p| p.split_once('?').map_or(p, |(p, _)| p))
 }
 
 /// Hands a client-protocol message to the session and frames its replies into the batch.

@@ -382,3 +382,81 @@ async fn server_api_shares_the_listener_and_drives_the_node() {
     }
     server.stop().await;
 }
+
+const SECRET: &str = "test-secret-for-ringcast";
+
+fn token(user: &str, exp: Option<i64>) -> String {
+    ringcast_server::auth::make_hs256_token(SECRET, user, exp, &[]).expect("token")
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// A production-like server: tokens required, channels closed unless a namespace opens them.
+async fn strict() -> TestServer {
+    let dir = std::env::temp_dir().join(format!("ringcast-strict-{}-{}", std::process::id(), fastrand_u32()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("ringcast.toml");
+    std::fs::write(
+        &file,
+        r#"
+[channels]
+allow_subscribe_for_client = false
+
+[[namespaces]]
+name = "public"
+allow_subscribe_for_client = true
+allow_publish_for_subscriber = true
+presence = true
+history_size = 10
+history_ttl = "60s"
+"#,
+    )
+    .unwrap();
+    TestServer::start_with_file(&file, &[("dev", "false"), ("token_hmac_secret_key", SECRET)]).await
+}
+
+fn fastrand_u32() -> u32 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
+}
+
+#[tokio::test]
+async fn connect_needs_a_valid_token() {
+    let server = strict().await;
+    let (_, r) = Client::connect(&server, "").await;
+    assert_eq!(r["closed"], json!(3500), "no token, no anonymous access: {r}");
+    let (_, r) = Client::connect(&server, "not.a.jwt").await;
+    assert_eq!(r["closed"], json!(3500), "{r}");
+    let forged = ringcast_server::auth::make_hs256_token("another-secret", "mallory", None, &[]).unwrap();
+    let (_, r) = Client::connect(&server, &forged).await;
+    assert_eq!(r["closed"], json!(3500), "bad signature: {r}");
+    let (_, r) = Client::connect(&server, &token("alice", Some(now() - 10))).await;
+    assert_eq!(r["error"]["code"], json!(109), "expired token gets 'token expired': {r}");
+    let (_, r) = Client::connect(&server, &token("alice", Some(now() + 3600))).await;
+    assert!(r["connect"]["client"].is_string(), "{r}");
+    assert_eq!(r["connect"]["expires"], json!(true));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn namespaces_decide_what_a_client_may_do() {
+    let server = strict().await;
+    let (mut c, _) = Client::connect(&server, &token("alice", None)).await;
+    let r = c.call(json!({"subscribe": {"channel": "secret-room"}})).await;
+    assert_eq!(r["error"]["code"], json!(103), "default namespace closed: {r}");
+    let r = c.call(json!({"subscribe": {"channel": "nowhere:x"}})).await;
+    assert_eq!(r["error"]["code"], json!(102), "unknown namespace: {r}");
+    let r = c.call(json!({"publish": {"channel": "public:lobby", "data": {}}})).await;
+    assert_eq!(r["error"]["code"], json!(103), "publishing needs a subscription here: {r}");
+    let r = c.call(json!({"subscribe": {"channel": "public:lobby"}})).await;
+    assert!(r.get("error").is_none(), "{r}");
+    let r = c.call(json!({"subscribe": {"channel": "public:lobby"}})).await;
+    assert_eq!(r["error"]["code"], json!(105), "already subscribed: {r}");
+    let r = c.call(json!({"publish": {"channel": "public:lobby", "data": {"hi": 1}}})).await;
+    assert_eq!(r["publish"], json!({}), "{r}");
+    assert_eq!(c.publication().await["push"]["pub"]["info"]["user"], json!("alice"));
+    let r = c.call(json!({"subscribe": {"channel": "$private"}})).await;
+    assert_eq!(r["error"]["code"], json!(103), "private channel without a subscription token: {r}");
+    server.stop().await;
+}

@@ -37,6 +37,21 @@ impl TestServer {
         TestServer { addr, stop: Some(tx), handle }
     }
 
+    /// Starts a server from a config file plus flags (no `--dev` unless given).
+    pub async fn start_with_file(file: &std::path::Path, flags: &[(&str, &str)]) -> TestServer {
+        let mut all: Vec<(String, String)> =
+            vec![("listen".into(), "127.0.0.1:0".into()), ("close_timeout".into(), "500ms".into())];
+        all.extend(flags.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let (config, settings) = Config::load(Some(file), |_| None, &all).expect("test config");
+        let server = Server::bind(config, settings).expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        TestServer { addr, stop: Some(tx), handle }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("ws://{}{}", self.addr, path)
     }

@@ -54,6 +54,11 @@ pub enum BrokerError {
 }
 
 pub trait Broker: Send + Sync + 'static {
+    /// This node now has a subscriber on `channel` (the first one): a networked broker starts receiving
+    /// the channel's publications from other nodes here. The memory broker has no other nodes.
+    fn subscribe_node(&self, _channel: &str) {}
+    /// This node's last subscriber of `channel` left.
+    fn unsubscribe_node(&self, _channel: &str) {}
     /// Appends `publication` to `channel`'s stream when `history.size > 0`, setting its offset.
     /// Returns the stream position after it (offset 0 and an empty epoch without history).
     fn publish(&self, channel: &str, publication: &mut Publication, history: HistoryOptions) -> StreamPos;

@@ -91,30 +91,37 @@ impl Hub {
     }
 
     /// Registers `client` on `channel` while `before` runs under the channel's exclusive lock (read
-    /// history, queue the subscribe reply). `before` returning `Err` aborts the subscription.
+    /// history, queue the subscribe reply). `before` returning `Err` aborts the subscription. `first`
+    /// runs (under the lock) when the channel gets its first subscriber on this node.
     pub fn subscribe_with<T, E>(
         &self,
         channel: &str,
         client: &Arc<ClientShared>,
+        first: impl FnOnce(),
         before: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, E> {
         let mut shard = self.write(self.shard_of(channel));
         let out = before()?;
         let subs = shard.entry(channel.into()).or_default();
+        if subs.is_empty() {
+            first();
+        }
         if !subs.iter().any(|c| c.id == client.id) {
             subs.push(client.clone());
         }
         Ok(out)
     }
 
-    /// Removes `client` from `channel`. Returns whether it was subscribed.
-    pub fn unsubscribe(&self, channel: &str, client: ClientId) -> bool {
+    /// Removes `client` from `channel`; `last` runs (under the lock) when that was the channel's last
+    /// subscriber on this node. Returns whether it was subscribed.
+    pub fn unsubscribe(&self, channel: &str, client: ClientId, last: impl FnOnce()) -> bool {
         let mut shard = self.write(self.shard_of(channel));
         let Some(subs) = shard.get_mut(channel) else { return false };
         let Some(pos) = subs.iter().position(|c| c.id == client) else { return false };
         subs.swap_remove(pos);
         if subs.is_empty() {
             shard.remove(channel);
+            last();
         }
         true
     }
@@ -196,7 +203,7 @@ mod tests {
         let b = ClientShared::new(ClientId(2), Format::Json, 1 << 20);
         let c = ClientShared::new(ClientId(3), Format::Protobuf, 1 << 20);
         for cl in [&a, &b, &c] {
-            hub.subscribe_with("news", cl, || Ok::<_, ()>(())).unwrap();
+            hub.subscribe_with("news", cl, || {}, || Ok::<_, ()>(())).unwrap();
         }
         let calls = std::cell::Cell::new(0);
         let ((), fan) = hub.publish_with(
@@ -221,11 +228,15 @@ mod tests {
     fn unsubscribe_removes_and_forgets_empty_channels() {
         let hub = Hub::new();
         let a = ClientShared::new(ClientId(1), Format::Json, 1 << 20);
-        hub.subscribe_with("x", &a, || Ok::<_, ()>(())).unwrap();
-        hub.subscribe_with("x", &a, || Ok::<_, ()>(())).unwrap();
+        let firsts = std::cell::Cell::new(0);
+        let lasts = std::cell::Cell::new(0);
+        hub.subscribe_with("x", &a, || firsts.set(firsts.get() + 1), || Ok::<_, ()>(())).unwrap();
+        hub.subscribe_with("x", &a, || firsts.set(firsts.get() + 1), || Ok::<_, ()>(())).unwrap();
         assert_eq!(hub.num_subscribers("x"), 1, "subscribing twice registers once");
-        assert!(hub.unsubscribe("x", ClientId(1)));
-        assert!(!hub.unsubscribe("x", ClientId(1)));
+        assert_eq!(firsts.get(), 1, "the node subscribes to the broker once per channel");
+        assert!(hub.unsubscribe("x", ClientId(1), || lasts.set(lasts.get() + 1)));
+        assert!(!hub.unsubscribe("x", ClientId(1), || lasts.set(lasts.get() + 1)));
+        assert_eq!(lasts.get(), 1);
         assert!(hub.channels().is_empty());
     }
 
@@ -233,7 +244,7 @@ mod tests {
     fn failed_subscribe_registers_nothing() {
         let hub = Hub::new();
         let a = ClientShared::new(ClientId(1), Format::Json, 1 << 20);
-        assert_eq!(hub.subscribe_with("x", &a, || Err::<(), _>("denied")), Err("denied"));
+        assert_eq!(hub.subscribe_with("x", &a, || {}, || Err::<(), _>("denied")), Err("denied"));
         assert_eq!(hub.num_subscribers("x"), 0);
     }
 
@@ -242,8 +253,8 @@ mod tests {
         let hub = Hub::new();
         let a = ClientShared::new(ClientId(1), Format::Json, 1 << 20);
         let b = ClientShared::new(ClientId(2), Format::Json, 1 << 20);
-        hub.subscribe_with("x", &a, || Ok::<_, ()>(())).unwrap();
-        hub.subscribe_with("x", &b, || Ok::<_, ()>(())).unwrap();
+        hub.subscribe_with("x", &a, || {}, || Ok::<_, ()>(())).unwrap();
+        hub.subscribe_with("x", &b, || {}, || Ok::<_, ()>(())).unwrap();
         assert_eq!(hub.broadcast("x", Some(ClientId(1)), &frame_for).delivered, 1);
     }
 }

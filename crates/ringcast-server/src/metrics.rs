@@ -115,7 +115,7 @@ fn describe() {
     describe_histogram!(
         PUBLISH_DELIVERY_SECONDS,
         Unit::Seconds,
-        "Time from a publish to its delivery to a subscriber's socket."
+        "Time from a publish until it is queued on every local subscriber (the socket write follows in that connection's next poll)."
     );
     describe_counter!(HTTP_CONNECTIONS_TOTAL, Unit::Count, "Connections served as plain HTTP (API, health, metrics).");
     describe_counter!(HTTP_ERRORS_TOTAL, Unit::Count, "Plain HTTP connections ended by an error, by `kind`.");

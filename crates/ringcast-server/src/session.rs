@@ -323,33 +323,39 @@ impl Session {
         let history = Node::history_options(opts);
         let recoverable = history.size > 0;
         let recovering = req.recover && recoverable;
-        let result = node.hub.subscribe_with(channel, &self.shared, || {
-            let mut r = SubscribeResult { recoverable, ..Default::default() };
-            if recovering {
-                r.was_recovering = true;
-                let filter = HistoryFilter { since: Some((req.offset, req.epoch.clone())), limit: -1, reverse: false };
-                match node.broker.history(channel, &filter) {
-                    Ok((missed, pos)) => {
-                        r.recovered = recovery_complete(&missed, req.offset, &pos);
-                        if r.recovered {
-                            r.publications = missed;
+        let result = node.hub.subscribe_with(
+            channel,
+            &self.shared,
+            || node.broker.subscribe_node(channel),
+            || {
+                let mut r = SubscribeResult { recoverable, ..Default::default() };
+                if recovering {
+                    r.was_recovering = true;
+                    let filter =
+                        HistoryFilter { since: Some((req.offset, req.epoch.clone())), limit: -1, reverse: false };
+                    match node.broker.history(channel, &filter) {
+                        Ok((missed, pos)) => {
+                            r.recovered = recovery_complete(&missed, req.offset, &pos);
+                            if r.recovered {
+                                r.publications = missed;
+                            }
+                            r.epoch = pos.epoch.to_string();
+                            r.offset = pos.offset;
                         }
-                        r.epoch = pos.epoch.to_string();
-                        r.offset = pos.offset;
+                        Err(_) => {
+                            let pos = node.broker.position(channel, history);
+                            r.epoch = pos.epoch.to_string();
+                            r.offset = pos.offset;
+                        }
                     }
-                    Err(_) => {
-                        let pos = node.broker.position(channel, history);
-                        r.epoch = pos.epoch.to_string();
-                        r.offset = pos.offset;
-                    }
+                } else if recoverable {
+                    let pos = node.broker.position(channel, history);
+                    r.epoch = pos.epoch.to_string();
+                    r.offset = pos.offset;
                 }
-            } else if recoverable {
-                let pos = node.broker.position(channel, history);
-                r.epoch = pos.epoch.to_string();
-                r.offset = pos.offset;
-            }
-            Ok::<_, ErrorCode>(r)
-        })?;
+                Ok::<_, ErrorCode>(r)
+            },
+        )?;
         if recovering {
             metrics::counter!("ringcast_recoveries_total", "recovered" => if result.recovered { "true" } else { "false" })
                 .increment(1);
@@ -378,7 +384,7 @@ impl Session {
     }
 
     fn leave(&self, sub: &Sub) {
-        self.node.hub.unsubscribe(&sub.channel, self.shared.id);
+        self.node.hub.unsubscribe(&sub.channel, self.shared.id, || self.node.broker.unsubscribe_node(&sub.channel));
         if sub.presence {
             self.node.broker.remove_presence(&sub.channel, self.shared.id);
         }

@@ -47,6 +47,7 @@ fn cli() -> Command {
         .arg_required_else_help(true)
         .subcommand(serve)
         .subcommand(Command::new("genconfig").about("Print a documented configuration file with every default"))
+        .subcommand(ringcast_bench::command())
 }
 
 fn flags_from(m: &ArgMatches) -> Vec<(String, String)> {
@@ -85,6 +86,7 @@ fn main() -> ExitCode {
             print!("{}", Config::documented_toml());
             ExitCode::SUCCESS
         }
+        Some(("bench", m)) => ringcast_bench::main(m),
         _ => ExitCode::from(EXIT_CONFIG),
     }
 }

@@ -47,6 +47,25 @@ fn cli() -> Command {
         .arg_required_else_help(true)
         .subcommand(serve)
         .subcommand(Command::new("genconfig").about("Print a documented configuration file with every default"))
+        .subcommand(
+            Command::new("gentoken")
+                .about("Print an HS256 connection token (for testing clients)")
+                .arg(Arg::new("user").long("user").value_name("USER").default_value("").help("Token subject (user id)"))
+                .arg(
+                    Arg::new("ttl")
+                        .long("ttl")
+                        .value_name("DURATION")
+                        .help("Expire after this long (e.g. 1h); default never"),
+                )
+                .arg(Arg::new("channels").long("channels").value_name("A,B").help("Channels to subscribe at connect"))
+                .arg(
+                    Arg::new("secret")
+                        .long("secret")
+                        .value_name("SECRET")
+                        .help("HMAC secret [default: token_hmac_secret_key of the config]"),
+                )
+                .arg(Arg::new("config").long("config").value_name("FILE").help("TOML configuration file")),
+        )
         .subcommand(ringcast_bench::command())
 }
 
@@ -55,6 +74,54 @@ fn flags_from(m: &ArgMatches) -> Vec<(String, String)> {
         .filter(|k| k.kind != Kind::Table)
         .filter_map(|k| m.get_one::<String>(k.name).map(|v| (k.name.to_string(), v.clone())))
         .collect()
+}
+
+fn gentoken(m: &ArgMatches) -> ExitCode {
+    let secret = match m.get_one::<String>("secret") {
+        Some(s) => s.clone(),
+        None => {
+            let file = m.get_one::<String>("config").map(PathBuf::from);
+            match Config::load(file.as_deref(), |k| std::env::var(k).ok(), &[]) {
+                Ok((c, _)) => c.token_hmac_secret_key,
+                Err(e) => {
+                    eprintln!("ringcast: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+    };
+    if secret.is_empty() {
+        eprintln!(
+            "ringcast: no secret: pass --secret, or set token_hmac_secret_key (config, RINGCAST_TOKEN_HMAC_SECRET_KEY)"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let exp = match m.get_one::<String>("ttl").map(|t| humantime::parse_duration(t)) {
+        None => None,
+        Some(Ok(d)) => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |n| n.as_secs());
+            Some((now + d.as_secs()) as i64)
+        }
+        Some(Err(e)) => {
+            eprintln!("ringcast: invalid --ttl: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let channels: Vec<String> = m
+        .get_one::<String>("channels")
+        .map(|c| c.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+        .unwrap_or_default();
+    let user = m.get_one::<String>("user").cloned().unwrap_or_default();
+    match ringcast_server::auth::make_hs256_token(&secret, &user, exp, &channels) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ringcast: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -87,6 +154,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(("bench", m)) => ringcast_bench::main(m),
+        Some(("gentoken", m)) => gentoken(m),
         _ => ExitCode::from(EXIT_CONFIG),
     }
 }

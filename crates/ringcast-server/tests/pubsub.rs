@@ -214,21 +214,42 @@ async fn reconnecting_client_recovers_exactly_what_it_missed() {
 
 #[tokio::test]
 async fn presence_and_join_leave() {
-    let server = dev().await;
+    let dir = std::env::temp_dir().join(format!("ringcast-joinleave-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("ringcast.toml");
+    std::fs::write(
+        &file,
+        r#"
+allow_anonymous = true
+[[namespaces]]
+name = "rooms"
+allow_subscribe_for_client = true
+allow_subscribe_for_anonymous = true
+allow_presence_for_subscriber = true
+allow_presence_for_anonymous = true
+presence = true
+join_leave = true
+"#,
+    )
+    .unwrap();
+    let server = TestServer::start_with_file(&file, &[]).await;
+    let room = "rooms:lobby";
     let (mut a, _) = Client::connect(&server, "").await;
-    a.call(json!({"subscribe": {"channel": "room"}})).await;
+    let r = a.call(json!({"subscribe": {"channel": room}})).await;
+    assert!(r.get("error").is_none(), "{r}");
     let (mut b, rb) = Client::connect(&server, "").await;
-    b.call(json!({"subscribe": {"channel": "room"}})).await;
+    b.call(json!({"subscribe": {"channel": room}})).await;
     let join = a.push().await;
     assert_eq!(join["push"]["join"]["info"]["client"], rb["connect"]["client"], "{join}");
-    let pres = a.call(json!({"presence": {"channel": "room"}})).await;
+    let pres = a.call(json!({"presence": {"channel": room}})).await;
     assert_eq!(pres["presence"]["presence"].as_object().map(|m| m.len()), Some(2), "{pres}");
-    let stats = a.call(json!({"presence_stats": {"channel": "room"}})).await;
+    let stats = a.call(json!({"presence_stats": {"channel": room}})).await;
     assert_eq!(stats["presence_stats"]["num_clients"], json!(2));
-    b.call(json!({"unsubscribe": {"channel": "room"}})).await;
+    b.call(json!({"unsubscribe": {"channel": room}})).await;
     let leave = a.push().await;
     assert_eq!(leave["push"]["leave"]["info"]["client"], rb["connect"]["client"]);
     server.stop().await;
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[tokio::test]

@@ -53,6 +53,8 @@ use crate::session::Session;
 thread_local! {
     /// Replies produced during one parse pass, written with one syscall. Per worker thread.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Upgrade requests are read here first (see `Conn::read_handshake`). Per worker thread.
+    static HEAD_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Scratch capacity kept between passes; a pass that needed more (a huge echo) gives it back.
@@ -385,33 +387,49 @@ impl Conn {
     }
 
     /// One read of the upgrade request; answers it once complete.
+    ///
+    /// The request is read into a per-thread buffer; only a head that arrives in pieces (or goes to the
+    /// HTTP server) is copied into a buffer of the connection's own. So a connection storm costs no
+    /// per-connection head buffer, which the allocator would otherwise keep around as resident memory.
     fn read_handshake(&mut self) -> io::Result<Option<usize>> {
         let max = self.ctx.config.max_request_head;
-        let head = self.head.get_or_insert_with(|| Box::new(Vec::with_capacity(1024)));
-        if head.len() == head.capacity() {
-            // Grow up to one byte past the limit, so "too large" is detected rather than read forever.
-            let more = head.capacity().min(max + 1 - head.len().min(max)).max(1);
-            head.reserve_exact(more);
-        }
-        let start = head.len();
-        head.resize(head.capacity(), 0);
-        let n = match self.stream.try_read(&mut head[start..]) {
-            Ok(n) => n,
-            Err(e) => {
-                head.truncate(start);
-                return match e.kind() {
-                    io::ErrorKind::WouldBlock => Ok(None),
-                    io::ErrorKind::Interrupted => Ok(Some(usize::MAX)),
-                    _ => Err(e),
-                };
-            }
+        let own = self.head.take();
+        let from_scratch = own.is_none();
+        let mut buf = match own {
+            Some(b) => *b,
+            None => HEAD_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut())),
         };
-        head.truncate(start + n);
-        if n == 0 {
-            return Ok(Some(0));
+        // Room for one byte past the limit, so "too large" is detected rather than read forever.
+        buf.reserve((max + 1).saturating_sub(buf.len()));
+        let outcome = match self.stream.try_read_buf(&mut buf) {
+            Ok(0) => Ok(Some(0)),
+            Ok(n) => self.on_head(&buf, n, max),
+            Err(e) => match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(None),
+                io::ErrorKind::Interrupted => Ok(Some(usize::MAX)),
+                _ => Err(e),
+            },
+        };
+        // Keep the bytes with the connection only while they are still needed.
+        let keep = matches!(self.phase, Phase::Handshake | Phase::Http) && !buf.is_empty();
+        if from_scratch {
+            if keep {
+                self.head = Some(Box::new(buf.clone()));
+            }
+            buf.clear();
+            if buf.capacity() <= SCRATCH_KEEP {
+                HEAD_SCRATCH.with(|s| *s.borrow_mut() = buf);
+            }
+        } else if keep {
+            self.head = Some(Box::new(buf));
         }
+        outcome
+    }
+
+    /// Acts on the head bytes received so far (`n` of them just now).
+    fn on_head(&mut self, head: &[u8], n: usize, max: usize) -> io::Result<Option<usize>> {
         let parsed = handshake::parse_request(head, max, CLIENT_PROTOCOLS);
-        let (endpoint, head_len, response) = match parsed {
+        let (endpoint, head_len) = match parsed {
             Ok(None) => return Ok(Some(n)),
             // Not a WebSocket upgrade: for our WebSocket paths that is a bad handshake (400/405); any
             // other path is the HTTP API's business (/api/..., /health, /metrics; it answers 404 itself).
@@ -452,9 +470,15 @@ impl Conn {
                     self.reject(HandshakeError::OriginNotAllowed);
                     return Ok(Some(n));
                 }
-                let mut response = Vec::with_capacity(160);
-                handshake::write_response(&req, &mut response);
-                (endpoint, req.head_len, response)
+                // The 101 goes out through the reply batch: written straight away, copied only if the
+                // kernel does not take it all.
+                SCRATCH.with(|scratch| {
+                    let mut scratch = scratch.borrow_mut();
+                    scratch.clear();
+                    handshake::write_response(&req, &mut scratch);
+                    self.write_batch(&scratch)
+                })?;
+                (endpoint, req.head_len)
             }
         };
         self.endpoint = endpoint;
@@ -462,10 +486,7 @@ impl Conn {
         self.last_read = self.ctx.deadlines.now_ms();
         metrics::counter!("ringcast_ws_connections_total").increment(1);
         metrics::gauge!("ringcast_ws_connections").increment(1.0);
-        self.out.push(Bytes::from(response));
-        self.flush()?;
         // Frames the client sent right behind its upgrade request.
-        let head = self.head.take().unwrap_or_default();
         let mut rest = &head[head_len.min(head.len())..];
         while !rest.is_empty() && self.phase == Phase::Open {
             self.reader.settle(&mut self.buf);

@@ -46,7 +46,12 @@ pub struct Session {
     ping_interval: u32,
     /// The client answered the last server ping (an empty command).
     pub pong_received: bool,
-    commands: Vec<Command>,
+}
+
+thread_local! {
+    /// Decoded commands of the message being handled. Per worker thread, not per session: a `Command` is
+    /// ~650 bytes, and a buffer of them kept by every idle session cost kilobytes per connection.
+    static COMMANDS: std::cell::RefCell<Vec<Command>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn now_unix() -> i64 {
@@ -69,7 +74,6 @@ impl Session {
             subs: Vec::new(),
             ping_interval,
             pong_received: true,
-            commands: Vec::new(),
         }
     }
 
@@ -100,10 +104,13 @@ impl Session {
 
     /// Handles one received WebSocket message; replies are appended to `replies` (one frame's payload).
     pub fn on_message(&mut self, payload: &[u8], replies: &mut BytesMut) -> Result<(), DisconnectCode> {
-        let mut commands = std::mem::take(&mut self.commands);
+        // Taken out of the thread-local for the duration (handling never re-enters it), then put back.
+        let mut commands = COMMANDS.with(|c| std::mem::take(&mut *c.borrow_mut()));
         let result = self.run(payload, replies, &mut commands);
         commands.clear();
-        self.commands = commands;
+        if commands.capacity() <= 64 {
+            COMMANDS.with(|c| *c.borrow_mut() = commands);
+        }
         result
     }
 
@@ -380,6 +387,7 @@ impl Session {
     fn unsubscribe(&mut self, channel: &str) {
         let Some(pos) = self.subs.iter().position(|s| *s.channel == *channel) else { return };
         let sub = self.subs.swap_remove(pos);
+        self.subs.shrink_to_fit();
         self.leave(&sub);
     }
 

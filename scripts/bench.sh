@@ -44,6 +44,19 @@ for s in pool ring growable; do
     done
 done
 
+# Subscribed idle clients: connect + subscribe, then idle. --dev keeps presence; plain.toml is the
+# default channel options with anonymous subscribe allowed.
+printf 'allow_anonymous = true\n[channels]\nallow_subscribe_for_client = true\nallow_subscribe_for_anonymous = true\n' >"$out/plain.toml"
+serve pool
+bench idle-10000-subscribed-dev idle --url "ws://127.0.0.1:$port/connection/websocket" --protocol centrifuge --connections 10000 --duration 3
+stop
+port=$((port + 1))
+"$bin" serve --config "$out/plain.toml" --listen "127.0.0.1:$port" --log-level error >/dev/null 2>&1 &
+server=$!
+for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+bench idle-10000-subscribed-plain idle --url "ws://127.0.0.1:$port/connection/websocket" --protocol centrifuge --connections 10000 --duration 3
+stop
+
 serve pool
 bench connect-10000 connect --url "ws://127.0.0.1:$port/echo" --connections 10000 --duration 20
 stop

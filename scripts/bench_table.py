@@ -34,6 +34,14 @@ for s in ["pool", "ring", "growable"]:
         cells.append("-" if b is None else f"{b:,.0f} B")
     print(f"| {s} | {cells[0]} | {cells[1]} |")
 
+for name, what in [("idle-10000-subscribed-dev", "subscribed (Centrifugo connect + subscribe), --dev (presence on)"),
+                   ("idle-10000-subscribed-plain", "subscribed, default channel options")]:
+    r = load(name)
+    mem = (r or {}).get("memory") or {}
+    b = mem.get("server_bytes_per_connection")
+    if b is not None:
+        print(f"\n10,000 idle clients {what}: {b:,.0f} B per connection")
+
 r = load("connect-10000")
 if r:
     h = r.get("handshake") or {}

@@ -178,10 +178,11 @@ fn fan_out_allocates_per_publication_never_per_delivery() {
     let many = fanout_allocations(&rt, 60, 200);
     println!("200 publications: {few} allocations with 10 subscribers, {many} with 60 (10,000 more deliveries)");
     // Queue storage grows to the largest burst this load produces and is then kept while traffic flows
-    // (released when the connection goes quiet): that growth is amortized, and shrinks with a longer
-    // warm-up. A cost per delivery would show as ≥ 10,000 here; eager freeing of queue storage did (2,413).
+    // (released when the connection goes quiet). That growth is amortized: how large bursts get depends
+    // on scheduling (runs here measured +55 and +318 for 60 subscribers). A cost per delivery would show
+    // as ≥ 10,000; eager freeing of queue storage did show as +2,413.
     assert!(
-        many.saturating_sub(few) < 100,
+        many.saturating_sub(few) < 1_000,
         "50 more subscribers cost {} more allocations for 10,000 more deliveries",
         many.saturating_sub(few)
     );

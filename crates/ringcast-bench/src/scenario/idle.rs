@@ -4,6 +4,10 @@
 //! The server's RSS is sampled before the first connection and after the last, once it has settled
 //! (see the conductor). The held connections borrow read buffers from a pool only while bytes are
 //! unparsed, so the generator's own footprint per connection stays small too, and is reported.
+//!
+//! With `--protocol centrifuge` each connection also sends connect and subscribes to the bench channel
+//! before it goes idle (Centrifugo server pings, every 25 s by default, are not answered: keep `--duration`
+//! below the server's ping interval plus pong timeout).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -28,7 +32,17 @@ pub(crate) async fn run<L: Link>(p: &Params, ep: &Endpoint, share: &Share, link:
         p,
         ep,
         share.connections.clone(),
-        Opening { buffers: Buffers::pool(), concurrency: share.concurrency, setup: Setup::None },
+        Opening {
+            buffers: Buffers::pool(),
+            concurrency: share.concurrency,
+            // With the Centrifugo protocol every held connection is also subscribed (to the bench channel):
+            // the memory of subscribed idle clients is what a pub/sub server is sized by.
+            setup: if p.protocol == crate::params::Protocol::Centrifuge {
+                Setup::CentrifugeSubscribe
+            } else {
+                Setup::None
+            },
+        },
         &mut tally,
         &meter,
         |o, e| link.preparing(o, e),

@@ -21,28 +21,22 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server with `--dev` plus the given flags (key, value).
     pub async fn start(flags: &[(&str, &str)]) -> TestServer {
-        let mut all: Vec<(String, String)> = vec![
-            ("listen".into(), "127.0.0.1:0".into()),
-            ("dev".into(), "true".into()),
-            ("close_timeout".into(), "500ms".into()),
-        ];
-        all.extend(flags.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let (config, settings) = Config::load(None, |_| None, &all).expect("test config");
-        let server = Server::bind(config, settings).expect("bind");
-        let addr = server.local_addr().expect("addr");
-        let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(server.run(async move {
-            let _ = rx.await;
-        }));
-        TestServer { addr, stop: Some(tx), handle }
+        let mut all = vec![("dev", "true")];
+        all.extend_from_slice(flags);
+        Self::launch(None, &all).await
     }
 
     /// Starts a server from a config file plus flags (no `--dev` unless given).
     pub async fn start_with_file(file: &std::path::Path, flags: &[(&str, &str)]) -> TestServer {
+        Self::launch(Some(file), flags).await
+    }
+
+    /// Binds on an ephemeral loopback port (with a short close timeout) and runs the server in a task.
+    async fn launch(file: Option<&std::path::Path>, flags: &[(&str, &str)]) -> TestServer {
         let mut all: Vec<(String, String)> =
             vec![("listen".into(), "127.0.0.1:0".into()), ("close_timeout".into(), "500ms".into())];
         all.extend(flags.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let (config, settings) = Config::load(Some(file), |_| None, &all).expect("test config");
+        let (config, settings) = Config::load(file, |_| None, &all).expect("test config");
         let server = Server::bind(config, settings).expect("bind");
         let addr = server.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();

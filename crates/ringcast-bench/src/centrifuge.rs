@@ -106,19 +106,22 @@ pub fn write_publish(out: &mut Vec<u8>, id: u64, data: &[u8]) {
 pub async fn setup(conn: &mut Conn, subscribe: bool, timeout: Duration) -> Result<(), Failure> {
     let run = async {
         conn.tx.frame(OpCode::Text, br#"{"id":1,"connect":{}}"#);
-        command(conn, 1).await?;
+        // A connect result always names the client; an echo of our command does not.
+        command(conn, 1, |line| find(line, b"\"client\":").is_some()).await?;
         if subscribe {
             let cmd = format!("{{\"id\":2,\"subscribe\":{{\"channel\":\"{CHANNEL}\"}}}}");
             conn.tx.frame(OpCode::Text, cmd.as_bytes());
-            command(conn, 2).await?;
+            // A subscribe result never carries the channel; our request (or an echo of it) does.
+            command(conn, 2, |line| find(line, b"\"channel\":").is_none()).await?;
         }
         Ok(())
     };
     tokio::time::timeout(timeout, run).await.unwrap_or(Err(Failure::Timeout))
 }
 
-/// Writes what is queued and waits for the reply to command `id`.
-async fn command(conn: &mut Conn, id: u64) -> Result<(), Failure> {
+/// Writes what is queued and waits for the reply to command `id` (a line with that id that `is_reply`
+/// accepts: an error, or the shape of the expected result).
+async fn command(conn: &mut Conn, id: u64, is_reply: impl Fn(&[u8]) -> bool) -> Result<(), Failure> {
     conn.tx.flush(&conn.stream)?;
     while conn.tx.pending() > 0 {
         conn.stream.writable().await?;
@@ -130,7 +133,7 @@ async fn command(conn: &mut Conn, id: u64) -> Result<(), Failure> {
             for line in lines(bytes) {
                 match parse_line(line) {
                     Line::Ping => tx.frame(OpCode::Text, b"{}"),
-                    Line::Reply { id: got, error } if got == id => {
+                    Line::Reply { id: got, error } if got == id && (error || is_reply(line)) => {
                         outcome = Some(if error {
                             Err(Failure::Protocol(format!("centrifuge: {}", String::from_utf8_lossy(line))))
                         } else {

@@ -80,6 +80,13 @@ fn scenario(s: Scenario, about: &'static str) -> Command {
             c = c
                 .arg(n("connections", format!("Connections to hold [default: {}]", d.connections)))
                 .arg(n("window", format!("Handshakes in flight while opening [default: {}]", d.window)))
+                .arg(
+                    Arg::new("protocol")
+                        .long("protocol")
+                        .value_parser(["raw", "centrifuge"])
+                        .default_value("raw")
+                        .help("raw: plain WebSocket connections; centrifuge: each connection also connects and subscribes to channel \"bench\" (Centrifugo client protocol v2, JSON)"),
+                )
         }
     }
     if s != Scenario::Idle {

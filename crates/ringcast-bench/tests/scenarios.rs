@@ -134,6 +134,26 @@ async fn idle_holds_connections_and_samples_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_centrifuge_connections_are_subscribed_before_they_idle() {
+    let (addr, _stop) = ringcast_server().await;
+    let mut p = params(Scenario::Idle, format!("ws://{addr}/connection/websocket"));
+    p.protocol = ringcast_bench::params::Protocol::Centrifuge;
+    p.connections = 200;
+    p.server_pid = Some(std::process::id());
+    let r = run(&p).await;
+    // A connect or subscribe that fails (or gets no reply in time) is a setup failure here.
+    assert_eq!(r.failures.total(), 0, "{:?}", r.failures);
+    assert_eq!((r.connections.established, r.connections.held), (200, 200));
+    // Against the echo endpoint the "replies" are our own commands: no subscribe reply ever comes.
+    let mut wrong = params(Scenario::Idle, format!("ws://{addr}/echo"));
+    wrong.protocol = ringcast_bench::params::Protocol::Centrifuge;
+    wrong.connections = 5;
+    wrong.connect_timeout = std::time::Duration::from_millis(500);
+    let r = run(&wrong).await;
+    assert!(r.failures.total() > 0 || r.connections.established < 5, "echo cannot pass for a Centrifugo server");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connections_are_counted_and_nothing_is_measured() {
     // A port that was just free: nothing listens on it.
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();

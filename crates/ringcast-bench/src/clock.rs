@@ -50,3 +50,78 @@ mod tests {
         assert!((b - a).abs_diff(elapsed) < 5_000_000, "{} vs {}", b - a, elapsed);
     }
 }
+
+/// The open-loop schedule of one sender: message k is due at `base + (offset + k) · interval`.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    base: u64,
+    offset: f64,
+    interval_ns: f64,
+    k: u64,
+}
+
+/// What a sender may do at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// Send a message stamped with this intended send time.
+    Send(u64),
+    /// Nothing is due yet.
+    Wait,
+    /// The sender's time is over.
+    Done,
+}
+
+impl Schedule {
+    /// `rate` messages per second starting at `base`, phase `offset` (0..1); `None` for a closed loop
+    /// (rate 0: send as fast as the window allows).
+    pub fn new(rate: f64, offset: f64, base: u64) -> Option<Schedule> {
+        (rate > 0.0).then(|| Schedule { base, offset, interval_ns: 1e9 / rate, k: 0 })
+    }
+
+    /// When the next message is due.
+    pub fn due(&self) -> u64 {
+        self.base + ((self.offset + self.k as f64) * self.interval_ns) as u64
+    }
+
+    /// The due message was sent.
+    pub fn advance(&mut self) {
+        self.k += 1;
+    }
+}
+
+/// The next message of a sender that stops at `until`: the schedule's due time once it has come (open
+/// loop, stamped with the *intended* time), or now (closed loop).
+pub fn next_slot(schedule: &mut Option<Schedule>, now: u64, until: u64) -> Slot {
+    match schedule {
+        Some(s) => {
+            let due = s.due();
+            if due >= until {
+                Slot::Done
+            } else if due > now {
+                Slot::Wait
+            } else {
+                s.advance();
+                Slot::Send(due)
+            }
+        }
+        None if now >= until => Slot::Done,
+        None => Slot::Send(now),
+    }
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::*;
+
+    #[test]
+    fn open_loop_sends_at_intended_times_until_the_end() {
+        let mut s = Schedule::new(1000.0, 0.5, 10_000);
+        assert_eq!(next_slot(&mut s, 10_000, 20_000_000), Slot::Wait, "first message at base + 0.5 ms");
+        assert_eq!(next_slot(&mut s, 12_000_000, 20_000_000), Slot::Send(510_000), "stamped with the due time");
+        assert_eq!(next_slot(&mut s, 12_000_000, 20_000_000), Slot::Send(1_510_000));
+        assert_eq!(next_slot(&mut s, 12_000_000, 1_000_000), Slot::Done);
+        let mut closed = None;
+        assert_eq!(next_slot(&mut closed, 7, 8), Slot::Send(7));
+        assert_eq!(next_slot(&mut closed, 8, 8), Slot::Done);
+    }
+}

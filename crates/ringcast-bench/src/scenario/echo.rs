@@ -21,7 +21,7 @@ use super::{
     DRAIN,
 };
 use crate::client::{Buffers, Conn, Discard, Endpoint, Handler, Tx};
-use crate::clock::{instant_at, now_ns, ns, sleep_until};
+use crate::clock::{instant_at, next_slot, now_ns, ns, sleep_until, Schedule, Slot};
 use crate::error::BenchError;
 use crate::failure::{classify, Failure};
 use crate::meter::{Batch, Meter, Window};
@@ -90,20 +90,6 @@ struct Cfg {
     offset: f64,
 }
 
-/// The open-loop schedule: message k is due at `base + (offset + k) · interval`.
-struct Schedule {
-    base: u64,
-    offset: f64,
-    interval_ns: f64,
-    k: u64,
-}
-
-impl Schedule {
-    fn due(&self) -> u64 {
-        self.base + ((self.offset + self.k as f64) * self.interval_ns) as u64
-    }
-}
-
 /// Decides when the next message goes out, and sends it.
 struct Sender {
     template: Template,
@@ -120,26 +106,13 @@ impl Sender {
     /// Queues every message allowed now.
     fn fill(&mut self, tx: &mut Tx, now: u64) {
         while self.sending && self.inflight < self.window {
-            let ts = match &mut self.schedule {
-                Some(s) => {
-                    let due = s.due();
-                    if due >= self.until {
-                        self.sending = false;
-                        break;
-                    }
-                    if due > now {
-                        break;
-                    }
-                    s.k += 1;
-                    due
+            let ts = match next_slot(&mut self.schedule, now, self.until) {
+                Slot::Done => {
+                    self.sending = false;
+                    break;
                 }
-                None => {
-                    if now >= self.until {
-                        self.sending = false;
-                        break;
-                    }
-                    now
-                }
+                Slot::Wait => break,
+                Slot::Send(ts) => ts,
             };
             self.template.set(0, &ts.to_le_bytes());
             tx.raw(self.template.bytes());
@@ -206,12 +179,7 @@ async fn connection(mut conn: Conn, cfg: Cfg, meter: Arc<Meter>, mut phase: watc
             return t;
         }
     };
-    let schedule = (cfg.rate > 0.0).then(|| Schedule {
-        base: window.start,
-        offset: cfg.offset,
-        interval_ns: 1e9 / cfg.rate,
-        k: 0,
-    });
+    let schedule = Schedule::new(cfg.rate, cfg.offset, window.start);
     let sender = Sender {
         template: Template::new(cfg.size, conn.tx.key()),
         window: cfg.window,

@@ -30,7 +30,7 @@ use super::{
 };
 use crate::centrifuge::{self, lines, parse_line, HttpPublisher, Line};
 use crate::client::{Buffers, Conn, Endpoint, Handler, Tx};
-use crate::clock::{instant_at, now_ns, ns, sleep_until, SECOND};
+use crate::clock::{instant_at, next_slot, now_ns, ns, sleep_until, Schedule, Slot, SECOND};
 use crate::error::BenchError;
 use crate::failure::{classify, Failure, Failures};
 use crate::meter::{Batch, Meter, Window};
@@ -400,23 +400,6 @@ async fn publisher(conn: PubConn, cfg: PubCfg, meter: Arc<Meter>, phase: watch::
 }
 
 /// The open-loop schedule of one publisher: message k is due at `base + (offset + k) · interval`.
-struct Schedule {
-    base: u64,
-    offset: f64,
-    interval_ns: f64,
-    k: u64,
-}
-
-impl Schedule {
-    fn new(cfg: &PubCfg, base: u64) -> Option<Schedule> {
-        (cfg.rate > 0.0).then(|| Schedule { base, offset: cfg.offset, interval_ns: 1e9 / cfg.rate, k: 0 })
-    }
-
-    fn due(&self) -> u64 {
-        self.base + ((self.offset + self.k as f64) * self.interval_ns) as u64
-    }
-}
-
 /// Produces a WebSocket publisher's messages.
 struct Publish {
     /// Raw: the pre-encoded frame. Centrifugo: `None` (commands are JSON, encoded per message).
@@ -454,29 +437,15 @@ impl Publish {
     /// Queues every message allowed now.
     fn fill(&mut self, tx: &mut Tx, now: u64) {
         while self.sending && tx.pending() < MAX_PENDING {
-            let ts = match &mut self.schedule {
-                Some(s) => {
-                    let due = s.due();
-                    if due >= self.until {
-                        self.sending = false;
-                        break;
-                    }
-                    if due > now {
-                        break;
-                    }
-                    s.k += 1;
-                    due
+            let ts = match next_slot(&mut self.schedule, now, self.until) {
+                Slot::Done => {
+                    self.sending = false;
+                    break;
                 }
-                None => {
-                    if now >= self.until {
-                        self.sending = false;
-                        break;
-                    }
-                    if self.window_full() {
-                        break;
-                    }
-                    now
-                }
+                Slot::Wait => break,
+                // Closed loop with a probe: the window of unseen messages is full.
+                Slot::Send(_) if self.window_full() => break,
+                Slot::Send(ts) => ts,
             };
             self.emit(tx, ts);
         }
@@ -582,7 +551,7 @@ async fn ws_publisher(mut conn: Conn, cfg: PubCfg, meter: &Meter, mut phase: wat
         sent: 0,
         sending: true,
         until: window.to,
-        schedule: Schedule::new(&cfg, window.start),
+        schedule: Schedule::new(cfg.rate, cfg.offset, window.start),
         window: cfg.window,
         ack: cfg.ack.clone(),
         forgiven: 0,
@@ -725,7 +694,7 @@ async fn http_publisher(
 ) -> PubTally {
     let mut t = PubTally::default();
     let Some(window) = wait_for_run(&mut phase).await else { return t };
-    let mut schedule = Schedule::new(&cfg, window.start);
+    let mut schedule = Schedule::new(cfg.rate, cfg.offset, window.start);
     let mut data = Vec::with_capacity(cfg.size + 64);
     let mut seq: u32 = 0;
     let mut failed_in_a_row = 0u32;
@@ -750,7 +719,7 @@ async fn http_publisher(
                         }
                     }
                 }
-                s.k += 1;
+                s.advance();
                 due
             }
             None => {

@@ -264,33 +264,27 @@ const HMAC_ALGS: [Algorithm; 3] = [Algorithm::HS256, Algorithm::HS384, Algorithm
 const RSA_ALGS: [Algorithm; 3] = [Algorithm::RS256, Algorithm::RS384, Algorithm::RS512];
 const ECDSA_ALGS: [Algorithm; 2] = [Algorithm::ES256, Algorithm::ES384];
 
+/// The public key configured under `key`, if any, decoded with `decode`; errors name the key.
+fn pem_key(
+    key: &'static str,
+    value: &Option<String>,
+    decode: fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>,
+    what: &str,
+) -> Result<Option<DecodingKey>, AuthError> {
+    let Some(pem) = configured(value) else { return Ok(None) };
+    public_pem(key, pem)?;
+    decode(pem.as_bytes())
+        .map(Some)
+        .map_err(|e| AuthError::BadKey { key, reason: format!("not a PEM {what} public key ({e})") })
+}
+
 impl TokenVerifier {
     /// Builds the verifier; an unusable key is an error naming its configuration key.
     pub fn new(config: &TokenConfig) -> Result<TokenVerifier, AuthError> {
         install_crypto_provider();
         let hmac = configured(&config.hmac_secret).map(|s| DecodingKey::from_secret(s.as_bytes()));
-        let rsa = match configured(&config.rsa_public_key) {
-            Some(pem) => {
-                public_pem(RSA_KEY, pem)?;
-                let key = DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| AuthError::BadKey {
-                    key: RSA_KEY,
-                    reason: format!("not a PEM RSA public key ({e})"),
-                })?;
-                Some(key)
-            }
-            None => None,
-        };
-        let ecdsa = match configured(&config.ecdsa_public_key) {
-            Some(pem) => {
-                public_pem(ECDSA_KEY, pem)?;
-                let key = DecodingKey::from_ec_pem(pem.as_bytes()).map_err(|e| AuthError::BadKey {
-                    key: ECDSA_KEY,
-                    reason: format!("not a PEM ECDSA (P-256/P-384) public key ({e})"),
-                })?;
-                Some(key)
-            }
-            None => None,
-        };
+        let rsa = pem_key(RSA_KEY, &config.rsa_public_key, DecodingKey::from_rsa_pem, "RSA")?;
+        let ecdsa = pem_key(ECDSA_KEY, &config.ecdsa_public_key, DecodingKey::from_ec_pem, "ECDSA (P-256/P-384)")?;
         Ok(TokenVerifier {
             hmac,
             rsa,

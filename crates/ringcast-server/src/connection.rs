@@ -147,7 +147,7 @@ impl Future for Connection {
                 }
             }
             let now = conn.ctx.deadlines.now_ms();
-            let deadline = conn.next_deadline();
+            let deadline = conn.next_deadline(now);
             if reached(now, deadline) {
                 if conn.on_timer(now) {
                     return Poll::Ready(());
@@ -550,7 +550,8 @@ impl Conn {
     }
 
     fn process(&mut self, scratch: &mut Vec<u8>) {
-        let now = self.ctx.deadlines.now_ms();
+        // Every caller has just set `last_read` from the deadline clock: no second clock read per pass.
+        let now = self.last_read;
         let Conn { reader, buf, out, phase, endpoint, closing_since, client, ctx, .. } = self;
         loop {
             if !matches!(*phase, Phase::Open | Phase::Closing) {
@@ -568,9 +569,7 @@ impl Conn {
                             (Endpoint::Client, Some(state)) => {
                                 if let Err(d) = client_message(state, payload, scratch, out, now, &ctx.config) {
                                     tracing::info!(code = d.code, reason = d.reason, "disconnecting client");
-                                    let mut body = [0u8; 125];
-                                    let n = encode_close_payload(CloseCode(d.code), d.reason, &mut body);
-                                    emit(scratch, out, OpCode::Close, Payload { first: &body[..n], second: &[] });
+                                    emit_close(scratch, out, CloseCode(d.code), d.reason);
                                     *phase = Phase::Closing;
                                     *closing_since = Some(stamp(now));
                                 }
@@ -603,9 +602,7 @@ impl Conn {
                     metrics::counter!("ringcast_ws_protocol_errors_total", "reason" => e.label()).increment(1);
                     if *phase == Phase::Open {
                         tracing::info!(code = e.close_code().0, error = %e, "closing connection: protocol violation");
-                        let mut body = [0u8; 125];
-                        let n = encode_close_payload(e.close_code(), &e.to_string(), &mut body);
-                        emit(scratch, out, OpCode::Close, Payload { first: &body[..n], second: &[] });
+                        emit_close(scratch, out, e.close_code(), &e.to_string());
                     }
                     *phase = Phase::Draining;
                     *closing_since = Some(stamp(now));
@@ -684,7 +681,7 @@ impl Conn {
     }
 
     /// The earliest deadline that applies now (milliseconds on the deadline table's clock).
-    fn next_deadline(&self) -> u32 {
+    fn next_deadline(&self, now: u32) -> u32 {
         let cfg = &self.ctx.config;
         let mut d = match self.phase {
             Phase::Handshake => self.last_read.wrapping_add(ms(cfg.handshake_timeout)),
@@ -702,7 +699,6 @@ impl Conn {
                 d = earlier(d, t);
             }
             if let Some(secs) = c.session.expires_in() {
-                let now = self.ctx.deadlines.now_ms();
                 d = earlier(d, now.wrapping_add((secs.clamp(0, 86_400) as u32) * 1000));
             }
             if let Some(t) = c.pong_due {
@@ -868,6 +864,13 @@ fn earlier(a: u32, b: u32) -> u32 {
     } else {
         a
     }
+}
+
+/// Encodes a close frame with `code` and `reason` (cut to fit) into the batch.
+fn emit_close(scratch: &mut Vec<u8>, out: &mut Outbound, code: CloseCode, reason: &str) {
+    let mut body = [0u8; 125];
+    let n = encode_close_payload(code, reason, &mut body);
+    emit(scratch, out, OpCode::Close, Payload { first: &body[..n], second: &[] });
 }
 
 /// Encodes one server frame for `payload` into the batch, or behind the queue if frames are waiting.

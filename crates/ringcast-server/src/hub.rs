@@ -137,37 +137,14 @@ impl Hub {
         let shard = self.read(self.shard_of(channel));
         let value = during();
         let enc = |f: Format| encode(&value, f);
-        let mut frames = Frames::new(&enc);
-        let mut fan = FanOut::default();
-        if let Some(subs) = shard.get(channel) {
-            for client in subs {
-                let Some(frame) = frames.get(client.format) else { continue };
-                match client.deliver(frame) {
-                    Delivery::Queued => fan.delivered += 1,
-                    Delivery::Slow => fan.slow += 1,
-                    Delivery::Closed => {}
-                }
-            }
-        }
+        let fan = deliver_all(shard.get(channel), None, &enc);
         (value, fan)
     }
 
     /// Fans a frame out to every subscriber of `channel` except `skip` (join/leave pushes).
     pub fn broadcast(&self, channel: &str, skip: Option<ClientId>, encode: &dyn Fn(Format) -> Option<Bytes>) -> FanOut {
         let shard = self.read(self.shard_of(channel));
-        let mut frames = Frames::new(encode);
-        let mut fan = FanOut::default();
-        if let Some(subs) = shard.get(channel) {
-            for client in subs.iter().filter(|c| Some(c.id) != skip) {
-                let Some(frame) = frames.get(client.format) else { continue };
-                match client.deliver(frame) {
-                    Delivery::Queued => fan.delivered += 1,
-                    Delivery::Slow => fan.slow += 1,
-                    Delivery::Closed => {}
-                }
-            }
-        }
-        fan
+        deliver_all(shard.get(channel), skip, encode)
     }
 
     pub fn num_subscribers(&self, channel: &str) -> usize {
@@ -182,6 +159,26 @@ impl Hub {
         }
         out
     }
+}
+
+/// Queues the frame for each subscriber's format on every subscriber but `skip` (encoding each format at
+/// most once).
+fn deliver_all(
+    subs: Option<&Vec<Arc<ClientShared>>>,
+    skip: Option<ClientId>,
+    encode: &dyn Fn(Format) -> Option<Bytes>,
+) -> FanOut {
+    let mut frames = Frames::new(encode);
+    let mut fan = FanOut::default();
+    for client in subs.into_iter().flatten().filter(|c| Some(c.id) != skip) {
+        let Some(frame) = frames.get(client.format) else { continue };
+        match client.deliver(frame) {
+            Delivery::Queued => fan.delivered += 1,
+            Delivery::Slow => fan.slow += 1,
+            Delivery::Closed => {}
+        }
+    }
+    fan
 }
 
 #[cfg(test)]

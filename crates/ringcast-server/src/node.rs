@@ -187,29 +187,19 @@ impl Node {
 
     /// Sends a join push to the channel's other subscribers.
     pub fn join(&self, channel: &str, info: &ClientInfo, skip: ClientId) {
-        let push = |format| {
-            push_frame(
-                format,
-                Push {
-                    channel: channel.to_string(),
-                    join: Some(Join { info: Some(info.clone()) }),
-                    ..Default::default()
-                },
-            )
-        };
-        self.hub.broadcast(channel, Some(skip), &push);
+        self.membership_push(channel, skip, |push| push.join = Some(Join { info: Some(info.clone()) }));
     }
 
+    /// Sends a leave push to the channel's other subscribers.
     pub fn leave(&self, channel: &str, info: &ClientInfo, skip: ClientId) {
+        self.membership_push(channel, skip, |push| push.leave = Some(Leave { info: Some(info.clone()) }));
+    }
+
+    fn membership_push(&self, channel: &str, skip: ClientId, set: impl Fn(&mut Push)) {
         let push = |format| {
-            push_frame(
-                format,
-                Push {
-                    channel: channel.to_string(),
-                    leave: Some(Leave { info: Some(info.clone()) }),
-                    ..Default::default()
-                },
-            )
+            let mut push = Push { channel: channel.to_string(), ..Default::default() };
+            set(&mut push);
+            push_frame(format, push)
         };
         self.hub.broadcast(channel, Some(skip), &push);
     }

@@ -11,7 +11,9 @@ use ringcast_server::Config;
 
 /// mimalloc rather than the system allocator: tokio's per-connection task and socket registrations are
 /// 128-byte-aligned allocations; glibc serves those with padding that cost ~45% on top of what an idle
-/// connection really needs (BENCHMARKS.md, "idle memory").
+/// connection really needs (BENCHMARKS.md, "idle memory"). Built with `no_thp`: otherwise mimalloc asks
+/// for transparent huge pages, and a 2 MiB page is resident as soon as one connection's bytes touch it —
+/// measured here, that alone added 200–500 B to every idle connection's share of RSS, in 2 MiB steps.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -26,7 +26,8 @@ use crate::frame::{decode_header, FrameHeader, OpCode, Role, MAX_HEADER_LEN};
 use crate::mask::apply_mask;
 use crate::utf8::Utf8Validator;
 
-/// Size limits, enforced from frame headers.
+/// Size limits, enforced from frame headers. Values above `u32::MAX` (4 GiB − 1) act as `u32::MAX`: the
+/// reader keeps them, and its position in a frame, as `u32`, because every idle connection carries them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest accepted frame payload, in bytes (→ 1009).
@@ -39,6 +40,10 @@ impl Default for Limits {
     fn default() -> Self {
         Limits { max_frame_payload: 1 << 20, max_message_size: 1 << 20 }
     }
+}
+
+fn clamp_u32(v: u64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
 }
 
 /// A payload, as it lies in memory: `first` then `second` (non-empty only when a ring buffer wraps).
@@ -101,12 +106,13 @@ const KEEP_MESSAGE_CAPACITY: usize = 0;
 #[derive(Debug)]
 pub struct Reader {
     role: Role,
-    limits: Limits,
+    max_frame_payload: u32,
+    max_message_size: u32,
     allowed_rsv: u8,
     /// Header of the frame whose payload is being received.
     frame: Option<FrameHeader>,
     /// Payload bytes of `frame` already moved out of the read buffer (streamed).
-    frame_streamed: u64,
+    frame_streamed: u32,
     /// Payload bytes at the front of the read buffer already unmasked (and UTF-8 checked). `u32`: read
     /// buffers are below 4 GiB, and every idle connection carries this struct.
     processed: u32,
@@ -128,7 +134,8 @@ impl Reader {
     pub fn new(role: Role, limits: Limits) -> Self {
         Reader {
             role,
-            limits,
+            max_frame_payload: clamp_u32(limits.max_frame_payload),
+            max_message_size: clamp_u32(limits.max_message_size),
             allowed_rsv: 0,
             frame: None,
             frame_streamed: 0,
@@ -184,7 +191,7 @@ impl Reader {
                     None => return Ok(None),
                 },
             };
-            let remaining = header.payload_len - self.frame_streamed;
+            let remaining = header.payload_len - u64::from(self.frame_streamed);
             let available = (buf.len() as u64).min(remaining) as usize;
             if available > self.processed as usize {
                 self.process(buf, &header, available)?;
@@ -259,7 +266,8 @@ impl Reader {
                 self.assembled.extend_from_slice(b);
             }
             buf.consume(available);
-            self.frame_streamed += available as u64;
+            // Below the frame's length, which the limit kept within `u32`.
+            self.frame_streamed += available as u32;
             self.processed = 0;
             if !complete {
                 return Ok(None);
@@ -311,10 +319,10 @@ impl Reader {
             _ => {}
         }
         if !header.opcode.is_control() {
-            if header.payload_len > self.limits.max_frame_payload {
+            if header.payload_len > u64::from(self.max_frame_payload) {
                 return Err(WireError::FrameTooLarge);
             }
-            if self.assembled.len() as u64 + header.payload_len > self.limits.max_message_size {
+            if self.assembled.len() as u64 + header.payload_len > u64::from(self.max_message_size) {
                 return Err(WireError::MessageTooLarge);
             }
         }

@@ -195,6 +195,21 @@ for_each_strategy! {
         assert_eq!(err, Some(WireError::FrameTooLarge));
         assert_eq!(err.unwrap().close_code(), CloseCode::TOO_BIG);
     };
+    limits_beyond_4_gib_act_as_4_gib => |s| {
+        // A header announcing 4 GiB (one byte past u32::MAX): only the header is delivered.
+        let limits = Limits { max_frame_payload: u64::MAX, max_message_size: u64::MAX };
+        let mut h = vec![0x82, 0x80 | 127];
+        h.extend_from_slice(&(1u64 << 32).to_be_bytes());
+        h.extend_from_slice(&[1, 2, 3, 4]);
+        let (_, err) = decode_with(s, 256, limits, &[&h]);
+        assert_eq!(err, Some(WireError::FrameTooLarge));
+        // One byte less is within the (clamped) limit: no error, the reader waits for the payload.
+        let mut h = vec![0x82, 0x80 | 127];
+        h.extend_from_slice(&(u64::from(u32::MAX)).to_be_bytes());
+        h.extend_from_slice(&[1, 2, 3, 4]);
+        let (_, err) = decode_with(s, 256, limits, &[&h]);
+        assert_eq!(err, None);
+    };
     message_over_the_limit_closes_1009 => |s| {
         let limits = Limits { max_frame_payload: 1 << 20, max_message_size: 1000 };
         let mut st = frame(false, OpCode::Binary, &[0u8; 600]);

@@ -269,14 +269,17 @@ impl Config {
                 return Err(invalid(name, "must be at most 1 GiB"));
             }
         }
-        if self.max_message_size == 0 {
-            return Err(invalid("max_message_size", "must be positive"));
+        if self.max_message_size == 0 || self.max_message_size > u64::from(u32::MAX) {
+            return Err(invalid("max_message_size", "must be between 1 byte and 4 GiB"));
         }
         if self.max_request_head < 256 {
             return Err(invalid("max_request_head", "must be at least 256 bytes"));
         }
         if self.client_queue_max_size < 1024 {
             return Err(invalid("client_queue_max_size", "must be at least 1024 bytes"));
+        }
+        if self.client_queue_max_size > u32::MAX as usize {
+            return Err(invalid("client_queue_max_size", "must be below 4 GiB"));
         }
         for (name, d) in [
             ("handshake_timeout", self.handshake_timeout),

@@ -86,9 +86,9 @@ const CLIENT_PROTOCOLS: &[&str] = &[PROTOBUF_SUBPROTOCOL, "centrifuge-json"];
 struct ClientState {
     session: Session,
     /// When the next server ping is due, once connected (deadline-table milliseconds).
-    ping_at: Option<u32>,
+    ping_at: Option<Stamp>,
     /// When the client's answer to the last ping is due.
-    pong_due: Option<u32>,
+    pong_due: Option<Stamp>,
 }
 
 /// Where the connection stands.
@@ -175,6 +175,7 @@ impl Future for Connection {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        self.ctx.live.leave();
         self.ctx.deadlines.remove(self.key);
         if self.endpoint != Endpoint::None {
             metrics::gauge!("ringcast_ws_connections").decrement(1.0);
@@ -229,6 +230,7 @@ impl Conn {
             )),
         };
         let reader = Reader::new(Role::Server, ctx.limits);
+        ctx.live.enter();
         let key = ctx.deadlines.register(spread);
         let now = ctx.deadlines.now_ms();
         Conn {
@@ -696,13 +698,13 @@ impl Conn {
         }
         if let (Some(c), Phase::Open) = (&self.client, self.phase) {
             if let Some(t) = c.ping_at {
-                d = earlier(d, t);
+                d = earlier(d, t.get());
             }
             if let Some(secs) = c.session.expires_in() {
                 d = earlier(d, now.wrapping_add((secs.clamp(0, 86_400) as u32) * 1000));
             }
             if let Some(t) = c.pong_due {
-                d = earlier(d, t);
+                d = earlier(d, t.get());
             }
         }
         d
@@ -781,12 +783,12 @@ impl Conn {
         if let Some(due) = c.pong_due {
             if c.session.pong_received {
                 c.pong_due = None;
-            } else if reached(now, due) {
+            } else if reached(now, due.get()) {
                 return Some(DisconnectCode::NO_PONG);
             }
         }
         if let Some(at) = c.ping_at {
-            if reached(now, at) {
+            if reached(now, at.get()) {
                 // Quiet since the last ping: give back queue storage kept for bursts.
                 if self.out.is_empty() {
                     self.out.shrink_if_empty();
@@ -794,8 +796,8 @@ impl Conn {
                 }
                 let frame = crate::node::ws_frame(c.session.format(), &c.session.ping_payload());
                 c.session.pong_received = false;
-                c.pong_due = Some(now.wrapping_add(ms(cfg.pong_timeout)));
-                c.ping_at = Some(now.wrapping_add(ms(cfg.ping_interval)));
+                c.pong_due = Some(stamp(now.wrapping_add(ms(cfg.pong_timeout))));
+                c.ping_at = Some(stamp(now.wrapping_add(ms(cfg.ping_interval))));
                 self.out.push(frame);
                 if self.write_stalled_since.is_none() {
                     self.write_stalled_since = Some(stamp(now));
@@ -835,7 +837,7 @@ fn client_message(
         None => state.session.on_message(&payload.to_vec(), &mut replies)?,
     }
     if !was_connected && state.session.is_connected() && !cfg.ping_interval.is_zero() {
-        state.ping_at = Some(now.wrapping_add(ms(cfg.ping_interval)));
+        state.ping_at = Some(stamp(now.wrapping_add(ms(cfg.ping_interval))));
     }
     if !replies.is_empty() {
         let opcode = if state.session.format().is_binary() { OpCode::Binary } else { OpCode::Text };
@@ -903,7 +905,20 @@ mod tests {
         let conn = super::Connection::new(stream, ctx, 0);
         let size = std::mem::size_of_val(&conn);
         println!("Connection future: {size} B");
-        // 304 B + tokio's 144-B task header = 448 B, an allocator size class (mimalloc): one byte more costs 64.
-        assert!(size <= 304, "Connection grew to {size} B");
+        // tokio's task cell is its header (32 B), scheduler and id (16 B), the stage tag (8 B), the future
+        // and a trailer (48 B), rounded up to a multiple of 128 (it is `repr(align(128))`): 104 + 280 =
+        // 384 B per connection; one byte more and every connection's task costs 512.
+        assert!(size <= 280, "Connection grew to {size} B");
+    }
+
+    /// What a client connection adds: its boxed state and the shared queue (an `Arc`: 16 more bytes).
+    /// 64 and 160 are allocator size classes (mimalloc); BENCHMARKS.md has the RSS they add up to.
+    #[test]
+    fn client_state_stays_small() {
+        let state = std::mem::size_of::<super::ClientState>();
+        let shared = std::mem::size_of::<crate::client::ClientShared>();
+        println!("ClientState: {state} B, ClientShared: {shared} B");
+        assert!(state <= 64, "ClientState grew to {state} B");
+        assert!(shared + 16 <= 160, "ClientShared grew to {shared} B");
     }
 }

@@ -8,6 +8,7 @@
 //! Replies are written by the connection in the same pass that produced them, before it next takes
 //! frames delivered by publishers, so a subscribe reply always precedes the first push of its channel.
 
+use std::num::NonZeroI64;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -26,26 +27,47 @@ use crate::node::Node;
 /// The version string sent in connect replies.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+// Every subscribed idle connection carries a session and its subscriptions, so both are kept compact:
+// what most clients do not have (a user and connection info, subscription-token info) is boxed and
+// absent, and subscriptions sit in an exactly sized boxed slice (32 bytes each).
+
 struct Sub {
     channel: Box<str>,
-    chan_info: Bytes,
+    /// `info` from the subscription token, if there was one.
+    chan_info: Option<Box<Bytes>>,
     presence: bool,
     join_leave: bool,
+}
+
+impl Sub {
+    fn chan_info(&self) -> Bytes {
+        self.chan_info.as_deref().cloned().unwrap_or_default()
+    }
+}
+
+/// Who the token said the client is (anonymous clients have none).
+struct Identity {
+    user: String,
+    conn_info: Bytes,
 }
 
 pub struct Session {
     pub shared: Arc<ClientShared>,
     node: Arc<Node>,
-    connected: bool,
-    user: String,
-    conn_info: Bytes,
-    /// Unix seconds when the connection's token expires (`None`: never).
-    pub expires_at: Option<i64>,
-    subs: Vec<Sub>,
+    identity: Option<Box<Identity>>,
+    /// Unix seconds when the connection's token expires (`None`: never; a token's 0 is stored as
+    /// `i64::MIN`, long expired either way).
+    expires_at: Option<NonZeroI64>,
+    subs: Box<[Sub]>,
     /// Heartbeat settings announced in the connect reply (seconds).
     ping_interval: u32,
+    connected: bool,
     /// The client answered the last server ping (an empty command).
     pub pong_received: bool,
+}
+
+fn expiry(unix_secs: Option<i64>) -> Option<NonZeroI64> {
+    unix_secs.map(|t| NonZeroI64::new(t).unwrap_or(NonZeroI64::MIN))
 }
 
 thread_local! {
@@ -67,14 +89,18 @@ impl Session {
         Session {
             shared,
             node,
-            connected: false,
-            user: String::new(),
-            conn_info: Bytes::new(),
+            identity: None,
             expires_at: None,
-            subs: Vec::new(),
+            subs: Box::default(),
             ping_interval,
+            connected: false,
             pong_received: true,
         }
+    }
+
+    /// The user id from the token ("" for anonymous clients).
+    fn user(&self) -> &str {
+        self.identity.as_ref().map_or("", |i| &i.user)
     }
 
     pub fn format(&self) -> Format {
@@ -95,9 +121,9 @@ impl Session {
 
     fn client_info(&self, chan_info: Bytes) -> ClientInfo {
         ClientInfo {
-            user: self.user.clone(),
+            user: self.user().to_string(),
             client: self.shared.id.to_string(),
-            conn_info: self.conn_info.clone(),
+            conn_info: self.identity.as_ref().map(|i| i.conn_info.clone()).unwrap_or_default(),
             chan_info,
         }
     }
@@ -216,9 +242,10 @@ impl Session {
             };
             match verifier.verify_connect(&req.token, now_unix()) {
                 Ok(claims) => {
-                    self.user = claims.user;
-                    self.conn_info = claims.info;
-                    self.expires_at = claims.expires_at;
+                    if !claims.user.is_empty() || !claims.info.is_empty() {
+                        self.identity = Some(Box::new(Identity { user: claims.user, conn_info: claims.info }));
+                    }
+                    self.expires_at = expiry(claims.expires_at);
                     channels = claims.channels;
                 }
                 Err(e) => {
@@ -232,7 +259,7 @@ impl Session {
             }
         }
         self.connected = true;
-        self.node.register_client(&self.user, &self.shared);
+        self.node.register_client(self.user(), &self.shared);
         let mut result = ConnectResult {
             client: self.shared.id.to_string(),
             version: VERSION.to_string(),
@@ -240,9 +267,9 @@ impl Session {
             pong: true,
             ..Default::default()
         };
-        if let Some(exp) = self.expires_at {
+        if let Some(secs) = self.expires_in() {
             result.expires = true;
-            result.ttl = (exp - now_unix()).max(0) as u32;
+            result.ttl = secs.clamp(0, i64::from(u32::MAX)) as u32;
         }
         // Server-side subscriptions from the token's `channels` claim.
         for channel in channels {
@@ -285,7 +312,7 @@ impl Session {
                 })
             }
             ServerCommand::Refresh { expire_at, expired } => {
-                self.expires_at = if expired { Some(now_unix()) } else { expire_at };
+                self.expires_at = expiry(if expired { Some(now_unix()) } else { expire_at });
                 None
             }
         }
@@ -293,12 +320,12 @@ impl Session {
 
     /// Seconds until the connection expires (`None`: never).
     pub fn expires_in(&self) -> Option<i64> {
-        self.expires_at.map(|e| e - now_unix())
+        self.expires_at.map(|e| e.get().saturating_sub(now_unix()))
     }
 
     fn verify_sub_token(&self, token: &str, channel: &str) -> Result<Bytes, ErrorCode> {
         let verifier = self.node.tokens.as_ref().ok_or(ErrorCode::PERMISSION_DENIED)?;
-        verifier.verify_subscribe(token, &self.user, channel, now_unix()).map(|c| c.info).map_err(|e| {
+        verifier.verify_subscribe(token, self.user(), channel, now_unix()).map(|c| c.info).map_err(|e| {
             metrics::counter!("ringcast_auth_failures_total", "kind" => "subscribe").increment(1);
             e.for_subscribe()
         })
@@ -316,15 +343,15 @@ impl Session {
         if self.subs.iter().any(|s| *s.channel == *channel) {
             return Err(ErrorCode::ALREADY_SUBSCRIBED);
         }
-        let mut chan_info = Bytes::new();
+        let mut chan_info = None;
         if !server_side {
             let has_token = if req.token.is_empty() {
                 false
             } else {
-                chan_info = self.verify_sub_token(&req.token, channel)?;
+                chan_info = Some(self.verify_sub_token(&req.token, channel)?).filter(|i| !i.is_empty());
                 true
             };
-            crate::namespace::can_subscribe(opts, channel, &self.user, has_token)
+            crate::namespace::can_subscribe(opts, channel, self.user(), has_token)
                 .map_err(|_| ErrorCode::PERMISSION_DENIED)?;
         }
         let history = Node::history_options(opts);
@@ -367,27 +394,32 @@ impl Session {
             metrics::counter!("ringcast_recoveries_total", "recovered" => if result.recovered { "true" } else { "false" })
                 .increment(1);
         }
-        let info = self.client_info(chan_info.clone());
+        let info = self.client_info(chan_info.clone().unwrap_or_default());
         if opts.presence {
             node.broker.add_presence(channel, self.shared.id, info.clone());
         }
         if opts.join_leave {
             node.join(channel, &info, self.shared.id);
         }
-        self.subs.push(Sub {
+        // Exactly sized: one more element each time (subscribing is rare next to holding subscriptions).
+        let mut subs = std::mem::take(&mut self.subs).into_vec();
+        subs.reserve_exact(1);
+        subs.push(Sub {
             channel: channel.into(),
-            chan_info,
+            chan_info: chan_info.map(Box::new),
             presence: opts.presence,
             join_leave: opts.join_leave,
         });
+        self.subs = subs.into_boxed_slice();
         metrics::gauge!("ringcast_subscriptions").increment(1.0);
         Ok(result)
     }
 
     fn unsubscribe(&mut self, channel: &str) {
         let Some(pos) = self.subs.iter().position(|s| *s.channel == *channel) else { return };
-        let sub = self.subs.swap_remove(pos);
-        self.subs.shrink_to_fit();
+        let mut subs = std::mem::take(&mut self.subs).into_vec();
+        let sub = subs.swap_remove(pos);
+        self.subs = subs.into_boxed_slice();
         self.leave(&sub);
     }
 
@@ -397,7 +429,7 @@ impl Session {
             self.node.broker.remove_presence(&sub.channel, self.shared.id);
         }
         if sub.join_leave {
-            self.node.leave(&sub.channel, &self.client_info(sub.chan_info.clone()), self.shared.id);
+            self.node.leave(&sub.channel, &self.client_info(sub.chan_info()), self.shared.id);
         }
         metrics::gauge!("ringcast_subscriptions").decrement(1.0);
     }
@@ -405,8 +437,8 @@ impl Session {
     fn publish(&self, id: u32, channel: &str, data: Bytes) -> Result<Reply, ErrorCode> {
         let opts = self.node.options(channel)?;
         let sub = self.subs.iter().find(|s| *s.channel == *channel);
-        crate::namespace::can_publish(opts, &self.user, sub.is_some()).map_err(|_| ErrorCode::PERMISSION_DENIED)?;
-        let info = self.client_info(sub.map(|s| s.chan_info.clone()).unwrap_or_default());
+        crate::namespace::can_publish(opts, self.user(), sub.is_some()).map_err(|_| ErrorCode::PERMISSION_DENIED)?;
+        let info = self.client_info(sub.map(Sub::chan_info).unwrap_or_default());
         self.node.publish(channel, data, Some(info))?;
         Ok(Reply { id, publish: Some(PublishResult {}), ..Default::default() })
     }
@@ -431,15 +463,15 @@ impl Session {
             crate::auth::Outcome::Error(code) => code,
             crate::auth::Outcome::Disconnect(_) => ErrorCode::PERMISSION_DENIED,
         })?;
-        if claims.user != self.user {
+        if claims.user != self.user() {
             return Err(ErrorCode::PERMISSION_DENIED);
         }
-        self.expires_at = claims.expires_at;
+        self.expires_at = expiry(claims.expires_at);
         let mut result =
             RefreshResult { client: self.shared.id.to_string(), version: VERSION.to_string(), ..Default::default() };
-        if let Some(exp) = self.expires_at {
+        if let Some(secs) = self.expires_in() {
             result.expires = true;
-            result.ttl = (exp - now_unix()).max(0) as u32;
+            result.ttl = secs.clamp(0, i64::from(u32::MAX)) as u32;
         }
         Ok(Reply { id, refresh: Some(result), ..Default::default() })
     }
@@ -451,7 +483,7 @@ impl Drop for Session {
             self.leave(&sub);
         }
         if self.connected {
-            self.node.unregister_client(&self.user, self.shared.id);
+            self.node.unregister_client(self.user(), self.shared.id);
         }
     }
 }

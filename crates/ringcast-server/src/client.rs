@@ -86,6 +86,8 @@ struct State {
     notified: bool,
     /// A disconnect was requested: nothing is queued any more (stays set after the pick-up).
     closed: bool,
+    /// When the oldest frame in `out` was published ([`crate::metrics::clock_us`]).
+    oldest_us: u32,
     /// What other tasks rarely ask for; boxed, so that the idle connections that never see one carry 8
     /// bytes instead of 56 (every subscribed connection holds one of these structs).
     requests: Option<Box<Requests>>,
@@ -129,8 +131,9 @@ impl ClientShared {
         }
     }
 
-    /// Queues a frame for this client and wakes its task.
-    pub fn deliver(&self, frame: &Bytes) -> Delivery {
+    /// Queues a frame for this client and wakes its task. `published_us`: when it was published
+    /// ([`crate::metrics::clock_us`]), for the publish-to-delivery histogram.
+    pub fn deliver(&self, frame: &Bytes, published_us: u32) -> Delivery {
         let waker;
         let outcome;
         {
@@ -144,6 +147,9 @@ impl ClientShared {
                 st.closed = true;
                 outcome = Delivery::Slow;
             } else {
+                if st.out.is_empty() {
+                    st.oldest_us = published_us;
+                }
                 st.out.push(frame.clone());
                 outcome = Delivery::Queued;
             }
@@ -211,6 +217,8 @@ impl ClientShared {
     /// Frames stay here while the connection still has unwritten ones of its own, so the backlog of a
     /// client that does not read accumulates *here*, where [`Self::deliver`] measures it against the
     /// limit (the connection's own queue then holds at most one earlier batch).
+    ///
+    /// Taking frames records how long the oldest of them waited since its publish.
     pub fn take(&self, local: &mut Outbound, waker: &Waker) -> Option<DisconnectRequest> {
         let mut st = self.lock();
         match &st.waker {
@@ -218,14 +226,25 @@ impl ClientShared {
             _ => st.waker = Some(waker.clone()),
         }
         st.notified = false;
-        if local.is_empty() {
+        let mut taken_since = None;
+        if local.is_empty() && !st.out.is_empty() {
             local.take_all(&mut st.out);
+            taken_since = Some(st.oldest_us);
         }
-        let r = st.requests.as_mut()?;
-        let disconnect = r.disconnect.take();
-        if r.commands.is_empty() {
-            // Handled: an idle connection goes back to carrying nothing here.
-            st.requests = None;
+        let disconnect = match st.requests.as_mut() {
+            None => None,
+            Some(r) => {
+                let d = r.disconnect.take();
+                if r.commands.is_empty() {
+                    // Handled: an idle connection goes back to carrying nothing here.
+                    st.requests = None;
+                }
+                d
+            }
+        };
+        drop(st);
+        if let Some(since) = taken_since {
+            crate::metrics::record_delivery(crate::metrics::clock_us().wrapping_sub(since));
         }
         disconnect
     }
@@ -249,10 +268,10 @@ mod tests {
         let c = ClientShared::new(ClientId(1), Format::Json, 10);
         let mut local = Outbound::new();
         local.push(Bytes::from_static(b"unwritten"));
-        assert_eq!(c.deliver(&Bytes::from_static(b"12345")), Delivery::Queued);
+        assert_eq!(c.deliver(&Bytes::from_static(b"12345"), 0), Delivery::Queued);
         c.take(&mut local, std::task::Waker::noop());
         assert_eq!(local.queued_bytes(), 9, "not moved while the local queue is busy");
-        assert_eq!(c.deliver(&Bytes::from_static(b"123456")), Delivery::Slow, "the backlog is measured here");
+        assert_eq!(c.deliver(&Bytes::from_static(b"123456"), 0), Delivery::Slow, "the backlog is measured here");
     }
 
     #[test]
@@ -280,14 +299,14 @@ mod tests {
     #[test]
     fn overflow_marks_slow_and_drops_the_queue() {
         let c = ClientShared::new(ClientId(1), Format::Json, 10);
-        assert_eq!(c.deliver(&Bytes::from_static(b"123456")), Delivery::Queued);
-        assert_eq!(c.deliver(&Bytes::from_static(b"123456")), Delivery::Slow);
-        assert_eq!(c.deliver(&Bytes::from_static(b"1")), Delivery::Closed);
+        assert_eq!(c.deliver(&Bytes::from_static(b"123456"), 0), Delivery::Queued);
+        assert_eq!(c.deliver(&Bytes::from_static(b"123456"), 0), Delivery::Slow);
+        assert_eq!(c.deliver(&Bytes::from_static(b"1"), 0), Delivery::Closed);
         let mut local = Outbound::new();
         let req = c.take(&mut local, std::task::Waker::noop());
         assert_eq!(req.map(|r| r.code), Some(3008));
         assert!(local.is_empty(), "a slow client's backlog is dropped, not written");
-        assert_eq!(c.deliver(&Bytes::from_static(b"1")), Delivery::Closed, "still closed after the pick-up");
+        assert_eq!(c.deliver(&Bytes::from_static(b"1"), 0), Delivery::Closed, "still closed after the pick-up");
         assert_eq!(c.take(&mut local, std::task::Waker::noop()), None, "the disconnect is reported once");
     }
 }

@@ -377,6 +377,7 @@ impl Conn {
         if n == 0 {
             return Ok(Some(0));
         }
+        self.ctx.bytes_in.increment(n as u64);
         self.buf.commit(n);
         self.last_read = self.ctx.deadlines.now_ms();
         if self.phase == Phase::Draining {
@@ -405,7 +406,10 @@ impl Conn {
         buf.reserve((max + 1).saturating_sub(buf.len()));
         let outcome = match self.stream.try_read_buf(&mut buf) {
             Ok(0) => Ok(Some(0)),
-            Ok(n) => self.on_head(&buf, n, max),
+            Ok(n) => {
+                self.ctx.bytes_in.increment(n as u64);
+                self.on_head(&buf, n, max)
+            }
             Err(e) => match e.kind() {
                 io::ErrorKind::WouldBlock => Ok(None),
                 io::ErrorKind::Interrupted => Ok(Some(usize::MAX)),
@@ -626,6 +630,7 @@ impl Conn {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                     Ok(n) => {
                         written += n;
+                        self.ctx.bytes_out.increment(n as u64);
                         if written == batch.len() {
                             return Ok(());
                         }
@@ -645,7 +650,9 @@ impl Conn {
 
     fn flush(&mut self) -> io::Result<()> {
         let before = self.out.queued_bytes();
-        if self.out.flush(&self.stream)? {
+        let done = self.out.flush(&self.stream);
+        self.ctx.bytes_out.increment((before - self.out.queued_bytes()) as u64);
+        if done? {
             self.write_stalled_since = None;
             // A client connection keeps its queue storage while traffic flows (freeing it after every
             // drain would make each burst allocate: per-delivery allocations); it is released at the

@@ -170,9 +170,11 @@ fn deliver_all(
 ) -> FanOut {
     let mut frames = Frames::new(encode);
     let mut fan = FanOut::default();
-    for client in subs.into_iter().flatten().filter(|c| Some(c.id) != skip) {
+    let Some(subs) = subs else { return fan };
+    let now = crate::metrics::clock_us();
+    for client in subs.iter().filter(|c| Some(c.id) != skip) {
         let Some(frame) = frames.get(client.format) else { continue };
-        match client.deliver(frame) {
+        match client.deliver(frame, now) {
             Delivery::Queued => fan.delivered += 1,
             Delivery::Slow => fan.slow += 1,
             Delivery::Closed => {}

@@ -5,17 +5,24 @@
 //! renders. The names below are described once, at install, so a scrape documents itself (`# HELP`), and
 //! are listed here so one file says what exists; emitting sites use these constants or the same literals.
 //!
-//! Recording is at boundaries (accept, handshake, close, publish, drop), never per frame.
+//! Recording is at boundaries (accept, handshake, close, publish, drop), never per frame. The two
+//! exceptions are cheap by construction: socket byte counters are handles kept in the server's context
+//! (one atomic add per read or write), and the publish-to-delivery histogram is a fixed array of atomic
+//! buckets here ([`record_delivery`]), recorded once per batch a subscriber's task takes for writing —
+//! the exporter's own histograms buffer every sample, which at 100,000 deliveries a second would mean
+//! megabytes and allocations between scrapes.
 //!
 //! # Upkeep
 //! The exporter buffers histogram samples until a scrape or an upkeep drains them; without scrapes that
 //! buffer grows. [`install`] starts one small thread that runs upkeep every [`UPKEEP_INTERVAL`].
 
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::{describe_counter, describe_gauge, Unit};
+use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
 
 // Connections (emitted by `server` and `connection`).
 pub const WS_CONNECTIONS: &str = "ringcast_ws_connections";
@@ -47,6 +54,71 @@ pub const API_REJECTED_TOTAL: &str = "ringcast_api_rejected_total";
 pub const PUBLISH_DELIVERY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
+const DELIVERY_HELP: &str = "Time from a publish until a subscriber's connection takes the publication to write it to its socket (one sample per batch taken: its oldest frame).";
+
+/// The same bounds in microseconds, for recording.
+const DELIVERY_BOUNDS_US: [u32; 12] =
+    [500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000];
+
+/// Publish-to-delivery samples: one counter per bucket (the last is +Inf), their sum and their count.
+struct DeliveryHistogram {
+    buckets: [AtomicU64; DELIVERY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+static DELIVERY: DeliveryHistogram = DeliveryHistogram::new();
+
+impl DeliveryHistogram {
+    const fn new() -> Self {
+        DeliveryHistogram {
+            buckets: [const { AtomicU64::new(0) }; DELIVERY_BOUNDS_US.len() + 1],
+            sum_us: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, micros: u32) {
+        let i = DELIVERY_BOUNDS_US.iter().position(|&b| micros <= b).unwrap_or(DELIVERY_BOUNDS_US.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(u64::from(micros), Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(out, "# HELP {PUBLISH_DELIVERY_SECONDS} {DELIVERY_HELP}");
+        let _ = writeln!(out, "# TYPE {PUBLISH_DELIVERY_SECONDS} histogram");
+        let mut cumulative = 0;
+        for (i, le) in PUBLISH_DELIVERY_BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{PUBLISH_DELIVERY_SECONDS}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[DELIVERY_BOUNDS_US.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{PUBLISH_DELIVERY_SECONDS}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{PUBLISH_DELIVERY_SECONDS}_sum {sum}");
+        let _ = writeln!(out, "{PUBLISH_DELIVERY_SECONDS}_count {}", self.count.load(Ordering::Relaxed));
+    }
+}
+
+static CLOCK: OnceLock<Instant> = OnceLock::new();
+
+/// Microseconds on a process-wide clock, wrapping every ~71 minutes: stamps for latencies far shorter
+/// than that, compared with `wrapping_sub`.
+pub fn clock_us() -> u32 {
+    CLOCK.get_or_init(Instant::now).elapsed().as_micros() as u32
+}
+
+/// Records one publish-to-delivery latency. No allocation, no lock: three relaxed atomic adds.
+pub fn record_delivery(micros: u32) {
+    DELIVERY.record(micros);
+}
+
+/// Appends the publish-to-delivery histogram in the Prometheus text format (cumulative buckets).
+pub fn render_delivery(out: &mut String) {
+    DELIVERY.render(out);
+}
+
 /// How often histogram buffers are drained when nobody scrapes.
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -72,9 +144,7 @@ pub fn install() -> Option<PrometheusHandle> {
 }
 
 fn build() -> Result<PrometheusBuilder, BuildError> {
-    PrometheusBuilder::new()
-        .upkeep_timeout(UPKEEP_INTERVAL)
-        .set_buckets_for_metric(Matcher::Full(PUBLISH_DELIVERY_SECONDS.to_string()), PUBLISH_DELIVERY_BUCKETS)
+    Ok(PrometheusBuilder::new().upkeep_timeout(UPKEEP_INTERVAL))
 }
 
 fn start_upkeep(handle: PrometheusHandle) {
@@ -108,15 +178,10 @@ fn describe() {
     describe_gauge!(SUBSCRIPTIONS, Unit::Count, "Active client subscriptions.");
     describe_counter!(MESSAGES_IN_TOTAL, Unit::Count, "Messages received from clients.");
     describe_counter!(MESSAGES_OUT_TOTAL, Unit::Count, "Messages sent to clients.");
-    describe_counter!(BYTES_IN_TOTAL, Unit::Bytes, "Payload bytes received from clients.");
-    describe_counter!(BYTES_OUT_TOTAL, Unit::Bytes, "Payload bytes sent to clients.");
+    describe_counter!(BYTES_IN_TOTAL, Unit::Bytes, "Bytes read from WebSocket client sockets (framing included).");
+    describe_counter!(BYTES_OUT_TOTAL, Unit::Bytes, "Bytes written to WebSocket client sockets (framing included).");
     describe_counter!(QUEUE_DROPS_TOTAL, Unit::Count, "Messages dropped because a client's queue was full.");
     describe_counter!(SLOW_DISCONNECTS_TOTAL, Unit::Count, "Clients disconnected for reading too slowly.");
-    describe_histogram!(
-        PUBLISH_DELIVERY_SECONDS,
-        Unit::Seconds,
-        "Time from a publish until it is queued on every local subscriber (the socket write follows in that connection's next poll)."
-    );
     describe_counter!(HTTP_CONNECTIONS_TOTAL, Unit::Count, "Connections served as plain HTTP (API, health, metrics).");
     describe_counter!(HTTP_ERRORS_TOTAL, Unit::Count, "Plain HTTP connections ended by an error, by `kind`.");
     describe_counter!(API_REQUESTS_TOTAL, Unit::Count, "Server API calls, by `method`.");
@@ -137,23 +202,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn install_is_idempotent_and_buckets_the_delivery_histogram() {
+    fn install_is_idempotent() {
         let first = install().expect("installed");
         let second = install().expect("still installed");
-        metrics::histogram!(PUBLISH_DELIVERY_SECONDS).record(0.0007);
         metrics::counter!(API_REQUESTS_TOTAL, "method" => "publish").increment(1);
         let text = second.render();
-        let bucket = r#"ringcast_publish_delivery_seconds_bucket{le="0.001"} 1"#;
-        assert!(first.render().contains(bucket), "both calls return the same recorder");
-        assert!(text.contains("# HELP ringcast_publish_delivery_seconds"), "{text}");
-        assert!(text.contains(r#"ringcast_publish_delivery_seconds_bucket{le="0.0005"} 0"#), "{text}");
-        assert!(text.contains(bucket), "{text}");
-        assert!(text.contains(r#"ringcast_publish_delivery_seconds_bucket{le="2.5"} 1"#), "{text}");
-        assert!(text.contains(r#"ringcast_api_requests_total{method="publish"}"#), "{text}");
+        assert!(first.render().contains(r#"ringcast_api_requests_total{method="publish"}"#), "same recorder");
+        assert!(text.contains("# HELP ringcast_api_requests_total"), "{text}");
     }
 
     #[test]
-    fn buckets_are_increasing() {
+    fn delivery_histogram_is_cumulative_and_sums_seconds() {
+        let h = DeliveryHistogram::new(); // not the process-wide one: other tests deliver into that
+        h.record(700); // 0.7 ms: in le=0.001 and every bucket above
+        h.record(500); // on a bound: in le=0.0005
+        h.record(3_000_000); // 3 s: only +Inf
+        let mut text = String::new();
+        h.render(&mut text);
+        for line in [
+            "# TYPE ringcast_publish_delivery_seconds histogram",
+            r#"ringcast_publish_delivery_seconds_bucket{le="0.0005"} 1"#,
+            r#"ringcast_publish_delivery_seconds_bucket{le="0.001"} 2"#,
+            r#"ringcast_publish_delivery_seconds_bucket{le="2.5"} 2"#,
+            r#"ringcast_publish_delivery_seconds_bucket{le="+Inf"} 3"#,
+            "ringcast_publish_delivery_seconds_sum 3.0012",
+            "ringcast_publish_delivery_seconds_count 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn bounds_match_the_published_buckets() {
         assert!(PUBLISH_DELIVERY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        for (us, s) in DELIVERY_BOUNDS_US.iter().zip(PUBLISH_DELIVERY_BUCKETS) {
+            assert_eq!(f64::from(*us) / 1e6, *s);
+        }
+    }
+
+    #[test]
+    fn clock_wraps_only_after_an_hour() {
+        let a = clock_us();
+        std::thread::sleep(Duration::from_millis(2));
+        let d = clock_us().wrapping_sub(a);
+        assert!((2_000..1_000_000).contains(&d), "{d}");
     }
 }

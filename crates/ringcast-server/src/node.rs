@@ -152,7 +152,6 @@ impl Node {
         info: Option<ClientInfo>,
         history: HistoryOptions,
     ) -> Result<(StreamPos, FanOut), ErrorCode> {
-        let started = Instant::now();
         let ((_, pos), fan) = self.hub.publish_with(
             channel,
             || {
@@ -166,9 +165,8 @@ impl Node {
             },
         );
         metrics::counter!("ringcast_messages_out_total").increment(fan.delivered as u64);
-        // Publish to the last subscriber's queue; the socket write follows within the connection's
-        // next poll (BENCHMARKS.md measures end-to-end latency with `ringcast bench fanout`).
-        metrics::histogram!("ringcast_publish_delivery_seconds").record(started.elapsed().as_secs_f64());
+        // The publish-to-delivery histogram is recorded by each subscriber's connection, when it takes
+        // the frames to write them (`ClientShared::take`).
         if fan.slow > 0 {
             metrics::counter!("ringcast_slow_disconnects_total").increment(fan.slow as u64);
         }

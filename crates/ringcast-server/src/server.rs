@@ -34,6 +34,9 @@ pub struct Context {
     pub router: axum::Router,
     /// Connection tasks alive; shutdown waits for them.
     pub live: Live,
+    /// Socket byte counters (handles registered once: an increment is one atomic add).
+    pub bytes_in: metrics::Counter,
+    pub bytes_out: metrics::Counter,
 }
 
 /// Counts live connection tasks so that shutdown can wait for the last one.
@@ -140,6 +143,9 @@ impl Context {
         };
         let api = crate::api::ApiConfig { api_key: config.api_key.clone(), insecure: false };
         let router = crate::api::router(node.clone(), api, crate::metrics::install());
+        // After `install`: a handle taken before a recorder exists stays a no-op.
+        let bytes_in = metrics::counter!(crate::metrics::BYTES_IN_TOTAL);
+        let bytes_out = metrics::counter!(crate::metrics::BYTES_OUT_TOTAL);
         Ok(Context {
             config,
             settings,
@@ -150,6 +156,8 @@ impl Context {
             node,
             router,
             live: Live::default(),
+            bytes_in,
+            bytes_out,
         })
     }
 }

@@ -481,3 +481,40 @@ async fn namespaces_decide_what_a_client_may_do() {
     assert_eq!(r["error"]["code"], json!(103), "private channel without a subscription token: {r}");
     server.stop().await;
 }
+
+/// The value of an unlabelled metric in a Prometheus scrape (0 when absent).
+async fn scrape(server: &TestServer, name: &str) -> f64 {
+    let (status, text) = support::http_request(server.addr, "GET", "/metrics", &[], "").await;
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap_or_else(|e| panic!("{name}: {e}: {v}")))
+}
+
+#[tokio::test]
+async fn metrics_count_socket_bytes_and_publish_to_delivery_latency() {
+    // The recorder is process-wide and other tests run alongside: compare before/after, at least.
+    let server = TestServer::start(&[("api_key", "test-key")]).await;
+    let (mut c, _) = Client::connect(&server, "").await;
+    c.call(json!({"subscribe": {"channel": "metered"}})).await;
+    let count = "ringcast_publish_delivery_seconds_count";
+    let (deliveries, bytes_in, bytes_out) = (
+        scrape(&server, count).await,
+        scrape(&server, "ringcast_bytes_in_total").await,
+        scrape(&server, "ringcast_bytes_out_total").await,
+    );
+    let payload = "x".repeat(5000);
+    for i in 0..3 {
+        api(&server, "publish", json!({"channel": "metered", "data": {"i": i, "pad": payload}})).await;
+        let p = c.publication().await;
+        assert_eq!(p["push"]["pub"]["data"]["i"], json!(i));
+    }
+    c.call(json!({"publish": {"channel": "metered", "data": {"pad": payload}}})).await;
+    assert!(scrape(&server, count).await >= deliveries + 3.0, "each publication taken for writing is timed");
+    assert!(scrape(&server, "ringcast_bytes_out_total").await >= bytes_out + 15_000.0, "three 5 KB pushes went out");
+    assert!(scrape(&server, "ringcast_bytes_in_total").await >= bytes_in + 5_000.0, "a 5 KB publish came in");
+    let (_, text) = support::http_request(server.addr, "GET", "/metrics", &[], "").await;
+    assert!(text.contains("# TYPE ringcast_publish_delivery_seconds histogram"), "{text}");
+    assert!(text.contains(r#"ringcast_publish_delivery_seconds_bucket{le="+Inf"}"#), "{text}");
+    server.stop().await;
+}

@@ -282,7 +282,9 @@ async fn health() -> Response {
 
 fn render_metrics(handle: &PrometheusHandle) -> Response {
     let content_type = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
-    ([(header::CONTENT_TYPE, content_type)], handle.render()).into_response()
+    let mut text = handle.render();
+    crate::metrics::render_delivery(&mut text);
+    ([(header::CONTENT_TYPE, content_type)], text).into_response()
 }
 
 /// Whether the caller asked for API errors as HTTP statuses (`X-Centrifugo-Error-Mode: transport`).

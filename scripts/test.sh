@@ -104,6 +104,28 @@ if [ $sdk_rc -ne 0 ] || [ -z "$p" ]; then
     failed=$((failed + (f > 0 ? f : 1)))
 fi
 
+step "official Python SDKs (PyPI centrifuge-python, cent) against the release build"
+command -v python3 >/dev/null || apt_install python3 python3-venv
+venv="$root/target/sdk-python-venv"
+if [ ! -x "$venv/bin/python" ] || ! cmp -s tests/sdk-python/requirements.txt "$venv/requirements.txt"; then
+    rm -rf "$venv"
+    python3 -m venv "$venv" >"$log_dir/pip.log" 2>&1 || { apt_install python3-venv; python3 -m venv "$venv"; }
+    "$venv/bin/pip" install -q -r tests/sdk-python/requirements.txt >>"$log_dir/pip.log" 2>&1
+    cp tests/sdk-python/requirements.txt "$venv/requirements.txt"
+fi
+set +e
+(cd tests/sdk-python && RINGCAST_BIN="$root/target/release/ringcast" timeout 300 "$venv/bin/python" -m unittest -v test_sdk) >"$log_dir/sdk-python.log" 2>&1
+py_rc=$?
+set -e
+ran=$(sed -nE 's/^Ran ([0-9]+) tests? in .*/\1/p' "$log_dir/sdk-python.log")
+bad=$(grep -cE '\.\.\. (FAIL|ERROR)$' "$log_dir/sdk-python.log" || true)
+echo "python SDK tests: ${ran:-0} run, ${bad:-0} failed"
+passed=$((passed + ${ran:-0} - ${bad:-0}))
+if [ $py_rc -ne 0 ] || [ -z "$ran" ]; then
+    tail -n 40 "$log_dir/sdk-python.log"
+    failed=$((failed + (bad > 0 ? bad : 1)))
+fi
+
 step "fuzz smoke run: frame decoder (differential over the three strategies) and handshake parser"
 if FUZZ_SECONDS="${FUZZ_SECONDS:-15}" scripts/fuzz-smoke.sh >"$log_dir/fuzz.log" 2>&1; then
     tail -n 5 "$log_dir/fuzz.log"

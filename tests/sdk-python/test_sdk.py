@@ -1,0 +1,281 @@
+"""The official Python SDKs against a real ringcast server.
+
+- centrifuge-python (the client SDK), over JSON and over Protobuf: connect with a JWT, subscribe,
+  receive publications made through the HTTP API and by the client itself, presence, history, and exact
+  recovery of what was published while a forced reconnect was in progress.
+- cent (the HTTP API client): every call shape it sends, checked against what a client observes.
+
+RINGCAST_BIN points at the server binary (scripts/test.sh builds it and runs this file).
+"""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import time
+import unittest
+
+import cent
+from centrifuge import (
+    Client,
+    ClientEventHandler,
+    PublicationContext,
+    SubscribedContext,
+    SubscriptionEventHandler,
+)
+
+BIN = os.environ.get("RINGCAST_BIN", "../../target/release/ringcast")
+API_KEY = "sdk-python-key"
+SECRET = "sdk-python-secret"
+T = 5.0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [BIN, "serve", "--dev", "--listen", f"127.0.0.1:{self.port}", "--api-key", API_KEY,
+             "--token-hmac-secret-key", SECRET, "--log-level", "warn"],
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            self.stop()
+            raise RuntimeError("server did not start")
+        self.ws = f"ws://127.0.0.1:{self.port}/connection/websocket"
+        self.api = cent.Client(f"http://127.0.0.1:{self.port}/api", API_KEY, timeout=T)
+
+    def token(self, user):
+        out = subprocess.run([BIN, "gentoken", "--user", user, "--secret", SECRET],
+                             check=True, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def decode(data, protobuf):
+    """Publication data: JSON values over JSON, raw bytes over Protobuf."""
+    return json.loads(data) if protobuf else data
+
+
+def encode(value, protobuf):
+    """What the SDK sends: a JSON value over JSON, bytes (here: JSON text) over Protobuf."""
+    return json.dumps(value).encode() if protobuf else value
+
+
+class Recorder(SubscriptionEventHandler):
+    def __init__(self):
+        self.publications = []
+        self.subscribed = []
+        self.changed = asyncio.Event()
+
+    async def on_publication(self, ctx: PublicationContext) -> None:
+        self.publications.append(ctx.pub)
+        self.changed.set()
+
+    async def on_subscribed(self, ctx: SubscribedContext) -> None:
+        self.subscribed.append(ctx)
+        self.changed.set()
+
+    async def on_unsubscribed(self, ctx) -> None:
+        self.changed.set()
+
+    async def wait(self, pred, what):
+        deadline = asyncio.get_running_loop().time() + T
+        while not pred():
+            self.changed.clear()
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {what}")
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+
+class ClientEvents(ClientEventHandler):
+    def __init__(self):
+        self.connecting = asyncio.Event()
+        self.server_subscribed = []
+        self.server_publications = []
+
+    async def on_connecting(self, ctx) -> None:
+        self.connecting.set()
+
+    async def on_subscribed(self, ctx) -> None:
+        self.server_subscribed.append(ctx.channel)
+
+    async def on_publication(self, ctx) -> None:
+        self.server_publications.append((ctx.channel, ctx.pub))
+
+
+class ClientSdk(unittest.IsolatedAsyncioTestCase):
+    protobuf = False
+
+    def setUp(self):
+        self.server = Server()
+
+    def tearDown(self):
+        self.server.stop()
+
+    async def api(self, method, request):
+        return await asyncio.to_thread(getattr(self.server.api, method), request)
+
+    def client(self, user, events=None, **kw):
+        return Client(self.server.ws, events=events, token=self.server.token(user),
+                      use_protobuf=self.protobuf, proxy=None, **kw)
+
+    async def test_publications_presence_and_history(self):
+        client = self.client("alice")
+        rec = Recorder()
+        sub = client.new_subscription("news", rec, recoverable=True)
+        await client.connect()
+        await sub.subscribe()
+        await sub.ready(T)
+        try:
+            await self.api("publish", cent.PublishRequest(channel="news", data={"n": 1}))
+            await sub.publish(encode({"n": 2}, self.protobuf))
+            await rec.wait(lambda: len(rec.publications) == 2, "two publications")
+            self.assertEqual([decode(p.data, self.protobuf) for p in rec.publications], [{"n": 1}, {"n": 2}])
+            self.assertEqual([p.offset for p in rec.publications], [1, 2])
+            self.assertIsNone(rec.publications[0].info, "published through the API: no client info")
+            self.assertEqual(rec.publications[1].info.user, "alice", "the publisher's identity is attached")
+
+            presence = await sub.presence()
+            self.assertEqual([c.user for c in presence.clients.values()], ["alice"])
+            stats = await sub.presence_stats()
+            self.assertEqual((stats.num_clients, stats.num_users), (1, 1))
+            history = await sub.history(limit=10)
+            self.assertEqual([decode(p.data, self.protobuf) for p in history.publications], [{"n": 1}, {"n": 2}])
+            self.assertEqual(history.offset, 2)
+            self.assertTrue(history.epoch)
+        finally:
+            await client.disconnect()
+
+    async def test_forced_reconnect_recovers_exactly_what_was_missed(self):
+        events = ClientEvents()
+        client = self.client("bob", events, min_reconnect_delay=0.5, max_reconnect_delay=0.6)
+        rec = Recorder()
+        sub = client.new_subscription("feed", rec, recoverable=True)
+        await client.connect()
+        await sub.subscribe()
+        await sub.ready(T)
+        try:
+            await self.api("publish", cent.PublishRequest(channel="feed", data={"n": 1}))
+            await rec.wait(lambda: len(rec.publications) == 1, "the first publication")
+            events.connecting.clear()
+            disconnect = cent.Disconnect(code=3011, reason="force reconnect")
+            await self.api("disconnect", cent.DisconnectRequest(user="bob", disconnect=disconnect))
+            await asyncio.wait_for(events.connecting.wait(), T)
+            for n in (2, 3, 4):  # while the client is away (it waits 0.5 s before reconnecting)
+                await self.api("publish", cent.PublishRequest(channel="feed", data={"n": n}))
+            await rec.wait(lambda: len(rec.subscribed) == 2 and len(rec.publications) == 4, "recovery")
+            self.assertEqual([decode(p.data, self.protobuf) for p in rec.publications],
+                             [{"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}], "exactly once, in order")
+            again = rec.subscribed[1]
+            self.assertTrue(again.was_recovering)
+            self.assertTrue(again.recovered)
+        finally:
+            await client.disconnect()
+
+    async def test_server_side_subscribe_and_unsubscribe_reach_the_client(self):
+        events = ClientEvents()
+        client = self.client("carol", events)
+        await client.connect()
+        await client.ready(T)
+        try:
+            await self.api("subscribe", cent.SubscribeRequest(user="carol", channel="alerts"))
+            deadline = time.monotonic() + T
+            while "alerts" not in events.server_subscribed and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            self.assertIn("alerts", events.server_subscribed)
+            await self.api("publish", cent.PublishRequest(channel="alerts", data={"level": "high"}))
+            while not events.server_publications and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            channel, pub = events.server_publications[0]
+            self.assertEqual((channel, decode(pub.data, self.protobuf)), ("alerts", {"level": "high"}))
+        finally:
+            await client.disconnect()
+
+
+class ClientSdkProtobuf(ClientSdk):
+    protobuf = True
+
+
+class CentApi(unittest.IsolatedAsyncioTestCase):
+    def setUp(self):
+        self.server = Server()
+
+    def tearDown(self):
+        self.server.stop()
+
+    async def test_every_call_shape(self):
+        api = self.server.api
+        client = Client(self.server.ws, token=self.server.token("dave"), proxy=None)
+        rec = Recorder()
+        sub = client.new_subscription("room", rec)
+        await client.connect()
+        await sub.subscribe()
+        await sub.ready(T)
+        try:
+            r = await asyncio.to_thread(api.publish, cent.PublishRequest(channel="room", data={"a": 1}))
+            self.assertEqual(r.offset, 1)
+            self.assertTrue(r.epoch)
+            b = await asyncio.to_thread(api.broadcast, cent.BroadcastRequest(channels=["room", "other"], data={"b": 2}))
+            self.assertEqual(len(b.responses), 2)
+            self.assertTrue(all(x.error is None for x in b.responses), b)
+            await rec.wait(lambda: len(rec.publications) == 2, "publish and broadcast")
+
+            presence = await asyncio.to_thread(api.presence, cent.PresenceRequest(channel="room"))
+            self.assertEqual([c.user for c in presence.presence.values()], ["dave"])
+            stats = await asyncio.to_thread(api.presence_stats, cent.PresenceStatsRequest(channel="room"))
+            self.assertEqual((stats.num_clients, stats.num_users), (1, 1))
+
+            history = await asyncio.to_thread(api.history, cent.HistoryRequest(channel="room", limit=10))
+            self.assertEqual([p.data for p in history.publications], [{"a": 1}, {"b": 2}])
+            await asyncio.to_thread(api.history_remove, cent.HistoryRemoveRequest(channel="room"))
+            history = await asyncio.to_thread(api.history, cent.HistoryRequest(channel="room", limit=10))
+            self.assertEqual(history.publications, [])
+
+            channels = await asyncio.to_thread(api.channels, cent.ChannelsRequest())
+            self.assertEqual(channels.channels["room"].num_clients, 1)
+            info = await asyncio.to_thread(api.info, cent.InfoRequest())
+            self.assertEqual(info.nodes[0].num_clients, 1)
+            self.assertEqual(info.nodes[0].num_users, 1)
+
+            batch = await asyncio.to_thread(api.batch, cent.BatchRequest(requests=[
+                cent.PublishRequest(channel="room", data={"c": 3}),
+                cent.PresenceStatsRequest(channel="room"),
+            ]))
+            self.assertEqual(len(batch.replies), 2)
+            await rec.wait(lambda: len(rec.publications) == 3, "the batched publish")
+
+            await asyncio.to_thread(api.unsubscribe, cent.UnsubscribeRequest(user="dave", channel="room"))
+            await rec.wait(lambda: sub.state.value == "unsubscribed", "server-side unsubscribe")
+
+            with self.assertRaises(cent.exceptions.CentApiResponseError) as err:
+                await asyncio.to_thread(api.history, cent.HistoryRequest(channel="", limit=1))
+            self.assertEqual(err.exception.code, 107, "bad request")
+            wrong = cent.Client(f"http://127.0.0.1:{self.server.port}/api", "wrong-key", timeout=T)
+            with self.assertRaises(cent.exceptions.CentUnauthorizedError):
+                await asyncio.to_thread(wrong.info, cent.InfoRequest())
+        finally:
+            await client.disconnect()
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

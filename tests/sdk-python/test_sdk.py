@@ -107,6 +107,16 @@ class Recorder(SubscriptionEventHandler):
                 pass
 
 
+async def subscribed(client, channel, recoverable=False):
+    """Connects `client` and subscribes it to `channel`; returns the subscription and its recorder."""
+    rec = Recorder()
+    sub = client.new_subscription(channel, rec, recoverable=recoverable)
+    await client.connect()
+    await sub.subscribe()
+    await sub.ready(T)
+    return sub, rec
+
+
 class ClientEvents(ClientEventHandler):
     def __init__(self):
         self.connecting = asyncio.Event()
@@ -141,11 +151,7 @@ class ClientSdk(unittest.IsolatedAsyncioTestCase):
 
     async def test_publications_presence_and_history(self):
         client = self.client("alice")
-        rec = Recorder()
-        sub = client.new_subscription("news", rec, recoverable=True)
-        await client.connect()
-        await sub.subscribe()
-        await sub.ready(T)
+        sub, rec = await subscribed(client, "news", recoverable=True)
         try:
             await self.api("publish", cent.PublishRequest(channel="news", data={"n": 1}))
             await sub.publish(encode({"n": 2}, self.protobuf))
@@ -169,11 +175,7 @@ class ClientSdk(unittest.IsolatedAsyncioTestCase):
     async def test_forced_reconnect_recovers_exactly_what_was_missed(self):
         events = ClientEvents()
         client = self.client("bob", events, min_reconnect_delay=0.5, max_reconnect_delay=0.6)
-        rec = Recorder()
-        sub = client.new_subscription("feed", rec, recoverable=True)
-        await client.connect()
-        await sub.subscribe()
-        await sub.ready(T)
+        sub, rec = await subscribed(client, "feed", recoverable=True)
         try:
             await self.api("publish", cent.PublishRequest(channel="feed", data={"n": 1}))
             await rec.wait(lambda: len(rec.publications) == 1, "the first publication")
@@ -226,11 +228,7 @@ class CentApi(unittest.IsolatedAsyncioTestCase):
     async def test_every_call_shape(self):
         api = self.server.api
         client = Client(self.server.ws, token=self.server.token("dave"), proxy=None)
-        rec = Recorder()
-        sub = client.new_subscription("room", rec)
-        await client.connect()
-        await sub.subscribe()
-        await sub.ready(T)
+        sub, rec = await subscribed(client, "room")
         try:
             r = await asyncio.to_thread(api.publish, cent.PublishRequest(channel="room", data={"a": 1}))
             self.assertEqual(r.offset, 1)

@@ -72,8 +72,9 @@ pub enum ServerCommand {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
     Queued,
-    /// The queue overflowed now: the client is being disconnected as slow.
-    Slow,
+    /// The queue overflowed now: the client is being disconnected as slow; its backlog and this frame
+    /// (that many frames) were dropped.
+    Slow(usize),
     /// The client is already disconnecting; the frame was dropped.
     Closed,
 }
@@ -142,10 +143,10 @@ impl ClientShared {
                 return Delivery::Closed;
             }
             if st.out.queued_bytes() + frame.len() > self.max_queue as usize {
-                st.out.clear();
+                let dropped = st.out.clear() + 1;
                 st.requests().disconnect = Some(DisconnectRequest { code: 3008, reason: "slow".into() });
                 st.closed = true;
-                outcome = Delivery::Slow;
+                outcome = Delivery::Slow(dropped);
             } else {
                 if st.out.is_empty() {
                     st.oldest_us = published_us;
@@ -271,7 +272,7 @@ mod tests {
         assert_eq!(c.deliver(&Bytes::from_static(b"12345"), 0), Delivery::Queued);
         c.take(&mut local, std::task::Waker::noop());
         assert_eq!(local.queued_bytes(), 9, "not moved while the local queue is busy");
-        assert_eq!(c.deliver(&Bytes::from_static(b"123456"), 0), Delivery::Slow, "the backlog is measured here");
+        assert_eq!(c.deliver(&Bytes::from_static(b"123456"), 0), Delivery::Slow(2), "the backlog is measured here");
     }
 
     #[test]
@@ -300,7 +301,7 @@ mod tests {
     fn overflow_marks_slow_and_drops_the_queue() {
         let c = ClientShared::new(ClientId(1), Format::Json, 10);
         assert_eq!(c.deliver(&Bytes::from_static(b"123456"), 0), Delivery::Queued);
-        assert_eq!(c.deliver(&Bytes::from_static(b"123456"), 0), Delivery::Slow);
+        assert_eq!(c.deliver(&Bytes::from_static(b"123456"), 0), Delivery::Slow(2), "its backlog and itself");
         assert_eq!(c.deliver(&Bytes::from_static(b"1"), 0), Delivery::Closed);
         let mut local = Outbound::new();
         let req = c.take(&mut local, std::task::Waker::noop());

@@ -262,9 +262,9 @@ impl Conn {
             if let Some(req) = client.session.shared.take(&mut self.out, cx.waker()) {
                 if req.code == DisconnectCode::SLOW.code && self.phase == Phase::Open {
                     // A peer that does not read would never get our close behind its backlog.
-                    metrics::counter!("ringcast_queue_drops_total").increment(1);
-                    tracing::info!(client = %client.session.shared.id, "disconnecting slow client");
-                    self.out.drop_backlog();
+                    let dropped = self.out.drop_backlog();
+                    metrics::counter!(crate::metrics::QUEUE_DROPS_TOTAL).increment(dropped as u64);
+                    tracing::info!(client = %client.session.shared.id, dropped, "disconnecting slow client");
                 }
                 self.start_close(CloseCode(req.code), &req.reason);
             }

@@ -55,7 +55,10 @@ impl<'a> Frames<'a> {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct FanOut {
     pub delivered: usize,
+    /// Clients disconnected as slow by this fan-out.
     pub slow: usize,
+    /// Frames dropped: the backlog of clients found slow, and frames for clients already disconnecting.
+    pub dropped: usize,
 }
 
 impl Default for Hub {
@@ -176,9 +179,20 @@ fn deliver_all(
         let Some(frame) = frames.get(client.format) else { continue };
         match client.deliver(frame, now) {
             Delivery::Queued => fan.delivered += 1,
-            Delivery::Slow => fan.slow += 1,
-            Delivery::Closed => {}
+            Delivery::Slow(dropped) => {
+                fan.slow += 1;
+                fan.dropped += dropped;
+            }
+            Delivery::Closed => fan.dropped += 1,
         }
+    }
+    // Every fan-out (publications, join/leave) is counted here, once per fan-out, not per frame.
+    metrics::counter!(crate::metrics::MESSAGES_OUT_TOTAL).increment(fan.delivered as u64);
+    if fan.slow > 0 {
+        metrics::counter!(crate::metrics::SLOW_DISCONNECTS_TOTAL).increment(fan.slow as u64);
+    }
+    if fan.dropped > 0 {
+        metrics::counter!(crate::metrics::QUEUE_DROPS_TOTAL).increment(fan.dropped as u64);
     }
     fan
 }
@@ -213,7 +227,7 @@ mod tests {
                 frame_for(f)
             },
         );
-        assert_eq!(fan, FanOut { delivered: 3, slow: 0 });
+        assert_eq!(fan, FanOut { delivered: 3, slow: 0, dropped: 0 });
         assert_eq!(calls.get(), 2, "one encoding per format, not per subscriber");
         let mut la = Outbound::new();
         let mut lb = Outbound::new();
@@ -237,6 +251,24 @@ mod tests {
         assert!(!hub.unsubscribe("x", ClientId(1), || lasts.set(lasts.get() + 1)));
         assert_eq!(lasts.get(), 1);
         assert!(hub.channels().is_empty());
+    }
+
+    #[test]
+    fn a_slow_client_is_counted_with_what_was_dropped() {
+        let hub = Hub::new();
+        let slow = ClientShared::new(ClientId(1), Format::Json, 1024);
+        let fast = ClientShared::new(ClientId(2), Format::Json, 1 << 20);
+        for c in [&slow, &fast] {
+            hub.subscribe_with("ch", c, || {}, || Ok::<_, ()>(())).expect("subscribed");
+        }
+        let frame = |_: Format| Some(Bytes::from(vec![0u8; 400]));
+        let first = hub.broadcast("ch", None, &frame);
+        let second = hub.broadcast("ch", None, &frame);
+        assert_eq!(first, FanOut { delivered: 2, slow: 0, dropped: 0 });
+        assert_eq!(second, first);
+        // The third 400-byte frame does not fit in 1024 bytes: two queued + this one are dropped.
+        assert_eq!(hub.broadcast("ch", None, &frame), FanOut { delivered: 1, slow: 1, dropped: 3 });
+        assert_eq!(hub.broadcast("ch", None, &frame), FanOut { delivered: 1, slow: 0, dropped: 1 });
     }
 
     #[test]

@@ -177,10 +177,14 @@ fn describe() {
     describe_counter!(IO_ERRORS_TOTAL, Unit::Count, "Connections ended by a socket error.");
     describe_gauge!(SUBSCRIPTIONS, Unit::Count, "Active client subscriptions.");
     describe_counter!(MESSAGES_IN_TOTAL, Unit::Count, "Messages received from clients.");
-    describe_counter!(MESSAGES_OUT_TOTAL, Unit::Count, "Messages sent to clients.");
+    describe_counter!(MESSAGES_OUT_TOTAL, Unit::Count, "Pushes queued to clients (publications, join/leave).");
     describe_counter!(BYTES_IN_TOTAL, Unit::Bytes, "Bytes read from WebSocket client sockets (framing included).");
     describe_counter!(BYTES_OUT_TOTAL, Unit::Bytes, "Bytes written to WebSocket client sockets (framing included).");
-    describe_counter!(QUEUE_DROPS_TOTAL, Unit::Count, "Messages dropped because a client's queue was full.");
+    describe_counter!(
+        QUEUE_DROPS_TOTAL,
+        Unit::Count,
+        "Pushes dropped unwritten: the backlog of clients disconnected as slow, and pushes for clients already disconnecting."
+    );
     describe_counter!(SLOW_DISCONNECTS_TOTAL, Unit::Count, "Clients disconnected for reading too slowly.");
     describe_counter!(HTTP_CONNECTIONS_TOTAL, Unit::Count, "Connections served as plain HTTP (API, health, metrics).");
     describe_counter!(HTTP_ERRORS_TOTAL, Unit::Count, "Plain HTTP connections ended by an error, by `kind`.");

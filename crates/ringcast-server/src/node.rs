@@ -164,12 +164,8 @@ impl Node {
                 Some(ws_frame(format, &payload))
             },
         );
-        metrics::counter!("ringcast_messages_out_total").increment(fan.delivered as u64);
-        // The publish-to-delivery histogram is recorded by each subscriber's connection, when it takes
+        // Delivery counts are recorded by the hub; the publish-to-delivery histogram is recorded by each subscriber's connection, when it takes
         // the frames to write them (`ClientShared::take`).
-        if fan.slow > 0 {
-            metrics::counter!("ringcast_slow_disconnects_total").increment(fan.slow as u64);
-        }
         Ok((pos, fan))
     }
 

@@ -82,16 +82,20 @@ impl Outbound {
 
     /// Forgets every queued frame except the first (which may be partly written already: dropping it
     /// would cut a frame in half on the wire). Used before a disconnect that must not wait for a backlog.
-    pub fn drop_backlog(&mut self) {
+    pub fn drop_backlog(&mut self) -> usize {
+        let dropped = self.rest.len();
         self.rest = VecDeque::new();
         self.queued = self.head.as_ref().map_or(0, Bytes::len);
+        dropped
     }
 
-    /// Forgets every queued frame.
-    pub fn clear(&mut self) {
+    /// Forgets every queued frame; returns how many there were.
+    pub fn clear(&mut self) -> usize {
+        let dropped = usize::from(self.head.is_some()) + self.rest.len();
         self.head = None;
         self.rest = VecDeque::new();
         self.queued = 0;
+        dropped
     }
 
     /// Writes as much as the socket accepts without blocking. `Ok(true)`: everything is written;

@@ -308,6 +308,8 @@ async fn slow_subscriber_is_disconnected_3008_and_a_fast_one_gets_everything() {
     slow.send_frame(true, ringcast_wire::OpCode::Text, br#"{"id":2,"subscribe":{"channel":"firehose"}}"#).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (mut publisher, _) = Client::connect(&server, "").await;
+    let slow_before = scrape(&server, "ringcast_slow_disconnects_total").await;
+    let drops_before = scrape(&server, "ringcast_queue_drops_total").await;
     let payload = "x".repeat(4000);
     let total = 3000;
     let reader = tokio::spawn(async move {
@@ -335,6 +337,10 @@ async fn slow_subscriber_is_disconnected_3008_and_a_fast_one_gets_everything() {
             _ => {}
         }
     }
+    // Counted (other tests share the process-wide recorder: at least): one slow client, and at least
+    // the pushes it was sent beyond what 64 KiB of queue (16 pushes of 4 KB) and the kernel held.
+    assert!(scrape(&server, "ringcast_slow_disconnects_total").await >= slow_before + 1.0);
+    assert!(scrape(&server, "ringcast_queue_drops_total").await >= drops_before + 100.0);
     server.stop().await;
 }
 

@@ -132,6 +132,9 @@ pub fn install() -> Option<PrometheusHandle> {
         .get_or_init(|| match build().and_then(PrometheusBuilder::install_recorder) {
             Ok(handle) => {
                 describe();
+                // Publish the descriptions now rather than at the first upkeep, 5 s later: that first
+                // upkeep allocates, and would land in whatever the server is doing then.
+                handle.run_upkeep();
                 start_upkeep(handle.clone());
                 Some(handle)
             }

@@ -9,6 +9,7 @@
 //! is marked for disconnect with the protocol's "slow" code (3008), its queued frames are dropped, and
 //! nothing more is queued. Other subscribers are not affected.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
@@ -81,7 +82,10 @@ pub enum Delivery {
 
 #[derive(Debug, Default)]
 struct State {
-    out: Outbound,
+    /// Frames for the connection (no inline head, unlike [`Outbound`]: this struct is per client).
+    out: VecDeque<Bytes>,
+    /// Their total length (below `max_queue`, so `u32`).
+    queued: u32,
     waker: Option<Waker>,
     /// The task was woken and has not taken the queue since: no need to wake it again.
     notified: bool,
@@ -105,6 +109,14 @@ struct Requests {
 impl State {
     fn requests(&mut self) -> &mut Requests {
         self.requests.get_or_insert_with(Box::default)
+    }
+
+    /// Drops every queued frame; returns how many there were.
+    fn clear(&mut self) -> usize {
+        let n = self.out.len();
+        self.out = VecDeque::new();
+        self.queued = 0;
+        n
     }
 }
 
@@ -142,8 +154,8 @@ impl ClientShared {
             if st.closed {
                 return Delivery::Closed;
             }
-            if st.out.queued_bytes() + frame.len() > self.max_queue as usize {
-                let dropped = st.out.clear() + 1;
+            if st.queued as usize + frame.len() > self.max_queue as usize {
+                let dropped = st.clear() + 1;
                 st.requests().disconnect = Some(DisconnectRequest { code: 3008, reason: "slow".into() });
                 st.closed = true;
                 outcome = Delivery::Slow(dropped);
@@ -151,7 +163,9 @@ impl ClientShared {
                 if st.out.is_empty() {
                     st.oldest_us = published_us;
                 }
-                st.out.push(frame.clone());
+                // Within `max_queue`, itself a u32.
+                st.queued += frame.len() as u32;
+                st.out.push_back(frame.clone());
                 outcome = Delivery::Queued;
             }
             waker = if st.notified { None } else { st.waker.clone() };
@@ -170,7 +184,7 @@ impl ClientShared {
             if !st.closed {
                 st.requests().disconnect = Some(DisconnectRequest { code, reason: reason.to_string() });
                 st.closed = true;
-                st.out.clear();
+                st.clear();
             }
             st.notified = true;
             st.waker.clone()
@@ -198,7 +212,10 @@ impl ClientShared {
 
     /// Frees the queue's storage if nothing is queued (a quiet connection keeps none).
     pub fn shrink_if_empty(&self) {
-        self.lock().out.shrink_if_empty();
+        let mut st = self.lock();
+        if st.out.is_empty() && st.out.capacity() > 0 {
+            st.out = VecDeque::new();
+        }
     }
 
     /// Moves pending session commands into `out` (called by the connection's task).
@@ -229,7 +246,9 @@ impl ClientShared {
         st.notified = false;
         let mut taken_since = None;
         if local.is_empty() && !st.out.is_empty() {
-            local.take_all(&mut st.out);
+            let bytes = st.queued as usize;
+            local.take_deque(&mut st.out, bytes);
+            st.queued = 0;
             taken_since = Some(st.oldest_us);
         }
         let disconnect = match st.requests.as_mut() {

@@ -55,6 +55,18 @@ impl Outbound {
         }
     }
 
+    /// Takes every frame of a plain deque (`bytes` long in all) when we are empty, which the caller
+    /// ensures: the deque's storage and ours trade places, so frames are neither copied nor allocated
+    /// for, and in steady state both sides keep a buffer big enough for a burst. This is how a
+    /// connection takes what publishers queued in [`crate::client::ClientShared`], whose queue is a bare
+    /// `VecDeque` (no inline head: 32 bytes less in every client's shared state).
+    pub fn take_deque(&mut self, other: &mut VecDeque<Bytes>, bytes: usize) {
+        debug_assert!(self.is_empty());
+        std::mem::swap(&mut self.rest, other);
+        self.head = self.rest.pop_front();
+        self.queued = if self.head.is_some() { bytes } else { 0 };
+    }
+
     /// Moves every frame of `other` behind ours. Without copying frames, and without allocating when we
     /// were empty (the usual case: the storage of the two queues trades places).
     pub fn take_all(&mut self, other: &mut Outbound) {
@@ -188,5 +200,25 @@ mod tests {
         c.take_all(&mut d);
         assert_eq!(c.queued_bytes(), 1);
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn take_deque_trades_storage_and_keeps_order() {
+        let mut local = Outbound::new();
+        let mut shared: VecDeque<Bytes> = VecDeque::new();
+        shared.push_back(Bytes::from_static(b"ab"));
+        shared.push_back(Bytes::from_static(b"c"));
+        local.take_deque(&mut shared, 3);
+        assert_eq!((local.queued_bytes(), shared.len()), (3, 0));
+        assert_eq!(local.head.as_deref(), Some(&b"ab"[..]));
+        local.advance(3);
+        assert!(local.is_empty());
+        let kept = local.rest.capacity();
+        assert!(kept > 0, "the deque's storage came along");
+        // Next round: the shared side gets our (empty) storage back, with room; nothing is allocated.
+        shared.push_back(Bytes::from_static(b"d"));
+        local.take_deque(&mut shared, 1);
+        assert!(shared.capacity() >= kept, "storage circulates between the two sides");
+        assert_eq!(local.queued_bytes(), 1);
     }
 }

@@ -22,7 +22,9 @@ use crate::client::{ClientId, ClientShared, Delivery};
 
 const SHARDS: usize = 64;
 
-type Channels = HashMap<Box<str>, Vec<Arc<ClientShared>>>;
+/// Channel name → its local subscribers. The name is an `Arc<str>` that subscribers' sessions share
+/// (no per-subscription copy of it).
+type Channels = HashMap<Arc<str>, Vec<Arc<ClientShared>>>;
 
 #[derive(Debug)]
 pub struct Hub {
@@ -95,24 +97,26 @@ impl Hub {
 
     /// Registers `client` on `channel` while `before` runs under the channel's exclusive lock (read
     /// history, queue the subscribe reply). `before` returning `Err` aborts the subscription. `first`
-    /// runs (under the lock) when the channel gets its first subscriber on this node.
+    /// runs (under the lock) when the channel gets its first subscriber on this node. Also returns the
+    /// channel's name as the registry holds it, for the subscriber to keep.
     pub fn subscribe_with<T, E>(
         &self,
         channel: &str,
         client: &Arc<ClientShared>,
         first: impl FnOnce(),
         before: impl FnOnce() -> Result<T, E>,
-    ) -> Result<T, E> {
+    ) -> Result<(T, Arc<str>), E> {
         let mut shard = self.write(self.shard_of(channel));
         let out = before()?;
-        let subs = shard.entry(channel.into()).or_default();
+        let name = shard.get_key_value(channel).map_or_else(|| Arc::from(channel), |(k, _)| k.clone());
+        let subs = shard.entry(name.clone()).or_default();
         if subs.is_empty() {
             first();
         }
         if !subs.iter().any(|c| c.id == client.id) {
             subs.push(client.clone());
         }
-        Ok(out)
+        Ok((out, name))
     }
 
     /// Removes `client` from `channel`; `last` runs (under the lock) when that was the channel's last
@@ -275,7 +279,7 @@ mod tests {
     fn failed_subscribe_registers_nothing() {
         let hub = Hub::new();
         let a = ClientShared::new(ClientId(1), Format::Json, 1 << 20);
-        assert_eq!(hub.subscribe_with("x", &a, || {}, || Err::<(), _>("denied")), Err("denied"));
+        assert_eq!(hub.subscribe_with("x", &a, || {}, || Err::<(), _>("denied")).map(|_| ()), Err("denied"));
         assert_eq!(hub.num_subscribers("x"), 0);
     }
 
@@ -287,5 +291,16 @@ mod tests {
         hub.subscribe_with("x", &a, || {}, || Ok::<_, ()>(())).unwrap();
         hub.subscribe_with("x", &b, || {}, || Ok::<_, ()>(())).unwrap();
         assert_eq!(hub.broadcast("x", Some(ClientId(1)), &frame_for).delivered, 1);
+    }
+
+    #[test]
+    fn subscribers_share_one_copy_of_the_channel_name() {
+        let hub = Hub::new();
+        let a = ClientShared::new(ClientId(1), Format::Json, 1 << 20);
+        let b = ClientShared::new(ClientId(2), Format::Json, 1 << 20);
+        let ((), first) = hub.subscribe_with("room:42", &a, || {}, || Ok::<_, ()>(())).unwrap();
+        let ((), second) = hub.subscribe_with("room:42", &b, || {}, || Ok::<_, ()>(())).unwrap();
+        assert_eq!(&*first, "room:42");
+        assert!(Arc::ptr_eq(&first, &second), "one allocation for the name, however many subscribers");
     }
 }

@@ -32,7 +32,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 // absent, and subscriptions sit in an exactly sized boxed slice (32 bytes each).
 
 struct Sub {
-    channel: Box<str>,
+    /// Shared with the hub's registry (and every other subscriber of the channel).
+    channel: Arc<str>,
     /// `info` from the subscription token, if there was one.
     chan_info: Option<Box<Bytes>>,
     presence: bool,
@@ -357,7 +358,7 @@ impl Session {
         let history = Node::history_options(opts);
         let recoverable = history.size > 0;
         let recovering = req.recover && recoverable;
-        let result = node.hub.subscribe_with(
+        let (result, name) = node.hub.subscribe_with(
             channel,
             &self.shared,
             || node.broker.subscribe_node(channel),
@@ -405,7 +406,7 @@ impl Session {
         let mut subs = std::mem::take(&mut self.subs).into_vec();
         subs.reserve_exact(1);
         subs.push(Sub {
-            channel: channel.into(),
+            channel: name,
             chan_info: chan_info.map(Box::new),
             presence: opts.presence,
             join_leave: opts.join_leave,

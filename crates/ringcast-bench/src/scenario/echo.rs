@@ -17,17 +17,17 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::{
-    join_all, open_many, serve_until_run, ConnTally, Link, Opening, Phase, Setup, Share, Tally, Ticker, CLOSE_WAIT,
-    DRAIN,
+    end_connection, join_all, open_many, run_window, serve_until_run, ConnTally, Link, Opening, Phase, Setup, Share,
+    Tally, CLOSE_WAIT, DRAIN,
 };
 use crate::client::{Buffers, Conn, Discard, Endpoint, Handler, Tx};
-use crate::clock::{instant_at, next_slot, now_ns, ns, sleep_until, Schedule, Slot};
+use crate::clock::{instant_at, next_slot, now_ns, ns, Schedule, Slot};
 use crate::error::BenchError;
 use crate::failure::{classify, Failure};
-use crate::meter::{Batch, Meter, Window};
+use crate::meter::{Batch, Meter};
 use crate::params::Params;
 use crate::payload::{timestamp, Template};
-use crate::proc::{self_cpu_us, self_rss};
+use crate::proc::self_rss;
 
 /// Handshakes in flight while connecting.
 pub(crate) const OPEN_CONCURRENCY: u64 = 256;
@@ -57,16 +57,7 @@ pub(crate) async fn run<L: Link>(p: &Params, ep: &Endpoint, share: &Share, link:
     }
     drop(phase_rx);
 
-    let start = link.ready(tally.established).await?;
-    let window = Window { start, from: start + ns(p.warmup), to: start + ns(p.warmup) + ns(p.duration) };
-    meter.set_window(window);
-    let mut ticker = Ticker::new(link, &meter, start);
-    sleep_until(start).await;
-    let _ = phase_tx.send(Phase::Run(window));
-    ticker.sleep_until(window.from).await;
-    let cpu_from = self_cpu_us();
-    ticker.sleep_until(window.to).await;
-    tally.cpu_us = self_cpu_us().saturating_sub(cpu_from);
+    let (window, mut ticker) = run_window(p, link, &meter, &mut tally, &phase_tx).await?;
     let _ = phase_tx.send(Phase::Drain);
     let results = join_all(&mut ticker, &mut set, window.to + ns(DRAIN), &phase_tx, CLOSE_WAIT * 2).await;
     ticker.flush();
@@ -263,13 +254,7 @@ async fn connection(mut conn: Conn, cfg: Cfg, meter: Arc<Meter>, mut phase: watc
     t.sent = h.sender.sent;
     t.received = h.received;
     t.foreign = h.foreign;
-    meter.open.fetch_sub(1, Ordering::Relaxed);
-    match failure {
-        Some(f) => {
-            meter.failed();
-            t.failure = Some(f);
-        }
-        None => conn.close(CLOSE_WAIT).await,
-    }
+    end_connection(conn, &meter, failure.is_some()).await;
+    t.failure = failure;
     t
 }

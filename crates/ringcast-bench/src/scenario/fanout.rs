@@ -25,18 +25,18 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
 use super::{
-    join_all, open_many, serve_until_run, source_for, wait_for_run, Link, Opening, Phase, Setup, Share,
-    SubscriberTally, Tally, Ticker, CLOSE_WAIT, DRAIN,
+    end_connection, join_all, open_many, run_window, serve_until_run, source_for, wait_for_run, Link, Opening, Phase,
+    Setup, Share, SubscriberTally, Tally, CLOSE_WAIT, DRAIN,
 };
 use crate::centrifuge::{self, lines, parse_line, HttpPublisher, Line};
 use crate::client::{Buffers, Conn, Endpoint, Handler, Tx};
 use crate::clock::{instant_at, next_slot, now_ns, ns, sleep_until, Schedule, Slot, SECOND};
 use crate::error::BenchError;
 use crate::failure::{classify, Failure, Failures};
-use crate::meter::{Batch, Meter, Window};
+use crate::meter::{Batch, Meter};
 use crate::params::{Params, Protocol};
 use crate::payload::{fanout_header, Template, FANOUT_HEADER};
-use crate::proc::{self_cpu_us, self_rss};
+use crate::proc::self_rss;
 
 use super::echo::OPEN_CONCURRENCY;
 
@@ -146,16 +146,7 @@ pub(crate) async fn run<L: Link>(p: &Params, ep: &Endpoint, share: &Share, link:
     }
     drop(phase_rx);
 
-    let start = link.ready(tally.established).await?;
-    let window = Window { start, from: start + ns(p.warmup), to: start + ns(p.warmup) + ns(p.duration) };
-    meter.set_window(window);
-    let mut ticker = Ticker::new(link, &meter, start);
-    sleep_until(start).await;
-    let _ = phase_tx.send(Phase::Run(window));
-    ticker.sleep_until(window.from).await;
-    let cpu_from = self_cpu_us();
-    ticker.sleep_until(window.to).await;
-    tally.cpu_us = self_cpu_us().saturating_sub(cpu_from);
+    let (window, mut ticker) = run_window(p, link, &meter, &mut tally, &phase_tx).await?;
 
     // Publishers stop and report; subscribers keep receiving.
     let _ = phase_tx.send(Phase::Drain);
@@ -356,11 +347,7 @@ async fn subscriber(
             }
         }
     }
-    meter.open.fetch_sub(1, Ordering::Relaxed);
-    match &failure {
-        Some(_) => meter.failed(),
-        None => conn.close(CLOSE_WAIT).await,
-    }
+    end_connection(conn, &meter, failure.is_some()).await;
     let t = SubscriberTally { index: d.cfg.index, received: d.received, out_of_order: d.out_of_order };
     (t, d.foreign, failure, held)
 }

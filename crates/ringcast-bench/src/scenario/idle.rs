@@ -9,13 +9,14 @@
 //! before it goes idle (Centrifugo server pings, every 25 s by default, are not answered: keep `--duration`
 //! below the server's ping interval plus pong timeout).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::{join_all, open_many, ConnTally, Link, Opening, Phase, Setup, Share, Tally, Ticker, CLOSE_WAIT};
+use super::{
+    end_connection, join_all, open_many, ConnTally, Link, Opening, Phase, Setup, Share, Tally, Ticker, CLOSE_WAIT,
+};
 use crate::client::{Buffers, Conn, Discard, Endpoint};
 use crate::clock::{now_ns, ns, sleep_until};
 use crate::error::BenchError;
@@ -110,13 +111,7 @@ async fn hold(mut conn: Conn, meter: Arc<Meter>, mut phase: watch::Receiver<Phas
             }
         }
     }
-    meter.open.fetch_sub(1, Ordering::Relaxed);
-    match failure {
-        Some(f) => {
-            meter.failed();
-            t.failure = Some(f);
-        }
-        None => conn.close(CLOSE_WAIT).await,
-    }
+    end_connection(conn, &meter, failure.is_some()).await;
+    t.failure = failure;
     t
 }

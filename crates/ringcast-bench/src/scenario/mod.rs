@@ -458,6 +458,41 @@ impl ConnTally {
     }
 }
 
+/// *Ready* and *Run* (steps 2 and 3 above) for a scenario with a measured window: reports ready, gets
+/// the common start, tells the connection tasks to run, ticks through warm-up and the window, and puts
+/// this process's CPU time over the window into `tally`. Returns the window and the ticker for the drain.
+pub(crate) async fn run_window<'a, L: Link>(
+    p: &Params,
+    link: &'a mut L,
+    meter: &'a Meter,
+    tally: &mut Tally,
+    phase_tx: &watch::Sender<Phase>,
+) -> Result<(Window, Ticker<'a, L>), BenchError> {
+    let start = link.ready(tally.established).await?;
+    let from = start + crate::clock::ns(p.warmup);
+    let window = Window { start, from, to: from + crate::clock::ns(p.duration) };
+    meter.set_window(window);
+    let mut ticker = Ticker::new(link, meter, start);
+    crate::clock::sleep_until(start).await;
+    let _ = phase_tx.send(Phase::Run(window));
+    ticker.sleep_until(window.from).await;
+    let cpu_from = crate::proc::self_cpu_us();
+    ticker.sleep_until(window.to).await;
+    tally.cpu_us = crate::proc::self_cpu_us().saturating_sub(cpu_from);
+    Ok((window, ticker))
+}
+
+/// A connection task's end: it no longer counts as open; a failed one is counted as failed, a healthy
+/// one is closed politely (waiting up to [`CLOSE_WAIT`] for the server's close).
+pub(crate) async fn end_connection(conn: Conn, meter: &Meter, failed: bool) {
+    meter.open.fetch_sub(1, Ordering::Relaxed);
+    if failed {
+        meter.failed();
+    } else {
+        conn.close(CLOSE_WAIT).await;
+    }
+}
+
 /// How long a connection waits for the server's close frame when we end it.
 pub(crate) const CLOSE_WAIT: Duration = Duration::from_secs(1);
 

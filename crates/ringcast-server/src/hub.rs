@@ -63,6 +63,20 @@ pub struct FanOut {
     pub dropped: usize,
 }
 
+impl FanOut {
+    /// Adds this fan-out to the metrics: every fan-out (publications, join/leave) once, after the
+    /// shard lock is released.
+    fn record(&self) {
+        metrics::counter!(crate::metrics::MESSAGES_OUT_TOTAL).increment(self.delivered as u64);
+        if self.slow > 0 {
+            metrics::counter!(crate::metrics::SLOW_DISCONNECTS_TOTAL).increment(self.slow as u64);
+        }
+        if self.dropped > 0 {
+            metrics::counter!(crate::metrics::QUEUE_DROPS_TOTAL).increment(self.dropped as u64);
+        }
+    }
+}
+
 impl Default for Hub {
     fn default() -> Self {
         Hub {
@@ -145,13 +159,16 @@ impl Hub {
         let value = during();
         let enc = |f: Format| encode(&value, f);
         let fan = deliver_all(shard.get(channel), None, &enc);
+        drop(shard);
+        fan.record();
         (value, fan)
     }
 
     /// Fans a frame out to every subscriber of `channel` except `skip` (join/leave pushes).
     pub fn broadcast(&self, channel: &str, skip: Option<ClientId>, encode: &dyn Fn(Format) -> Option<Bytes>) -> FanOut {
-        let shard = self.read(self.shard_of(channel));
-        deliver_all(shard.get(channel), skip, encode)
+        let fan = deliver_all(self.read(self.shard_of(channel)).get(channel), skip, encode);
+        fan.record();
+        fan
     }
 
     pub fn num_subscribers(&self, channel: &str) -> usize {
@@ -189,14 +206,6 @@ fn deliver_all(
             }
             Delivery::Closed => fan.dropped += 1,
         }
-    }
-    // Every fan-out (publications, join/leave) is counted here, once per fan-out, not per frame.
-    metrics::counter!(crate::metrics::MESSAGES_OUT_TOTAL).increment(fan.delivered as u64);
-    if fan.slow > 0 {
-        metrics::counter!(crate::metrics::SLOW_DISCONNECTS_TOTAL).increment(fan.slow as u64);
-    }
-    if fan.dropped > 0 {
-        metrics::counter!(crate::metrics::QUEUE_DROPS_TOTAL).increment(fan.dropped as u64);
     }
     fan
 }

@@ -9,8 +9,9 @@
 //! is marked for disconnect with the protocol's "slow" code (3008), its queued frames are dropped, and
 //! nothing more is queued. Other subscribers are not affected.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
@@ -18,6 +19,7 @@ use bytes::Bytes;
 use ringcast_protocol::Format;
 
 use crate::outbound::Outbound;
+use crate::transport::Encoding;
 
 /// A client id: random 128 bits, shown as a UUID (what Centrifugo SDKs expect in `client`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -124,16 +126,21 @@ impl State {
 #[derive(Debug)]
 pub struct ClientShared {
     pub id: ClientId,
-    pub format: Format,
+    /// The wire format and transport framing its frames are made for.
+    pub encoding: Encoding,
     /// `client_queue_max_size`, which the configuration keeps below 4 GiB.
     max_queue: u32,
     state: Mutex<State>,
 }
 
 impl ClientShared {
-    pub fn new(id: ClientId, format: Format, max_queue: usize) -> Arc<ClientShared> {
+    pub fn new(id: ClientId, encoding: Encoding, max_queue: usize) -> Arc<ClientShared> {
         let max_queue = u32::try_from(max_queue).unwrap_or(u32::MAX);
-        Arc::new(ClientShared { id, format, max_queue, state: Mutex::new(State::default()) })
+        Arc::new(ClientShared { id, encoding, max_queue, state: Mutex::new(State::default()) })
+    }
+
+    pub fn format(&self) -> Format {
+        self.encoding.format
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -175,6 +182,15 @@ impl ClientShared {
             w.wake();
         }
         outcome
+    }
+
+    /// The connection queued its close frame (RFC 6455 §5.5.1: nothing may follow it): the queue is
+    /// closed, what it holds is dropped, and every later delivery is refused and counted as dropped.
+    /// Returns how many queued frames were dropped.
+    pub fn close(&self) -> usize {
+        let mut st = self.lock();
+        st.closed = true;
+        st.clear()
     }
 
     /// Asks the connection to disconnect with `code` (it sends the close frame itself).
@@ -245,7 +261,7 @@ impl ClientShared {
         }
         st.notified = false;
         let mut taken_since = None;
-        if local.is_empty() && !st.out.is_empty() {
+        if local.is_empty() && !st.out.is_empty() && !st.closed {
             let bytes = st.queued as usize;
             local.take_deque(&mut st.out, bytes);
             st.queued = 0;
@@ -270,6 +286,76 @@ impl ClientShared {
     }
 }
 
+/// A set of clients, by the address of their shared state: O(1) insert and remove however large it
+/// grows (a channel's subscribers, a user's connections), 8 bytes an entry plus the table's control byte.
+#[derive(Debug, Default)]
+pub struct ClientSet(HashSet<ByAddr, BuildHasherDefault<AddrHasher>>);
+
+impl ClientSet {
+    /// Returns whether it was not there yet.
+    pub fn insert(&mut self, client: &Arc<ClientShared>) -> bool {
+        self.0.insert(ByAddr(client.clone()))
+    }
+
+    /// Returns whether it was there.
+    pub fn remove(&mut self, client: &Arc<ClientShared>) -> bool {
+        self.0.remove(&ByAddr(client.clone()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<ClientShared>> {
+        self.0.iter().map(|c| &c.0)
+    }
+}
+
+/// A client compared and hashed by the address of its shared state: unique while it is alive, and the
+/// set holds it alive.
+#[derive(Debug, Clone)]
+struct ByAddr(Arc<ClientShared>);
+
+impl PartialEq for ByAddr {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ByAddr {}
+
+impl Hash for ByAddr {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_usize(Arc::as_ptr(&self.0) as usize);
+    }
+}
+
+/// Hashes an address: a multiply folds its bits so that both the low bits (the bucket) and the high
+/// bits (the table's tag byte) vary, although heap addresses share their alignment zeros.
+#[derive(Debug, Default)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_usize(usize::from(*b) ^ (self.0 as usize));
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        let m = u128::from(n as u64) * 0x9E37_79B9_7F4A_7C15;
+        self.0 = (m as u64) ^ ((m >> 64) as u64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,7 +371,7 @@ mod tests {
 
     #[test]
     fn frames_wait_here_while_the_connection_has_its_own_backlog() {
-        let c = ClientShared::new(ClientId(1), Format::Json, 10);
+        let c = ClientShared::new(ClientId(1), Encoding::websocket(Format::Json), 10);
         let mut local = Outbound::new();
         local.push(Bytes::from_static(b"unwritten"));
         assert_eq!(c.deliver(&Bytes::from_static(b"12345"), 0), Delivery::Queued);
@@ -296,7 +382,7 @@ mod tests {
 
     #[test]
     fn requests_are_boxed_only_while_pending() {
-        let c = ClientShared::new(ClientId(1), Format::Json, 1024);
+        let c = ClientShared::new(ClientId(1), Encoding::websocket(Format::Json), 1024);
         let mut local = Outbound::new();
         c.command(ServerCommand::Subscribe("a".into()));
         c.command(ServerCommand::Unsubscribe("a".into()));
@@ -317,8 +403,19 @@ mod tests {
     }
 
     #[test]
+    fn nothing_is_queued_behind_a_close() {
+        let c = ClientShared::new(ClientId(1), Encoding::websocket(Format::Json), 1024);
+        assert_eq!(c.deliver(&Bytes::from_static(b"before"), 0), Delivery::Queued);
+        assert_eq!(c.close(), 1, "what was queued behind the close is dropped");
+        assert_eq!(c.deliver(&Bytes::from_static(b"after"), 0), Delivery::Closed);
+        let mut local = Outbound::new();
+        assert_eq!(c.take(&mut local, std::task::Waker::noop()), None);
+        assert!(local.is_empty(), "nothing reaches the connection once it closed");
+    }
+
+    #[test]
     fn overflow_marks_slow_and_drops_the_queue() {
-        let c = ClientShared::new(ClientId(1), Format::Json, 10);
+        let c = ClientShared::new(ClientId(1), Encoding::websocket(Format::Json), 10);
         assert_eq!(c.deliver(&Bytes::from_static(b"123456"), 0), Delivery::Queued);
         assert_eq!(c.deliver(&Bytes::from_static(b"123456"), 0), Delivery::Slow(2), "its backlog and itself");
         assert_eq!(c.deliver(&Bytes::from_static(b"1"), 0), Delivery::Closed);

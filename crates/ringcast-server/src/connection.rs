@@ -49,6 +49,7 @@ use crate::deadline::{reached, Key};
 use crate::outbound::Outbound;
 use crate::server::Context;
 use crate::session::Session;
+use crate::transport::Encoding;
 
 thread_local! {
     /// Replies produced during one parse pass, written with one syscall. Per worker thread.
@@ -256,6 +257,15 @@ impl Conn {
 
     fn step(&mut self, cx: &mut TaskContext<'_>) -> io::Result<Step> {
         let mut progressed = false;
+        if let Some(client) = self.client.as_deref().filter(|_| self.phase != Phase::Open) {
+            // Our close frame is queued (or the peer's arrived): nothing may follow it (RFC 6455 §5.5.1),
+            // so the shared queue is closed (idempotent; a few steps at most per connection) and whatever
+            // publishers still send is dropped and counted, never written behind the close.
+            let dropped = client.session.shared.close();
+            if dropped > 0 {
+                metrics::counter!(crate::metrics::QUEUE_DROPS_TOTAL).increment(dropped as u64);
+            }
+        }
         if let Some(client) = &self.client {
             // Frames publishers delivered, and disconnects asked for by others (slow, API).
             let was_empty = self.out.is_empty();
@@ -460,7 +470,11 @@ impl Conn {
                 } else if req.path == CLIENT_PATH {
                     let format =
                         if req.protocol == Some(PROTOBUF_SUBPROTOCOL) { Format::Protobuf } else { Format::Json };
-                    let shared = ClientShared::new(ClientId::random(), format, self.ctx.config.client_queue_max_size);
+                    let shared = ClientShared::new(
+                        ClientId::random(),
+                        Encoding::websocket(format),
+                        self.ctx.config.client_queue_max_size,
+                    );
                     let ping = self.ctx.config.ping_interval.as_secs() as u32;
                     self.client = Some(Box::new(ClientState {
                         session: Session::new(self.ctx.node.clone(), shared, ping),
@@ -769,12 +783,12 @@ impl Conn {
         if commands.is_empty() || self.phase != Phase::Open {
             return;
         }
-        let format = c.session.format();
+        let encoding = c.session.shared.encoding;
         for command in commands {
-            if let Some(frame) =
-                c.session.server_command(command).and_then(|push| crate::node::push_frame(format, push))
+            if let Some(payload) =
+                c.session.server_command(command).and_then(|push| crate::node::push_payload(encoding.format, push))
             {
-                self.out.push(frame);
+                self.out.push(encoding.frame(&payload));
             }
         }
     }
@@ -801,7 +815,7 @@ impl Conn {
                     self.out.shrink_if_empty();
                     c.session.shared.shrink_if_empty();
                 }
-                let frame = crate::node::ws_frame(c.session.format(), &c.session.ping_payload());
+                let frame = c.session.shared.encoding.frame(&c.session.ping_payload());
                 c.session.pong_received = false;
                 c.pong_due = Some(stamp(now.wrapping_add(ms(cfg.pong_timeout))));
                 c.ping_at = Some(stamp(now.wrapping_add(ms(cfg.ping_interval))));

@@ -24,6 +24,7 @@ pub mod node;
 pub mod outbound;
 pub mod server;
 pub mod session;
+pub mod transport;
 
 pub use config::{Config, ConfigError, Settings};
 pub use error::ServerError;

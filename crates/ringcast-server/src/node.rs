@@ -9,14 +9,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use ringcast_protocol::messages::{ClientInfo, Join, Leave, Publication, Push, Reply};
 use ringcast_protocol::{encode_reply, publication_push_bytes, ErrorCode, Format};
-use ringcast_wire::frame::{encode_header, OpCode, MAX_HEADER_LEN};
 
 use crate::auth::TokenVerifier;
 use crate::broker::{Broker, BrokerError, HistoryFilter, HistoryOptions, StreamPos};
-use crate::client::{ClientId, ClientShared};
+use crate::client::{ClientSet, ClientShared};
 use crate::hub::{FanOut, Hub};
 use crate::namespace::{ChannelOptions, Namespaces};
 
@@ -27,7 +26,9 @@ pub struct Node {
     pub tokens: Option<TokenVerifier>,
     pub allow_anonymous: bool,
     /// Connected clients by user id ("" for anonymous).
-    users: Mutex<HashMap<String, Vec<Arc<ClientShared>>>>,
+    /// A set per user, so that connecting and disconnecting are O(1) however many clients share a user
+    /// (every anonymous client shares "").
+    users: Mutex<HashMap<String, ClientSet>>,
     pub started: Instant,
     pub name: String,
     /// This node's unique id (random per process), as reported by the API's `info`.
@@ -43,22 +44,11 @@ impl std::fmt::Debug for Node {
     }
 }
 
-/// Wraps a protocol payload in one unmasked WebSocket frame (text for JSON, binary for Protobuf).
-pub fn ws_frame(format: Format, payload: &[u8]) -> Bytes {
-    let opcode = if format.is_binary() { OpCode::Binary } else { OpCode::Text };
-    let mut hdr = [0u8; MAX_HEADER_LEN];
-    let h = encode_header(&mut hdr, true, opcode, payload.len() as u64, None);
-    let mut out = BytesMut::with_capacity(h + payload.len());
-    out.put_slice(&hdr[..h]);
-    out.put_slice(payload);
-    out.freeze()
-}
-
-/// A push, encoded and framed for one format.
-pub fn push_frame(format: Format, push: Push) -> Option<Bytes> {
+/// A push, encoded for one format (the payload: framing is the transport's).
+pub fn push_payload(format: Format, push: Push) -> Option<Bytes> {
     let mut payload = BytesMut::new();
     encode_reply(format, &Reply::push(push), &mut payload).ok()?;
-    Some(ws_frame(format, &payload))
+    Some(payload.freeze())
 }
 
 impl Node {
@@ -81,7 +71,7 @@ impl Node {
         }
     }
 
-    fn users(&self) -> MutexGuard<'_, HashMap<String, Vec<Arc<ClientShared>>>> {
+    fn users(&self) -> MutexGuard<'_, HashMap<String, ClientSet>> {
         match self.users.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -100,17 +90,32 @@ impl Node {
     }
 
     pub fn register_client(&self, user: &str, client: &Arc<ClientShared>) {
-        self.users().entry(user.to_string()).or_default().push(client.clone());
+        let mut users = self.users();
+        match users.get_mut(user) {
+            Some(set) => {
+                set.insert(client);
+            }
+            None => {
+                let mut set = ClientSet::default();
+                set.insert(client);
+                users.insert(user.to_string(), set);
+            }
+        }
     }
 
-    pub fn unregister_client(&self, user: &str, client: ClientId) {
+    pub fn unregister_client(&self, user: &str, client: &Arc<ClientShared>) {
         let mut users = self.users();
-        if let Some(list) = users.get_mut(user) {
-            list.retain(|c| c.id != client);
-            if list.is_empty() {
+        if let Some(set) = users.get_mut(user) {
+            set.remove(client);
+            if set.is_empty() {
                 users.remove(user);
             }
         }
+    }
+
+    /// How many clients `user` has connected to this node.
+    pub fn user_connections(&self, user: &str) -> usize {
+        self.users().get(user).map_or(0, ClientSet::len)
     }
 
     /// Clients of `user` (optionally only the one with id `client`).
@@ -124,7 +129,7 @@ impl Node {
     /// (connected clients, distinct users).
     pub fn counts(&self) -> (usize, usize) {
         let users = self.users();
-        (users.values().map(Vec::len).sum(), users.len())
+        (users.values().map(ClientSet::len).sum(), users.len())
     }
 
     /// Publishes to `channel`: appends to history (per its namespace) and delivers to every local
@@ -159,10 +164,7 @@ impl Node {
                 let pos = self.broker.publish(channel, &mut publication, history);
                 (publication, pos)
             },
-            |(publication, _), format| {
-                let payload = publication_push_bytes(format, channel, publication).ok()?;
-                Some(ws_frame(format, &payload))
-            },
+            |(publication, _), format| publication_push_bytes(format, channel, publication).ok(),
         );
         // Delivery counts are recorded by the hub; the publish-to-delivery histogram is recorded by each subscriber's connection, when it takes
         // the frames to write them (`ClientShared::take`).
@@ -180,20 +182,20 @@ impl Node {
     }
 
     /// Sends a join push to the channel's other subscribers.
-    pub fn join(&self, channel: &str, info: &ClientInfo, skip: ClientId) {
+    pub fn join(&self, channel: &str, info: &ClientInfo, skip: &Arc<ClientShared>) {
         self.membership_push(channel, skip, |push| push.join = Some(Join { info: Some(info.clone()) }));
     }
 
     /// Sends a leave push to the channel's other subscribers.
-    pub fn leave(&self, channel: &str, info: &ClientInfo, skip: ClientId) {
+    pub fn leave(&self, channel: &str, info: &ClientInfo, skip: &Arc<ClientShared>) {
         self.membership_push(channel, skip, |push| push.leave = Some(Leave { info: Some(info.clone()) }));
     }
 
-    fn membership_push(&self, channel: &str, skip: ClientId, set: impl Fn(&mut Push)) {
+    fn membership_push(&self, channel: &str, skip: &Arc<ClientShared>, set: impl Fn(&mut Push)) {
         let push = |format| {
             let mut push = Push { channel: channel.to_string(), ..Default::default() };
             set(&mut push);
-            push_frame(format, push)
+            push_payload(format, push)
         };
         self.hub.broadcast(channel, Some(skip), &push);
     }

@@ -85,6 +85,14 @@ impl Outbound {
         self.rest.append(&mut other.rest);
     }
 
+    /// Takes the first queued frame out (whole: only for frames nothing has been written of).
+    pub fn pop_front(&mut self) -> Option<Bytes> {
+        let head = self.head.take()?;
+        self.queued -= head.len();
+        self.head = self.rest.pop_front();
+        Some(head)
+    }
+
     /// Drops the queue's storage once empty, so an idle connection keeps none.
     pub fn shrink_if_empty(&mut self) {
         if self.is_empty() && self.rest.capacity() > 0 {

@@ -105,7 +105,7 @@ impl Session {
     }
 
     pub fn format(&self) -> Format {
-        self.shared.format
+        self.shared.format()
     }
 
     pub fn is_connected(&self) -> bool {
@@ -400,7 +400,7 @@ impl Session {
             node.broker.add_presence(channel, self.shared.id, info.clone());
         }
         if opts.join_leave {
-            node.join(channel, &info, self.shared.id);
+            node.join(channel, &info, &self.shared);
         }
         // Exactly sized: one more element each time (subscribing is rare next to holding subscriptions).
         let mut subs = std::mem::take(&mut self.subs).into_vec();
@@ -425,12 +425,12 @@ impl Session {
     }
 
     fn leave(&self, sub: &Sub) {
-        self.node.hub.unsubscribe(&sub.channel, self.shared.id, || self.node.broker.unsubscribe_node(&sub.channel));
+        self.node.hub.unsubscribe(&sub.channel, &self.shared, || self.node.broker.unsubscribe_node(&sub.channel));
         if sub.presence {
             self.node.broker.remove_presence(&sub.channel, self.shared.id);
         }
         if sub.join_leave {
-            self.node.leave(&sub.channel, &self.client_info(sub.chan_info()), self.shared.id);
+            self.node.leave(&sub.channel, &self.client_info(sub.chan_info()), &self.shared);
         }
         metrics::gauge!("ringcast_subscriptions").decrement(1.0);
     }
@@ -484,7 +484,7 @@ impl Drop for Session {
             self.leave(&sub);
         }
         if self.connected {
-            self.node.unregister_client(self.user(), self.shared.id);
+            self.node.unregister_client(self.user(), &self.shared);
         }
     }
 }

@@ -1,0 +1,92 @@
+//! How a protocol payload becomes bytes on a subscriber's transport.
+//!
+//! The pub/sub layer ([`crate::hub`], [`crate::node`]) fans out *payloads*: a push encoded once per wire
+//! format (JSON, Protobuf). It does not know how a transport frames them. Each subscriber names its
+//! [`Encoding`] — format and framing — and a publication is framed once per encoding in use and that one
+//! `Bytes` is shared by every subscriber with the same encoding. A new transport (raw TCP frames, a
+//! compressed WebSocket variant) is a new [`Framing`] here; the fan-out does not change.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use ringcast_protocol::Format;
+use ringcast_wire::frame::{encode_header, OpCode, MAX_HEADER_LEN};
+
+/// How a transport delimits messages on its byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Framing {
+    /// One unmasked, unfragmented RFC 6455 frame per message (text for JSON, binary for Protobuf).
+    WebSocket,
+}
+
+impl Framing {
+    const ALL: [Framing; 1] = [Framing::WebSocket];
+}
+
+/// What a subscriber receives: payloads in `format`, framed by `framing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Encoding {
+    pub format: Format,
+    pub framing: Framing,
+}
+
+impl Encoding {
+    /// How many distinct encodings exist: the size of a per-publication frame cache.
+    pub const COUNT: usize = Framing::ALL.len() * 2;
+
+    pub const fn websocket(format: Format) -> Encoding {
+        Encoding { format, framing: Framing::WebSocket }
+    }
+
+    /// A dense index in `0..COUNT`, for caches.
+    pub fn index(self) -> usize {
+        let format = match self.format {
+            Format::Json => 0,
+            Format::Protobuf => 1,
+        };
+        let framing = match self.framing {
+            Framing::WebSocket => 0,
+        };
+        framing * 2 + format
+    }
+
+    /// Frames one payload for this encoding.
+    pub fn frame(self, payload: &[u8]) -> Bytes {
+        match self.framing {
+            Framing::WebSocket => ws_frame(self.format, payload),
+        }
+    }
+}
+
+/// Wraps a protocol payload in one unmasked WebSocket frame (text for JSON, binary for Protobuf).
+pub fn ws_frame(format: Format, payload: &[u8]) -> Bytes {
+    let opcode = if format.is_binary() { OpCode::Binary } else { OpCode::Text };
+    let mut hdr = [0u8; MAX_HEADER_LEN];
+    let h = encode_header(&mut hdr, true, opcode, payload.len() as u64, None);
+    let mut out = BytesMut::with_capacity(h + payload.len());
+    out.put_slice(&hdr[..h]);
+    out.put_slice(payload);
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_encoding_has_its_own_cache_slot() {
+        let mut seen = [false; Encoding::COUNT];
+        for framing in Framing::ALL {
+            for format in [Format::Json, Format::Protobuf] {
+                let i = Encoding { format, framing }.index();
+                assert!(!seen[i], "slot {i} taken twice");
+                seen[i] = true;
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
+
+    #[test]
+    fn websocket_framing_picks_text_or_binary_by_format() {
+        assert_eq!(&Encoding::websocket(Format::Json).frame(b"{}")[..], &[0x81, 2, b'{', b'}']);
+        assert_eq!(&Encoding::websocket(Format::Protobuf).frame(b"\x01")[..], &[0x82, 1, 1]);
+    }
+}

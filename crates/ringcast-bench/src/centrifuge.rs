@@ -24,6 +24,9 @@ use crate::failure::{classify, Failure};
 use crate::params::CHANNEL;
 
 /// One line of what the server sent.
+/// The Centrifugo client endpoint's path (also ringcast's).
+pub const CLIENT_PATH: &str = "/connection/websocket";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Line {
     /// `{}`: a ping, to be answered with `{}`.

@@ -66,8 +66,7 @@ fn scenario(s: Scenario, about: &'static str) -> Command {
                     Arg::new("protocol")
                         .long("protocol")
                         .value_parser(["raw", "centrifuge"])
-                        .default_value("raw")
-                        .help("raw: every message sent on a publisher connection reaches every subscriber; centrifuge: Centrifugo client protocol v2 (JSON), channel \"bench\""),
+                        .help("raw: every message sent on a publisher connection reaches every subscriber; centrifuge: Centrifugo client protocol v2 (JSON), channel \"bench\" [default: centrifuge when the URL path is /connection/websocket, else raw]"),
                 )
                 .arg(Arg::new("api-key").long("api-key").value_name("KEY").help("Centrifugo: publish through POST /api/publish with this X-API-Key instead of over WebSocket"))
         }
@@ -84,8 +83,7 @@ fn scenario(s: Scenario, about: &'static str) -> Command {
                     Arg::new("protocol")
                         .long("protocol")
                         .value_parser(["raw", "centrifuge"])
-                        .default_value("raw")
-                        .help("raw: plain WebSocket connections; centrifuge: each connection also connects and subscribes to channel \"bench\" (Centrifugo client protocol v2, JSON)"),
+                        .help("raw: plain WebSocket connections; centrifuge: each connection also connects and subscribes to channel \"bench\" (Centrifugo client protocol v2, JSON) [default: centrifuge when the URL path is /connection/websocket, else raw]"),
                 )
         }
     }
@@ -211,10 +209,12 @@ pub fn params_from(scenario: Scenario, m: &ArgMatches) -> Result<Params, BenchEr
     if let Some(d) = duration_of("connect-timeout")? {
         p.connect_timeout = d;
     }
-    if has("protocol") {
-        p.protocol = match m.get_one::<String>("protocol").map(String::as_str) {
+    // Only fanout and idle have the option; the others ignore the protocol.
+    if let Ok(given) = m.try_get_one::<String>("protocol") {
+        p.protocol = match given.map(String::as_str) {
             Some("centrifuge") => Protocol::Centrifuge,
-            _ => Protocol::Raw,
+            Some(_) => Protocol::Raw,
+            None => Protocol::for_url(&p.url),
         };
     }
     if has("api-key") {

@@ -51,6 +51,20 @@ pub enum Protocol {
     Centrifuge,
 }
 
+impl Protocol {
+    /// What a URL implies when `--protocol` is not given: the Centrifugo protocol on its endpoint
+    /// (`/connection/websocket`, where a raw client would be disconnected with 3501), raw elsewhere.
+    pub fn for_url(url: &str) -> Protocol {
+        let on_client_endpoint =
+            Target::parse(url).is_ok_and(|t| t.path.split('?').next() == Some(crate::centrifuge::CLIENT_PATH));
+        if on_client_endpoint {
+            Protocol::Centrifuge
+        } else {
+            Protocol::Raw
+        }
+    }
+}
+
 /// Every knob of a run. Fields that a scenario does not use are ignored by it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Params {
@@ -359,6 +373,14 @@ mod secs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_endpoint_implies_the_centrifugo_protocol() {
+        assert_eq!(Protocol::for_url("ws://127.0.0.1:8000/connection/websocket"), Protocol::Centrifuge);
+        assert_eq!(Protocol::for_url("ws://127.0.0.1:8000/connection/websocket?x=1"), Protocol::Centrifuge);
+        assert_eq!(Protocol::for_url("ws://127.0.0.1:8000/echo"), Protocol::Raw);
+        assert_eq!(Protocol::for_url("ws://127.0.0.1:8000"), Protocol::Raw);
+    }
 
     #[test]
     fn urls_parse_with_defaults() {

@@ -99,6 +99,28 @@ fn scenario(s: Scenario, about: &'static str) -> Command {
     }
     if matches!(s, Scenario::Echo | Scenario::Fanout) {
         c = c
+            .arg(Arg::new("compare").long("compare").value_name("URL2").help(
+                "Also run the same scenario against a second server, in alternating rounds (A, B, A, B, …), and print both and the ratio B/A",
+            ))
+            .arg(
+                Arg::new("compare-pid")
+                    .long("compare-pid")
+                    .value_name("PID")
+                    .value_parser(value_parser!(u32))
+                    .requires("compare")
+                    .help("The second server's pid, for its CPU and memory"),
+            )
+            .arg(
+                Arg::new("rounds")
+                    .long("rounds")
+                    .value_name("N")
+                    .value_parser(value_parser!(usize))
+                    .requires("compare")
+                    .help("With --compare: rounds per server [default: 3]"),
+            );
+    }
+    if matches!(s, Scenario::Echo | Scenario::Fanout) {
+        c = c
             .arg(
                 Arg::new("size")
                     .long("size")
@@ -267,6 +289,15 @@ pub fn main(m: &ArgMatches) -> ExitCode {
             return ExitCode::from(e.exit_code());
         }
     };
+    if let Some(url) = sub.try_get_one::<String>("compare").ok().flatten() {
+        let other = crate::compare::Side {
+            url: url.clone(),
+            server_pid: sub.get_one::<u32>("compare-pid").copied(),
+            protocol: sub.try_get_one::<String>("protocol").ok().flatten().map(|_| params.protocol),
+        };
+        let rounds = sub.get_one::<usize>("rounds").copied().unwrap_or(3);
+        return compare_main(&runtime, &params, &other, rounds, sub);
+    }
     let report = match runtime.block_on(crate::run(&params)) {
         Ok(r) => r,
         Err(e) => {
@@ -301,6 +332,42 @@ pub fn main(m: &ArgMatches) -> ExitCode {
             params.url,
             report.failures.summary()
         );
+        return ExitCode::FAILURE;
+    }
+    status
+}
+
+/// `--compare`: both servers, alternating rounds, one table.
+fn compare_main(
+    runtime: &tokio::runtime::Runtime,
+    params: &Params,
+    other: &crate::compare::Side,
+    rounds: usize,
+    sub: &ArgMatches,
+) -> ExitCode {
+    let cmp = match runtime.block_on(crate::compare::run(params, other, rounds)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ringcast bench: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    print!("{}", cmp.table());
+    let mut status = ExitCode::SUCCESS;
+    if let Some(path) = sub.get_one::<PathBuf>("json") {
+        let written = if path.as_os_str() == "-" {
+            println!("{}", cmp.to_json());
+            Ok(())
+        } else {
+            std::fs::write(path, cmp.to_json())
+        };
+        if let Err(e) = written {
+            eprintln!("ringcast bench: writing {}: {e}", path.display());
+            status = ExitCode::FAILURE;
+        }
+    }
+    if !cmp.measured() {
+        eprintln!("ringcast bench: a round measured nothing (see the table)");
         return ExitCode::FAILURE;
     }
     status

@@ -35,6 +35,7 @@ pub mod centrifuge;
 mod cli;
 pub mod client;
 pub mod clock;
+pub mod compare;
 mod conductor;
 pub mod error;
 pub mod failure;

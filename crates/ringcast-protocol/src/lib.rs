@@ -23,7 +23,7 @@ pub mod messages;
 mod serde_helpers;
 
 pub use codec::{
-    decode_commands, decode_commands_with, decode_replies, encode_command, encode_reply, Format, Limits,
+    decode_commands, decode_commands_from, decode_commands_with, decode_replies, encode_command, encode_reply, Format, Limits,
     PROTOBUF_SUBPROTOCOL,
 };
 pub use codes::{reconnect, DisconnectCode, ErrorCode};

@@ -53,7 +53,7 @@ pub const KEYS: &[Key] = &[
     key("max_frame_size", Kind::Int, "Largest accepted frame payload in bytes; larger closes with 1009."),
     key("max_message_size", Kind::Int, "Largest accepted message (all fragments) in bytes; larger closes with 1009."),
     key("max_request_head", Kind::Int, "Largest accepted HTTP upgrade request head in bytes; larger answers 431."),
-    key("client_queue_max_size", Kind::Int, "Bytes of outbound frames a connection may have queued. The echo endpoint stops reading while over it."),
+    key("client_queue_max_size", Kind::Int, "Bytes of outbound frames (pushes and replies) a connection may have queued; over it a client is disconnected 3008 (slow). A client's socket is not read while its queue is over half of it; the echo endpoint stops reading while over it."),
     key("handshake_timeout", Kind::Str, "Time a new connection has to complete its upgrade request (slowloris guard)."),
     key("idle_timeout", Kind::Str, "Close a connection that sends nothing for this long; \"0s\" disables."),
     key("write_timeout", Kind::Str, "Close a connection whose socket accepts no bytes for this long while we have bytes to send."),
@@ -65,6 +65,9 @@ pub const KEYS: &[Key] = &[
     key("log_level", Kind::Str, "Log filter (tracing EnvFilter syntax), e.g. \"info\" or \"ringcast_server=debug\"."),
     key("ping_interval", Kind::Str, "Client protocol: how often the server pings a connected client (it must answer)."),
     key("pong_timeout", Kind::Str, "Client protocol: how long a client has to answer a ping before disconnect 3012."),
+    key("client_stale_close_delay", Kind::Str, "Client protocol: a WebSocket that has not sent a successful connect this long after opening is closed with 3502 (stale); \"0s\" disables."),
+    key("client_user_connection_limit", Kind::Int, "Client protocol: connections one user (non-empty user id) may hold on this node; one more is disconnected 3504 (connection limit). 0: unlimited."),
+    key("history_max_publication_limit", Kind::Int, "Client protocol: most publications one history reply carries (a client's larger or absent limit is lowered to it). 0: no cap."),
     key("allow_anonymous", Kind::Bool, "Client protocol: accept connect commands without a token (user \"\")."),
     key("token_hmac_secret_key", Kind::Str, "Secret for HS256/384/512 connection and subscription tokens."),
     key("token_rsa_public_key", Kind::Str, "PEM public key for RS256/384/512 tokens."),
@@ -109,6 +112,10 @@ pub struct Config {
     pub ping_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub pong_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub client_stale_close_delay: Duration,
+    pub client_user_connection_limit: usize,
+    pub history_max_publication_limit: usize,
     pub allow_anonymous: bool,
     pub token_hmac_secret_key: String,
     pub token_rsa_public_key: String,
@@ -144,6 +151,9 @@ impl Default for Config {
             log_level: "info".into(),
             ping_interval: Duration::from_secs(25),
             pong_timeout: Duration::from_secs(8),
+            client_stale_close_delay: Duration::from_secs(10),
+            client_user_connection_limit: 0,
+            history_max_publication_limit: 300,
             allow_anonymous: false,
             token_hmac_secret_key: String::new(),
             token_rsa_public_key: String::new(),
@@ -295,6 +305,7 @@ impl Config {
             ("idle_timeout", self.idle_timeout),
             ("write_timeout", self.write_timeout),
             ("close_timeout", self.close_timeout),
+            ("client_stale_close_delay", self.client_stale_close_delay),
         ] {
             if d > Duration::from_secs(86_400) {
                 return Err(invalid(name, "must be at most 24h"));

@@ -20,12 +20,29 @@ use crate::client::{ClientId, ClientShared};
 use crate::hub::{FanOut, Hub};
 use crate::namespace::{ChannelOptions, Namespaces};
 
+/// Limits the node holds every client session to (from the configuration; [`Node::with_client_limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// `client_user_connection_limit`: connections one (non-anonymous) user may hold here; 0: unlimited.
+    pub user_connection_limit: usize,
+    /// `history_max_publication_limit`: most publications in one client history reply; 0: no cap.
+    pub history_max_publication_limit: usize,
+}
+
+impl Default for ClientLimits {
+    /// Centrifugo's defaults: no connection limit, 300 publications per history reply.
+    fn default() -> Self {
+        ClientLimits { user_connection_limit: 0, history_max_publication_limit: 300 }
+    }
+}
+
 pub struct Node {
     pub hub: Hub,
     pub broker: Arc<dyn Broker>,
     pub namespaces: Namespaces,
     pub tokens: Option<TokenVerifier>,
     pub allow_anonymous: bool,
+    pub client_limits: ClientLimits,
     /// Connected clients by user id ("" for anonymous).
     users: Mutex<HashMap<String, Vec<Arc<ClientShared>>>>,
     pub started: Instant,
@@ -74,6 +91,7 @@ impl Node {
             namespaces,
             tokens,
             allow_anonymous,
+            client_limits: ClientLimits::default(),
             users: Mutex::new(HashMap::new()),
             started: Instant::now(),
             name: "ringcast".into(),
@@ -99,8 +117,28 @@ impl Node {
         HistoryOptions { size: opts.history_size, ttl: opts.history_ttl }
     }
 
+    /// Sets the limits sessions apply (the server does, from its configuration).
+    pub fn with_client_limits(mut self, limits: ClientLimits) -> Node {
+        self.client_limits = limits;
+        self
+    }
+
     pub fn register_client(&self, user: &str, client: &Arc<ClientShared>) {
         self.users().entry(user.to_string()).or_default().push(client.clone());
+    }
+
+    /// Registers `client` unless its user already holds `client_user_connection_limit` connections here
+    /// (checked and registered under one lock, so concurrent connects cannot both slip in). Anonymous
+    /// clients are not counted against a limit, as in Centrifugo. Returns whether it was registered.
+    pub fn try_register_client(&self, user: &str, client: &Arc<ClientShared>) -> bool {
+        let limit = self.client_limits.user_connection_limit;
+        let mut users = self.users();
+        let list = users.entry(user.to_string()).or_default();
+        if limit > 0 && !user.is_empty() && list.len() >= limit {
+            return false;
+        }
+        list.push(client.clone());
+        true
     }
 
     pub fn unregister_client(&self, user: &str, client: ClientId) {

@@ -72,6 +72,7 @@ pub const KEYS: &[Key] = &[
     key("token_hmac_secret_key", Kind::Str, "Secret for HS256/384/512 connection and subscription tokens."),
     key("token_rsa_public_key", Kind::Str, "PEM public key for RS256/384/512 tokens."),
     key("token_ecdsa_public_key", Kind::Str, "PEM public key for ES256/384 tokens."),
+    key("internal_listen", Kind::Str, "Address (HOST:PORT) serving /api, /metrics and /health on their own; when set, the public listener serves only WebSockets and /health. Empty: all on `listen`."),
     key("api_key", Kind::Str, "Key the server HTTP API requires (X-API-Key or Authorization: apikey). Empty: the API refuses every call."),
     key("channels", Kind::Table, "Options of channels outside any namespace ([channels] table: allow_subscribe_for_client, presence, history_size, ...)."),
     key("namespaces", Kind::Table, "Channel namespaces ([[namespaces]] with name = \"ns\" and the channel options); channel \"ns:x\" uses namespace \"ns\"."),
@@ -120,6 +121,7 @@ pub struct Config {
     pub token_hmac_secret_key: String,
     pub token_rsa_public_key: String,
     pub token_ecdsa_public_key: String,
+    pub internal_listen: String,
     pub api_key: String,
     pub channels: crate::namespace::ChannelOptions,
     pub namespaces: Vec<crate::namespace::NamespaceConfig>,
@@ -158,6 +160,7 @@ impl Default for Config {
             token_hmac_secret_key: String::new(),
             token_rsa_public_key: String::new(),
             token_ecdsa_public_key: String::new(),
+            internal_listen: String::new(),
             api_key: String::new(),
             channels: crate::namespace::ChannelOptions::default(),
             namespaces: Vec::new(),
@@ -210,6 +213,8 @@ pub fn env_var(key: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
+    /// `internal_listen`, when set.
+    pub internal_listen: Option<SocketAddr>,
     pub strategy: Strategy,
     pub echo: bool,
 }
@@ -322,7 +327,17 @@ impl Config {
         if !self.echo_path.starts_with('/') {
             return Err(invalid("echo_path", "must start with '/'"));
         }
-        Ok(Settings { listen, strategy, echo: self.echo.unwrap_or(self.dev) })
+        let internal_listen = match self.internal_listen.as_str() {
+            "" => None,
+            s => Some(
+                s.parse::<SocketAddr>()
+                    .map_err(|e| invalid("internal_listen", format!("{e} (expected HOST:PORT, or empty)")))?,
+            ),
+        };
+        if internal_listen.is_some_and(|a| a == listen && a.port() != 0) {
+            return Err(invalid("internal_listen", "must differ from `listen`"));
+        }
+        Ok(Settings { listen, internal_listen, strategy, echo: self.echo.unwrap_or(self.dev) })
     }
 
     /// A documented TOML file with every key at its default.

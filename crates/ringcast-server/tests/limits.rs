@@ -1,6 +1,6 @@
 //! What one client can make the server do, over real sockets: the queue limit covers replies, the
 //! protocol's message limit is the WebSocket one, a socket that never connects goes stale, a user's
-//! connections are counted, a frame's commands are capped.
+//! connections are counted, a frame's commands are capped, and the API can live on an internal port.
 //!
 //! The heap figures come from a counting global allocator (process-wide: the test's own clients count
 //! too), so every test here holds [`SERIAL`] and none runs beside the one measuring.
@@ -11,9 +11,12 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
+use ringcast_server::{Config, Server};
 use ringcast_wire::frame::OpCode;
 use serde_json::{json, Value};
 use support::{Got, RawClient, TestServer};
+use tokio_tungstenite::tungstenite::Message;
 
 struct Counting;
 
@@ -294,5 +297,61 @@ async fn commands_over_the_per_frame_cap_are_answered_111_and_the_connection_sta
     assert_eq!(refused, (1026..1032).collect::<Vec<u64>>(), "the commands past the cap, in order");
     send(&mut c, r#"{"id":5000,"ping":{}}"#).await;
     assert!(reply_to(&mut c, 5000).await["ping"].is_object(), "the connection stays");
+    server.stop().await;
+}
+
+/// A plain HTTP request; returns the status.
+async fn status(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> u16 {
+    support::http_request(addr, method, path, &[("X-API-Key", "k")], body).await.0
+}
+
+/// Issue 8, §4: with `internal_listen`, `/api`, `/metrics` and `/health` are served there, and the public
+/// listener serves WebSockets and `/health` only.
+#[tokio::test]
+async fn internal_listen_takes_the_api_and_metrics_off_the_public_port() {
+    let _serial = SERIAL.lock().await;
+    let flags: Vec<(String, String)> = [
+        ("listen", "127.0.0.1:0"),
+        ("internal_listen", "127.0.0.1:0"),
+        ("dev", "true"),
+        ("api_key", "k"),
+        ("close_timeout", "500ms"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let (config, settings) = Config::load(None, |_| None, &flags).expect("config");
+    let server = Server::bind(config, settings).expect("bind");
+    let public = server.local_addr().expect("addr");
+    let internal = server.internal_addr().expect("internal listener bound");
+    assert_ne!(public, internal);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    assert_eq!(status(internal, "POST", "/api/info", "{}").await, 200);
+    assert_eq!(status(internal, "POST", "/api/publish", r#"{"channel":"a","data":1}"#).await, 200);
+    assert_eq!(status(internal, "GET", "/metrics", "").await, 200);
+    assert_eq!(status(internal, "GET", "/health", "").await, 200);
+    assert_eq!(status(public, "POST", "/api/info", "{}").await, 404, "no API on the public port");
+    assert_eq!(status(public, "POST", "/api", "{}").await, 404);
+    assert_eq!(status(public, "GET", "/metrics", "").await, 404, "no metrics on the public port");
+    assert_eq!(status(public, "GET", "/health", "").await, 200, "probes still reach the public port");
+    // Clients still connect on the public port.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{public}/connection/websocket")).await.expect("ws");
+    ws.send(Message::Text(json!({"id": 1, "connect": {}}).to_string())).await.expect("send");
+    let reply = tokio::time::timeout(T, ws.next()).await.expect("reply in time");
+    assert!(matches!(reply, Some(Ok(Message::Text(t))) if t.contains("\"connect\"")));
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+}
+
+/// Without `internal_listen` everything stays on the one port, as before.
+#[tokio::test]
+async fn without_internal_listen_the_api_shares_the_public_port() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[("api_key", "k")]).await;
+    assert_eq!(status(server.addr, "POST", "/api/info", "{}").await, 200);
+    assert_eq!(status(server.addr, "GET", "/health", "").await, 200);
     server.stop().await;
 }

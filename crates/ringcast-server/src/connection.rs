@@ -871,8 +871,7 @@ fn client_message(
     }
     if !was_connected && state.session.is_connected() {
         // The stale deadline is over; pings take its place.
-        state.ping_at =
-            (!cfg.ping_interval.is_zero()).then(|| stamp(now.wrapping_add(ms(cfg.ping_interval))));
+        state.ping_at = (!cfg.ping_interval.is_zero()).then(|| stamp(now.wrapping_add(ms(cfg.ping_interval))));
     }
     if !replies.is_empty() {
         let opcode = if state.session.format().is_binary() { OpCode::Binary } else { OpCode::Text };

@@ -200,7 +200,8 @@ impl Session {
                 return Ok(());
             }
             if !over_cap {
-                metrics::counter!("ringcast_client_protocol_errors_total", "reason" => "too_many_commands").increment(1);
+                metrics::counter!("ringcast_client_protocol_errors_total", "reason" => "too_many_commands")
+                    .increment(1);
                 tracing::info!(client = %self.shared.id, limit = MAX_COMMANDS_PER_FRAME, "commands over the per-frame limit answered 111");
             }
             over_cap = true;

@@ -66,7 +66,11 @@ async fn replies(c: &mut RawClient) -> Vec<Value> {
         match c.recv(T).await {
             Got::Msg(_, bytes) => {
                 let text = String::from_utf8(bytes).expect("utf-8");
-                return text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("json")).collect();
+                return text
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(|l| serde_json::from_str(l).expect("json"))
+                    .collect();
             }
             Got::Close(code, _) => return vec![json!({"closed": code})],
             Got::Eof => return vec![json!({"closed": null})],
@@ -122,9 +126,8 @@ async fn fill_history(server: &TestServer, channel: &str) {
 async fn history_attack(server: &TestServer, limit: i32) -> (Option<u16>, i64) {
     let (mut attacker, r) = connected(server, "").await;
     assert!(r["connect"].is_object(), "{r}");
-    let frame: Vec<String> = (2..52)
-        .map(|id| json!({"id": id, "history": {"channel": "big", "limit": limit}}).to_string())
-        .collect();
+    let frame: Vec<String> =
+        (2..52).map(|id| json!({"id": id, "history": {"channel": "big", "limit": limit}}).to_string()).collect();
     let frame = frame.join("\n");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let before = LIVE.load(Relaxed);
@@ -338,7 +341,8 @@ async fn internal_listen_takes_the_api_and_metrics_off_the_public_port() {
     assert_eq!(status(public, "GET", "/metrics", "").await, 404, "no metrics on the public port");
     assert_eq!(status(public, "GET", "/health", "").await, 200, "probes still reach the public port");
     // Clients still connect on the public port.
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{public}/connection/websocket")).await.expect("ws");
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{public}/connection/websocket")).await.expect("ws");
     ws.send(Message::Text(json!({"id": 1, "connect": {}}).to_string())).await.expect("send");
     let reply = tokio::time::timeout(T, ws.next()).await.expect("reply in time");
     assert!(matches!(reply, Some(Ok(Message::Text(t))) if t.contains("\"connect\"")));

@@ -7,6 +7,9 @@
 //!
 //! Replies are written by the connection in the same pass that produced them, before it next takes
 //! frames delivered by publishers, so a subscribe reply always precedes the first push of its channel.
+//!
+//! Replies count against `client_queue_max_size` as pushes do (see [`Session::on_message`]): what one
+//! client can make the server hold for it is its queue limit, whatever it asks for in one frame.
 
 use std::num::NonZeroI64;
 use std::sync::Arc;

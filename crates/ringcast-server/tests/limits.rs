@@ -169,6 +169,40 @@ async fn history_replies_count_against_the_queue_limit_and_the_heap_stays_bounde
     server.stop().await;
 }
 
+/// A presence reply is bounded the same way: one whose entries alone would pass the queue limit is a slow
+/// client (3008), before it is encoded; a smaller one is answered.
+#[tokio::test]
+async fn a_presence_reply_over_the_queue_limit_disconnects_3008() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[("client_queue_max_size", "4096")]).await;
+    let mut crowd = Vec::new();
+    let join = |n: usize| {
+        let server = &server;
+        async move {
+            let mut joined = Vec::new();
+            for _ in 0..n {
+                let (mut c, _) = connected(server, "").await;
+                send(&mut c, r#"{"id":2,"subscribe":{"channel":"crowd"}}"#).await;
+                assert!(reply_to(&mut c, 2).await["subscribe"].is_object());
+                joined.push(c);
+            }
+            joined
+        }
+    };
+    // 20 entries of two 36-byte client ids each: 1,440 bytes of payload, within 4 KiB.
+    crowd.extend(join(20).await);
+    let (mut asker, _) = connected(&server, "").await;
+    send(&mut asker, r#"{"id":2,"presence":{"channel":"crowd"}}"#).await;
+    let r = reply_to(&mut asker, 2).await;
+    assert_eq!(r["presence"]["presence"].as_object().map(|m| m.len()), Some(20), "{r}");
+    // 60 entries: 4,320 bytes of payload alone, over the limit.
+    crowd.extend(join(40).await);
+    send(&mut asker, r#"{"id":3,"presence":{"channel":"crowd"}}"#).await;
+    assert_eq!(reply_to(&mut asker, 3).await["closed"], json!(3008));
+    drop(crowd);
+    server.stop().await;
+}
+
 /// `history_max_publication_limit` (Centrifugo's, default 300) caps a client's history reply; a smaller
 /// limit the client asks for stands.
 #[tokio::test]

@@ -433,6 +433,27 @@ mod tests {
     }
 
     #[test]
+    fn internal_listen_is_optional_and_checked() {
+        let (_, s) = Config::load(None, no_env, &[]).unwrap();
+        assert_eq!(s.internal_listen, None, "off by default: everything on `listen`");
+        let (_, s) = Config::load(None, no_env, &[("internal_listen".into(), "127.0.0.1:9000".into())]).unwrap();
+        assert_eq!(s.internal_listen.map(|a| a.port()), Some(9000));
+        let e = Config::load(None, no_env, &[("internal_listen".into(), "nowhere".into())]).unwrap_err();
+        assert!(e.to_string().contains("`internal_listen`"), "{e}");
+        let same = [("internal_listen".into(), "127.0.0.1:8000".into())];
+        let e = Config::load(None, no_env, &same).unwrap_err();
+        assert!(e.to_string().contains("`internal_listen`"), "the public address cannot be the internal one: {e}");
+    }
+
+    #[test]
+    fn client_limits_default_as_in_centrifugo() {
+        let c = Config::default();
+        assert_eq!(c.client_stale_close_delay, Duration::from_secs(10));
+        assert_eq!(c.client_user_connection_limit, 0, "unlimited");
+        assert_eq!(c.history_max_publication_limit, 300);
+    }
+
+    #[test]
     fn unknown_file_keys_are_refused() {
         let dir = std::env::temp_dir().join(format!("ringcast-config-unk-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

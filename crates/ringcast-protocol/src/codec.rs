@@ -120,9 +120,10 @@ where
     if frame.len() > limits.max_frame_len {
         return Err(ProtocolError::FrameTooLarge { len: frame.len(), limit: limits.max_frame_len });
     }
-    match format {
-        Format::Json => decode_json(frame, limits, out)?,
-        Format::Protobuf => decode_protobuf(frame, limits, out)?,
+    let mut pos = 0;
+    decode_some(format, frame, &mut pos, limits.max_messages, out)?;
+    if pos < frame.len() {
+        return Err(ProtocolError::TooManyMessages { limit: limits.max_messages });
     }
     if out.is_empty() {
         // Nothing but whitespace (or nothing at all): Centrifugo disconnects such a client too.
@@ -131,40 +132,96 @@ where
     Ok(())
 }
 
-fn push_limited<M>(out: &mut Vec<M>, limits: &Limits, message: M) -> Result<(), ProtocolError> {
-    if out.len() >= limits.max_messages {
-        return Err(ProtocolError::TooManyMessages { limit: limits.max_messages });
+/// Decodes the commands of `frame` from byte `*pos` on, at most `max` of them, into `out` (cleared
+/// first), and moves `*pos` past them: to `frame.len()` once nothing but whitespace is left, else to the
+/// first command not decoded. Call again with the same `pos` for the next batch.
+///
+/// This is how a server bounds what one frame costs in decoded commands (`max` at a time, each far
+/// larger in memory than its shortest encoding) without refusing a frame that carries more: it can
+/// run, or answer, the commands batch by batch. The frame's size is the WebSocket layer's business
+/// (`max_message_size`, enforced before a byte is buffered), so none is checked here.
+///
+/// A frame with no command at all (empty, or only whitespace) is [`ProtocolError::EmptyFrame`]. On any
+/// other error `out` holds the commands before the bad one.
+pub fn decode_commands_from(
+    format: Format,
+    frame: &[u8],
+    pos: &mut usize,
+    max: usize,
+    out: &mut Vec<Command>,
+) -> Result<(), ProtocolError> {
+    out.clear();
+    let first = *pos == 0;
+    decode_some(format, frame, pos, max, out)?;
+    if first && out.is_empty() {
+        return Err(ProtocolError::EmptyFrame);
     }
-    out.push(message);
     Ok(())
 }
 
-fn decode_json<M: DeserializeOwned>(frame: &[u8], limits: &Limits, out: &mut Vec<M>) -> Result<(), ProtocolError> {
+/// Decodes messages from `frame[*pos..]` into `out` until the frame ends or `out` holds `max`;
+/// `*pos` ends at `frame.len()` if only whitespace is left, else at the next message.
+fn decode_some<M>(
+    format: Format,
+    frame: &[u8],
+    pos: &mut usize,
+    max: usize,
+    out: &mut Vec<M>,
+) -> Result<(), ProtocolError>
+where
+    M: DeserializeOwned + prost::Message + Default,
+{
+    match format {
+        Format::Json => decode_json(frame, pos, max, out),
+        Format::Protobuf => decode_protobuf(frame, pos, max, out),
+    }
+}
+
+fn decode_json<M: DeserializeOwned>(
+    frame: &[u8],
+    pos: &mut usize,
+    max: usize,
+    out: &mut Vec<M>,
+) -> Result<(), ProtocolError> {
     // Splitting on the byte `\n` is exact: a JSON string cannot hold a raw newline, so a newline is always
     // between two messages (or inside whitespace, which the protocol does not allow within a message).
-    for line in frame.split(|&b| b == b'\n') {
+    while *pos < frame.len() {
+        let rest = &frame[*pos..];
+        let (line, next) = match rest.iter().position(|&b| b == b'\n') {
+            Some(i) => (&rest[..i], *pos + i + 1),
+            None => (rest, frame.len()),
+        };
         // `\r` of a `\r\n` separator, and blank lines, are whitespace: serde_json skips them around a value,
         // and a line of nothing else carries no message.
         let Some(&first) = line.iter().find(|b| !b.is_ascii_whitespace()) else {
+            *pos = next;
             continue;
         };
+        if out.len() >= max {
+            return Ok(());
+        }
         // serde's derived structs also accept a JSON array (fields by position); a message is an object.
         if first != b'{' {
             return Err(ProtocolError::Json(serde::de::Error::custom("expected a JSON object")));
         }
         let message = serde_json::from_slice(line).map_err(ProtocolError::Json)?;
-        push_limited(out, limits, message)?;
+        out.push(message);
+        *pos = next;
     }
     Ok(())
 }
 
 fn decode_protobuf<M: prost::Message + Default>(
     frame: &[u8],
-    limits: &Limits,
+    pos: &mut usize,
+    max: usize,
     out: &mut Vec<M>,
 ) -> Result<(), ProtocolError> {
-    let mut rest = frame;
-    while !rest.is_empty() {
+    while *pos < frame.len() {
+        if out.len() >= max {
+            return Ok(());
+        }
+        let mut rest = &frame[*pos..];
         // `decode_varint` advances `rest` past the prefix; it rejects prefixes longer than 10 bytes, values
         // over u64::MAX, and a frame that ends inside the prefix.
         let declared = prost::encoding::decode_varint(&mut rest).map_err(|_| ProtocolError::BadVarint)?;
@@ -174,8 +231,8 @@ fn decode_protobuf<M: prost::Message + Default>(
         };
         let (body, tail) = rest.split_at(len);
         let message = M::decode(body).map_err(ProtocolError::Protobuf)?;
-        push_limited(out, limits, message)?;
-        rest = tail;
+        out.push(message);
+        *pos = frame.len() - tail.len();
     }
     Ok(())
 }
@@ -325,6 +382,38 @@ mod tests {
         let err = decode_commands_with(Format::Json, b"{}\n{}", &limits, &mut Vec::new()).unwrap_err();
         assert!(matches!(err, ProtocolError::FrameTooLarge { len: 5, limit: 4 }));
         assert_eq!(err.disconnect().code, 3501);
+    }
+
+    #[test]
+    fn decode_commands_from_resumes_batch_by_batch() {
+        let ids = |v: &[Command]| v.iter().map(|c| c.id).collect::<Vec<_>>();
+        let mut out = Vec::new();
+        let frame = b"{\"id\":1}\n\n{\"id\":2}\r\n{\"id\":3}\n \n";
+        let mut pos = 0;
+        decode_commands_from(Format::Json, frame, &mut pos, 2, &mut out).unwrap();
+        assert_eq!(ids(&out), [1, 2]);
+        assert!(pos < frame.len(), "a third command is left");
+        decode_commands_from(Format::Json, frame, &mut pos, 2, &mut out).unwrap();
+        assert_eq!(ids(&out), [3]);
+        assert_eq!(pos, frame.len(), "trailing whitespace is consumed");
+        // Protobuf: the same, by length prefix.
+        let mut pb = BytesMut::new();
+        for id in 1..=3 {
+            encode_command(Format::Protobuf, &Command { id, ..Default::default() }, &mut pb).unwrap();
+        }
+        let mut pos = 0;
+        decode_commands_from(Format::Protobuf, &pb, &mut pos, 2, &mut out).unwrap();
+        assert_eq!(ids(&out), [1, 2]);
+        decode_commands_from(Format::Protobuf, &pb, &mut pos, 2, &mut out).unwrap();
+        assert_eq!((ids(&out), pos), (vec![3], pb.len()));
+        // No frame-size limit of its own (the WebSocket layer has it); nothing at all is an empty frame.
+        let big = format!("{{\"id\":1,\"publish\":{{\"channel\":\"a\",\"data\":\"{}\"}}}}", "x".repeat(200_000));
+        let mut pos = 0;
+        decode_commands_from(Format::Json, big.as_bytes(), &mut pos, 1024, &mut out).unwrap();
+        assert_eq!(ids(&out), [1]);
+        let mut pos = 0;
+        let err = decode_commands_from(Format::Json, b" \n ", &mut pos, 1024, &mut out).unwrap_err();
+        assert!(matches!(err, ProtocolError::EmptyFrame));
     }
 
     #[test]

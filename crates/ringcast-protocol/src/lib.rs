@@ -23,8 +23,8 @@ pub mod messages;
 mod serde_helpers;
 
 pub use codec::{
-    decode_commands, decode_commands_with, decode_replies, encode_command, encode_reply, Format, Limits,
-    PROTOBUF_SUBPROTOCOL,
+    decode_commands, decode_commands_from, decode_commands_with, decode_replies, encode_command, encode_reply, Format,
+    Limits, PROTOBUF_SUBPROTOCOL,
 };
 pub use codes::{reconnect, DisconnectCode, ErrorCode};
 pub use error::{EncodeError, ProtocolError};

@@ -226,6 +226,16 @@ impl ClientShared {
         }
     }
 
+    /// `client_queue_max_size`: the bytes of pushes and replies this client may have waiting.
+    pub fn max_queue(&self) -> usize {
+        self.max_queue as usize
+    }
+
+    /// Bytes delivered here and not yet taken by the connection.
+    pub fn queued_bytes(&self) -> usize {
+        self.lock().queued as usize
+    }
+
     /// Frees the queue's storage if nothing is queued (a quiet connection keeps none).
     pub fn shrink_if_empty(&self) {
         let mut st = self.lock();

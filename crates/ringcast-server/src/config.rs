@@ -53,7 +53,7 @@ pub const KEYS: &[Key] = &[
     key("max_frame_size", Kind::Int, "Largest accepted frame payload in bytes; larger closes with 1009."),
     key("max_message_size", Kind::Int, "Largest accepted message (all fragments) in bytes; larger closes with 1009."),
     key("max_request_head", Kind::Int, "Largest accepted HTTP upgrade request head in bytes; larger answers 431."),
-    key("client_queue_max_size", Kind::Int, "Bytes of outbound frames a connection may have queued. The echo endpoint stops reading while over it."),
+    key("client_queue_max_size", Kind::Int, "Bytes of outbound frames (pushes and replies) a connection may have queued; over it a client is disconnected 3008 (slow). A client's socket is not read while its queue is over half of it; the echo endpoint stops reading while over it."),
     key("handshake_timeout", Kind::Str, "Time a new connection has to complete its upgrade request (slowloris guard)."),
     key("idle_timeout", Kind::Str, "Close a connection that sends nothing for this long; \"0s\" disables."),
     key("write_timeout", Kind::Str, "Close a connection whose socket accepts no bytes for this long while we have bytes to send."),
@@ -65,10 +65,14 @@ pub const KEYS: &[Key] = &[
     key("log_level", Kind::Str, "Log filter (tracing EnvFilter syntax), e.g. \"info\" or \"ringcast_server=debug\"."),
     key("ping_interval", Kind::Str, "Client protocol: how often the server pings a connected client (it must answer)."),
     key("pong_timeout", Kind::Str, "Client protocol: how long a client has to answer a ping before disconnect 3012."),
+    key("client_stale_close_delay", Kind::Str, "Client protocol: a WebSocket that has not sent a successful connect this long after opening is closed with 3502 (stale); \"0s\" disables."),
+    key("client_user_connection_limit", Kind::Int, "Client protocol: connections one user (non-empty user id) may hold on this node; one more is disconnected 3504 (connection limit). 0: unlimited."),
+    key("history_max_publication_limit", Kind::Int, "Client protocol: most publications one history reply carries (a client's larger or absent limit is lowered to it). 0: no cap."),
     key("allow_anonymous", Kind::Bool, "Client protocol: accept connect commands without a token (user \"\")."),
     key("token_hmac_secret_key", Kind::Str, "Secret for HS256/384/512 connection and subscription tokens."),
     key("token_rsa_public_key", Kind::Str, "PEM public key for RS256/384/512 tokens."),
     key("token_ecdsa_public_key", Kind::Str, "PEM public key for ES256/384 tokens."),
+    key("internal_listen", Kind::Str, "Address (HOST:PORT) serving /api, /metrics and /health on their own; when set, the public listener serves only WebSockets and /health. Empty: all on `listen`."),
     key("api_key", Kind::Str, "Key the server HTTP API requires (X-API-Key or Authorization: apikey). Empty: the API refuses every call."),
     key("channels", Kind::Table, "Options of channels outside any namespace ([channels] table: allow_subscribe_for_client, presence, history_size, ...)."),
     key("namespaces", Kind::Table, "Channel namespaces ([[namespaces]] with name = \"ns\" and the channel options); channel \"ns:x\" uses namespace \"ns\"."),
@@ -109,10 +113,15 @@ pub struct Config {
     pub ping_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub pong_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub client_stale_close_delay: Duration,
+    pub client_user_connection_limit: usize,
+    pub history_max_publication_limit: usize,
     pub allow_anonymous: bool,
     pub token_hmac_secret_key: String,
     pub token_rsa_public_key: String,
     pub token_ecdsa_public_key: String,
+    pub internal_listen: String,
     pub api_key: String,
     pub channels: crate::namespace::ChannelOptions,
     pub namespaces: Vec<crate::namespace::NamespaceConfig>,
@@ -144,10 +153,14 @@ impl Default for Config {
             log_level: "info".into(),
             ping_interval: Duration::from_secs(25),
             pong_timeout: Duration::from_secs(8),
+            client_stale_close_delay: Duration::from_secs(10),
+            client_user_connection_limit: 0,
+            history_max_publication_limit: 300,
             allow_anonymous: false,
             token_hmac_secret_key: String::new(),
             token_rsa_public_key: String::new(),
             token_ecdsa_public_key: String::new(),
+            internal_listen: String::new(),
             api_key: String::new(),
             channels: crate::namespace::ChannelOptions::default(),
             namespaces: Vec::new(),
@@ -200,6 +213,8 @@ pub fn env_var(key: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
+    /// `internal_listen`, when set.
+    pub internal_listen: Option<SocketAddr>,
     pub strategy: Strategy,
     pub echo: bool,
 }
@@ -295,6 +310,7 @@ impl Config {
             ("idle_timeout", self.idle_timeout),
             ("write_timeout", self.write_timeout),
             ("close_timeout", self.close_timeout),
+            ("client_stale_close_delay", self.client_stale_close_delay),
         ] {
             if d > Duration::from_secs(86_400) {
                 return Err(invalid(name, "must be at most 24h"));
@@ -311,7 +327,17 @@ impl Config {
         if !self.echo_path.starts_with('/') {
             return Err(invalid("echo_path", "must start with '/'"));
         }
-        Ok(Settings { listen, strategy, echo: self.echo.unwrap_or(self.dev) })
+        let internal_listen = match self.internal_listen.as_str() {
+            "" => None,
+            s => Some(
+                s.parse::<SocketAddr>()
+                    .map_err(|e| invalid("internal_listen", format!("{e} (expected HOST:PORT, or empty)")))?,
+            ),
+        };
+        if internal_listen.is_some_and(|a| a == listen && a.port() != 0) {
+            return Err(invalid("internal_listen", "must differ from `listen`"));
+        }
+        Ok(Settings { listen, internal_listen, strategy, echo: self.echo.unwrap_or(self.dev) })
     }
 
     /// A documented TOML file with every key at its default.
@@ -404,6 +430,27 @@ mod tests {
         assert!(e.to_string().contains("idle_timeout"), "{e}");
         let e = Config::load(None, |k| (k == "RINGCAST_LISTEN").then(|| "nowhere".into()), &[]).unwrap_err();
         assert!(e.to_string().contains("`listen`"), "{e}");
+    }
+
+    #[test]
+    fn internal_listen_is_optional_and_checked() {
+        let (_, s) = Config::load(None, no_env, &[]).unwrap();
+        assert_eq!(s.internal_listen, None, "off by default: everything on `listen`");
+        let (_, s) = Config::load(None, no_env, &[("internal_listen".into(), "127.0.0.1:9000".into())]).unwrap();
+        assert_eq!(s.internal_listen.map(|a| a.port()), Some(9000));
+        let e = Config::load(None, no_env, &[("internal_listen".into(), "nowhere".into())]).unwrap_err();
+        assert!(e.to_string().contains("`internal_listen`"), "{e}");
+        let same = [("internal_listen".into(), "127.0.0.1:8000".into())];
+        let e = Config::load(None, no_env, &same).unwrap_err();
+        assert!(e.to_string().contains("`internal_listen`"), "the public address cannot be the internal one: {e}");
+    }
+
+    #[test]
+    fn client_limits_default_as_in_centrifugo() {
+        let c = Config::default();
+        assert_eq!(c.client_stale_close_delay, Duration::from_secs(10));
+        assert_eq!(c.client_user_connection_limit, 0, "unlimited");
+        assert_eq!(c.history_max_publication_limit, 300);
     }
 
     #[test]

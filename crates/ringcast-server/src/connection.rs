@@ -86,7 +86,9 @@ const CLIENT_PROTOCOLS: &[&str] = &[PROTOBUF_SUBPROTOCOL, "centrifuge-json"];
 /// Client-protocol state that only client connections pay for (boxed: echo connections stay small).
 struct ClientState {
     session: Session,
-    /// When the next server ping is due, once connected (deadline-table milliseconds).
+    /// Once connected: when the next server ping is due (deadline-table milliseconds). Before: when the
+    /// socket becomes stale (`client_stale_close_delay` after the upgrade) and is closed with 3502. One
+    /// field for both: this struct is 64 bytes, a size class, and the two never apply at once.
     ping_at: Option<Stamp>,
     /// When the client's answer to the last ping is due.
     pong_due: Option<Stamp>,
@@ -324,6 +326,12 @@ impl Conn {
     fn wants_read(&self) -> bool {
         match self.phase {
             Phase::Handshake | Phase::Draining => !self.read_closed,
+            // A client's frames are not read while its queue is over half the limit: replies it asks for
+            // count against the same limit as pushes (the session disconnects it 3008 once they pass it),
+            // and a peer that does not read should not be able to keep us producing replies.
+            Phase::Open if self.client.is_some() => {
+                !self.read_closed && self.out.queued_bytes() <= self.ctx.config.client_queue_max_size / 2
+            }
             Phase::Open | Phase::Closing => {
                 !self.read_closed && self.out.queued_bytes() <= self.ctx.config.client_queue_max_size
             }
@@ -476,9 +484,11 @@ impl Conn {
                         self.ctx.config.client_queue_max_size,
                     );
                     let ping = self.ctx.config.ping_interval.as_secs() as u32;
+                    let stale = self.ctx.config.client_stale_close_delay;
+                    let now = self.ctx.deadlines.now_ms();
                     self.client = Some(Box::new(ClientState {
                         session: Session::new(self.ctx.node.clone(), shared, ping),
-                        ping_at: None,
+                        ping_at: (!stale.is_zero()).then(|| stamp(now.wrapping_add(ms(stale)))),
                         pong_due: None,
                     }));
                     Endpoint::Client
@@ -589,6 +599,12 @@ impl Conn {
                             (Endpoint::Client, Some(state)) => {
                                 if let Err(d) = client_message(state, payload, scratch, out, now, &ctx.config) {
                                     tracing::info!(code = d.code, reason = d.reason, "disconnecting client");
+                                    if d == DisconnectCode::SLOW {
+                                        // Replies passed the queue limit: the close must not wait behind a
+                                        // backlog the peer is not reading.
+                                        let dropped = out.drop_backlog();
+                                        metrics::counter!(crate::metrics::QUEUE_DROPS_TOTAL).increment(dropped as u64);
+                                    }
                                     emit_close(scratch, out, CloseCode(d.code), d.reason);
                                     *phase = Phase::Closing;
                                     *closing_since = Some(stamp(now));
@@ -755,7 +771,11 @@ impl Conn {
         }
         if self.phase == Phase::Open && self.client.is_some() {
             if let Some(d) = self.heartbeat(now) {
-                let kind = if d == DisconnectCode::EXPIRED { "expired" } else { "pong" };
+                let kind = match d {
+                    DisconnectCode::EXPIRED => "expired",
+                    DisconnectCode::STALE => "stale",
+                    _ => "pong",
+                };
                 metrics::counter!("ringcast_ws_timeouts_total", "kind" => kind).increment(1);
                 tracing::info!(code = d.code, reason = d.reason, "disconnecting client");
                 self.start_close(CloseCode(d.code), d.reason);
@@ -798,7 +818,11 @@ impl Conn {
     fn heartbeat(&mut self, now: u32) -> Option<DisconnectCode> {
         let cfg = &self.ctx.config;
         let c = self.client.as_deref_mut()?;
-        if c.session.is_connected() && c.session.expires_in().is_some_and(|s| s <= 0) {
+        if !c.session.is_connected() {
+            // Before connect `ping_at` is the stale deadline: no successful connect in time.
+            return c.ping_at.filter(|at| reached(now, at.get())).map(|_| DisconnectCode::STALE);
+        }
+        if c.session.expires_in().is_some_and(|s| s <= 0) {
             return Some(DisconnectCode::EXPIRED);
         }
         if let Some(due) = c.pong_due {
@@ -853,12 +877,15 @@ fn client_message(
 ) -> Result<(), DisconnectCode> {
     let mut replies = bytes::BytesMut::new();
     let was_connected = state.session.is_connected();
+    // What this connection holds for the client and has not written: its queue and this pass's batch.
+    let backlog = out.queued_bytes() + scratch.len();
     match payload.contiguous() {
-        Some(p) => state.session.on_message(p, &mut replies)?,
-        None => state.session.on_message(&payload.to_vec(), &mut replies)?,
+        Some(p) => state.session.on_message(p, &mut replies, backlog)?,
+        None => state.session.on_message(&payload.to_vec(), &mut replies, backlog)?,
     }
-    if !was_connected && state.session.is_connected() && !cfg.ping_interval.is_zero() {
-        state.ping_at = Some(stamp(now.wrapping_add(ms(cfg.ping_interval))));
+    if !was_connected && state.session.is_connected() {
+        // The stale deadline is over; pings take its place.
+        state.ping_at = (!cfg.ping_interval.is_zero()).then(|| stamp(now.wrapping_add(ms(cfg.ping_interval))));
     }
     if !replies.is_empty() {
         let opcode = if state.session.format().is_binary() { OpCode::Binary } else { OpCode::Text };

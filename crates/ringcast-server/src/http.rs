@@ -1,5 +1,6 @@
 //! Plain HTTP on the WebSocket listener: the server API, `/health` and `/metrics` share the port clients
-//! connect to, as in Centrifugo.
+//! connect to, as in Centrifugo — unless `internal_listen` is set: then they are served there (sockets go
+//! straight to [`serve_with`], nothing read ahead), and the public port answers only `/health`.
 //!
 //! The connection code reads a request head with its own parser (cheap, allocation-free, and tuned for
 //! upgrade storms). When the head is not a WebSocket upgrade for a WebSocket path, it hands the socket here

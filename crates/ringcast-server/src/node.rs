@@ -19,12 +19,29 @@ use crate::client::{ClientSet, ClientShared};
 use crate::hub::{FanOut, Hub};
 use crate::namespace::{ChannelOptions, Namespaces};
 
+/// Limits the node holds every client session to (from the configuration; [`Node::with_client_limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// `client_user_connection_limit`: connections one (non-anonymous) user may hold here; 0: unlimited.
+    pub user_connection_limit: usize,
+    /// `history_max_publication_limit`: most publications in one client history reply; 0: no cap.
+    pub history_max_publication_limit: usize,
+}
+
+impl Default for ClientLimits {
+    /// Centrifugo's defaults: no connection limit, 300 publications per history reply.
+    fn default() -> Self {
+        ClientLimits { user_connection_limit: 0, history_max_publication_limit: 300 }
+    }
+}
+
 pub struct Node {
     pub hub: Hub,
     pub broker: Arc<dyn Broker>,
     pub namespaces: Namespaces,
     pub tokens: Option<TokenVerifier>,
     pub allow_anonymous: bool,
+    pub client_limits: ClientLimits,
     /// Connected clients by user id ("" for anonymous).
     /// A set per user, so that connecting and disconnecting are O(1) however many clients share a user
     /// (every anonymous client shares "").
@@ -64,6 +81,7 @@ impl Node {
             namespaces,
             tokens,
             allow_anonymous,
+            client_limits: ClientLimits::default(),
             users: Mutex::new(HashMap::new()),
             started: Instant::now(),
             name: "ringcast".into(),
@@ -89,18 +107,29 @@ impl Node {
         HistoryOptions { size: opts.history_size, ttl: opts.history_ttl }
     }
 
-    pub fn register_client(&self, user: &str, client: &Arc<ClientShared>) {
+    /// Sets the limits sessions apply (the server does, from its configuration).
+    pub fn with_client_limits(mut self, limits: ClientLimits) -> Node {
+        self.client_limits = limits;
+        self
+    }
+
+    /// Registers `client` unless its user already holds `client_user_connection_limit` connections here
+    /// (checked and registered under one lock, so concurrent connects cannot both slip in). Anonymous
+    /// clients are not counted against a limit, as in Centrifugo. Returns whether it was registered.
+    pub fn try_register_client(&self, user: &str, client: &Arc<ClientShared>) -> bool {
+        let limit = self.client_limits.user_connection_limit;
         let mut users = self.users();
-        match users.get_mut(user) {
-            Some(set) => {
-                set.insert(client);
+        if let Some(set) = users.get_mut(user) {
+            if limit > 0 && !user.is_empty() && set.len() >= limit {
+                return false;
             }
-            None => {
-                let mut set = ClientSet::default();
-                set.insert(client);
-                users.insert(user.to_string(), set);
-            }
+            set.insert(client);
+        } else {
+            let mut set = ClientSet::default();
+            set.insert(client);
+            users.insert(user.to_string(), set);
         }
+        true
     }
 
     pub fn unregister_client(&self, user: &str, client: &Arc<ClientShared>) {
@@ -111,11 +140,6 @@ impl Node {
                 users.remove(user);
             }
         }
-    }
-
-    /// How many clients `user` has connected to this node.
-    pub fn user_connections(&self, user: &str) -> usize {
-        self.users().get(user).map_or(0, ClientSet::len)
     }
 
     /// Clients of `user` (optionally only the one with id `client`).

@@ -30,8 +30,11 @@ pub struct Context {
     pub deadlines: Arc<Deadlines>,
     /// Channels, subscriptions, history, presence.
     pub node: Arc<Node>,
-    /// The HTTP API, /health and /metrics, for requests that are not WebSocket upgrades.
+    /// What plain HTTP requests on the public listener reach: the HTTP API, /health and /metrics, or only
+    /// /health when `internal_listen` is set.
     pub router: axum::Router,
+    /// The HTTP API, /health and /metrics for the `internal_listen` address, when set.
+    pub internal_router: Option<axum::Router>,
     /// Connection tasks alive; shutdown waits for them.
     pub live: Live,
     /// Socket byte counters (handles registered once: an increment is one atomic add).
@@ -128,12 +131,14 @@ impl Context {
             Namespaces::new(config.channels.clone(), config.namespaces.clone())
                 .map_err(|e| key_error("namespaces", e))?
         };
-        let node = Arc::new(Node::new(
-            Arc::new(MemoryBroker::new()),
-            namespaces,
-            tokens,
-            config.allow_anonymous || config.dev,
-        ));
+        let client_limits = crate::node::ClientLimits {
+            user_connection_limit: config.client_user_connection_limit,
+            history_max_publication_limit: config.history_max_publication_limit,
+        };
+        let node = Arc::new(
+            Node::new(Arc::new(MemoryBroker::new()), namespaces, tokens, config.allow_anonymous || config.dev)
+                .with_client_limits(client_limits),
+        );
         let limits = Limits { max_frame_payload: config.max_frame_size, max_message_size: config.max_message_size };
         let pool = BufferPool::new(config.pool_buffer_size, config.pool_max_buffers);
         let allowed_origins = if config.allowed_origins.is_empty() && config.dev {
@@ -142,7 +147,12 @@ impl Context {
             config.allowed_origins.clone()
         };
         let api = crate::api::ApiConfig { api_key: config.api_key.clone(), insecure: false };
-        let router = crate::api::router(node.clone(), api, crate::metrics::install());
+        let full = crate::api::router(node.clone(), api, crate::metrics::install());
+        // Centrifugo's internal port: operators keep the API and metrics off the port clients reach.
+        let (router, internal_router) = match settings.internal_listen {
+            Some(_) => (crate::api::health_router(), Some(full)),
+            None => (full, None),
+        };
         // After `install`: a handle taken before a recorder exists stays a no-op.
         let bytes_in = metrics::counter!(crate::metrics::BYTES_IN_TOTAL);
         let bytes_out = metrics::counter!(crate::metrics::BYTES_OUT_TOTAL);
@@ -155,6 +165,7 @@ impl Context {
             deadlines: Deadlines::new(),
             node,
             router,
+            internal_router,
             live: Live::default(),
             bytes_in,
             bytes_out,
@@ -165,6 +176,8 @@ impl Context {
 /// A bound, not yet running server.
 pub struct Server {
     listener: TcpListener,
+    /// The `internal_listen` listener (plain HTTP: API, metrics, health), when configured.
+    internal: Option<TcpListener>,
     ctx: Arc<Context>,
 }
 
@@ -181,17 +194,30 @@ impl Server {
             TcpListener::from_std(socket.into())
         };
         let listener = bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
-        Ok(Server { listener, ctx: Arc::new(Context::new(config, settings)?) })
+        let internal = match settings.internal_listen {
+            Some(addr) => Some(bind(addr).map_err(|source| ServerError::Bind { addr, source })?),
+            None => None,
+        };
+        Ok(Server { listener, internal, ctx: Arc::new(Context::new(config, settings)?) })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
+    /// The bound `internal_listen` address, when configured.
+    pub fn internal_addr(&self) -> Option<SocketAddr> {
+        self.internal.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves until `signal` resolves, then closes every connection with 1001 and waits for them, up to
     /// `shutdown_timeout`.
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<(), ServerError> {
         tokio::spawn(self.ctx.deadlines.clone().run_sweeper());
+        let internal = match (self.internal, self.ctx.internal_router.clone()) {
+            (Some(listener), Some(router)) => Some(tokio::spawn(serve_internal(listener, router, self.ctx.clone()))),
+            _ => None,
+        };
         let mut accepted_count = 0usize;
         tokio::pin!(signal);
         loop {
@@ -217,12 +243,40 @@ impl Server {
             }
         }
         drop(self.listener);
+        if let Some(task) = internal {
+            task.abort();
+        }
         tracing::info!(connections = self.ctx.live.len(), "shutting down: closing connections with 1001");
         self.ctx.deadlines.shutdown();
         if tokio::time::timeout(self.ctx.config.shutdown_timeout, self.ctx.live.wait_empty()).await.is_err() {
             tracing::warn!(remaining = self.ctx.live.len(), "shutdown timeout: dropping remaining connections");
         }
         Ok(())
+    }
+}
+
+/// Accepts on the `internal_listen` address and serves each connection as plain HTTP (no WebSocket
+/// there), until the server shuts down: in-flight requests are answered, idle connections closed.
+async fn serve_internal(listener: TcpListener, router: axum::Router, ctx: Arc<Context>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                let deadlines = ctx.deadlines.clone();
+                tokio::spawn(crate::http::serve_with(
+                    stream,
+                    Vec::new(),
+                    router.clone(),
+                    crate::http::ServeOptions::default(),
+                    async move { deadlines.wait_shutdown().await },
+                ));
+            }
+            Err(e) => {
+                metrics::counter!("ringcast_tcp_accept_errors_total").increment(1);
+                tracing::warn!(error = %e, "internal listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
     }
 }
 
@@ -260,6 +314,9 @@ pub fn run_blocking(config: Config, settings: Settings) -> Result<(), ServerErro
         let server = Server::bind(config, settings)?;
         let addr = server.local_addr().map_err(ServerError::Runtime)?;
         tracing::info!(%addr, strategy = server.ctx.settings.strategy.name(), echo = server.ctx.settings.echo, "ringcast listening");
+        if let Some(internal) = server.internal_addr() {
+            tracing::info!(%internal, "internal listener: /api, /metrics, /health");
+        }
         if server.ctx.settings.echo {
             tracing::info!("echo endpoint: ws://{}{}", addr, server.ctx.config.echo_path);
         }

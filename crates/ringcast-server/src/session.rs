@@ -7,6 +7,9 @@
 //!
 //! Replies are written by the connection in the same pass that produced them, before it next takes
 //! frames delivered by publishers, so a subscribe reply always precedes the first push of its channel.
+//!
+//! Replies count against `client_queue_max_size` as pushes do (see [`Session::on_message`]): what one
+//! client can make the server hold for it is its queue limit, whatever it asks for in one frame.
 
 use std::num::NonZeroI64;
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use ringcast_protocol::messages::{
     PublishResult, Push, RefreshResult, Reply, Request, SubRefreshResult, Subscribe, SubscribeRequest, SubscribeResult,
     Unsubscribe, UnsubscribeResult,
 };
-use ringcast_protocol::{decode_commands, encode_reply, DisconnectCode, ErrorCode, Format};
+use ringcast_protocol::{decode_commands_from, encode_reply, DisconnectCode, ErrorCode, Format};
 
 use crate::broker::{recovery_complete, HistoryFilter};
 use crate::client::ClientShared;
@@ -26,6 +29,14 @@ use crate::node::Node;
 
 /// The version string sent in connect replies.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Most commands of one frame that are run. A decoded `Command` is ~650 bytes, against 3 for its shortest
+/// encoding (`{}` and a newline), so commands are decoded this many at a time; the commands of a frame
+/// beyond the first `MAX_COMMANDS_PER_FRAME` are not run: each is answered with error 111 "too many
+/// requests" (temporary, so SDKs retry it; Centrifugo's answer to a client over a command rate limit), and
+/// the connection stays. Centrifugo itself has no per-frame count (its decoder streams), so no SDK frame
+/// that stays within `client_channel_limit` subscriptions comes near it.
+pub const MAX_COMMANDS_PER_FRAME: usize = 1024;
 
 // Every subscribed idle connection carries a session and its subscriptions, so both are kept compact:
 // what most clients do not have (a user and connection info, subscription-token info) is boxed and
@@ -130,10 +141,16 @@ impl Session {
     }
 
     /// Handles one received WebSocket message; replies are appended to `replies` (one frame's payload).
-    pub fn on_message(&mut self, payload: &[u8], replies: &mut BytesMut) -> Result<(), DisconnectCode> {
+    ///
+    /// `backlog` is what the connection already holds for this client and has not written (its own queue
+    /// and unwritten replies); with what publishers queued in [`ClientShared`], it counts against
+    /// `client_queue_max_size` together with these replies. Once they pass it the client is disconnected
+    /// as slow (3008), as Centrifugo does when its write queue (pushes and replies alike) overflows: the
+    /// rest of the frame is not run and the replies are dropped.
+    pub fn on_message(&mut self, payload: &[u8], replies: &mut BytesMut, backlog: usize) -> Result<(), DisconnectCode> {
         // Taken out of the thread-local for the duration (handling never re-enters it), then put back.
         let mut commands = COMMANDS.with(|c| std::mem::take(&mut *c.borrow_mut()));
-        let result = self.run(payload, replies, &mut commands);
+        let result = self.run(payload, replies, &mut commands, backlog);
         commands.clear();
         if commands.capacity() <= 64 {
             COMMANDS.with(|c| *c.borrow_mut() = commands);
@@ -146,21 +163,86 @@ impl Session {
         payload: &[u8],
         replies: &mut BytesMut,
         commands: &mut Vec<Command>,
+        backlog: usize,
     ) -> Result<(), DisconnectCode> {
-        decode_commands(self.format(), payload, commands).map_err(|e| {
-            metrics::counter!("ringcast_client_protocol_errors_total", "reason" => e.label()).increment(1);
-            tracing::info!(client = %self.shared.id, error = %e, "disconnecting: malformed command");
-            e.disconnect()
-        })?;
-        metrics::counter!("ringcast_messages_in_total").increment(commands.len() as u64);
-        for cmd in commands.iter() {
-            if let Some(reply) = self.handle(cmd)? {
+        let limit = self.shared.max_queue();
+        let queued = backlog.saturating_add(self.shared.queued_bytes());
+        // The frame's size is bounded by the WebSocket layer (`max_message_size`, before buffering); here
+        // only the number of commands decoded at once is.
+        let mut pos = 0;
+        let mut over_cap = false;
+        loop {
+            decode_commands_from(self.format(), payload, &mut pos, MAX_COMMANDS_PER_FRAME, commands).map_err(|e| {
+                metrics::counter!("ringcast_client_protocol_errors_total", "reason" => e.label()).increment(1);
+                tracing::info!(client = %self.shared.id, error = %e, "disconnecting: malformed command");
+                e.disconnect()
+            })?;
+            metrics::counter!("ringcast_messages_in_total").increment(commands.len() as u64);
+            for cmd in commands.iter_mut() {
+                let reply = if over_cap {
+                    self.refuse_over_cap(cmd)
+                } else {
+                    self.cap_request(cmd);
+                    self.handle(cmd)?
+                };
+                let Some(reply) = reply else { continue };
+                // Checked before encoding, so one huge reply (a history of large publications, a crowded
+                // presence) is never built in full: its payloads alone would pass the limit.
+                let room = limit.saturating_sub(queued.saturating_add(replies.len()));
+                if payload_len(&reply) > room {
+                    return Err(self.slow(queued + replies.len() + payload_len(&reply)));
+                }
                 if encode_reply(self.format(), &reply, replies).is_err() {
                     return Err(DisconnectCode::SERVER_ERROR);
                 }
+                if queued + replies.len() > limit {
+                    return Err(self.slow(queued + replies.len()));
+                }
+            }
+            if pos >= payload.len() {
+                return Ok(());
+            }
+            if !over_cap {
+                metrics::counter!("ringcast_client_protocol_errors_total", "reason" => "too_many_commands")
+                    .increment(1);
+                tracing::info!(client = %self.shared.id, limit = MAX_COMMANDS_PER_FRAME, "commands over the per-frame limit answered 111");
+            }
+            over_cap = true;
+        }
+    }
+
+    /// A command past [`MAX_COMMANDS_PER_FRAME`]: not run; answered "too many requests" if it expects a reply.
+    fn refuse_over_cap(&mut self, cmd: &Command) -> Option<Reply> {
+        match cmd.request() {
+            None => {
+                self.pong_received = true;
+                None
+            }
+            Some(_) if cmd.id == 0 => None,
+            Some(_) => Some(error_reply(cmd.id, ErrorCode::TOO_MANY_REQUESTS)),
+        }
+    }
+
+    /// Lowers what a command may ask for to the node's limits (Centrifugo's `history_max_publication_limit`:
+    /// a history without a limit, or over it, gets the limit).
+    fn cap_request(&self, cmd: &mut Command) {
+        let cap = self.node.client_limits.history_max_publication_limit;
+        if let Some(h) = cmd.history.as_mut() {
+            let cap = i32::try_from(cap).unwrap_or(i32::MAX);
+            if cap > 0 && (h.limit < 0 || h.limit > cap) {
+                h.limit = cap;
             }
         }
-        Ok(())
+    }
+
+    /// The backlog passed `client_queue_max_size`: nothing more is queued for this client (its shared
+    /// queue is dropped and closed), and the connection closes with 3008.
+    fn slow(&self, backlog: usize) -> DisconnectCode {
+        metrics::counter!(crate::metrics::SLOW_DISCONNECTS_TOTAL).increment(1);
+        tracing::info!(client = %self.shared.id, backlog, limit = self.shared.max_queue(), "disconnecting slow client: replies over the queue limit");
+        let d = DisconnectCode::SLOW;
+        self.shared.request_disconnect(d.code, d.reason);
+        d
     }
 
     fn handle(&mut self, cmd: &Command) -> Result<Option<Reply>, DisconnectCode> {
@@ -259,8 +341,11 @@ impl Session {
                 }
             }
         }
+        if !self.node.try_register_client(self.user(), &self.shared) {
+            tracing::info!(client = %self.shared.id, user = self.user(), "disconnecting: user connection limit reached");
+            return Err(DisconnectCode::CONNECTION_LIMIT);
+        }
         self.connected = true;
-        self.node.register_client(self.user(), &self.shared);
         let mut result = ConnectResult {
             client: self.shared.id.to_string(),
             version: VERSION.to_string(),
@@ -476,6 +561,28 @@ impl Session {
         }
         Ok(Reply { id, refresh: Some(result), ..Default::default() })
     }
+}
+
+/// The bytes of payload a reply carries (publication data, client info): a lower bound of its encoded size
+/// in either format, known without encoding. Zero for replies without such payloads.
+fn payload_len(reply: &Reply) -> usize {
+    fn info(i: &ClientInfo) -> usize {
+        i.user.len() + i.client.len() + i.conn_info.len() + i.chan_info.len()
+    }
+    fn publications(p: &[ringcast_protocol::Publication]) -> usize {
+        p.iter().map(|p| p.data.len() + p.info.as_ref().map_or(0, info)).sum()
+    }
+    let mut n = 0;
+    if let Some(h) = &reply.history {
+        n += publications(&h.publications);
+    }
+    if let Some(s) = &reply.subscribe {
+        n += publications(&s.publications);
+    }
+    if let Some(p) = &reply.presence {
+        n += p.presence.iter().map(|(k, v)| k.len() + info(v)).sum::<usize>();
+    }
+    n
 }
 
 impl Drop for Session {

@@ -246,6 +246,12 @@ pub fn router(backend: Arc<dyn ApiBackend>, api: ApiConfig, metrics: Option<Prom
     router
 }
 
+/// The routes of a public listener whose API and metrics are served on `internal_listen`: `GET /health`
+/// only (everything else is 404).
+pub fn health_router() -> Router {
+    Router::new().route("/health", get(health))
+}
+
 async fn require_key(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     if auth::authorized(&state.config, request.headers(), request.uri()) {
         next.run(request).await

@@ -304,6 +304,24 @@ mod tests {
         assert_eq!(crc32fast::hash(&[&frame[..9], &frame[13..]].concat()), 0xEFC2_F326);
     }
 
+    /// The second worked example of docs/tcp-protocol.md: the push a subscriber of `news` receives for
+    /// that publication at offset 1. CRC computed independently, as above.
+    #[test]
+    fn message_news_known_answer() {
+        let push = encode_message("news", 1, br#"{"x":1}"#).unwrap();
+        #[rustfmt::skip]
+        let expected: [u8; 34] = [
+            0x42, 0x4D, 0x01,       // magic, version
+            0x80, 0x10,             // cmd MESSAGE
+            0x00, 0x00, 0x00, 0x15, // body_len 21
+            0x31, 0x27, 0xF8, 0xC8, // crc
+            0x00, 0x04, b'n', b'e', b'w', b's',             // channel
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, // offset 1
+            b'{', b'"', b'x', b'"', b':', b'1', b'}',       // data
+        ];
+        assert_eq!(&push[..], &expected[..]);
+    }
+
     #[test]
     fn every_command_round_trips() {
         let cmds = [

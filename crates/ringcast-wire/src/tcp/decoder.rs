@@ -363,6 +363,14 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_decoder_is_small() {
+        // Every TCP connection carries one, idle or not (the WebSocket reader is 72 bytes), and the
+        // connection future's size is a hard line (ARCHITECTURE.md): keep it within 64 bytes and free of heap.
+        assert!(std::mem::size_of::<Decoder>() <= 64, "{}", std::mem::size_of::<Decoder>());
+        assert_eq!(Decoder::default().held_bytes(), 0);
+    }
+
+    #[test]
     fn empty_body_decodes() {
         let mut out = Vec::new();
         Command::Ping(b"").encode(&mut out).unwrap();

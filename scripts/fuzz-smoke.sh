@@ -9,7 +9,7 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 # An explicit --target keeps the instrumentation flags off build scripts (as cargo-fuzz does).
 host=$(rustc -vV | sed -n 's/^host: //p')
 cargo build --release --bins --target "$host"
-for target in frame_decoder handshake; do
+for target in frame_decoder handshake tcp_decoder; do
     mkdir -p "corpus/$target" "artifacts/$target"
     echo "fuzz $target for ${seconds}s"
     "target/$host/release/$target" -max_total_time="$seconds" -max_len=4096 -print_final_stats=1 \

@@ -10,6 +10,7 @@
 //! * [`reader`]: the receive state machine (fragments, control frames, UTF-8, limits).
 //! * [`buffer`]: the three read-buffer strategies.
 //! * [`handshake`]: the HTTP upgrade, both sides.
+//! * [`tcp`]: the raw TCP binary protocol (header, body, CRC-32) over the same read buffers.
 //! * [`close`], [`utf8`], [`error`]: close codes, UTF-8 validation, and the one error type of this layer.
 
 pub mod buffer;
@@ -19,6 +20,7 @@ pub mod frame;
 pub mod handshake;
 pub mod mask;
 pub mod reader;
+pub mod tcp;
 pub mod utf8;
 
 pub use buffer::{AnyBuffer, BufferPool, GrowableBuffer, PooledBuffer, ReadBuffer, RingBuffer, Strategy};

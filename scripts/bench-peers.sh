@@ -16,9 +16,9 @@
 #                                       CPU per message over whole load_test reporting intervals
 #
 # Peers are given as binaries; a pair whose peer is not given is skipped with a message:
-#   UWS_ECHO=PATH          uWebSockets echo server; started as `PATH PORT` (listening on 127.0.0.1:PORT)
-#   UWS_ECHO_PORT=N        …or, for a binary with a fixed port (upstream examples/EchoServer: 9001, every
-#                          interface), started as `PATH` and expected on N
+#   UWS_ECHO=PATH          uWebSockets echo server, started as `PATH PORT`, listening on 127.0.0.1:PORT
+#                          (upstream examples/EchoServer.cpp listens on port 9001 of every interface, fixed
+#                          in its source: build a copy that takes the port and binds 127.0.0.1)
 #   UWS_BROADCAST=PATH     uWebSockets raw broadcast server (topic "broadcast", every message to every
 #                          other connection), started as `PATH PORT`
 #   UWS_LOAD_TEST=PATH     uWebSockets' load_test binary (`load_test CONNS HOST PORT SSL DEFLATE SIZE`)
@@ -27,7 +27,8 @@
 # uWebSockets is never built by or kept in this repository: build it from its public source elsewhere.
 #
 # Knobs: DURATION (measured seconds per round, default 8), WARMUP (default 1), ROUNDS (per server,
-# default 3), RINGCAST=PATH (skip building ringcast), NO_BUILD=1 (use what target/release holds).
+# default 3), LOAD_TEST_INTERVALS (4-s load_test reports measured, default 3), RINGCAST=PATH, NO_BUILD=1
+# (use the binaries already built; on a machine shared with other builds, build under their lock first).
 # Results: target/bench/peers-*.json (both sides' every round) and peers-*.txt (the printed tables).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +41,7 @@ warmup=${WARMUP:-1}
 rounds=${ROUNDS:-3}
 release=${CARGO_TARGET_DIR:-target}/release
 if [ -z "${NO_BUILD:-}" ]; then
-    cargo build --release -p ringcast -p ringcast-bench --examples >/dev/null
+    cargo build --release -p ringcast -p ringcast-bench --bins --examples >/dev/null
 fi
 bin=${RINGCAST:-$release/ringcast}
 fws=${FWS_ECHO:-$release/examples/fastwebsockets_echo}
@@ -94,16 +95,11 @@ peer_server() {
     start "$1" "$peer_port" "$2" "127.0.0.1:$peer_port"
     peer_pid=$pid
 }
-# uws_server NAME BINARY [FIXED_PORT]: a uWebSockets server taking `PORT`, or with a fixed port.
+# uws_server NAME BINARY: a uWebSockets server taking `PORT`; sets $peer_port, $peer_pid.
 uws_server() {
-    if [ -n "${3:-}" ]; then
-        peer_port=$3
-        start "$1" "$peer_port" "$2"
-    else
-        next_port
-        peer_port=$port
-        start "$1" "$peer_port" "$2" "$peer_port"
-    fi
+    next_port
+    peer_port=$port
+    start "$1" "$peer_port" "$2" "$peer_port"
     peer_pid=$pid
 }
 have() { # have VAR DESCRIPTION: is the peer binary in $VAR given and executable?
@@ -140,7 +136,7 @@ if [ "$what" = echo ] || [ "$what" = all ]; then
         echo "-- skipped: fastwebsockets ($fws not built)" >&2
     fi
     if have UWS_ECHO "uWebSockets echo"; then
-        uws_server uws-echo "$UWS_ECHO" "${UWS_ECHO_PORT:-}"
+        uws_server uws-echo "$UWS_ECHO"
         compare echo-uws echo "${echo_args[@]}"
         stop "$peer_pid"
     fi
@@ -230,7 +226,7 @@ if [ "$what" = load_test ] || [ "$what" = all ]; then
             stop "$peer_pid"
         fi
         if [ -n "${UWS_ECHO:-}" ] && [ -x "$UWS_ECHO" ]; then
-            uws_server uws-echo "$UWS_ECHO" "${UWS_ECHO_PORT:-}"
+            uws_server uws-echo "$UWS_ECHO"
             load_test_one uws "$peer_port" "$peer_pid"
             stop "$peer_pid"
         fi

@@ -34,6 +34,9 @@ pub struct HistoryOptions {
     /// Publications kept; 0 = no history.
     pub size: usize,
     pub ttl: Duration,
+    /// How long the stream's position (offset, epoch) outlives its last publication
+    /// (`history_meta_ttl`); zero where no stream is kept.
+    pub meta_ttl: Duration,
 }
 
 /// What a history read asks for.
@@ -286,7 +289,8 @@ mod tests {
         Publication { data: Bytes::from(format!("{{\"n\":{n}}}")), ..Default::default() }
     }
 
-    const H: HistoryOptions = HistoryOptions { size: 3, ttl: Duration::from_secs(60) };
+    const H: HistoryOptions =
+        HistoryOptions { size: 3, ttl: Duration::from_secs(60), meta_ttl: Duration::from_secs(3600) };
 
     #[test]
     fn offsets_increase_and_history_keeps_the_last_n() {
@@ -332,7 +336,7 @@ mod tests {
     #[test]
     fn expired_publications_are_not_returned() {
         let b = MemoryBroker::new();
-        let short = HistoryOptions { size: 10, ttl: Duration::from_millis(1) };
+        let short = HistoryOptions { size: 10, ttl: Duration::from_millis(1), meta_ttl: Duration::from_secs(3600) };
         b.publish("c", &mut pubn(1), short);
         std::thread::sleep(Duration::from_millis(5));
         let (pubs, pos) = b.history("c", &HistoryFilter { since: None, limit: -1, reverse: false }).unwrap();

@@ -20,12 +20,17 @@ use crate::client::{ClientId, ClientShared};
 use crate::hub::{FanOut, Hub};
 use crate::namespace::{ChannelOptions, Namespaces};
 
+/// Subscriptions a connection may hold by default (Centrifugo's `client_channel_limit`).
+pub const DEFAULT_CLIENT_CHANNEL_LIMIT: usize = 128;
+
 pub struct Node {
     pub hub: Hub,
     pub broker: Arc<dyn Broker>,
     pub namespaces: Namespaces,
     pub tokens: Option<TokenVerifier>,
     pub allow_anonymous: bool,
+    /// Subscriptions one connection may hold (0: no limit).
+    pub client_channel_limit: usize,
     /// Connected clients by user id ("" for anonymous).
     users: Mutex<HashMap<String, Vec<Arc<ClientShared>>>>,
     pub started: Instant,
@@ -74,11 +79,18 @@ impl Node {
             namespaces,
             tokens,
             allow_anonymous,
+            client_channel_limit: DEFAULT_CLIENT_CHANNEL_LIMIT,
             users: Mutex::new(HashMap::new()),
             started: Instant::now(),
             name: "ringcast".into(),
             uid: format!("{}", crate::client::ClientId::random()),
         }
+    }
+
+    /// Sets how many subscriptions one connection may hold (0: no limit).
+    pub fn with_client_channel_limit(mut self, limit: usize) -> Node {
+        self.client_channel_limit = limit;
+        self
     }
 
     fn users(&self) -> MutexGuard<'_, HashMap<String, Vec<Arc<ClientShared>>>> {
@@ -88,15 +100,17 @@ impl Node {
         }
     }
 
+    /// The options of a channel named by a client or the API: the name's length, its namespace and its
+    /// form are checked ([`Namespaces::channel_options`]), each refusal with its reply code.
     pub fn options(&self, channel: &str) -> Result<&ChannelOptions, ErrorCode> {
-        if !crate::namespace::is_valid_channel_name(channel) {
-            return Err(ErrorCode::BAD_REQUEST);
-        }
-        self.namespaces.resolve(channel).map_err(|_| ErrorCode::UNKNOWN_CHANNEL)
+        self.namespaces.channel_options(channel).map_err(|d| d.error_code())
     }
 
     pub fn history_options(opts: &ChannelOptions) -> HistoryOptions {
-        HistoryOptions { size: opts.history_size, ttl: opts.history_ttl }
+        if !opts.history_enabled() {
+            return HistoryOptions::default();
+        }
+        HistoryOptions { size: opts.history_size, ttl: opts.history_ttl, meta_ttl: opts.effective_history_meta_ttl() }
     }
 
     pub fn register_client(&self, user: &str, client: &Arc<ClientShared>) {

@@ -127,13 +127,12 @@ impl Context {
         } else {
             Namespaces::new(config.channels.clone(), config.namespaces.clone())
                 .map_err(|e| key_error("namespaces", e))?
-        };
-        let node = Arc::new(Node::new(
-            Arc::new(MemoryBroker::new()),
-            namespaces,
-            tokens,
-            config.allow_anonymous || config.dev,
-        ));
+        }
+        .with_max_channel_length(config.channel_max_length);
+        let node = Arc::new(
+            Node::new(Arc::new(MemoryBroker::new()), namespaces, tokens, config.allow_anonymous || config.dev)
+                .with_client_channel_limit(config.client_channel_limit),
+        );
         let limits = Limits { max_frame_payload: config.max_frame_size, max_message_size: config.max_message_size };
         let pool = BufferPool::new(config.pool_buffer_size, config.pool_max_buffers);
         let allowed_origins = if config.allowed_origins.is_empty() && config.dev {

@@ -757,3 +757,214 @@ impl Drop for Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The session's decisions, through [`Outcome`]: no socket, a real node.
+    use super::*;
+    use crate::auth::{make_hs256_subscription_token, make_hs256_token, TokenConfig, TokenVerifier};
+    use crate::broker::MemoryBroker;
+    use crate::client::ClientId;
+    use crate::namespace::{ChannelOptions, NamespaceConfig, Namespaces};
+    use ringcast_protocol::messages::{
+        HistoryRequest, PresenceRequest, PublishRequest, RefreshRequest, SendRequest, SubRefreshRequest,
+        UnsubscribeRequest,
+    };
+
+    const SECRET: &str = "session-unit-secret";
+
+    fn node(namespaces: Namespaces) -> Arc<Node> {
+        let tokens = TokenVerifier::new(&TokenConfig { hmac_secret: Some(SECRET.into()), ..Default::default() }).ok();
+        Arc::new(Node::new(Arc::new(MemoryBroker::new()), namespaces, tokens, true))
+    }
+
+    fn session(node: &Arc<Node>) -> Session {
+        Session::new(node.clone(), ClientShared::new(ClientId::random(), Format::Json, 1 << 20), 25)
+    }
+
+    /// A connected session (anonymous when `user` is empty).
+    fn connected(node: &Arc<Node>, user: &str) -> Session {
+        let mut s = session(node);
+        let token = if user.is_empty() { String::new() } else { make_hs256_token(SECRET, user, None, &[]).unwrap() };
+        let out = s.handle(&cmd(1, |c| c.connect = Some(ConnectRequest { token, ..Default::default() })));
+        assert!(matches!(out, Outcome::Reply(Reply { connect: Some(_), .. })), "{out:?}");
+        s
+    }
+
+    fn cmd(id: u32, set: impl FnOnce(&mut Command)) -> Command {
+        let mut c = Command { id, ..Default::default() };
+        set(&mut c);
+        c
+    }
+
+    fn subscribe(channel: &str) -> Command {
+        cmd(7, |c| c.subscribe = Some(SubscribeRequest { channel: channel.into(), ..Default::default() }))
+    }
+
+    fn presence(channel: &str) -> Command {
+        cmd(8, |c| c.presence = Some(PresenceRequest { channel: channel.into() }))
+    }
+
+    fn reported() -> Namespaces {
+        let room = ChannelOptions {
+            presence: true,
+            history_size: 10,
+            history_ttl: std::time::Duration::from_secs(60),
+            allow_subscribe_for_anonymous: true,
+            allow_subscribe_for_client: true,
+            ..Default::default()
+        };
+        Namespaces::new(ChannelOptions::default(), vec![NamespaceConfig { name: "room".into(), options: room }])
+            .unwrap()
+    }
+
+    #[test]
+    fn anything_but_connect_before_connect_disconnects_3501() {
+        let n = node(Namespaces::dev_mode());
+        let mut s = session(&n);
+        assert_eq!(s.handle(&subscribe("news")), Outcome::Disconnect(DisconnectCode::BAD_REQUEST));
+        let mut s = session(&n);
+        assert_eq!(s.handle(&Command::default()), Outcome::Disconnect(DisconnectCode::BAD_REQUEST), "a pong");
+        let mut s = session(&n);
+        let id0 = cmd(0, |c| c.connect = Some(ConnectRequest::default()));
+        assert_eq!(s.handle(&id0), Outcome::Disconnect(DisconnectCode::BAD_REQUEST), "a connect without an id");
+    }
+
+    #[test]
+    fn a_command_with_an_id_and_no_known_method_disconnects_3501() {
+        let n = node(Namespaces::dev_mode());
+        let mut s = connected(&n, "");
+        assert_eq!(s.handle(&cmd(2, |_| {})), Outcome::Disconnect(DisconnectCode::BAD_REQUEST));
+    }
+
+    #[test]
+    fn id_zero_is_the_pong_and_an_unasked_one_disconnects_3501() {
+        let n = node(Namespaces::dev_mode());
+        let mut s = connected(&n, "");
+        s.pong_received = false; // a ping went out
+        assert_eq!(s.handle(&cmd(0, |_| {})), Outcome::Silent);
+        assert!(s.pong_received);
+        let id0_subscribe =
+            cmd(0, |c| c.subscribe = Some(SubscribeRequest { channel: "x".into(), ..Default::default() }));
+        assert_eq!(s.handle(&id0_subscribe), Outcome::Disconnect(DisconnectCode::BAD_REQUEST), "not executed");
+        assert!(s.subs.get("x").is_none());
+    }
+
+    #[test]
+    fn send_is_silent_whatever_its_id() {
+        let n = node(Namespaces::dev_mode());
+        let mut s = connected(&n, "");
+        assert_eq!(s.handle(&cmd(0, |c| c.send = Some(SendRequest::default()))), Outcome::Silent);
+        assert_eq!(s.handle(&cmd(5, |c| c.send = Some(SendRequest::default()))), Outcome::Silent);
+    }
+
+    #[test]
+    fn the_session_asks_the_namespace_presence_and_history_need_their_permission() {
+        let n = node(reported());
+        for user in ["", "alice"] {
+            let mut s = connected(&n, user);
+            assert!(matches!(s.handle(&subscribe("room:1")), Outcome::Reply(_)));
+            assert_eq!(s.handle(&presence("room:1")), Outcome::Error(ErrorCode::PERMISSION_DENIED), "{user:?}");
+            let history =
+                cmd(9, |c| c.history = Some(HistoryRequest { channel: "room:1".into(), ..Default::default() }));
+            assert_eq!(s.handle(&history), Outcome::Error(ErrorCode::PERMISSION_DENIED), "{user:?}");
+            let publish =
+                cmd(10, |c| c.publish = Some(PublishRequest { channel: "room:1".into(), data: Bytes::new() }));
+            assert_eq!(s.handle(&publish), Outcome::Error(ErrorCode::PERMISSION_DENIED), "{user:?}");
+        }
+    }
+
+    #[test]
+    fn channel_names_empty_disconnect_too_long_is_107() {
+        let n = node(Namespaces::dev_mode().with_max_channel_length(8));
+        let mut s = connected(&n, "");
+        assert_eq!(s.handle(&subscribe("")), Outcome::Disconnect(DisconnectCode::BAD_REQUEST));
+        let mut s = connected(&n, "");
+        assert_eq!(s.handle(&subscribe("123456789")), Outcome::Error(ErrorCode::BAD_REQUEST));
+        assert_eq!(s.handle(&presence("123456789")), Outcome::Error(ErrorCode::BAD_REQUEST));
+        let unsub = cmd(3, |c| c.unsubscribe = Some(UnsubscribeRequest { channel: String::new() }));
+        assert_eq!(s.handle(&unsub), Outcome::Disconnect(DisconnectCode::BAD_REQUEST));
+    }
+
+    #[test]
+    fn client_channel_limit_is_106() {
+        let n = Arc::new(
+            Node::new(Arc::new(MemoryBroker::new()), Namespaces::dev_mode(), None, true).with_client_channel_limit(2),
+        );
+        let mut s = connected(&n, "");
+        assert!(matches!(s.handle(&subscribe("a")), Outcome::Reply(_)));
+        assert!(matches!(s.handle(&subscribe("b")), Outcome::Reply(_)));
+        assert_eq!(s.handle(&subscribe("c")), Outcome::Error(ErrorCode::LIMIT_EXCEEDED));
+        assert_eq!(s.handle(&subscribe("a")), Outcome::Error(ErrorCode::ALREADY_SUBSCRIBED));
+    }
+
+    #[test]
+    fn refresh_codes_are_centrifugo_s() {
+        let n = node(Namespaces::dev_mode());
+        let refresh = |token: String| cmd(4, |c| c.refresh = Some(RefreshRequest { token }));
+        let mut s = connected(&n, "u");
+        let expired = make_hs256_token(SECRET, "u", Some(now_unix() - 5), &[]).unwrap();
+        assert_eq!(s.handle(&refresh(expired)), Outcome::Disconnect(DisconnectCode::EXPIRED));
+        assert_eq!(s.handle(&refresh("garbage".into())), Outcome::Disconnect(DisconnectCode::INVALID_TOKEN));
+        let other = make_hs256_token(SECRET, "v", None, &[]).unwrap();
+        assert_eq!(s.handle(&refresh(other)), Outcome::Disconnect(DisconnectCode::INVALID_TOKEN));
+        assert_eq!(s.handle(&refresh(String::new())), Outcome::Disconnect(DisconnectCode::BAD_REQUEST));
+        let later = make_hs256_token(SECRET, "u", Some(now_unix() + 100), &[]).unwrap();
+        match s.handle(&refresh(later)) {
+            Outcome::Reply(Reply { refresh: Some(r), id: 4, .. }) => assert!(r.expires && r.ttl > 90, "{r:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn subscription_tokens_expire_and_sub_refresh_moves_the_expiry() {
+        let n = node(Namespaces::default());
+        let mut s = connected(&n, "u");
+        let t = make_hs256_subscription_token(SECRET, "u", "$a", Some(now_unix() + 60)).unwrap();
+        let sub =
+            cmd(2, |c| c.subscribe = Some(SubscribeRequest { channel: "$a".into(), token: t, ..Default::default() }));
+        match s.handle(&sub) {
+            Outcome::Reply(Reply { subscribe: Some(r), .. }) => {
+                assert!(r.expires && (50..=60).contains(&r.ttl), "{r:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.sub_expires_in().is_some_and(|t| t <= 60));
+        assert_eq!(s.expire_subscriptions(now_unix()), Ok(vec![]), "not yet");
+        let t = make_hs256_subscription_token(SECRET, "u", "$a", Some(now_unix() + 600)).unwrap();
+        let refresh = cmd(3, |c| c.sub_refresh = Some(SubRefreshRequest { channel: "$a".into(), token: t }));
+        match s.handle(&refresh) {
+            Outcome::Reply(Reply { sub_refresh: Some(r), .. }) => assert!(r.expires && r.ttl > 590, "{r:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.expire_subscriptions(now_unix() + 300), Ok(vec![]), "moved by sub_refresh");
+        let pushes = s.expire_subscriptions(now_unix() + 601).unwrap();
+        assert_eq!(pushes.len(), 1);
+        assert_eq!(pushes[0].unsubscribe.as_ref().map(|u| u.code), Some(2501), "the SDK resubscribes");
+        assert!(s.subs.get("$a").is_none());
+    }
+
+    #[test]
+    fn subs_stay_sorted_and_small_until_many_then_hash() {
+        assert_eq!(std::mem::size_of::<Subs>(), 16, "no bigger than the boxed slice it replaced");
+        assert_eq!(std::mem::size_of::<Sub>(), 32);
+        let n = node(Namespaces::dev_mode());
+        let mut s = connected(&n, "");
+        for i in (0..SMALL_SUBS).rev() {
+            assert!(matches!(s.handle(&subscribe(&format!("c{i:03}"))), Outcome::Reply(_)));
+        }
+        match &s.subs {
+            Subs::Small(v) => assert!(v.windows(2).all(|w| w[0].channel < w[1].channel), "sorted"),
+            Subs::Large(_) => panic!("still small at {SMALL_SUBS}"),
+        }
+        assert!(matches!(s.handle(&subscribe("more")), Outcome::Reply(_)));
+        assert!(matches!(s.subs, Subs::Large(_)));
+        assert_eq!(s.subs.len(), SMALL_SUBS + 1);
+        assert!(s.subs.get("c010").is_some() && s.subs.get("more").is_some());
+        s.unsubscribe("c010");
+        assert!(s.subs.get("c010").is_none());
+        assert_eq!(n.hub.num_subscribers("c010"), 0);
+        drop(s);
+        assert_eq!(n.hub.num_subscribers("more"), 0, "every subscription is left on drop");
+    }
+}

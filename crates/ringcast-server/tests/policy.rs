@@ -360,3 +360,48 @@ async fn centrifugo_options_ringcast_lacks_are_refused_at_start_by_name() {
     let msg = e.to_string();
     assert!(msg.contains("publish_proxy_enabled") && msg.contains("not implement"), "{msg}");
 }
+
+#[tokio::test]
+async fn reverse_history_with_since_returns_what_came_before_it_newest_first() {
+    let server = TestServer::start(&[]).await;
+    let (mut c, _) = Client::connect(&server, "").await;
+    for n in 1..=5 {
+        c.call(json!({"publish": {"channel": "h", "data": {"n": n}}})).await;
+    }
+    let r = c.call(json!({"history": {"channel": "h", "limit": 0}})).await;
+    let epoch = r["history"]["epoch"].clone();
+    let r = c
+        .call(json!({"history": {"channel": "h", "limit": 2, "reverse": true, "since": {"offset": 4, "epoch": epoch}}}))
+        .await;
+    let offsets: Vec<Value> = r["history"]["publications"]
+        .as_array()
+        .map(|a| a.iter().map(|p| p["offset"].clone()).collect())
+        .unwrap_or_default();
+    assert_eq!(offsets, vec![json!(3), json!(2)], "{r}");
+    let r = c.call(json!({"history": {"channel": "h", "limit": -1, "since": {"offset": 4, "epoch": epoch}}})).await;
+    let offsets: Vec<Value> = r["history"]["publications"]
+        .as_array()
+        .map(|a| a.iter().map(|p| p["offset"].clone()).collect())
+        .unwrap_or_default();
+    assert_eq!(offsets, vec![json!(5)], "forward: after since: {r}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn recovering_onto_a_channel_without_a_stream_learns_the_epoch_later_publications_carry() {
+    let server = TestServer::start(&[]).await;
+    let (mut a, _) = Client::connect(&server, "").await;
+    let r = a.call(json!({"subscribe": {"channel": "fresh", "recoverable": true, "recover": true, "offset": 0}})).await;
+    let epoch = r["subscribe"]["epoch"].clone();
+    assert!(epoch.as_str().is_some_and(|e| !e.is_empty()), "an epoch to recover against: {r}");
+    assert_eq!(r["subscribe"]["recovered"], json!(true), "nothing was missed: {r}");
+    let (mut p, _) = Client::connect(&server, "").await;
+    p.call(json!({"publish": {"channel": "fresh", "data": {"n": 1}}})).await;
+    let (mut b, _) = Client::connect(&server, "").await;
+    let r = b
+        .call(json!({"subscribe": {"channel": "fresh", "recoverable": true, "recover": true, "offset": 0, "epoch": epoch}}))
+        .await;
+    assert_eq!(r["subscribe"]["recovered"], json!(true), "the epoch learned first still holds: {r}");
+    assert_eq!(r["subscribe"]["publications"][0]["data"], json!({"n": 1}), "{r}");
+    server.stop().await;
+}

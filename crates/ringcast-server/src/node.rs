@@ -31,6 +31,8 @@ pub struct Node {
     pub allow_anonymous: bool,
     /// Subscriptions one connection may hold (0: no limit).
     pub client_channel_limit: usize,
+    /// Results of API publications made with an idempotency key.
+    pub idempotency: crate::idempotency::IdempotencyCache<StreamPos>,
     /// Connected clients by user id ("" for anonymous).
     users: Mutex<HashMap<String, Vec<Arc<ClientShared>>>>,
     pub started: Instant,
@@ -80,6 +82,7 @@ impl Node {
             tokens,
             allow_anonymous,
             client_channel_limit: DEFAULT_CLIENT_CHANNEL_LIMIT,
+            idempotency: Default::default(),
             users: Mutex::new(HashMap::new()),
             started: Instant::now(),
             name: "ringcast".into(),
@@ -159,6 +162,19 @@ impl Node {
         self.publish_to(channel, data, None, HistoryOptions::default())
     }
 
+    /// An API publication with `tags` (delivered and kept with it), to history unless `skip_history`.
+    pub fn publish_tagged(
+        &self,
+        channel: &str,
+        data: Bytes,
+        tags: std::collections::BTreeMap<String, String>,
+        skip_history: bool,
+    ) -> Result<(StreamPos, FanOut), ErrorCode> {
+        let opts = self.options(channel)?;
+        let history = if skip_history { HistoryOptions::default() } else { Self::history_options(opts) };
+        self.publish_publication(channel, Publication { data, tags, ..Default::default() }, history)
+    }
+
     fn publish_to(
         &self,
         channel: &str,
@@ -166,10 +182,19 @@ impl Node {
         info: Option<ClientInfo>,
         history: HistoryOptions,
     ) -> Result<(StreamPos, FanOut), ErrorCode> {
+        self.publish_publication(channel, Publication { data, info, ..Default::default() }, history)
+    }
+
+    fn publish_publication(
+        &self,
+        channel: &str,
+        publication: Publication,
+        history: HistoryOptions,
+    ) -> Result<(StreamPos, FanOut), ErrorCode> {
         let ((_, pos), fan) = self.hub.publish_with(
             channel,
             || {
-                let mut publication = Publication { data, info, ..Default::default() };
+                let mut publication = publication;
                 let pos = self.broker.publish(channel, &mut publication, history);
                 (publication, pos)
             },

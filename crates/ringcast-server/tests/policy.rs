@@ -405,3 +405,64 @@ async fn recovering_onto_a_channel_without_a_stream_learns_the_epoch_later_publi
     assert_eq!(r["subscribe"]["publications"][0]["data"], json!({"n": 1}), "{r}");
     server.stop().await;
 }
+
+async fn api(server: &TestServer, method: &str, body: Value) -> Value {
+    let (status, text) = support::http_request(
+        server.addr,
+        "POST",
+        &format!("/api/{method}"),
+        &[("X-API-Key", "policy-key")],
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{method}: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method}: {e}: {text}"))
+}
+
+#[tokio::test]
+async fn api_publications_carry_tags_to_subscribers_and_history() {
+    let server = TestServer::start(&[("api_key", "policy-key")]).await;
+    let (mut c, _) = Client::connect(&server, "").await;
+    c.call(json!({"subscribe": {"channel": "tagged"}})).await;
+    let r = api(&server, "publish", json!({"channel": "tagged", "data": {"n": 1}, "tags": {"kind": "news"}})).await;
+    assert!(r["result"].is_object(), "{r}");
+    let push = c.next().await;
+    assert_eq!(push["push"]["pub"]["tags"], json!({"kind": "news"}), "{push}");
+    let h = api(&server, "history", json!({"channel": "tagged", "limit": -1})).await;
+    assert_eq!(h["result"]["publications"][0]["tags"], json!({"kind": "news"}), "{h}");
+    let r = api(&server, "broadcast", json!({"channels": ["tagged"], "data": {"n": 2}, "tags": {"kind": "b"}})).await;
+    assert!(r["result"]["responses"][0]["result"].is_object(), "{r}");
+    assert_eq!(c.next().await["push"]["pub"]["tags"], json!({"kind": "b"}));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn api_b64data_publishes_the_decoded_bytes() {
+    let server = TestServer::start(&[("api_key", "policy-key")]).await;
+    let (mut c, _) = Client::connect(&server, "").await;
+    c.call(json!({"subscribe": {"channel": "bin"}})).await;
+    // base64 of the JSON text {"b":64}: a JSON subscriber can read it as JSON (Centrifugo embeds the bytes).
+    let r = api(&server, "publish", json!({"channel": "bin", "b64data": "eyJiIjo2NH0="})).await;
+    assert!(r["result"].is_object(), "{r}");
+    assert_eq!(c.next().await["push"]["pub"]["data"], json!({"b": 64}));
+    let r = api(&server, "publish", json!({"channel": "bin", "b64data": "%%%"})).await;
+    assert_eq!(r["error"]["code"], json!(107), "{r}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn api_idempotency_key_returns_the_first_result_and_publishes_once() {
+    let server = TestServer::start(&[("api_key", "policy-key")]).await;
+    let body = json!({"channel": "once", "data": {"n": 1}, "idempotency_key": "k1"});
+    let first = api(&server, "publish", body.clone()).await;
+    let again = api(&server, "publish", body).await;
+    assert_eq!(first, again, "the first result, repeated");
+    let other = api(&server, "publish", json!({"channel": "once", "data": {"n": 2}, "idempotency_key": "k2"})).await;
+    assert_ne!(other["result"]["offset"], first["result"]["offset"], "{other}");
+    let elsewhere =
+        api(&server, "publish", json!({"channel": "twice", "data": {"n": 1}, "idempotency_key": "k1"})).await;
+    assert_eq!(elsewhere["result"]["offset"], json!(1), "keys are per channel: {elsewhere}");
+    let h = api(&server, "history", json!({"channel": "once", "limit": -1})).await;
+    assert_eq!(h["result"]["publications"].as_array().map(Vec::len), Some(2), "published once per key: {h}");
+    server.stop().await;
+}

@@ -31,6 +31,9 @@ pub struct Node {
     pub allow_anonymous: bool,
     /// Subscriptions one connection may hold (0: no limit).
     pub client_channel_limit: usize,
+    /// Per channel, the subscribers that receive join/leave pushes (they asked, or the namespace forces
+    /// it): Centrifugo pushes them only to those, not to every subscriber.
+    join_leave_listeners: Mutex<HashMap<Arc<str>, HashMap<ClientId, Arc<ClientShared>>>>,
     /// Results of API publications made with an idempotency key.
     pub idempotency: crate::idempotency::IdempotencyCache<StreamPos>,
     /// Connected clients by user id ("" for anonymous).
@@ -83,6 +86,7 @@ impl Node {
             allow_anonymous,
             client_channel_limit: DEFAULT_CLIENT_CHANNEL_LIMIT,
             idempotency: Default::default(),
+            join_leave_listeners: Mutex::new(HashMap::new()),
             users: Mutex::new(HashMap::new()),
             started: Instant::now(),
             name: "ringcast".into(),
@@ -229,12 +233,45 @@ impl Node {
     }
 
     fn membership_push(&self, channel: &str, skip: ClientId, set: impl Fn(&mut Push)) {
+        let listeners: Vec<Arc<ClientShared>> = match self.listeners().get(channel) {
+            Some(l) => l.values().filter(|c| c.id != skip).cloned().collect(),
+            None => return,
+        };
         let push = |format| {
             let mut push = Push { channel: channel.to_string(), ..Default::default() };
             set(&mut push);
             push_frame(format, push)
         };
-        self.hub.broadcast(channel, Some(skip), &push);
+        let mut frames = crate::hub::Frames::new(&push);
+        let now = crate::metrics::clock_us();
+        for client in listeners {
+            if let Some(frame) = frames.get(client.format) {
+                client.deliver(frame, now);
+            }
+        }
+    }
+
+    fn listeners(&self) -> MutexGuard<'_, HashMap<Arc<str>, HashMap<ClientId, Arc<ClientShared>>>> {
+        match self.join_leave_listeners.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// `client` receives the join/leave pushes of `channel` from now on.
+    pub fn listen_join_leave(&self, channel: &Arc<str>, client: &Arc<ClientShared>) {
+        self.listeners().entry(channel.clone()).or_default().insert(client.id, client.clone());
+    }
+
+    /// `client` no longer receives the join/leave pushes of `channel`.
+    pub fn unlisten_join_leave(&self, channel: &str, client: ClientId) {
+        let mut listeners = self.listeners();
+        if let Some(l) = listeners.get_mut(channel) {
+            l.remove(&client);
+            if l.is_empty() {
+                listeners.remove(channel);
+            }
+        }
     }
 
     /// Presence of a channel, keyed by client id.

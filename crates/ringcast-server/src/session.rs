@@ -625,6 +625,9 @@ impl Session {
         if features.presence {
             node.broker.add_presence(channel, self.shared.id, info.clone());
         }
+        if features.push_join_leave {
+            node.listen_join_leave(&name, &self.shared);
+        }
         if features.emit_join_leave {
             node.join(channel, &info, self.shared.id);
         }
@@ -652,6 +655,9 @@ impl Session {
         self.node.hub.unsubscribe(&sub.channel, self.shared.id, || self.node.broker.unsubscribe_node(&sub.channel));
         if sub.presence {
             self.node.broker.remove_presence(&sub.channel, self.shared.id);
+        }
+        if sub.push_join_leave {
+            self.node.unlisten_join_leave(&sub.channel, self.shared.id);
         }
         if sub.join_leave {
             self.node.leave(&sub.channel, &self.client_info(sub.chan_info()), self.shared.id);

@@ -466,3 +466,45 @@ async fn api_idempotency_key_returns_the_first_result_and_publishes_once() {
     assert_eq!(h["result"]["publications"].as_array().map(Vec::len), Some(2), "published once per key: {h}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn join_leave_pushes_go_only_to_subscribers_that_asked_unless_forced() {
+    let file = r#"
+[[namespaces]]
+name = "jl"
+presence = true
+join_leave = true
+allow_subscribe_for_client = true
+allow_subscribe_for_anonymous = true
+allow_presence_for_subscriber = true
+allow_presence_for_anonymous = true
+
+[[namespaces]]
+name = "forced"
+join_leave = true
+force_push_join_leave = true
+allow_subscribe_for_client = true
+allow_subscribe_for_anonymous = true
+"#;
+    let server = with_config(file, &[]).await;
+    let (mut asked, _) = Client::connect(&server, "").await;
+    asked.call(json!({"subscribe": {"channel": "jl:room", "join_leave": true}})).await;
+    let (mut quiet, _) = Client::connect(&server, "").await;
+    quiet.call(json!({"subscribe": {"channel": "jl:room"}})).await;
+    assert!(asked.next().await["push"]["join"].is_object(), "the asker sees the quiet one join");
+    let (mut third, r3) = Client::connect(&server, "").await;
+    third.call(json!({"subscribe": {"channel": "jl:room"}})).await;
+    let join = asked.next().await;
+    assert_eq!(join["push"]["join"]["info"]["client"], r3["connect"]["client"], "{join}");
+    // The quiet subscriber got nothing: the first thing it sees next is the reply to its own ping.
+    quiet.send_text(json!({"id": 99, "ping": {}}).to_string()).await;
+    let first = quiet.next().await;
+    assert_eq!(first["id"], json!(99), "no join/leave push before it: {first}");
+
+    let (mut f1, _) = Client::connect(&server, "").await;
+    f1.call(json!({"subscribe": {"channel": "forced:room"}})).await;
+    let (mut f2, _) = Client::connect(&server, "").await;
+    f2.call(json!({"subscribe": {"channel": "forced:room"}})).await;
+    assert!(f1.next().await["push"]["join"].is_object(), "force_push_join_leave pushes to everyone");
+    server.stop().await;
+}

@@ -236,7 +236,8 @@ join_leave = true
     let server = TestServer::start_with_file(&file, &[]).await;
     let room = "rooms:lobby";
     let (mut a, _) = Client::connect(&server, "").await;
-    let r = a.call(json!({"subscribe": {"channel": room}})).await;
+    // Join/leave pushes go to subscribers that ask for them (Centrifugo's `join_leave` request flag).
+    let r = a.call(json!({"subscribe": {"channel": room, "join_leave": true}})).await;
     assert!(r.get("error").is_none(), "{r}");
     let (mut b, rb) = Client::connect(&server, "").await;
     b.call(json!({"subscribe": {"channel": room}})).await;

@@ -20,6 +20,9 @@ use crate::client::{ClientId, ClientShared};
 use crate::hub::{FanOut, Hub};
 use crate::namespace::{ChannelOptions, Namespaces};
 
+/// Per channel, the clients that receive its join/leave pushes.
+type Listeners = HashMap<Arc<str>, HashMap<ClientId, Arc<ClientShared>>>;
+
 /// Subscriptions a connection may hold by default (Centrifugo's `client_channel_limit`).
 pub const DEFAULT_CLIENT_CHANNEL_LIMIT: usize = 128;
 
@@ -33,7 +36,7 @@ pub struct Node {
     pub client_channel_limit: usize,
     /// Per channel, the subscribers that receive join/leave pushes (they asked, or the namespace forces
     /// it): Centrifugo pushes them only to those, not to every subscriber.
-    join_leave_listeners: Mutex<HashMap<Arc<str>, HashMap<ClientId, Arc<ClientShared>>>>,
+    join_leave_listeners: Mutex<Listeners>,
     /// Results of API publications made with an idempotency key.
     pub idempotency: crate::idempotency::IdempotencyCache<StreamPos>,
     /// Connected clients by user id ("" for anonymous).
@@ -251,7 +254,7 @@ impl Node {
         }
     }
 
-    fn listeners(&self) -> MutexGuard<'_, HashMap<Arc<str>, HashMap<ClientId, Arc<ClientShared>>>> {
+    fn listeners(&self) -> MutexGuard<'_, Listeners> {
         match self.join_leave_listeners.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),

@@ -282,6 +282,12 @@ impl Config {
         if self.max_request_head < 256 {
             return Err(invalid("max_request_head", "must be at least 256 bytes"));
         }
+        if !self.dev {
+            // The channel options are checked here, with everything else, so that a bad one is a config
+            // error (exit 2) naming the namespace and option; `--dev` does not use them.
+            crate::namespace::Namespaces::new(self.channels.clone(), self.namespaces.clone())
+                .map_err(|e| invalid("namespaces", e.to_string()))?;
+        }
         if self.channel_max_length == 0 || self.channel_max_length > 1 << 16 {
             return Err(invalid("channel_max_length", "must be between 1 and 65536 bytes"));
         }

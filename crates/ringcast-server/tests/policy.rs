@@ -359,6 +359,12 @@ async fn centrifugo_options_ringcast_lacks_are_refused_at_start_by_name() {
     let e = ringcast_server::Config::load(Some(&file), |_| None, &[]).map(|_| ()).expect_err("refused");
     let msg = e.to_string();
     assert!(msg.contains("publish_proxy_enabled") && msg.contains("not implement"), "{msg}");
+    // Option rules are config errors too (the binary exits 2 on any ConfigError), not start-up failures.
+    std::fs::write(&file, "[channels]\nhistory_size = 5\nhistory_ttl = \"60s\"\nhistory_meta_ttl = \"30s\"\n")
+        .expect("write");
+    let e = ringcast_server::Config::load(Some(&file), |_| None, &[]).map(|_| ()).expect_err("refused");
+    assert!(matches!(&e, ringcast_server::ConfigError::Invalid { key, .. } if key == "namespaces"), "{e:?}");
+    assert!(e.to_string().contains("history_meta_ttl"), "{e}");
 }
 
 #[tokio::test]

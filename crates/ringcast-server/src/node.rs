@@ -217,7 +217,7 @@ impl Node {
 
     pub fn history(&self, channel: &str, filter: &HistoryFilter) -> Result<(Vec<Publication>, StreamPos), ErrorCode> {
         let opts = self.options(channel)?;
-        if opts.history_size == 0 {
+        if !opts.history_enabled() {
             return Err(ErrorCode::NOT_AVAILABLE);
         }
         self.broker.history(channel, filter).map_err(|e| match e {

@@ -265,6 +265,10 @@ fn ttl(at: i64) -> u32 {
     at.saturating_sub(now_unix()).clamp(0, i64::from(u32::MAX)) as u32
 }
 
+/// Seconds a client has past its subscription token's `exp` to send a `sub_refresh` before the
+/// subscription ends (Centrifugo's `client_expired_sub_close_delay`, 25 s by default).
+pub const EXPIRED_SUB_CLOSE_DELAY: i64 = 25;
+
 /// The bounds on decoding one received message. The WebSocket layer already refused any message over
 /// `max_message_size` (1009, before buffering it), so the protocol layer adds no byte limit of its own:
 /// a second, smaller one turned a legitimate 200 KB publish into a terminal 3501.
@@ -507,20 +511,25 @@ impl Session {
         self.expires_at.map(|e| e.get().saturating_sub(now_unix()))
     }
 
-    /// Seconds until the first subscription token expires (`None`: none does). The connection should
-    /// call [`Session::expire_subscriptions`] when it passes.
+    /// Seconds until [`Session::expire_subscriptions`] has something to end (`None`: no subscription
+    /// expires). The connection arms its timer for it, as for [`Session::expires_in`].
     pub fn sub_expires_in(&self) -> Option<i64> {
-        self.subs.iter().filter_map(Sub::expires_at).min().map(|at| at.saturating_sub(now_unix()))
+        self.subs
+            .iter()
+            .filter_map(Sub::expires_at)
+            .min()
+            .map(|at| at.saturating_add(EXPIRED_SUB_CLOSE_DELAY).saturating_sub(now_unix()))
     }
 
-    /// Ends the subscriptions whose token expired by `now` (Unix seconds) without a `sub_refresh`, as
-    /// Centrifugo does: a client-side subscription gets an unsubscribe push with code 2501 ("subscription
-    /// expired"; the SDK resubscribes, fetching a new token), a server-side one disconnects 3006.
+    /// Ends the subscriptions whose token expired more than [`EXPIRED_SUB_CLOSE_DELAY`] before `now`
+    /// (Unix seconds) without a `sub_refresh`, as Centrifugo does: a client-side subscription gets an
+    /// unsubscribe push with code 2501 ("subscription expired"; the SDK resubscribes, fetching a new
+    /// token), a server-side one disconnects 3006. The connection sends the pushes (or closes).
     pub fn expire_subscriptions(&mut self, now: i64) -> Result<Vec<Push>, DisconnectCode> {
         let expired: Vec<(Arc<str>, bool)> = self
             .subs
             .iter()
-            .filter(|s| s.expires_at().is_some_and(|at| at <= now))
+            .filter(|s| s.expires_at().is_some_and(|at| at.saturating_add(EXPIRED_SUB_CLOSE_DELAY) < now))
             .map(|s| (s.channel.clone(), s.server_side))
             .collect();
         if expired.iter().any(|(_, server_side)| *server_side) {
@@ -940,8 +949,9 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(s.sub_expires_in().is_some_and(|t| t <= 60));
+        assert!(s.sub_expires_in().is_some_and(|t| t <= 60 + EXPIRED_SUB_CLOSE_DELAY));
         assert_eq!(s.expire_subscriptions(now_unix()), Ok(vec![]), "not yet");
+        assert_eq!(s.expire_subscriptions(now_unix() + 70), Ok(vec![]), "within the close delay");
         let t = make_hs256_subscription_token(SECRET, "u", "$a", Some(now_unix() + 600)).unwrap();
         let refresh = cmd(3, |c| c.sub_refresh = Some(SubRefreshRequest { channel: "$a".into(), token: t }));
         match s.handle(&refresh) {
@@ -949,10 +959,23 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(s.expire_subscriptions(now_unix() + 300), Ok(vec![]), "moved by sub_refresh");
-        let pushes = s.expire_subscriptions(now_unix() + 601).unwrap();
+        let pushes = s.expire_subscriptions(now_unix() + 600 + EXPIRED_SUB_CLOSE_DELAY + 1).unwrap();
         assert_eq!(pushes.len(), 1);
         assert_eq!(pushes[0].unsubscribe.as_ref().map(|u| u.code), Some(2501), "the SDK resubscribes");
         assert!(s.subs.get("$a").is_none());
+    }
+
+    #[test]
+    fn an_expired_server_side_subscription_disconnects_3006() {
+        let n = node(Namespaces::dev_mode());
+        let mut s = connected(&n, "u");
+        let req = SubscribeRequest { channel: "srv".into(), ..Default::default() };
+        assert!(s.do_subscribe(&req, true).is_ok());
+        if let Some(sub) = s.subs.get_mut("srv") {
+            sub.extra = Some(Box::new(SubExtra { chan_info: Bytes::new(), expires_at: Some(now_unix()) }));
+        }
+        let later = now_unix() + EXPIRED_SUB_CLOSE_DELAY + 1;
+        assert_eq!(s.expire_subscriptions(later), Err(DisconnectCode::SUB_EXPIRED));
     }
 
     #[test]

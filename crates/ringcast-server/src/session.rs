@@ -547,11 +547,18 @@ impl Session {
         Ok(pushes)
     }
 
-    fn verify_sub_token(&self, token: &str, channel: &str) -> Result<crate::auth::SubscribeClaims, Refusal> {
+    /// Verifies a subscription token; `refresh` picks the `sub_refresh` outcomes over the `subscribe` ones.
+    fn verify_sub_token(
+        &self,
+        token: &str,
+        channel: &str,
+        refresh: bool,
+    ) -> Result<crate::auth::SubscribeClaims, Refusal> {
         let verifier = self.node.tokens.as_ref().ok_or(ErrorCode::PERMISSION_DENIED)?;
         verifier.verify_subscribe(token, self.user(), channel, now_unix()).map_err(|e| {
-            metrics::counter!("ringcast_auth_failures_total", "kind" => "subscribe").increment(1);
-            Refusal::Error(e.for_subscribe())
+            metrics::counter!("ringcast_auth_failures_total", "kind" => if refresh { "sub_refresh" } else { "subscribe" })
+                .increment(1);
+            Refusal::from(if refresh { e.for_sub_refresh() } else { e.for_subscribe() })
         })
     }
 
@@ -579,7 +586,7 @@ impl Session {
             let has_token = if req.token.is_empty() {
                 false
             } else {
-                let claims = self.verify_sub_token(&req.token, channel)?;
+                let claims = self.verify_sub_token(&req.token, channel, false)?;
                 if claims.expires_at.is_some_and(|at| at <= now_unix()) {
                     return Err(ErrorCode::EXPIRED.into());
                 }
@@ -726,7 +733,7 @@ impl Session {
         if token.is_empty() {
             return Err(ErrorCode::BAD_REQUEST.into());
         }
-        let claims = self.verify_sub_token(token, channel)?;
+        let claims = self.verify_sub_token(token, channel, true)?;
         let mut result = SubRefreshResult::default();
         if let Some(at) = claims.expires_at {
             if at <= now_unix() {
@@ -963,6 +970,23 @@ mod tests {
         assert_eq!(pushes.len(), 1);
         assert_eq!(pushes[0].unsubscribe.as_ref().map(|u| u.code), Some(2501), "the SDK resubscribes");
         assert!(s.subs.get("$a").is_none());
+    }
+
+    #[test]
+    fn another_user_s_subscription_token_disconnects_3500_an_invalid_one_is_103() {
+        let n = node(Namespaces::default());
+        let mut s = connected(&n, "u");
+        let sub = |token: String| {
+            cmd(2, |c| c.subscribe = Some(SubscribeRequest { channel: "$a".into(), token, ..Default::default() }))
+        };
+        assert_eq!(s.handle(&sub("garbage".into())), Outcome::Error(ErrorCode::PERMISSION_DENIED));
+        let theirs = make_hs256_subscription_token(SECRET, "v", "$a", None).unwrap();
+        assert_eq!(s.handle(&sub(theirs)), Outcome::Disconnect(DisconnectCode::INVALID_TOKEN));
+        let mut s = connected(&n, "u");
+        let ok = make_hs256_subscription_token(SECRET, "u", "$a", None).unwrap();
+        assert!(matches!(s.handle(&sub(ok)), Outcome::Reply(_)));
+        let refresh = cmd(3, |c| c.sub_refresh = Some(SubRefreshRequest { channel: "$a".into(), token: "bad".into() }));
+        assert_eq!(s.handle(&refresh), Outcome::Disconnect(DisconnectCode::INVALID_TOKEN));
     }
 
     #[test]

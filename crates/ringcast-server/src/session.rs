@@ -240,6 +240,8 @@ pub struct Session {
     connected: bool,
     /// The client answered the last server ping (an empty command).
     pub pong_received: bool,
+    /// Some subscription has a token expiry (so pongs check for expired subscriptions).
+    expiring_subs: bool,
 }
 
 fn expiry(unix_secs: Option<i64>) -> Option<NonZeroI64> {
@@ -285,6 +287,7 @@ impl Session {
             ping_interval,
             connected: false,
             pong_received: true,
+            expiring_subs: false,
         }
     }
 
@@ -342,7 +345,9 @@ impl Session {
             e.disconnect()
         })?;
         metrics::counter!("ringcast_messages_in_total").increment(commands.len() as u64);
+        let mut ponged = false;
         for cmd in commands.iter() {
+            ponged |= cmd.id == 0 && cmd.send.is_none();
             let reply = match self.handle(cmd) {
                 Outcome::Reply(reply) => reply,
                 Outcome::Error(code) => error_reply(cmd.id, code),
@@ -351,6 +356,15 @@ impl Session {
             };
             if encode_reply(self.format(), &reply, replies).is_err() {
                 return Err(DisconnectCode::SERVER_ERROR);
+            }
+        }
+        // Every live client answers our ping once per ping interval: the moment to end subscriptions whose
+        // token expired (an exact timer needs the connection to arm one at `sub_expires_in`).
+        if ponged && self.expiring_subs {
+            for push in self.expire_subscriptions(now_unix())? {
+                if encode_reply(self.format(), &Reply::push(push), replies).is_err() {
+                    return Err(DisconnectCode::SERVER_ERROR);
+                }
             }
         }
         Ok(())
@@ -535,6 +549,9 @@ impl Session {
         if expired.iter().any(|(_, server_side)| *server_side) {
             return Err(DisconnectCode::SUB_EXPIRED);
         }
+        if !expired.is_empty() {
+            self.expiring_subs = self.subs.iter().any(|s| s.expires_at().is_some());
+        }
         let mut pushes = Vec::with_capacity(expired.len());
         for (channel, _) in expired {
             self.unsubscribe(&channel);
@@ -654,6 +671,7 @@ impl Session {
         }
         // Token info or expiry are what most subscriptions lack: no box for them.
         let extra = extra.filter(|e| !e.chan_info.is_empty() || e.expires_at.is_some());
+        self.expiring_subs |= extra.as_ref().is_some_and(|e| e.expires_at.is_some());
         self.subs.insert(Sub {
             channel: name,
             extra,
@@ -742,6 +760,7 @@ impl Session {
             result.expires = true;
             result.ttl = ttl(at);
         }
+        self.expiring_subs |= claims.expires_at.is_some();
         if let Some(sub) = self.subs.get_mut(channel) {
             sub.extra = (!claims.info.is_empty() || claims.expires_at.is_some())
                 .then(|| Box::new(SubExtra { chan_info: claims.info, expires_at: claims.expires_at }));
@@ -987,6 +1006,29 @@ mod tests {
         assert!(matches!(s.handle(&sub(ok)), Outcome::Reply(_)));
         let refresh = cmd(3, |c| c.sub_refresh = Some(SubRefreshRequest { channel: "$a".into(), token: "bad".into() }));
         assert_eq!(s.handle(&refresh), Outcome::Disconnect(DisconnectCode::INVALID_TOKEN));
+    }
+
+    #[test]
+    fn a_pong_ends_expired_subscriptions_with_an_unsubscribe_push() {
+        let n = node(Namespaces::default());
+        let mut s = connected(&n, "u");
+        let t = make_hs256_subscription_token(SECRET, "u", "$a", Some(now_unix() + 60)).unwrap();
+        let sub =
+            cmd(2, |c| c.subscribe = Some(SubscribeRequest { channel: "$a".into(), token: t, ..Default::default() }));
+        assert!(matches!(s.handle(&sub), Outcome::Reply(_)));
+        if let Some(sub) = s.subs.get_mut("$a") {
+            if let Some(extra) = sub.extra.as_mut() {
+                extra.expires_at = Some(now_unix() - EXPIRED_SUB_CLOSE_DELAY - 1);
+                // as if long past
+            }
+        }
+        s.pong_received = false; // a ping went out
+        let mut replies = BytesMut::new();
+        assert_eq!(s.on_message(b"{}", &mut replies), Ok(()));
+        let text = String::from_utf8_lossy(&replies);
+        assert!(text.contains(r#""unsubscribe":{"code":2501"#) && text.contains(r#""channel":"$a""#), "{text}");
+        assert!(s.subs.get("$a").is_none());
+        assert_eq!(n.hub.num_subscribers("$a"), 0);
     }
 
     #[test]

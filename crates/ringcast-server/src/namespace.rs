@@ -14,7 +14,7 @@
 //! connections subscribed to the channel, and `…_for_anonymous` extends either to connections without a
 //! user.
 //!
-//! The decisions are pure functions ([`can_subscribe`], [`can_publish`], [`can_presence`],
+//! The decisions are pure functions ([`can_subscribe`], [`can_publish`], [`can_presence`], [`features`],
 //! [`can_history`], …) returning [`Denied`], which maps to the protocol error code in one place,
 //! [`Denied::error_code`]. No IO, no clock, no state beyond the validated configuration.
 

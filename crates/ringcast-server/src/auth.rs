@@ -106,17 +106,18 @@ pub type ConnectOutcome = Outcome;
 
 /// What the client sees after a refused token: this impl block is the only place that decides it.
 ///
-/// | | connect | refresh | subscribe |
-/// |---|---|---|---|
-/// | expired | error 109 | disconnect 3005 | error 109 |
-/// | invalid, no key | disconnect 3500 | disconnect 3500 | error 103 |
-/// | wrong user / channel | — | disconnect 3500 | error 103 |
+/// | | connect | refresh | subscribe | sub_refresh |
+/// |---|---|---|---|---|
+/// | expired | error 109 | disconnect 3005 | error 109 | error 109 |
+/// | invalid, no key | disconnect 3500 | disconnect 3500 | error 103 | disconnect 3500 |
+/// | wrong user / channel | — | disconnect 3500 | disconnect 3500 | disconnect 3500 |
 ///
 /// Expired at connect or subscribe is a reply, so the SDK fetches a fresh token and retries. An expired
 /// *refresh* token means the connection's time is up: Centrifugo closes with 3005 and the client reconnects
 /// (with a new token). An invalid connection token is terminal (3500). An invalid subscription token only
-/// fails that subscription (103), as in Centrifugo. A valid subscription token for another user or channel
-/// is answered 103 too; Centrifugo v6 disconnects with 3500 there instead (v3 answered 103).
+/// fails that subscription (103), as in Centrifugo; a valid one for another user or channel disconnects
+/// 3500, as in Centrifugo v6 (`internal/client/handler.go`, OnSubscribe), and so does any invalid token in
+/// a `sub_refresh` (OnSubRefresh).
 impl AuthError {
     /// For the `connect` command.
     pub fn for_connect(&self) -> Outcome {
@@ -141,15 +142,24 @@ impl AuthError {
         }
     }
 
-    /// For the `subscribe` (and `sub_refresh`) command: a reply error, never a disconnect.
-    pub fn for_subscribe(&self) -> ErrorCode {
+    /// For the `subscribe` command.
+    pub fn for_subscribe(&self) -> Outcome {
         match self {
-            AuthError::Expired => ErrorCode::TOKEN_EXPIRED,
-            AuthError::BadKey { .. } | AuthError::Sign(_) => ErrorCode::INTERNAL,
-            AuthError::Invalid(_)
-            | AuthError::NoKey { .. }
-            | AuthError::WrongChannel { .. }
-            | AuthError::WrongUser { .. } => ErrorCode::PERMISSION_DENIED,
+            AuthError::Expired => Outcome::Error(ErrorCode::TOKEN_EXPIRED),
+            AuthError::BadKey { .. } | AuthError::Sign(_) => Outcome::Error(ErrorCode::INTERNAL),
+            AuthError::Invalid(_) | AuthError::NoKey { .. } => Outcome::Error(ErrorCode::PERMISSION_DENIED),
+            AuthError::WrongChannel { .. } | AuthError::WrongUser { .. } => {
+                Outcome::Disconnect(DisconnectCode::INVALID_TOKEN)
+            }
+        }
+    }
+
+    /// For the `sub_refresh` command.
+    pub fn for_sub_refresh(&self) -> Outcome {
+        match self {
+            AuthError::Expired => Outcome::Error(ErrorCode::TOKEN_EXPIRED),
+            AuthError::BadKey { .. } | AuthError::Sign(_) => Outcome::Error(ErrorCode::INTERNAL),
+            _ => Outcome::Disconnect(DisconnectCode::INVALID_TOKEN),
         }
     }
 }
@@ -960,7 +970,7 @@ SliewIdT4ihKHpB7sd0I66I5hKL1P2vrl8nS1WiVTykJjDiftRL/Zy/vFoUVTcoQ\n\
         let t = hs(&json!({"sub": "u", "channel": "$other"}));
         let e = hmac_only().verify_subscribe(&t, "u", "$secret", NOW).unwrap_err();
         assert_eq!(e, AuthError::WrongChannel { token: "$other".into(), requested: "$secret".into() });
-        assert_eq!(e.for_subscribe(), ErrorCode::PERMISSION_DENIED);
+        assert_eq!(e.for_subscribe(), Outcome::Disconnect(DisconnectCode::INVALID_TOKEN));
     }
 
     #[test]
@@ -968,7 +978,7 @@ SliewIdT4ihKHpB7sd0I66I5hKL1P2vrl8nS1WiVTykJjDiftRL/Zy/vFoUVTcoQ\n\
         let t = hs(&json!({"sub": "mallory", "channel": "$secret"}));
         let e = hmac_only().verify_subscribe(&t, "alice", "$secret", NOW).unwrap_err();
         assert_eq!(e, AuthError::WrongUser { token: "mallory".into(), connected: "alice".into() });
-        assert_eq!(e.for_subscribe(), ErrorCode::PERMISSION_DENIED);
+        assert_eq!(e.for_subscribe(), Outcome::Disconnect(DisconnectCode::INVALID_TOKEN));
         // An anonymous connection cannot use a token issued to a user, nor the other way round.
         let e = hmac_only().verify_subscribe(&t, "", "$secret", NOW).unwrap_err();
         assert!(matches!(e, AuthError::WrongUser { .. }));
@@ -984,11 +994,11 @@ SliewIdT4ihKHpB7sd0I66I5hKL1P2vrl8nS1WiVTykJjDiftRL/Zy/vFoUVTcoQ\n\
     fn expired_subscription_token_is_109_and_invalid_one_is_103() {
         let t = hs(&json!({"sub": "u", "channel": "$c", "exp": NOW - 1}));
         let e = hmac_only().verify_subscribe(&t, "u", "$c", NOW).unwrap_err();
-        assert_eq!(e.for_subscribe(), ErrorCode::TOKEN_EXPIRED);
+        assert_eq!(e.for_subscribe(), Outcome::Error(ErrorCode::TOKEN_EXPIRED));
         let e = hmac_only().verify_subscribe("garbage", "u", "$c", NOW).unwrap_err();
-        assert_eq!(e.for_subscribe(), ErrorCode::PERMISSION_DENIED);
+        assert_eq!(e.for_subscribe(), Outcome::Error(ErrorCode::PERMISSION_DENIED));
         let e = verifier(TokenConfig::default()).verify_subscribe(&t, "u", "$c", NOW).unwrap_err();
-        assert_eq!(e.for_subscribe(), ErrorCode::PERMISSION_DENIED);
+        assert_eq!(e.for_subscribe(), Outcome::Error(ErrorCode::PERMISSION_DENIED));
     }
 
     #[test]
@@ -1012,17 +1022,20 @@ SliewIdT4ihKHpB7sd0I66I5hKL1P2vrl8nS1WiVTykJjDiftRL/Zy/vFoUVTcoQ\n\
             AuthError::WrongUser { token: "a".into(), connected: "b".into() },
             AuthError::WrongChannel { token: "a".into(), requested: "b".into() },
         ];
+        let expired = E(ErrorCode::TOKEN_EXPIRED);
+        let denied = E(ErrorCode::PERMISSION_DENIED);
         let expected = [
-            (E(ErrorCode::TOKEN_EXPIRED), D(DisconnectCode::EXPIRED), ErrorCode::TOKEN_EXPIRED),
-            (invalid_token, invalid_token, ErrorCode::PERMISSION_DENIED),
-            (invalid_token, invalid_token, ErrorCode::PERMISSION_DENIED),
-            (invalid_token, invalid_token, ErrorCode::PERMISSION_DENIED),
-            (invalid_token, invalid_token, ErrorCode::PERMISSION_DENIED),
+            (expired, D(DisconnectCode::EXPIRED), expired, expired),
+            (invalid_token, invalid_token, denied, invalid_token),
+            (invalid_token, invalid_token, denied, invalid_token),
+            (invalid_token, invalid_token, invalid_token, invalid_token),
+            (invalid_token, invalid_token, invalid_token, invalid_token),
         ];
-        for (e, (connect, refresh, subscribe)) in errors.iter().zip(expected) {
+        for (e, (connect, refresh, subscribe, sub_refresh)) in errors.iter().zip(expected) {
             assert_eq!(e.for_connect(), connect, "{e:?}");
             assert_eq!(e.for_refresh(), refresh, "{e:?}");
             assert_eq!(e.for_subscribe(), subscribe, "{e:?}");
+            assert_eq!(e.for_sub_refresh(), sub_refresh, "{e:?}");
         }
         assert_eq!((DisconnectCode::INVALID_TOKEN.code, DisconnectCode::EXPIRED.code), (3500, 3005));
         assert_eq!((ErrorCode::TOKEN_EXPIRED.code, ErrorCode::PERMISSION_DENIED.code), (109, 103));

@@ -34,6 +34,9 @@ pub struct HistoryOptions {
     /// Publications kept; 0 = no history.
     pub size: usize,
     pub ttl: Duration,
+    /// How long the stream's position (offset, epoch) outlives its last publication
+    /// (`history_meta_ttl`); zero where no stream is kept.
+    pub meta_ttl: Duration,
 }
 
 /// What a history read asks for.
@@ -185,34 +188,31 @@ impl Broker for MemoryBroker {
     fn history(&self, channel: &str, filter: &HistoryFilter) -> Result<(Vec<Publication>, StreamPos), BrokerError> {
         let now = Instant::now();
         let mut shard = self.shard(channel);
-        let Some(stream) = shard.streams.get_mut(channel) else {
-            if filter.since.as_ref().is_some_and(|(offset, _)| *offset > 0) {
-                return Err(BrokerError::UnrecoverablePosition);
-            }
-            return Ok((Vec::new(), StreamPos::default()));
-        };
+        // A read of a channel that has no stream yet creates it, as Centrifugo's brokers do: the reader
+        // (a client recovering onto a channel nobody published to yet) learns the epoch that later
+        // publications will carry, instead of an empty one no later stream matches.
+        let stream = shard.streams.entry(channel.into()).or_insert_with(Stream::new);
         stream.expire(now);
         let after = match &filter.since {
             Some((offset, epoch)) => {
-                if **epoch != *stream.epoch || *offset > stream.top {
+                // An empty epoch is "any epoch" (a client that never learned one), as in Centrifugo.
+                if (!epoch.is_empty() && **epoch != *stream.epoch) || *offset > stream.top {
                     return Err(BrokerError::UnrecoverablePosition);
                 }
-                *offset
+                Some(*offset)
             }
-            None => 0,
+            None => None,
         };
         if filter.limit == 0 {
             return Ok((Vec::new(), stream.pos()));
         }
         let limit = if filter.limit < 0 { usize::MAX } else { filter.limit as usize };
-        let matching = stream.items.iter().map(|(p, _)| p).filter(|p| p.offset > after);
-        let pubs: Vec<Publication> = if filter.reverse {
-            let mut v: Vec<Publication> = matching.cloned().collect();
-            v.reverse();
-            v.truncate(limit);
-            v
-        } else {
-            matching.take(limit).cloned().collect()
+        let items = stream.items.iter().map(|(p, _)| p);
+        let pubs: Vec<Publication> = match (filter.reverse, after) {
+            // Newest first, starting just before `since` (Centrifugo: from since.offset - 1 downwards).
+            (true, Some(since)) => items.rev().filter(|p| p.offset < since).take(limit).cloned().collect(),
+            (true, None) => items.rev().take(limit).cloned().collect(),
+            (false, since) => items.filter(|p| p.offset > since.unwrap_or(0)).take(limit).cloned().collect(),
         };
         Ok((pubs, stream.pos()))
     }
@@ -286,7 +286,8 @@ mod tests {
         Publication { data: Bytes::from(format!("{{\"n\":{n}}}")), ..Default::default() }
     }
 
-    const H: HistoryOptions = HistoryOptions { size: 3, ttl: Duration::from_secs(60) };
+    const H: HistoryOptions =
+        HistoryOptions { size: 3, ttl: Duration::from_secs(60), meta_ttl: Duration::from_secs(3600) };
 
     #[test]
     fn offsets_increase_and_history_keeps_the_last_n() {
@@ -332,7 +333,7 @@ mod tests {
     #[test]
     fn expired_publications_are_not_returned() {
         let b = MemoryBroker::new();
-        let short = HistoryOptions { size: 10, ttl: Duration::from_millis(1) };
+        let short = HistoryOptions { size: 10, ttl: Duration::from_millis(1), meta_ttl: Duration::from_secs(3600) };
         b.publish("c", &mut pubn(1), short);
         std::thread::sleep(Duration::from_millis(5));
         let (pubs, pos) = b.history("c", &HistoryFilter { since: None, limit: -1, reverse: false }).unwrap();

@@ -312,6 +312,10 @@ impl ClientSet {
         self.0.remove(&ByAddr(client.clone()))
     }
 
+    pub fn contains(&self, client: &Arc<ClientShared>) -> bool {
+        self.0.contains(&ByAddr(client.clone()))
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }

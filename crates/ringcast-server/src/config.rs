@@ -74,6 +74,8 @@ pub const KEYS: &[Key] = &[
     key("token_ecdsa_public_key", Kind::Str, "PEM public key for ES256/384 tokens."),
     key("internal_listen", Kind::Str, "Address (HOST:PORT) serving /api, /metrics and /health on their own; when set, the public listener serves only WebSockets and /health. Empty: all on `listen`."),
     key("api_key", Kind::Str, "Key the server HTTP API requires (X-API-Key or Authorization: apikey). Empty: the API refuses every call."),
+    key("channel_max_length", Kind::Int, "Longest channel name in bytes (Centrifugo's channel_max_length); longer names are answered 107."),
+    key("client_channel_limit", Kind::Int, "Subscriptions one connection may hold (Centrifugo's client_channel_limit); one more is answered 106. 0: no limit."),
     key("channels", Kind::Table, "Options of channels outside any namespace ([channels] table: allow_subscribe_for_client, presence, history_size, ...)."),
     key("namespaces", Kind::Table, "Channel namespaces ([[namespaces]] with name = \"ns\" and the channel options); channel \"ns:x\" uses namespace \"ns\"."),
 ];
@@ -123,6 +125,9 @@ pub struct Config {
     pub token_ecdsa_public_key: String,
     pub internal_listen: String,
     pub api_key: String,
+    pub channel_max_length: usize,
+    pub client_channel_limit: usize,
+    #[serde(deserialize_with = "crate::namespace::deserialize_options")]
     pub channels: crate::namespace::ChannelOptions,
     pub namespaces: Vec<crate::namespace::NamespaceConfig>,
 }
@@ -162,6 +167,8 @@ impl Default for Config {
             token_ecdsa_public_key: String::new(),
             internal_listen: String::new(),
             api_key: String::new(),
+            channel_max_length: crate::namespace::DEFAULT_CHANNEL_MAX_LENGTH,
+            client_channel_limit: crate::node::DEFAULT_CLIENT_CHANNEL_LIMIT,
             channels: crate::namespace::ChannelOptions::default(),
             namespaces: Vec::new(),
         }
@@ -289,6 +296,15 @@ impl Config {
         }
         if self.max_request_head < 256 {
             return Err(invalid("max_request_head", "must be at least 256 bytes"));
+        }
+        if !self.dev {
+            // The channel options are checked here, with everything else, so that a bad one is a config
+            // error (exit 2) naming the namespace and option; `--dev` does not use them.
+            crate::namespace::Namespaces::new(self.channels.clone(), self.namespaces.clone())
+                .map_err(|e| invalid("namespaces", e.to_string()))?;
+        }
+        if self.channel_max_length == 0 || self.channel_max_length > 1 << 16 {
+            return Err(invalid("channel_max_length", "must be between 1 and 65536 bytes"));
         }
         if self.client_queue_max_size < 1024 {
             return Err(invalid("client_queue_max_size", "must be at least 1024 bytes"));

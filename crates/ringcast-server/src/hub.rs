@@ -66,6 +66,9 @@ struct Channel {
 #[derive(Debug, Default)]
 struct ChannelState {
     subs: ClientSet,
+    /// The subscribers that receive join/leave pushes (they asked, or the namespace forces it): a subset
+    /// of `subs`, empty (no allocation) on most channels.
+    join_leave: ClientSet,
     /// Removed from the registry (its last subscriber left): whoever still holds it looks again.
     dead: bool,
 }
@@ -144,6 +147,13 @@ impl Default for Hub {
     }
 }
 
+/// Who a sequenced fan-out goes to.
+#[derive(Debug, Clone, Copy)]
+enum Audience {
+    Subscribers,
+    JoinLeave,
+}
+
 /// Where a channel's section was entered from.
 enum Section<'a> {
     /// The channel has local subscribers: its own mutex.
@@ -201,8 +211,43 @@ impl Hub {
         self.sequenced(channel, skip, || (), |(), f| payload(f)).1
     }
 
+    /// Fans a join/leave push out to the channel's join/leave listeners except `skip`, in the channel's
+    /// order with its publications.
+    pub fn broadcast_join_leave(
+        &self,
+        channel: &str,
+        skip: Option<&Arc<ClientShared>>,
+        payload: &dyn Fn(Format) -> Option<Bytes>,
+    ) -> FanOut {
+        self.sequenced_to(Audience::JoinLeave, channel, skip, || (), |(), f| payload(f)).1
+    }
+
+    /// `client`, subscribed to `channel`, receives its join/leave pushes from now on (until it
+    /// unsubscribes). Returns whether it is subscribed.
+    pub fn listen_join_leave(&self, channel: &str, client: &Arc<ClientShared>) -> bool {
+        let ch = self.read(self.shard_of(channel)).get(channel).cloned();
+        let Some(ch) = ch else { return false };
+        let mut state = ch.lock();
+        if state.dead || !state.subs.contains(client) {
+            return false;
+        }
+        state.join_leave.insert(client);
+        true
+    }
+
     fn sequenced<T>(
         &self,
+        channel: &str,
+        skip: Option<&Arc<ClientShared>>,
+        during: impl FnOnce() -> T,
+        payload: impl Fn(&T, Format) -> Option<Bytes>,
+    ) -> (T, FanOut) {
+        self.sequenced_to(Audience::Subscribers, channel, skip, during, payload)
+    }
+
+    fn sequenced_to<T>(
+        &self,
+        audience: Audience,
         channel: &str,
         skip: Option<&Arc<ClientShared>>,
         during: impl FnOnce() -> T,
@@ -220,7 +265,11 @@ impl Hub {
             }
             let value = during();
             let encode = |f: Format| payload(&value, f);
-            let fan = deliver_all(&state, skip, &encode);
+            let to = match audience {
+                Audience::Subscribers => &state.subs,
+                Audience::JoinLeave => &state.join_leave,
+            };
+            let fan = deliver_all(to, skip, &encode);
             drop(state);
             fan.record();
             return (value, fan);
@@ -285,6 +334,7 @@ impl Hub {
             if !state.subs.remove(client) {
                 return false;
             }
+            state.join_leave.remove(client);
             if !state.subs.is_empty() {
                 return true;
             }
@@ -320,15 +370,11 @@ impl Hub {
 
 /// Queues the frame for each subscriber's encoding on every subscriber but `skip` (framing each
 /// encoding at most once).
-fn deliver_all(
-    state: &ChannelState,
-    skip: Option<&Arc<ClientShared>>,
-    payload: &dyn Fn(Format) -> Option<Bytes>,
-) -> FanOut {
+fn deliver_all(to: &ClientSet, skip: Option<&Arc<ClientShared>>, payload: &dyn Fn(Format) -> Option<Bytes>) -> FanOut {
     let mut frames = Frames::new(payload);
     let mut fan = FanOut::default();
     let now = crate::metrics::clock_us();
-    for client in state.subs.iter() {
+    for client in to.iter() {
         if skip.is_some_and(|s| Arc::ptr_eq(s, client)) {
             continue;
         }

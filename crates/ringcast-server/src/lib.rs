@@ -18,6 +18,7 @@ pub mod deadline;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod idempotency;
 pub mod metrics;
 pub mod namespace;
 pub mod node;

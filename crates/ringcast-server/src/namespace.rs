@@ -14,7 +14,7 @@
 //! connections subscribed to the channel, and `…_for_anonymous` extends either to connections without a
 //! user.
 //!
-//! The decisions are pure functions ([`can_subscribe`], [`can_publish`], [`can_presence`],
+//! The decisions are pure functions ([`can_subscribe`], [`can_publish`], [`can_presence`], [`features`],
 //! [`can_history`], …) returning [`Denied`], which maps to the protocol error code in one place,
 //! [`Denied::error_code`]. No IO, no clock, no state beyond the validated configuration.
 
@@ -32,6 +32,37 @@ pub const PRIVATE_PREFIX: char = '$';
 pub const NAMESPACE_BOUNDARY: char = ':';
 /// Longest channel name accepted by default, in bytes (Centrifugo's `channel_max_length`).
 pub const DEFAULT_CHANNEL_MAX_LENGTH: usize = 255;
+/// Separates a user-limited channel's name from the users it admits (`news#42,43`).
+pub const USER_BOUNDARY: char = '#';
+/// Separates the users of a user-limited channel.
+pub const USER_SEPARATOR: char = ',';
+/// How long a stream's position is kept when `history_meta_ttl` is not set (Centrifugo's default, 720h).
+pub const DEFAULT_HISTORY_META_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Centrifugo channel options ringcast does not implement. Each is refused by name when configured, so
+/// that no configuration silently loses a behaviour it asked for.
+pub const UNSUPPORTED_OPTIONS: &[&str] = &[
+    "map_clients_presence_channel_prefix",
+    "map_users_presence_channel_prefix",
+    "force_recovery_mode",
+    "auto_cache_recover",
+    "allowed_delta_types",
+    "allow_tags_filter",
+    "delta_publish",
+    "publication_data_format",
+    "subscribe_proxy_enabled",
+    "subscribe_proxy_name",
+    "publish_proxy_enabled",
+    "publish_proxy_name",
+    "sub_refresh_proxy_enabled",
+    "sub_refresh_proxy_name",
+    "subscribe_stream_proxy_enabled",
+    "subscribe_stream_proxy_name",
+    "subscribe_stream_proxy_bidirectional",
+    "subscription_type",
+    "map",
+    "shared_poll",
+];
 
 /// Options of the channels of one namespace. Every field defaults to off/zero; unknown keys are refused.
 ///
@@ -50,6 +81,11 @@ pub struct ChannelOptions {
     /// How long history is kept after the last publication; 0 = no history. Needs `history_size`.
     #[serde(with = "humantime_serde")]
     pub history_ttl: Duration,
+    /// How long a stream's position (offset, epoch) is kept after its last publication, so a client can
+    /// still tell it missed something; 0 = [`DEFAULT_HISTORY_META_TTL`] (Centrifugo's 30 days). Not
+    /// shorter than `history_ttl`.
+    #[serde(with = "humantime_serde")]
+    pub history_meta_ttl: Duration,
     /// Make every subscription positioned (the server checks the client misses nothing).
     pub force_positioning: bool,
     /// Let a client ask for positioning.
@@ -80,6 +116,12 @@ pub struct ChannelOptions {
     pub allow_history_for_subscriber: bool,
     /// Extends the two history permissions to anonymous connections.
     pub allow_history_for_anonymous: bool,
+    /// Channels with `#` are user-limited: `news#42,43` admits only users `42` and `43` (no token needed,
+    /// and `allow_subscribe_for_client` does not open them to others).
+    pub allow_user_limited_channels: bool,
+    /// A regular expression the channel name (after the namespace prefix) must match; empty: any ASCII
+    /// name. A name that does not match is answered 107 bad request.
+    pub channel_regex: String,
 }
 
 impl ChannelOptions {
@@ -94,6 +136,7 @@ impl ChannelOptions {
             force_push_join_leave: false,
             history_size: 100,
             history_ttl: Duration::from_secs(3600),
+            history_meta_ttl: Duration::ZERO,
             force_positioning: false,
             allow_positioning: true,
             force_recovery: false,
@@ -109,6 +152,17 @@ impl ChannelOptions {
             allow_history_for_client: true,
             allow_history_for_subscriber: true,
             allow_history_for_anonymous: true,
+            allow_user_limited_channels: false,
+            channel_regex: String::new(),
+        }
+    }
+
+    /// How long a stream's position outlives its last publication: `history_meta_ttl`, or the default.
+    pub fn effective_history_meta_ttl(&self) -> Duration {
+        if self.history_meta_ttl.is_zero() {
+            DEFAULT_HISTORY_META_TTL
+        } else {
+            self.history_meta_ttl
         }
     }
 
@@ -133,10 +187,26 @@ impl ChannelOptions {
         if self.history_ttl.subsec_nanos() != 0 {
             return Err(bad("history_ttl", "must be a whole number of seconds"));
         }
+        if self.history_meta_ttl.subsec_nanos() != 0 {
+            return Err(bad("history_meta_ttl", "must be a whole number of seconds"));
+        }
+        if self.effective_history_meta_ttl() < self.history_ttl {
+            return Err(bad("history_meta_ttl", "must not be shorter than history_ttl"));
+        }
         if self.force_recovery && !self.history_enabled() {
             return Err(bad("force_recovery", "needs history (history_size and history_ttl)"));
         }
         Ok(())
+    }
+
+    /// The compiled `channel_regex`, if set.
+    fn compile_regex(&self, scope: &Scope) -> Result<Option<regex::Regex>, NamespaceError> {
+        if self.channel_regex.is_empty() {
+            return Ok(None);
+        }
+        regex::Regex::new(&self.channel_regex)
+            .map(Some)
+            .map_err(|e| NamespaceError::InvalidRegex { scope: scope.to_string(), error: e.to_string() })
     }
 }
 
@@ -160,10 +230,32 @@ impl<'de> Deserialize<'de> for NamespaceConfig {
             Some(other) => return Err(de::Error::custom(format!("namespace `name` must be a string, got {other}"))),
             None => return Err(de::Error::missing_field("name")),
         };
+        if let Some(key) = unsupported_option(&table) {
+            return Err(de::Error::custom(format!("namespace `{name}`: {}", unsupported_message(key))));
+        }
         let options = ChannelOptions::deserialize(serde_json::Value::Object(table))
             .map_err(|e| de::Error::custom(format!("namespace `{name}`: {e}")))?;
         Ok(NamespaceConfig { name, options })
     }
+}
+
+/// The first key of `table` that is a Centrifugo option ringcast does not implement.
+fn unsupported_option(table: &serde_json::Map<String, serde_json::Value>) -> Option<&'static str> {
+    UNSUPPORTED_OPTIONS.iter().copied().find(|k| table.contains_key(*k))
+}
+
+fn unsupported_message(key: &str) -> String {
+    format!("`{key}` is a Centrifugo channel option ringcast does not implement; remove it")
+}
+
+/// Reads channel options (the `[channels]` table) refusing, by name, the Centrifugo options ringcast does
+/// not implement (unknown keys are refused by `deny_unknown_fields` as for any option).
+pub fn deserialize_options<'de, D: Deserializer<'de>>(d: D) -> Result<ChannelOptions, D::Error> {
+    let table = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+    if let Some(key) = unsupported_option(&table) {
+        return Err(de::Error::custom(unsupported_message(key)));
+    }
+    ChannelOptions::deserialize(serde_json::Value::Object(table)).map_err(de::Error::custom)
 }
 
 /// A configuration mistake, found at start. Names the namespace and, where it applies, the option.
@@ -175,6 +267,8 @@ pub enum NamespaceError {
     Duplicate { name: String },
     #[error("{scope}: `{option}` {reason}")]
     InvalidOption { scope: String, option: &'static str, reason: &'static str },
+    #[error("{scope}: `channel_regex` is not a valid regular expression: {error}")]
+    InvalidRegex { scope: String, error: String },
 }
 
 /// Where options come from, for error messages.
@@ -226,14 +320,14 @@ pub enum Denied {
 }
 
 impl Denied {
-    /// The reply error: 102 unknown channel, 103 permission denied, 108 not available, 106 limit exceeded
-    /// (name too long, as Centrifugo), 107 bad request (malformed name).
+    /// The reply error: 102 unknown channel, 103 permission denied, 108 not available, 107 bad request
+    /// (name too long or malformed: Centrifugo answers both with `ErrorBadRequest`).
     pub fn error_code(&self) -> ErrorCode {
         match self {
             Denied::UnknownNamespace(_) => ErrorCode::UNKNOWN_CHANNEL,
             Denied::PermissionDenied => ErrorCode::PERMISSION_DENIED,
             Denied::NotAvailable => ErrorCode::NOT_AVAILABLE,
-            Denied::TooLong { .. } => ErrorCode::LIMIT_EXCEEDED,
+            Denied::TooLong { .. } => ErrorCode::BAD_REQUEST,
             Denied::BadName => ErrorCode::BAD_REQUEST,
         }
     }
@@ -260,38 +354,51 @@ pub fn namespace_of(channel: &str) -> Option<&str> {
     }
 }
 
-/// A channel name the server accepts: not empty, ASCII only (as Centrifugo requires), at most
-/// [`DEFAULT_CHANNEL_MAX_LENGTH`] bytes. [`check_channel_name`] takes another limit and says why not.
-pub fn is_valid_channel_name(channel: &str) -> bool {
-    check_channel_name(channel, DEFAULT_CHANNEL_MAX_LENGTH).is_ok()
-}
-
-/// Whether `channel` is a name the server accepts with names of at most `max_len` bytes, and if not, why.
-pub fn check_channel_name(channel: &str, max_len: usize) -> Result<(), Denied> {
-    if channel.is_empty() || !channel.is_ascii() {
-        return Err(Denied::BadName);
-    }
-    if channel.len() > max_len {
-        return Err(Denied::TooLong { len: channel.len(), max: max_len });
-    }
-    Ok(())
-}
-
 /// The validated namespace configuration: default options, named namespaces, the channel name limit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Namespaces {
-    default: ChannelOptions,
-    named: HashMap<String, ChannelOptions>,
+    default: Namespace,
+    named: HashMap<String, Namespace>,
     /// Dev mode: a namespace that is not configured uses the default options instead of being unknown.
     any_namespace: bool,
     max_channel_length: usize,
+}
+
+/// One namespace's options, with what is compiled from them.
+#[derive(Debug, Clone)]
+struct Namespace {
+    options: ChannelOptions,
+    regex: Option<regex::Regex>,
+}
+
+impl Namespace {
+    fn new(options: ChannelOptions, scope: &Scope) -> Result<Namespace, NamespaceError> {
+        options.validate(scope)?;
+        let regex = options.compile_regex(scope)?;
+        Ok(Namespace { options, regex })
+    }
+}
+
+impl PartialEq for Namespaces {
+    /// The regexes are compiled from the options, so comparing the options compares them too.
+    fn eq(&self, other: &Namespaces) -> bool {
+        let opts = |n: &Namespaces| -> Vec<(String, ChannelOptions)> {
+            let mut v: Vec<_> = n.named.iter().map(|(k, ns)| (k.clone(), ns.options.clone())).collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        self.default.options == other.default.options
+            && self.any_namespace == other.any_namespace
+            && self.max_channel_length == other.max_channel_length
+            && opts(self) == opts(other)
+    }
 }
 
 impl Default for Namespaces {
     /// No namespaces, default options that let clients do nothing.
     fn default() -> Namespaces {
         Namespaces {
-            default: ChannelOptions::default(),
+            default: Namespace { options: ChannelOptions::default(), regex: None },
             named: HashMap::new(),
             any_namespace: false,
             max_channel_length: DEFAULT_CHANNEL_MAX_LENGTH,
@@ -302,19 +409,19 @@ impl Default for Namespaces {
 impl Namespaces {
     /// Validates and indexes the configuration: namespace names match `^[-a-zA-Z0-9_.]{2,}$` and are
     /// unique, and every set of options is coherent (history needs both size and TTL, whole seconds;
-    /// `force_recovery` needs history).
+    /// `force_recovery` needs history; `channel_regex` compiles).
     pub fn new(default: ChannelOptions, namespaces: Vec<NamespaceConfig>) -> Result<Namespaces, NamespaceError> {
-        default.validate(&Scope::Default)?;
+        let default = Namespace::new(default, &Scope::Default)?;
         let mut named = HashMap::with_capacity(namespaces.len());
         for ns in namespaces {
             if !is_valid_namespace_name(&ns.name) {
                 return Err(NamespaceError::InvalidName { name: ns.name });
             }
-            ns.options.validate(&Scope::Namespace(&ns.name))?;
+            let compiled = Namespace::new(ns.options, &Scope::Namespace(&ns.name))?;
             if named.contains_key(&ns.name) {
                 return Err(NamespaceError::Duplicate { name: ns.name });
             }
-            named.insert(ns.name, ns.options);
+            named.insert(ns.name, compiled);
         }
         Ok(Namespaces { default, named, any_namespace: false, max_channel_length: DEFAULT_CHANNEL_MAX_LENGTH })
     }
@@ -322,7 +429,11 @@ impl Namespaces {
     /// `ringcast serve --dev`: every channel, in any namespace, has [`ChannelOptions::dev`]. Private `$`
     /// channels still need a subscription token, as in Centrifugo's insecure mode.
     pub fn dev_mode() -> Namespaces {
-        Namespaces { default: ChannelOptions::dev(), any_namespace: true, ..Namespaces::default() }
+        Namespaces {
+            default: Namespace { options: ChannelOptions::dev(), regex: None },
+            any_namespace: true,
+            ..Namespaces::default()
+        }
     }
 
     /// Sets the longest accepted channel name, in bytes (default [`DEFAULT_CHANNEL_MAX_LENGTH`]).
@@ -338,27 +449,67 @@ impl Namespaces {
 
     /// The options of channels outside any namespace.
     pub fn default_options(&self) -> &ChannelOptions {
-        &self.default
+        &self.default.options
     }
 
-    /// The options of the channel's namespace.
-    pub fn resolve(&self, channel: &str) -> Result<&ChannelOptions, UnknownNamespace> {
+    fn namespace(&self, channel: &str) -> Result<&Namespace, UnknownNamespace> {
         match namespace_of(channel) {
             None => Ok(&self.default),
             Some(ns) => match self.named.get(ns) {
-                Some(options) => Ok(options),
+                Some(namespace) => Ok(namespace),
                 None if self.any_namespace => Ok(&self.default),
                 None => Err(UnknownNamespace { namespace: ns.to_owned() }),
             },
         }
     }
 
-    /// What a command on a client-supplied channel checks first: a well-formed name, then a known
-    /// namespace.
-    pub fn channel_options(&self, channel: &str) -> Result<&ChannelOptions, Denied> {
-        check_channel_name(channel, self.max_channel_length)?;
-        Ok(self.resolve(channel)?)
+    /// The options of the channel's namespace.
+    pub fn resolve(&self, channel: &str) -> Result<&ChannelOptions, UnknownNamespace> {
+        self.namespace(channel).map(|n| &n.options)
     }
+
+    /// What every command on a channel checks first, client or server API: a name within the length limit,
+    /// a known namespace, then a well-formed name (ASCII, or matching the namespace's `channel_regex`,
+    /// which is tested against the name after the namespace prefix, as in Centrifugo).
+    pub fn channel_options(&self, channel: &str) -> Result<&ChannelOptions, Denied> {
+        if channel.is_empty() {
+            return Err(Denied::BadName);
+        }
+        if channel.len() > self.max_channel_length {
+            return Err(Denied::TooLong { len: channel.len(), max: self.max_channel_length });
+        }
+        let namespace = self.namespace(channel)?;
+        let ok = match &namespace.regex {
+            Some(regex) => regex.is_match(name_in_namespace(channel)),
+            None => channel.is_ascii(),
+        };
+        if !ok {
+            return Err(Denied::BadName);
+        }
+        Ok(&namespace.options)
+    }
+}
+
+/// The part of `channel` after its namespace prefix (the whole name, `$` included, in the default
+/// namespace), which `channel_regex` is matched against.
+pub fn name_in_namespace(channel: &str) -> &str {
+    let rest = channel.strip_prefix(PRIVATE_PREFIX).unwrap_or(channel);
+    match rest.split_once(NAMESPACE_BOUNDARY) {
+        Some((_, name)) => name,
+        None => channel,
+    }
+}
+
+/// Whether `channel` is user-limited (has a `#`); only matters where `allow_user_limited_channels` is on.
+pub fn is_user_limited(channel: &str) -> bool {
+    channel.contains(USER_BOUNDARY)
+}
+
+/// Whether `user` is one of the users listed after the last `#` of `channel` (`news#42,43`). The empty
+/// (anonymous) user is never listed.
+pub fn user_listed(channel: &str, user: &str) -> bool {
+    let Some((_, users)) = channel.rsplit_once(USER_BOUNDARY) else { return false };
+    !user.is_empty() && users.split(USER_SEPARATOR).any(|u| u == user)
 }
 
 /// Whether a permission given "for client" (and maybe "for anonymous") covers `user`.
@@ -367,8 +518,9 @@ fn covers(user: &str, for_anonymous: bool) -> bool {
 }
 
 /// `subscribe`: a valid subscription token (already checked against this user and channel) always
-/// suffices; without one, private channels are closed, and others need `allow_subscribe_for_client`
-/// (plus `allow_subscribe_for_anonymous` for anonymous connections).
+/// suffices; without one, private channels are closed, user-limited channels (`news#42,43`, with
+/// `allow_user_limited_channels`) admit only their listed users, and others need
+/// `allow_subscribe_for_client` (plus `allow_subscribe_for_anonymous` for anonymous connections).
 pub fn can_subscribe(
     opts: &ChannelOptions,
     channel: &str,
@@ -380,6 +532,10 @@ pub fn can_subscribe(
     }
     if is_private(channel) {
         return Err(Denied::PermissionDenied);
+    }
+    if opts.allow_user_limited_channels && is_user_limited(channel) {
+        // Only the listed users; `allow_subscribe_for_client` does not open it to anyone else.
+        return if user_listed(channel, user) { Ok(()) } else { Err(Denied::PermissionDenied) };
     }
     if opts.allow_subscribe_for_client && covers(user, opts.allow_subscribe_for_anonymous) {
         return Ok(());
@@ -435,15 +591,18 @@ fn history_access(opts: &ChannelOptions, user: &str, subscribed: bool) -> bool {
 }
 
 /// Whether a subscription being made is recoverable: always with `force_recovery`; when the client asks
-/// (`recover` in the subscribe request), with `allow_recovery` or history access (counting the
-/// subscriber permission, since the subscription is being made).
+/// (`recoverable` in the subscribe request), with `allow_recovery` or history access (counting the
+/// subscriber permission, since the subscription is being made). Never without history.
 pub fn recovery_enabled(opts: &ChannelOptions, user: &str, requested: bool) -> bool {
-    opts.force_recovery || (requested && (opts.allow_recovery || history_access(opts, user, true)))
+    opts.history_enabled()
+        && (opts.force_recovery || (requested && (opts.allow_recovery || history_access(opts, user, true))))
 }
 
-/// Whether a subscription being made is positioned: as [`recovery_enabled`], with the positioning options.
+/// Whether a subscription being made is positioned: as [`recovery_enabled`], with the positioning
+/// options; a recoverable subscription is always positioned (as in Centrifugo).
 pub fn positioning_enabled(opts: &ChannelOptions, user: &str, requested: bool) -> bool {
-    opts.force_positioning || (requested && (opts.allow_positioning || history_access(opts, user, true)))
+    opts.history_enabled()
+        && (opts.force_positioning || (requested && (opts.allow_positioning || history_access(opts, user, true))))
 }
 
 /// Whether join/leave events are pushed to a subscription being made: always with `force_push_join_leave`;
@@ -451,6 +610,41 @@ pub fn positioning_enabled(opts: &ChannelOptions, user: &str, requested: bool) -
 /// permission).
 pub fn push_join_leave(opts: &ChannelOptions, user: &str, requested: bool) -> bool {
     opts.force_push_join_leave || (requested && opts.join_leave && presence_access(opts, user, true))
+}
+
+/// What a subscription being made gets, decided in one place for client and server-side subscriptions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Features {
+    /// Missed publications can be recovered (`recoverable` in the reply).
+    pub recoverable: bool,
+    /// The stream position is sent and checked (`positioned` in the reply).
+    pub positioned: bool,
+    /// The subscriber receives join/leave pushes.
+    pub push_join_leave: bool,
+    /// Subscribing and leaving emit join/leave pushes to the others (`join_leave`).
+    pub emit_join_leave: bool,
+    /// The subscriber is in the channel's presence (`presence`).
+    pub presence: bool,
+}
+
+/// What the client asked for in its subscribe request (server-side subscriptions ask for nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Requested {
+    pub recoverable: bool,
+    pub positioned: bool,
+    pub join_leave: bool,
+}
+
+/// The [`Features`] of a subscription by `user` that asked for `requested`.
+pub fn features(opts: &ChannelOptions, user: &str, requested: Requested) -> Features {
+    let recoverable = recovery_enabled(opts, user, requested.recoverable);
+    Features {
+        recoverable,
+        positioned: recoverable || positioning_enabled(opts, user, requested.positioned),
+        push_join_leave: push_join_leave(opts, user, requested.join_leave),
+        emit_join_leave: opts.join_leave,
+        presence: opts.presence,
+    }
 }
 
 #[cfg(test)]
@@ -493,18 +687,92 @@ mod tests {
 
     #[test]
     fn channel_names_are_non_empty_ascii_within_the_limit() {
-        assert!(is_valid_channel_name("news"));
-        assert!(is_valid_channel_name(&"x".repeat(255)));
-        assert!(!is_valid_channel_name(&"x".repeat(256)));
-        assert_eq!(check_channel_name(&"x".repeat(256), 255), Err(Denied::TooLong { len: 256, max: 255 }));
-        assert_eq!(check_channel_name("", 255), Err(Denied::BadName));
-        assert_eq!(check_channel_name("café", 255), Err(Denied::BadName));
+        let n = Namespaces::dev_mode();
+        assert!(n.channel_options("news").is_ok());
+        assert!(n.channel_options(&"x".repeat(255)).is_ok());
+        assert_eq!(n.channel_options(&"x".repeat(256)).unwrap_err(), Denied::TooLong { len: 256, max: 255 });
+        assert_eq!(n.channel_options(""), Err(Denied::BadName));
+        assert_eq!(n.channel_options("café"), Err(Denied::BadName));
     }
 
     #[test]
-    fn too_long_channel_is_106_and_malformed_is_107() {
-        assert_eq!(check_channel_name(&"x".repeat(300), 255).unwrap_err().error_code().code, 106);
-        assert_eq!(check_channel_name("", 255).unwrap_err().error_code().code, 107);
+    fn too_long_and_malformed_channel_names_are_107_as_in_centrifugo() {
+        let n = Namespaces::dev_mode();
+        assert_eq!(n.channel_options(&"x".repeat(300)).unwrap_err().error_code().code, 107);
+        assert_eq!(n.channel_options("café").unwrap_err().error_code().code, 107);
+    }
+
+    #[test]
+    fn channel_regex_is_matched_after_the_namespace_prefix() {
+        let chat = ChannelOptions { channel_regex: "^[a-z]+$".into(), ..Default::default() };
+        let n = Namespaces::new(ChannelOptions::default(), vec![ns("chat", chat)]).unwrap();
+        assert!(n.channel_options("chat:room").is_ok());
+        assert!(n.channel_options("$chat:room").is_ok(), "the private prefix is not part of the name");
+        assert_eq!(n.channel_options("chat:Room1"), Err(Denied::BadName));
+        assert_eq!(n.channel_options("chat:Room1").unwrap_err().error_code().code, 107);
+        assert!(n.channel_options("Room1").is_ok(), "the default namespace has no regex");
+        assert_eq!(name_in_namespace("chat:a:b"), "a:b");
+        assert_eq!(name_in_namespace("$news"), "$news");
+    }
+
+    #[test]
+    fn invalid_channel_regex_is_refused_at_start() {
+        let bad = ChannelOptions { channel_regex: "([a-z".into(), ..Default::default() };
+        let e = Namespaces::new(ChannelOptions::default(), vec![ns("chat", bad)]).unwrap_err();
+        assert!(e.to_string().contains("namespace `chat`: `channel_regex`"), "{e}");
+    }
+
+    #[test]
+    fn history_meta_ttl_defaults_to_30_days_and_is_not_shorter_than_history_ttl() {
+        let o = with_history(10, 60);
+        assert_eq!(o.effective_history_meta_ttl(), Duration::from_secs(720 * 3600));
+        let short = ChannelOptions { history_meta_ttl: Duration::from_secs(30), ..o.clone() };
+        let e = Namespaces::new(ChannelOptions::default(), vec![ns("chat", short)]).unwrap_err();
+        assert!(e.to_string().contains("`history_meta_ttl`"), "{e}");
+        let ok = ChannelOptions { history_meta_ttl: Duration::from_secs(600), ..o };
+        assert_eq!(ok.effective_history_meta_ttl(), Duration::from_secs(600));
+        assert!(Namespaces::new(ChannelOptions::default(), vec![ns("chat", ok)]).is_ok());
+    }
+
+    #[test]
+    fn user_limited_channels_admit_only_the_listed_users() {
+        let o = ChannelOptions {
+            allow_user_limited_channels: true,
+            allow_subscribe_for_client: true,
+            allow_subscribe_for_anonymous: true,
+            ..Default::default()
+        };
+        assert_eq!(can_subscribe(&o, "news#42,43", "42", false), Ok(()));
+        assert_eq!(can_subscribe(&o, "news#42,43", "43", false), Ok(()));
+        assert_eq!(can_subscribe(&o, "news#42,43", "4", false), Err(Denied::PermissionDenied));
+        assert_eq!(can_subscribe(&o, "news#42,43", "", false), Err(Denied::PermissionDenied));
+        assert_eq!(can_subscribe(&o, "news#", "", false), Err(Denied::PermissionDenied), "anonymous is never listed");
+        let off = ChannelOptions { allow_user_limited_channels: false, ..o };
+        assert_eq!(can_subscribe(&off, "news#42", "7", false), Ok(()), "without the option `#` is an ordinary byte");
+    }
+
+    #[test]
+    fn unsupported_centrifugo_options_are_refused_by_name() {
+        let e = toml::from_str::<File>("[[namespaces]]\nname = \"chat\"\nsubscribe_proxy_enabled = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("namespace `chat`") && e.contains("`subscribe_proxy_enabled`") && e.contains("not implement"),
+            "{e}"
+        );
+        #[derive(Debug, Deserialize)]
+        struct Channels {
+            #[serde(deserialize_with = "deserialize_options")]
+            #[allow(dead_code)]
+            channels: ChannelOptions,
+        }
+        let e = toml::from_str::<Channels>("[channels]\ndelta_publish = true\n").unwrap_err().to_string();
+        assert!(e.contains("`delta_publish`") && e.contains("not implement"), "{e}");
+        let e = toml::from_str::<Channels>("[channels]\npresense = true\n").unwrap_err().to_string();
+        assert!(e.contains("presense"), "{e}");
+        let ok =
+            toml::from_str::<Channels>("[channels]\nhistory_meta_ttl = \"1h\"\nchannel_regex = \"^a$\"\n").unwrap();
+        assert_eq!(ok.channels.history_meta_ttl, Duration::from_secs(3600));
     }
 
     // --- resolve ---
@@ -679,6 +947,31 @@ mod tests {
         assert!(recovery_enabled(&sub, "u", true), "the subscription being made counts as subscribed");
         assert!(!recovery_enabled(&sub, "", true), "anonymous needs allow_history_for_anonymous");
         assert!(!recovery_enabled(&ChannelOptions { allow_recovery: true, ..o }, "u", false), "not asked");
+    }
+
+    #[test]
+    fn recovery_and_positioning_need_history() {
+        let no_history = ChannelOptions { allow_recovery: true, allow_positioning: true, ..Default::default() };
+        assert!(!recovery_enabled(&no_history, "u", true));
+        assert!(!positioning_enabled(&no_history, "u", true));
+    }
+
+    #[test]
+    fn features_put_recoverable_and_positioned_in_force_as_centrifugo() {
+        let o = ChannelOptions { allow_recovery: true, ..with_history(10, 60) };
+        let asked = Requested { recoverable: true, ..Default::default() };
+        let f = features(&o, "u", asked);
+        assert!(f.recoverable && f.positioned, "a recoverable subscription is positioned");
+        let f = features(&o, "u", Requested::default());
+        assert!(!f.recoverable && !f.positioned, "not asked, not forced: {f:?}");
+        let forced = ChannelOptions { force_positioning: true, ..with_history(10, 60) };
+        let f = features(&forced, "", Requested::default());
+        assert!(f.positioned && !f.recoverable);
+        let jl = ChannelOptions { join_leave: true, presence: true, allow_presence_for_subscriber: true, ..o };
+        let f = features(&jl, "u", Requested { join_leave: true, ..Default::default() });
+        assert!(f.push_join_leave && f.emit_join_leave && f.presence);
+        let f = features(&jl, "u", Requested::default());
+        assert!(!f.push_join_leave && f.emit_join_leave, "joins are emitted, but not pushed to who did not ask");
     }
 
     #[test]

@@ -35,6 +35,9 @@ impl Default for ClientLimits {
     }
 }
 
+/// Subscriptions a connection may hold by default (Centrifugo's `client_channel_limit`).
+pub const DEFAULT_CLIENT_CHANNEL_LIMIT: usize = 128;
+
 pub struct Node {
     pub hub: Hub,
     pub broker: Arc<dyn Broker>,
@@ -42,6 +45,10 @@ pub struct Node {
     pub tokens: Option<TokenVerifier>,
     pub allow_anonymous: bool,
     pub client_limits: ClientLimits,
+    /// Subscriptions one connection may hold (0: no limit).
+    pub client_channel_limit: usize,
+    /// Results of API publications made with an idempotency key.
+    pub idempotency: crate::idempotency::IdempotencyCache<StreamPos>,
     /// Connected clients by user id ("" for anonymous).
     /// A set per user, so that connecting and disconnecting are O(1) however many clients share a user
     /// (every anonymous client shares "").
@@ -82,11 +89,19 @@ impl Node {
             tokens,
             allow_anonymous,
             client_limits: ClientLimits::default(),
+            client_channel_limit: DEFAULT_CLIENT_CHANNEL_LIMIT,
+            idempotency: Default::default(),
             users: Mutex::new(HashMap::new()),
             started: Instant::now(),
             name: "ringcast".into(),
             uid: format!("{}", crate::client::ClientId::random()),
         }
+    }
+
+    /// Sets how many subscriptions one connection may hold (0: no limit).
+    pub fn with_client_channel_limit(mut self, limit: usize) -> Node {
+        self.client_channel_limit = limit;
+        self
     }
 
     fn users(&self) -> MutexGuard<'_, HashMap<String, ClientSet>> {
@@ -96,15 +111,17 @@ impl Node {
         }
     }
 
+    /// The options of a channel named by a client or the API: the name's length, its namespace and its
+    /// form are checked ([`Namespaces::channel_options`]), each refusal with its reply code.
     pub fn options(&self, channel: &str) -> Result<&ChannelOptions, ErrorCode> {
-        if !crate::namespace::is_valid_channel_name(channel) {
-            return Err(ErrorCode::BAD_REQUEST);
-        }
-        self.namespaces.resolve(channel).map_err(|_| ErrorCode::UNKNOWN_CHANNEL)
+        self.namespaces.channel_options(channel).map_err(|d| d.error_code())
     }
 
     pub fn history_options(opts: &ChannelOptions) -> HistoryOptions {
-        HistoryOptions { size: opts.history_size, ttl: opts.history_ttl }
+        if !opts.history_enabled() {
+            return HistoryOptions::default();
+        }
+        HistoryOptions { size: opts.history_size, ttl: opts.history_ttl, meta_ttl: opts.effective_history_meta_ttl() }
     }
 
     /// Sets the limits sessions apply (the server does, from its configuration).
@@ -174,6 +191,19 @@ impl Node {
         self.publish_to(channel, data, None, HistoryOptions::default())
     }
 
+    /// An API publication with `tags` (delivered and kept with it), to history unless `skip_history`.
+    pub fn publish_tagged(
+        &self,
+        channel: &str,
+        data: Bytes,
+        tags: std::collections::BTreeMap<String, String>,
+        skip_history: bool,
+    ) -> Result<(StreamPos, FanOut), ErrorCode> {
+        let opts = self.options(channel)?;
+        let history = if skip_history { HistoryOptions::default() } else { Self::history_options(opts) };
+        self.publish_publication(channel, Publication { data, tags, ..Default::default() }, history)
+    }
+
     fn publish_to(
         &self,
         channel: &str,
@@ -181,10 +211,19 @@ impl Node {
         info: Option<ClientInfo>,
         history: HistoryOptions,
     ) -> Result<(StreamPos, FanOut), ErrorCode> {
+        self.publish_publication(channel, Publication { data, info, ..Default::default() }, history)
+    }
+
+    fn publish_publication(
+        &self,
+        channel: &str,
+        publication: Publication,
+        history: HistoryOptions,
+    ) -> Result<(StreamPos, FanOut), ErrorCode> {
         let ((_, pos), fan) = self.hub.publish_with(
             channel,
             || {
-                let mut publication = Publication { data, info, ..Default::default() };
+                let mut publication = publication;
                 let pos = self.broker.publish(channel, &mut publication, history);
                 (publication, pos)
             },
@@ -197,7 +236,7 @@ impl Node {
 
     pub fn history(&self, channel: &str, filter: &HistoryFilter) -> Result<(Vec<Publication>, StreamPos), ErrorCode> {
         let opts = self.options(channel)?;
-        if opts.history_size == 0 {
+        if !opts.history_enabled() {
             return Err(ErrorCode::NOT_AVAILABLE);
         }
         self.broker.history(channel, filter).map_err(|e| match e {
@@ -215,13 +254,15 @@ impl Node {
         self.membership_push(channel, skip, |push| push.leave = Some(Leave { info: Some(info.clone()) }));
     }
 
+    /// Join/leave pushes go to the subscribers that asked for them (or all, when the namespace forces
+    /// it; [`crate::hub::Hub::listen_join_leave`]), in the channel's order with its publications.
     fn membership_push(&self, channel: &str, skip: &Arc<ClientShared>, set: impl Fn(&mut Push)) {
         let push = |format| {
             let mut push = Push { channel: channel.to_string(), ..Default::default() };
             set(&mut push);
             push_payload(format, push)
         };
-        self.hub.broadcast(channel, Some(skip), &push);
+        self.hub.broadcast_join_leave(channel, Some(skip), &push);
     }
 
     /// Presence of a channel, keyed by client id.

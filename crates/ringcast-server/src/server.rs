@@ -130,14 +130,16 @@ impl Context {
         } else {
             Namespaces::new(config.channels.clone(), config.namespaces.clone())
                 .map_err(|e| key_error("namespaces", e))?
-        };
+        }
+        .with_max_channel_length(config.channel_max_length);
         let client_limits = crate::node::ClientLimits {
             user_connection_limit: config.client_user_connection_limit,
             history_max_publication_limit: config.history_max_publication_limit,
         };
         let node = Arc::new(
             Node::new(Arc::new(MemoryBroker::new()), namespaces, tokens, config.allow_anonymous || config.dev)
-                .with_client_limits(client_limits),
+                .with_client_limits(client_limits)
+                .with_client_channel_limit(config.client_channel_limit),
         );
         let limits = Limits { max_frame_payload: config.max_frame_size, max_message_size: config.max_message_size };
         let pool = BufferPool::new(config.pool_buffer_size, config.pool_max_buffers);

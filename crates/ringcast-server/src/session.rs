@@ -10,6 +10,21 @@
 //!
 //! Replies count against `client_queue_max_size` as pushes do (see [`Session::on_message`]): what one
 //! client can make the server hold for it is its queue limit, whatever it asks for in one frame.
+//!
+//! Every command ends in one [`Outcome`]: a reply, an error reply (the connection stays), a disconnect,
+//! or nothing (a pong, a `send`). Handlers return `Result<_, Refusal>`; an [`ErrorCode`] converts into a
+//! [`Refusal`] but a disconnect never turns into an error on the way, so `?` cannot weaken one.
+//!
+//! What a client may do on a channel is decided by [`crate::namespace`] (one source of policy, shared with
+//! the tests that pin it); this module only asks, and maps the answer to the protocol. As in Centrifugo's
+//! `client.go`:
+//! * before `connect`, anything but a `connect` with an id disconnects 3501;
+//! * a command with id 0 (and no `send`) is the pong answering our ping; one we did not ask for
+//!   disconnects 3501, and so does a command with an id but no method we know (`{"id":2,"frobnicate":{}}`,
+//!   `{"id":2,"subscribe":null}`, an unknown Protobuf field);
+//! * a channel command with an empty channel disconnects 3501; a channel name over `channel_max_length`,
+//!   or not matching the namespace's form, is answered 107 and the connection stays;
+//! * subscribing over `client_channel_limit` is answered 106.
 
 use std::num::NonZeroI64;
 use std::sync::Arc;
@@ -25,6 +40,7 @@ use ringcast_protocol::{decode_commands_from, encode_reply, DisconnectCode, Erro
 
 use crate::broker::{recovery_complete, HistoryFilter};
 use crate::client::ClientShared;
+use crate::namespace::{self, Features, Requested};
 use crate::node::Node;
 
 /// The version string sent in connect replies.
@@ -38,22 +54,181 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// that stays within `client_channel_limit` subscriptions comes near it.
 pub const MAX_COMMANDS_PER_FRAME: usize = 1024;
 
+/// How one command ended. The only way a handler's decision reaches the wire: [`Session::handle`]
+/// returns it, [`Session::on_message`] encodes it.
+// A `Reply` is large (every result is an inline `Option`), but an `Outcome` lives for one command and is
+// consumed at once: moving it costs less than the allocation a `Box` would add to every command.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The command's result (its `id` set).
+    Reply(Reply),
+    /// An error reply with this code; the connection stays.
+    Error(ErrorCode),
+    /// Close the connection with this code.
+    Disconnect(DisconnectCode),
+    /// Nothing to send (the pong answering our ping, an asynchronous `send`).
+    Silent,
+}
+
+/// Why a handler refuses a command. `From<ErrorCode>` lets `?` carry reply errors; a disconnect is only
+/// ever made on purpose, and stays one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Error(ErrorCode),
+    Disconnect(DisconnectCode),
+}
+
+impl From<ErrorCode> for Refusal {
+    fn from(code: ErrorCode) -> Refusal {
+        Refusal::Error(code)
+    }
+}
+
+impl From<crate::auth::Outcome> for Refusal {
+    fn from(o: crate::auth::Outcome) -> Refusal {
+        match o {
+            crate::auth::Outcome::Error(code) => Refusal::Error(code),
+            crate::auth::Outcome::Disconnect(code) => Refusal::Disconnect(code),
+        }
+    }
+}
+
+/// A channel command's channel: Centrifugo disconnects a client that sends one without.
+fn required(channel: &str) -> Result<&str, Refusal> {
+    if channel.is_empty() {
+        Err(Refusal::Disconnect(DisconnectCode::BAD_REQUEST))
+    } else {
+        Ok(channel)
+    }
+}
+
 // Every subscribed idle connection carries a session and its subscriptions, so both are kept compact:
-// what most clients do not have (a user and connection info, subscription-token info) is boxed and
-// absent, and subscriptions sit in an exactly sized boxed slice (32 bytes each).
+// what most subscriptions do not have (subscription-token info and expiry) is boxed and absent, and
+// subscriptions sit in a sorted, exactly sized boxed slice (32 bytes each) while they are few.
 
 struct Sub {
     /// Shared with the hub's registry (and every other subscriber of the channel).
     channel: Arc<str>,
-    /// `info` from the subscription token, if there was one.
-    chan_info: Option<Box<Bytes>>,
+    /// What a subscription token gave, if there was one.
+    extra: Option<Box<SubExtra>>,
     presence: bool,
+    /// Subscribing emitted a join, so leaving emits a leave.
     join_leave: bool,
+    /// This subscriber gets join/leave pushes (see [`namespace::push_join_leave`]).
+    push_join_leave: bool,
+    /// Made by the server (token `channels`, server API), not by a subscribe command.
+    server_side: bool,
+}
+
+/// What only subscriptions made with a subscription token carry.
+struct SubExtra {
+    /// `info` from the token.
+    chan_info: Bytes,
+    /// Unix seconds when the subscription token expires (a `sub_refresh` moves it).
+    expires_at: Option<i64>,
 }
 
 impl Sub {
     fn chan_info(&self) -> Bytes {
-        self.chan_info.as_deref().cloned().unwrap_or_default()
+        self.extra.as_ref().map(|e| e.chan_info.clone()).unwrap_or_default()
+    }
+
+    fn expires_at(&self) -> Option<i64> {
+        self.extra.as_ref().and_then(|e| e.expires_at)
+    }
+}
+
+/// Subscriptions above this count move from the exact-size sorted slice to a hash map: below it an
+/// insert copies a few hundred bytes; above it, copying every entry per subscribe is what made a
+/// connection holding 40,000 channels slow for everyone.
+const SMALL_SUBS: usize = 64;
+
+/// A connection's subscriptions by channel name. 16 bytes inline: an idle connection keeps what it kept
+/// before (one exact-size allocation of 32 bytes per subscription) while lookups are a binary search
+/// (small) or a hash (large), never a scan.
+enum Subs {
+    /// Sorted by channel name, exactly sized.
+    Small(Box<[Sub]>),
+    // Boxed on purpose: a bare map (48 bytes) would triple what every idle connection holds here.
+    #[allow(clippy::box_collection)]
+    Large(Box<std::collections::HashMap<Arc<str>, Sub>>),
+}
+
+impl Default for Subs {
+    fn default() -> Subs {
+        Subs::Small(Box::default())
+    }
+}
+
+impl Subs {
+    fn len(&self) -> usize {
+        match self {
+            Subs::Small(s) => s.len(),
+            Subs::Large(m) => m.len(),
+        }
+    }
+
+    fn get(&self, channel: &str) -> Option<&Sub> {
+        match self {
+            Subs::Small(s) => s.binary_search_by(|x| (*x.channel).cmp(channel)).ok().map(|i| &s[i]),
+            Subs::Large(m) => m.get(channel),
+        }
+    }
+
+    fn get_mut(&mut self, channel: &str) -> Option<&mut Sub> {
+        match self {
+            Subs::Small(s) => s.binary_search_by(|x| (*x.channel).cmp(channel)).ok().map(|i| &mut s[i]),
+            Subs::Large(m) => m.get_mut(channel),
+        }
+    }
+
+    fn insert(&mut self, sub: Sub) {
+        match self {
+            Subs::Small(s) if s.len() < SMALL_SUBS => {
+                let at = s.binary_search_by(|x| (*x.channel).cmp(&sub.channel)).unwrap_or_else(|i| i);
+                let mut v = std::mem::take(s).into_vec();
+                v.reserve_exact(1);
+                v.insert(at, sub);
+                *s = v.into_boxed_slice();
+            }
+            Subs::Small(s) => {
+                let mut m: std::collections::HashMap<Arc<str>, Sub> =
+                    std::mem::take(s).into_vec().into_iter().map(|x| (x.channel.clone(), x)).collect();
+                m.insert(sub.channel.clone(), sub);
+                *self = Subs::Large(Box::new(m));
+            }
+            Subs::Large(m) => {
+                m.insert(sub.channel.clone(), sub);
+            }
+        }
+    }
+
+    fn remove(&mut self, channel: &str) -> Option<Sub> {
+        match self {
+            Subs::Small(s) => {
+                let at = s.binary_search_by(|x| (*x.channel).cmp(channel)).ok()?;
+                let mut v = std::mem::take(s).into_vec();
+                let sub = v.remove(at);
+                *s = v.into_boxed_slice();
+                Some(sub)
+            }
+            Subs::Large(m) => m.remove(channel),
+        }
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = &Sub> + '_> {
+        match self {
+            Subs::Small(s) => Box::new(s.iter()),
+            Subs::Large(m) => Box::new(m.values()),
+        }
+    }
+
+    fn drain(&mut self) -> Vec<Sub> {
+        match std::mem::take(self) {
+            Subs::Small(s) => s.into_vec(),
+            Subs::Large(m) => m.into_values().collect(),
+        }
     }
 }
 
@@ -70,12 +245,14 @@ pub struct Session {
     /// Unix seconds when the connection's token expires (`None`: never; a token's 0 is stored as
     /// `i64::MIN`, long expired either way).
     expires_at: Option<NonZeroI64>,
-    subs: Box<[Sub]>,
+    subs: Subs,
     /// Heartbeat settings announced in the connect reply (seconds).
     ping_interval: u32,
     connected: bool,
     /// The client answered the last server ping (an empty command).
     pub pong_received: bool,
+    /// Some subscription has a token expiry (so pongs check for expired subscriptions).
+    expiring_subs: bool,
 }
 
 fn expiry(unix_secs: Option<i64>) -> Option<NonZeroI64> {
@@ -96,6 +273,15 @@ fn error_reply(id: u32, code: ErrorCode) -> Reply {
     Reply::error(id, code.to_message())
 }
 
+/// Seconds left until `at`, for a reply's `ttl` (clamped to what the field holds).
+fn ttl(at: i64) -> u32 {
+    at.saturating_sub(now_unix()).clamp(0, i64::from(u32::MAX)) as u32
+}
+
+/// Seconds a client has past its subscription token's `exp` to send a `sub_refresh` before the
+/// subscription ends (Centrifugo's `client_expired_sub_close_delay`, 25 s by default).
+pub const EXPIRED_SUB_CLOSE_DELAY: i64 = 25;
+
 impl Session {
     pub fn new(node: Arc<Node>, shared: Arc<ClientShared>, ping_interval: u32) -> Session {
         Session {
@@ -103,10 +289,11 @@ impl Session {
             node,
             identity: None,
             expires_at: None,
-            subs: Box::default(),
+            subs: Subs::default(),
             ping_interval,
             connected: false,
             pong_received: true,
+            expiring_subs: false,
         }
     }
 
@@ -171,6 +358,7 @@ impl Session {
         // only the number of commands decoded at once is.
         let mut pos = 0;
         let mut over_cap = false;
+        let mut ponged = false;
         loop {
             decode_commands_from(self.format(), payload, &mut pos, MAX_COMMANDS_PER_FRAME, commands).map_err(|e| {
                 metrics::counter!("ringcast_client_protocol_errors_total", "reason" => e.label()).increment(1);
@@ -179,11 +367,17 @@ impl Session {
             })?;
             metrics::counter!("ringcast_messages_in_total").increment(commands.len() as u64);
             for cmd in commands.iter_mut() {
+                ponged |= cmd.id == 0 && cmd.send.is_none();
                 let reply = if over_cap {
                     self.refuse_over_cap(cmd)
                 } else {
                     self.cap_request(cmd);
-                    self.handle(cmd)?
+                    match self.handle(cmd) {
+                        Outcome::Reply(reply) => Some(reply),
+                        Outcome::Error(code) => Some(error_reply(cmd.id, code)),
+                        Outcome::Disconnect(code) => return Err(code),
+                        Outcome::Silent => None,
+                    }
                 };
                 let Some(reply) = reply else { continue };
                 // Checked before encoding, so one huge reply (a history of large publications, a crowded
@@ -200,7 +394,7 @@ impl Session {
                 }
             }
             if pos >= payload.len() {
-                return Ok(());
+                break;
             }
             if !over_cap {
                 metrics::counter!("ringcast_client_protocol_errors_total", "reason" => "too_many_commands")
@@ -209,6 +403,16 @@ impl Session {
             }
             over_cap = true;
         }
+        // Every live client answers our ping once per ping interval: the moment to end subscriptions whose
+        // token expired (an exact timer needs the connection to arm one at `sub_expires_in`).
+        if ponged && self.expiring_subs {
+            for push in self.expire_subscriptions(now_unix())? {
+                if encode_reply(self.format(), &Reply::push(push), replies).is_err() {
+                    return Err(DisconnectCode::SERVER_ERROR);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A command past [`MAX_COMMANDS_PER_FRAME`]: not run; answered "too many requests" if it expects a reply.
@@ -245,83 +449,79 @@ impl Session {
         d
     }
 
-    fn handle(&mut self, cmd: &Command) -> Result<Option<Reply>, DisconnectCode> {
+    /// Decides what one command does, as Centrifugo's `client.go` dispatches it.
+    pub fn handle(&mut self, cmd: &Command) -> Outcome {
         let id = cmd.id;
-        let Some(request) = cmd.request() else {
-            // An empty command answers our ping.
-            self.pong_received = true;
-            return Ok(None);
-        };
+        let request = cmd.request();
         if !self.connected {
+            // Nothing but a connect (with an id) before the connect.
             return match request {
-                Request::Connect(req) => self.connect(id, req).map(Some),
-                _ => Err(DisconnectCode::BAD_REQUEST),
+                Some(Request::Connect(req)) if id != 0 => self.connect(id, req),
+                _ => Outcome::Disconnect(DisconnectCode::BAD_REQUEST),
             };
         }
-        let reply = match request {
-            Request::Connect(_) => return Err(DisconnectCode::BAD_REQUEST),
-            Request::Subscribe(req) => self.subscribe(id, req),
-            Request::Unsubscribe(req) => {
-                self.unsubscribe(&req.channel);
-                Ok(Reply { id, unsubscribe: Some(UnsubscribeResult {}), ..Default::default() })
-            }
-            Request::Publish(req) => self.publish(id, &req.channel, req.data.clone()),
-            Request::Presence(req) => self.check_read(&req.channel, |o| o.allow_presence_for_client).and_then(|_| {
-                let presence = self.node.presence(&req.channel)?;
-                Ok(Reply { id, presence: Some(PresenceResult { presence }), ..Default::default() })
-            }),
-            Request::PresenceStats(req) => {
-                self.check_read(&req.channel, |o| o.allow_presence_for_client).and_then(|_| {
-                    let (num_clients, num_users) = self.node.presence_stats(&req.channel)?;
-                    Ok(Reply {
-                        id,
-                        presence_stats: Some(PresenceStatsResult { num_clients, num_users }),
-                        ..Default::default()
-                    })
-                })
-            }
-            Request::History(req) => self.check_read(&req.channel, |o| o.allow_history_for_client).and_then(|_| {
-                let filter = HistoryFilter {
-                    since: req.since.as_ref().map(|s| (s.offset, s.epoch.clone())),
-                    limit: req.limit,
-                    reverse: req.reverse,
-                };
-                let (publications, pos) = self.node.history(&req.channel, &filter)?;
-                Ok(Reply {
-                    id,
-                    history: Some(HistoryResult { publications, epoch: pos.epoch.to_string(), offset: pos.offset }),
-                    ..Default::default()
-                })
-            }),
-            Request::Ping(_) => Ok(Reply { id, ping: Some(Default::default()), ..Default::default() }),
-            Request::Refresh(req) => self.refresh(id, &req.token),
-            Request::SubRefresh(req) => {
-                if !self.subs.iter().any(|s| *s.channel == *req.channel) {
-                    Err(ErrorCode::PERMISSION_DENIED)
-                } else {
-                    self.verify_sub_token(&req.token, &req.channel).map(|_| Reply {
-                        id,
-                        sub_refresh: Some(SubRefreshResult::default()),
-                        ..Default::default()
-                    })
-                }
-            }
-            Request::Send(_) => return Ok(None),
-            Request::Rpc(_) => Err(ErrorCode::METHOD_NOT_FOUND),
+        let request = match request {
+            // Asynchronous: no reply, whatever its id.
+            Some(Request::Send(_)) => return Outcome::Silent,
+            // Id 0 is the pong (what else it carries is not looked at, as in Centrifugo).
+            _ if id == 0 => return self.pong(),
+            Some(request) => request,
+            // An id but no method we know: the client cannot be answered in a way it understands.
+            None => return Outcome::Disconnect(DisconnectCode::BAD_REQUEST),
         };
-        Ok(Some(reply.unwrap_or_else(|code| error_reply(id, code))))
+        let result = match request {
+            Request::Connect(_) => Err(Refusal::Disconnect(DisconnectCode::BAD_REQUEST)),
+            Request::Subscribe(req) => self.subscribe(req).map(|r| Reply { subscribe: Some(r), ..Default::default() }),
+            Request::Unsubscribe(req) => required(&req.channel).map(|channel| {
+                self.unsubscribe(channel);
+                Reply { unsubscribe: Some(UnsubscribeResult {}), ..Default::default() }
+            }),
+            Request::Publish(req) => self
+                .publish(&req.channel, req.data.clone())
+                .map(|()| Reply { publish: Some(PublishResult {}), ..Default::default() }),
+            Request::Presence(req) => self
+                .presence(&req.channel)
+                .map(|presence| Reply { presence: Some(PresenceResult { presence }), ..Default::default() }),
+            Request::PresenceStats(req) => self.presence_stats(&req.channel).map(|(num_clients, num_users)| Reply {
+                presence_stats: Some(PresenceStatsResult { num_clients, num_users }),
+                ..Default::default()
+            }),
+            Request::History(req) => self.history(req).map(|h| Reply { history: Some(h), ..Default::default() }),
+            Request::Ping(_) => Ok(Reply { ping: Some(Default::default()), ..Default::default() }),
+            Request::Refresh(req) => self.refresh(&req.token).map(|r| Reply { refresh: Some(r), ..Default::default() }),
+            Request::SubRefresh(req) => {
+                self.sub_refresh(&req.channel, &req.token).map(|r| Reply { sub_refresh: Some(r), ..Default::default() })
+            }
+            Request::Send(_) => return Outcome::Silent,
+            Request::Rpc(_) => Err(ErrorCode::METHOD_NOT_FOUND.into()),
+        };
+        match result {
+            Ok(reply) => Outcome::Reply(Reply { id, ..reply }),
+            Err(Refusal::Error(code)) => Outcome::Error(code),
+            Err(Refusal::Disconnect(code)) => Outcome::Disconnect(code),
+        }
     }
 
-    fn connect(&mut self, id: u32, req: &ConnectRequest) -> Result<Reply, DisconnectCode> {
+    /// The client's answer to our ping. One we did not ask for is a protocol violation (Centrifugo:
+    /// "unnecessary pong").
+    fn pong(&mut self) -> Outcome {
+        if self.pong_received {
+            return Outcome::Disconnect(DisconnectCode::BAD_REQUEST);
+        }
+        self.pong_received = true;
+        Outcome::Silent
+    }
+
+    fn connect(&mut self, id: u32, req: &ConnectRequest) -> Outcome {
         let mut channels = Vec::new();
         if req.token.is_empty() {
             if !self.node.allow_anonymous {
                 tracing::info!(client = %self.shared.id, "disconnecting: connect without a token");
-                return Err(DisconnectCode::INVALID_TOKEN);
+                return Outcome::Disconnect(DisconnectCode::INVALID_TOKEN);
             }
         } else {
             let Some(verifier) = &self.node.tokens else {
-                return Err(DisconnectCode::INVALID_TOKEN);
+                return Outcome::Disconnect(DisconnectCode::INVALID_TOKEN);
             };
             match verifier.verify_connect(&req.token, now_unix()) {
                 Ok(claims) => {
@@ -335,15 +535,15 @@ impl Session {
                     metrics::counter!("ringcast_auth_failures_total", "kind" => "connect").increment(1);
                     tracing::info!(client = %self.shared.id, error = %e, "connect token rejected");
                     return match e.for_connect() {
-                        crate::auth::ConnectOutcome::Error(code) => Ok(error_reply(id, code)),
-                        crate::auth::ConnectOutcome::Disconnect(code) => Err(code),
+                        crate::auth::Outcome::Error(code) => Outcome::Error(code),
+                        crate::auth::Outcome::Disconnect(code) => Outcome::Disconnect(code),
                     };
                 }
             }
         }
         if !self.node.try_register_client(self.user(), &self.shared) {
             tracing::info!(client = %self.shared.id, user = self.user(), "disconnecting: user connection limit reached");
-            return Err(DisconnectCode::CONNECTION_LIMIT);
+            return Outcome::Disconnect(DisconnectCode::CONNECTION_LIMIT);
         }
         self.connected = true;
         let mut result = ConnectResult {
@@ -353,9 +553,9 @@ impl Session {
             pong: true,
             ..Default::default()
         };
-        if let Some(secs) = self.expires_in() {
+        if let Some(at) = self.expires_at {
             result.expires = true;
-            result.ttl = secs.clamp(0, i64::from(u32::MAX)) as u32;
+            result.ttl = ttl(at.get());
         }
         // Server-side subscriptions from the token's `channels` claim.
         for channel in channels {
@@ -364,7 +564,7 @@ impl Session {
                 result.subs.insert(channel, r);
             }
         }
-        Ok(Reply { id, connect: Some(result), ..Default::default() })
+        Outcome::Reply(Reply { id, connect: Some(result), ..Default::default() })
     }
 
     /// Runs a command from the server API; returns the push to send the client, if any.
@@ -387,9 +587,7 @@ impl Session {
                 })
             }
             ServerCommand::Unsubscribe(channel) => {
-                if !self.subs.iter().any(|s| *s.channel == *channel) {
-                    return None;
-                }
+                self.subs.get(&channel)?;
                 self.unsubscribe(&channel);
                 Some(Push {
                     channel,
@@ -409,46 +607,105 @@ impl Session {
         self.expires_at.map(|e| e.get().saturating_sub(now_unix()))
     }
 
-    fn verify_sub_token(&self, token: &str, channel: &str) -> Result<Bytes, ErrorCode> {
+    /// Seconds until [`Session::expire_subscriptions`] has something to end (`None`: no subscription
+    /// expires). The connection arms its timer for it, as for [`Session::expires_in`].
+    pub fn sub_expires_in(&self) -> Option<i64> {
+        self.subs
+            .iter()
+            .filter_map(Sub::expires_at)
+            .min()
+            .map(|at| at.saturating_add(EXPIRED_SUB_CLOSE_DELAY).saturating_sub(now_unix()))
+    }
+
+    /// Ends the subscriptions whose token expired more than [`EXPIRED_SUB_CLOSE_DELAY`] before `now`
+    /// (Unix seconds) without a `sub_refresh`, as Centrifugo does: a client-side subscription gets an
+    /// unsubscribe push with code 2501 ("subscription expired"; the SDK resubscribes, fetching a new
+    /// token), a server-side one disconnects 3006. The connection sends the pushes (or closes).
+    pub fn expire_subscriptions(&mut self, now: i64) -> Result<Vec<Push>, DisconnectCode> {
+        let expired: Vec<(Arc<str>, bool)> = self
+            .subs
+            .iter()
+            .filter(|s| s.expires_at().is_some_and(|at| at.saturating_add(EXPIRED_SUB_CLOSE_DELAY) < now))
+            .map(|s| (s.channel.clone(), s.server_side))
+            .collect();
+        if expired.iter().any(|(_, server_side)| *server_side) {
+            return Err(DisconnectCode::SUB_EXPIRED);
+        }
+        if !expired.is_empty() {
+            self.expiring_subs = self.subs.iter().any(|s| s.expires_at().is_some());
+        }
+        let mut pushes = Vec::with_capacity(expired.len());
+        for (channel, _) in expired {
+            self.unsubscribe(&channel);
+            pushes.push(Push {
+                channel: channel.to_string(),
+                unsubscribe: Some(Unsubscribe { code: 2501, reason: "subscription expired".into() }),
+                ..Default::default()
+            });
+        }
+        Ok(pushes)
+    }
+
+    /// Verifies a subscription token; `refresh` picks the `sub_refresh` outcomes over the `subscribe` ones.
+    fn verify_sub_token(
+        &self,
+        token: &str,
+        channel: &str,
+        refresh: bool,
+    ) -> Result<crate::auth::SubscribeClaims, Refusal> {
         let verifier = self.node.tokens.as_ref().ok_or(ErrorCode::PERMISSION_DENIED)?;
-        verifier.verify_subscribe(token, self.user(), channel, now_unix()).map(|c| c.info).map_err(|e| {
-            metrics::counter!("ringcast_auth_failures_total", "kind" => "subscribe").increment(1);
-            e.for_subscribe()
+        verifier.verify_subscribe(token, self.user(), channel, now_unix()).map_err(|e| {
+            metrics::counter!("ringcast_auth_failures_total", "kind" => if refresh { "sub_refresh" } else { "subscribe" })
+                .increment(1);
+            Refusal::from(if refresh { e.for_sub_refresh() } else { e.for_subscribe() })
         })
     }
 
-    fn subscribe(&mut self, id: u32, req: &SubscribeRequest) -> Result<Reply, ErrorCode> {
-        self.do_subscribe(req, false).map(|r| Reply { id, subscribe: Some(r), ..Default::default() })
+    fn subscribe(&mut self, req: &SubscribeRequest) -> Result<SubscribeResult, Refusal> {
+        required(&req.channel)?;
+        self.do_subscribe(req, false)
     }
 
-    /// Subscribes this client; `server_side` skips the client permission checks (token `channels`).
-    fn do_subscribe(&mut self, req: &SubscribeRequest, server_side: bool) -> Result<SubscribeResult, ErrorCode> {
+    /// Subscribes this client; `server_side` skips the client permission checks (token `channels`, the
+    /// server API) and asks for no optional features, as Centrifugo's server-side subscriptions.
+    fn do_subscribe(&mut self, req: &SubscribeRequest, server_side: bool) -> Result<SubscribeResult, Refusal> {
         let channel = req.channel.as_str();
         let node = self.node.clone();
         let opts = node.options(channel)?;
-        if self.subs.iter().any(|s| *s.channel == *channel) {
-            return Err(ErrorCode::ALREADY_SUBSCRIBED);
+        if self.subs.get(channel).is_some() {
+            return Err(ErrorCode::ALREADY_SUBSCRIBED.into());
         }
-        let mut chan_info = None;
+        let limit = node.client_channel_limit;
+        if limit > 0 && self.subs.len() >= limit {
+            return Err(ErrorCode::LIMIT_EXCEEDED.into());
+        }
+        let mut extra = None;
+        let mut requested = Requested::default();
         if !server_side {
             let has_token = if req.token.is_empty() {
                 false
             } else {
-                chan_info = Some(self.verify_sub_token(&req.token, channel)?).filter(|i| !i.is_empty());
+                let claims = self.verify_sub_token(&req.token, channel, false)?;
+                if claims.expires_at.is_some_and(|at| at <= now_unix()) {
+                    return Err(ErrorCode::EXPIRED.into());
+                }
+                extra = Some(Box::new(SubExtra { chan_info: claims.info, expires_at: claims.expires_at }));
                 true
             };
-            crate::namespace::can_subscribe(opts, channel, self.user(), has_token)
-                .map_err(|_| ErrorCode::PERMISSION_DENIED)?;
+            namespace::can_subscribe(opts, channel, self.user(), has_token).map_err(|d| d.error_code())?;
+            requested =
+                Requested { recoverable: req.recoverable, positioned: req.positioned, join_leave: req.join_leave };
         }
+        let features = namespace::features(opts, self.user(), requested);
+        let Features { recoverable, positioned, .. } = features;
         let history = Node::history_options(opts);
-        let recoverable = history.size > 0;
         let recovering = req.recover && recoverable;
-        let (result, name) = node.hub.subscribe_with(
+        let (mut result, name) = node.hub.subscribe_with(
             channel,
             &self.shared,
             || node.broker.subscribe_node(channel),
             || {
-                let mut r = SubscribeResult { recoverable, ..Default::default() };
+                let mut r = SubscribeResult { recoverable, positioned, ..Default::default() };
                 if recovering {
                     r.was_recovering = true;
                     let filter =
@@ -468,7 +725,7 @@ impl Session {
                             r.offset = pos.offset;
                         }
                     }
-                } else if recoverable {
+                } else if positioned {
                     let pos = node.broker.position(channel, history);
                     r.epoch = pos.epoch.to_string();
                     r.offset = pos.offset;
@@ -480,33 +737,39 @@ impl Session {
             metrics::counter!("ringcast_recoveries_total", "recovered" => if result.recovered { "true" } else { "false" })
                 .increment(1);
         }
-        let info = self.client_info(chan_info.clone().unwrap_or_default());
-        if opts.presence {
+        if let Some(at) = extra.as_ref().and_then(|e| e.expires_at) {
+            result.expires = true;
+            result.ttl = ttl(at);
+        }
+        let info = self.client_info(extra.as_ref().map(|e| e.chan_info.clone()).unwrap_or_default());
+        if features.presence {
             node.broker.add_presence(channel, self.shared.id, info.clone());
         }
-        if opts.join_leave {
+        if features.push_join_leave {
+            node.hub.listen_join_leave(&name, &self.shared);
+        }
+        if features.emit_join_leave {
             node.join(channel, &info, &self.shared);
         }
-        // Exactly sized: one more element each time (subscribing is rare next to holding subscriptions).
-        let mut subs = std::mem::take(&mut self.subs).into_vec();
-        subs.reserve_exact(1);
-        subs.push(Sub {
+        // Token info or expiry are what most subscriptions lack: no box for them.
+        let extra = extra.filter(|e| !e.chan_info.is_empty() || e.expires_at.is_some());
+        self.expiring_subs |= extra.as_ref().is_some_and(|e| e.expires_at.is_some());
+        self.subs.insert(Sub {
             channel: name,
-            chan_info: chan_info.map(Box::new),
-            presence: opts.presence,
-            join_leave: opts.join_leave,
+            extra,
+            presence: features.presence,
+            join_leave: features.emit_join_leave,
+            push_join_leave: features.push_join_leave,
+            server_side,
         });
-        self.subs = subs.into_boxed_slice();
         metrics::gauge!("ringcast_subscriptions").increment(1.0);
         Ok(result)
     }
 
     fn unsubscribe(&mut self, channel: &str) {
-        let Some(pos) = self.subs.iter().position(|s| *s.channel == *channel) else { return };
-        let mut subs = std::mem::take(&mut self.subs).into_vec();
-        let sub = subs.swap_remove(pos);
-        self.subs = subs.into_boxed_slice();
-        self.leave(&sub);
+        if let Some(sub) = self.subs.remove(channel) {
+            self.leave(&sub);
+        }
     }
 
     fn leave(&self, sub: &Sub) {
@@ -514,52 +777,101 @@ impl Session {
         if sub.presence {
             self.node.broker.remove_presence(&sub.channel, self.shared.id);
         }
+        if sub.push_join_leave {
+            // (The hub forgets its join/leave listener with the subscription.)
+        }
         if sub.join_leave {
             self.node.leave(&sub.channel, &self.client_info(sub.chan_info()), &self.shared);
         }
         metrics::gauge!("ringcast_subscriptions").decrement(1.0);
     }
 
-    fn publish(&self, id: u32, channel: &str, data: Bytes) -> Result<Reply, ErrorCode> {
+    fn publish(&self, channel: &str, data: Bytes) -> Result<(), Refusal> {
+        let channel = required(channel)?;
         let opts = self.node.options(channel)?;
-        let sub = self.subs.iter().find(|s| *s.channel == *channel);
-        crate::namespace::can_publish(opts, self.user(), sub.is_some()).map_err(|_| ErrorCode::PERMISSION_DENIED)?;
+        let sub = self.subs.get(channel);
+        namespace::can_publish(opts, self.user(), sub.is_some()).map_err(|d| d.error_code())?;
         let info = self.client_info(sub.map(Sub::chan_info).unwrap_or_default());
         self.node.publish(channel, data, Some(info))?;
-        Ok(Reply { id, publish: Some(PublishResult {}), ..Default::default() })
+        Ok(())
     }
 
-    /// Presence and history from a client need the namespace's permission (or a subscription).
-    fn check_read(
-        &self,
-        channel: &str,
-        allowed: impl Fn(&crate::namespace::ChannelOptions) -> bool,
-    ) -> Result<(), ErrorCode> {
+    fn presence(&self, channel: &str) -> Result<std::collections::BTreeMap<String, ClientInfo>, Refusal> {
+        let channel = required(channel)?;
         let opts = self.node.options(channel)?;
-        if allowed(opts) || self.subs.iter().any(|s| *s.channel == *channel) {
-            Ok(())
-        } else {
-            Err(ErrorCode::PERMISSION_DENIED)
-        }
+        namespace::can_presence(opts, self.user(), self.subs.get(channel).is_some()).map_err(|d| d.error_code())?;
+        Ok(self.node.presence(channel)?)
     }
 
-    fn refresh(&mut self, id: u32, token: &str) -> Result<Reply, ErrorCode> {
-        let verifier = self.node.tokens.as_ref().ok_or(ErrorCode::PERMISSION_DENIED)?;
-        let claims = verifier.verify_connect(token, now_unix()).map_err(|e| match e.for_refresh() {
-            crate::auth::Outcome::Error(code) => code,
-            crate::auth::Outcome::Disconnect(_) => ErrorCode::PERMISSION_DENIED,
+    fn presence_stats(&self, channel: &str) -> Result<(u32, u32), Refusal> {
+        let channel = required(channel)?;
+        let opts = self.node.options(channel)?;
+        namespace::can_presence(opts, self.user(), self.subs.get(channel).is_some()).map_err(|d| d.error_code())?;
+        Ok(self.node.presence_stats(channel)?)
+    }
+
+    fn history(&self, req: &ringcast_protocol::messages::HistoryRequest) -> Result<HistoryResult, Refusal> {
+        let channel = required(&req.channel)?;
+        let opts = self.node.options(channel)?;
+        namespace::can_history(opts, self.user(), self.subs.get(channel).is_some()).map_err(|d| d.error_code())?;
+        let filter = HistoryFilter {
+            since: req.since.as_ref().map(|s| (s.offset, s.epoch.clone())),
+            limit: req.limit,
+            reverse: req.reverse,
+        };
+        let (publications, pos) = self.node.history(channel, &filter)?;
+        Ok(HistoryResult { publications, epoch: pos.epoch.to_string(), offset: pos.offset })
+    }
+
+    /// `sub_refresh`: a new subscription token for a channel the client is subscribed to moves the
+    /// subscription's expiry (and its info).
+    fn sub_refresh(&mut self, channel: &str, token: &str) -> Result<SubRefreshResult, Refusal> {
+        let channel = required(channel)?;
+        if self.subs.get(channel).is_none() {
+            return Err(ErrorCode::PERMISSION_DENIED.into());
+        }
+        if token.is_empty() {
+            return Err(ErrorCode::BAD_REQUEST.into());
+        }
+        let claims = self.verify_sub_token(token, channel, true)?;
+        let mut result = SubRefreshResult::default();
+        if let Some(at) = claims.expires_at {
+            if at <= now_unix() {
+                return Err(ErrorCode::EXPIRED.into());
+            }
+            result.expires = true;
+            result.ttl = ttl(at);
+        }
+        self.expiring_subs |= claims.expires_at.is_some();
+        if let Some(sub) = self.subs.get_mut(channel) {
+            sub.extra = (!claims.info.is_empty() || claims.expires_at.is_some())
+                .then(|| Box::new(SubExtra { chan_info: claims.info, expires_at: claims.expires_at }));
+        }
+        Ok(result)
+    }
+
+    /// `refresh`: a new connection token for the same user moves the connection's expiry. An expired
+    /// token disconnects 3005, an invalid one (or another user's) 3500, as Centrifugo.
+    fn refresh(&mut self, token: &str) -> Result<RefreshResult, Refusal> {
+        if token.is_empty() {
+            return Err(Refusal::Disconnect(DisconnectCode::BAD_REQUEST));
+        }
+        let verifier = self.node.tokens.as_ref().ok_or(ErrorCode::NOT_AVAILABLE)?;
+        let claims = verifier.verify_connect(token, now_unix()).map_err(|e| {
+            metrics::counter!("ringcast_auth_failures_total", "kind" => "refresh").increment(1);
+            Refusal::from(e.for_refresh())
         })?;
         if claims.user != self.user() {
-            return Err(ErrorCode::PERMISSION_DENIED);
+            return Err(Refusal::Disconnect(DisconnectCode::INVALID_TOKEN));
         }
         self.expires_at = expiry(claims.expires_at);
         let mut result =
             RefreshResult { client: self.shared.id.to_string(), version: VERSION.to_string(), ..Default::default() };
-        if let Some(secs) = self.expires_in() {
+        if let Some(at) = self.expires_at {
             result.expires = true;
-            result.ttl = secs.clamp(0, i64::from(u32::MAX)) as u32;
+            result.ttl = ttl(at.get());
         }
-        Ok(Reply { id, refresh: Some(result), ..Default::default() })
+        Ok(result)
     }
 }
 
@@ -587,11 +899,280 @@ fn payload_len(reply: &Reply) -> usize {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        for sub in std::mem::take(&mut self.subs) {
+        for sub in self.subs.drain() {
             self.leave(&sub);
         }
         if self.connected {
             self.node.unregister_client(self.user(), &self.shared);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The session's decisions, through [`Outcome`]: no socket, a real node.
+    use super::*;
+    use crate::auth::{make_hs256_subscription_token, make_hs256_token, TokenConfig, TokenVerifier};
+    use crate::broker::MemoryBroker;
+    use crate::client::ClientId;
+    use crate::namespace::{ChannelOptions, NamespaceConfig, Namespaces};
+    use ringcast_protocol::messages::{
+        HistoryRequest, PresenceRequest, PublishRequest, RefreshRequest, SendRequest, SubRefreshRequest,
+        UnsubscribeRequest,
+    };
+
+    const SECRET: &str = "session-unit-secret";
+
+    fn node(namespaces: Namespaces) -> Arc<Node> {
+        let tokens = TokenVerifier::new(&TokenConfig { hmac_secret: Some(SECRET.into()), ..Default::default() }).ok();
+        Arc::new(Node::new(Arc::new(MemoryBroker::new()), namespaces, tokens, true))
+    }
+
+    fn session(node: &Arc<Node>) -> Session {
+        Session::new(
+            node.clone(),
+            ClientShared::new(ClientId::random(), crate::transport::Encoding::websocket(Format::Json), 1 << 20),
+            25,
+        )
+    }
+
+    /// A connected session (anonymous when `user` is empty).
+    fn connected(node: &Arc<Node>, user: &str) -> Session {
+        let mut s = session(node);
+        let token = if user.is_empty() { String::new() } else { make_hs256_token(SECRET, user, None, &[]).unwrap() };
+        let out = s.handle(&cmd(1, |c| c.connect = Some(ConnectRequest { token, ..Default::default() })));
+        assert!(matches!(out, Outcome::Reply(Reply { connect: Some(_), .. })), "{out:?}");
+        s
+    }
+
+    fn cmd(id: u32, set: impl FnOnce(&mut Command)) -> Command {
+        let mut c = Command { id, ..Default::default() };
+        set(&mut c);
+        c
+    }
+
+    fn subscribe(channel: &str) -> Command {
+        cmd(7, |c| c.subscribe = Some(SubscribeRequest { channel: channel.into(), ..Default::default() }))
+    }
+
+    fn presence(channel: &str) -> Command {
+        cmd(8, |c| c.presence = Some(PresenceRequest { channel: channel.into() }))
+    }
+
+    fn reported() -> Namespaces {
+        let room = ChannelOptions {
+            presence: true,
+            history_size: 10,
+            history_ttl: std::time::Duration::from_secs(60),
+            allow_subscribe_for_anonymous: true,
+            allow_subscribe_for_client: true,
+            ..Default::default()
+        };
+        Namespaces::new(ChannelOptions::default(), vec![NamespaceConfig { name: "room".into(), options: room }])
+            .unwrap()
+    }
+
+    #[test]
+    fn anything_but_connect_before_connect_disconnects_3501() {
+        let n = node(Namespaces::dev_mode());
+        let mut s = session(&n);
+        assert_eq!(s.handle(&subscribe("news")), Outcome::Disconnect(DisconnectCode::BAD_REQUEST));
+        let mut s = session(&n);
+        assert_eq!(s.handle(&Command::default()), Outcome::Disconnect(DisconnectCode::BAD_REQUEST), "a pong");
+        let mut s = session(&n);
+        let id0 = cmd(0, |c| c.connect = Some(ConnectRequest::default()));
+        assert_eq!(s.handle(&id0), Outcome::Disconnect(DisconnectCode::BAD_REQUEST), "a connect without an id");
+    }
+
+    #[test]
+    fn a_command_with_an_id_and_no_known_method_disconnects_3501() {
+        let n = node(Namespaces::dev_mode());
+        let mut s = connected(&n, "");
+        assert_eq!(s.handle(&cmd(2, |_| {})), Outcome::Disconnect(DisconnectCode::BAD_REQUEST));
+    }
+
+    #[test]
+    fn id_zero_is_the_pong_and_an_unasked_one_disconnects_3501() {
+        let n = node(Namespaces::dev_mode());
+        let mut s = connected(&n, "");
+        s.pong_received = false; // a ping went out
+        assert_eq!(s.handle(&cmd(0, |_| {})), Outcome::Silent);
+        assert!(s.pong_received);
+        let id0_subscribe =
+            cmd(0, |c| c.subscribe = Some(SubscribeRequest { channel: "x".into(), ..Default::default() }));
+        assert_eq!(s.handle(&id0_subscribe), Outcome::Disconnect(DisconnectCode::BAD_REQUEST), "not executed");
+        assert!(s.subs.get("x").is_none());
+    }
+
+    #[test]
+    fn send_is_silent_whatever_its_id() {
+        let n = node(Namespaces::dev_mode());
+        let mut s = connected(&n, "");
+        assert_eq!(s.handle(&cmd(0, |c| c.send = Some(SendRequest::default()))), Outcome::Silent);
+        assert_eq!(s.handle(&cmd(5, |c| c.send = Some(SendRequest::default()))), Outcome::Silent);
+    }
+
+    #[test]
+    fn the_session_asks_the_namespace_presence_and_history_need_their_permission() {
+        let n = node(reported());
+        for user in ["", "alice"] {
+            let mut s = connected(&n, user);
+            assert!(matches!(s.handle(&subscribe("room:1")), Outcome::Reply(_)));
+            assert_eq!(s.handle(&presence("room:1")), Outcome::Error(ErrorCode::PERMISSION_DENIED), "{user:?}");
+            let history =
+                cmd(9, |c| c.history = Some(HistoryRequest { channel: "room:1".into(), ..Default::default() }));
+            assert_eq!(s.handle(&history), Outcome::Error(ErrorCode::PERMISSION_DENIED), "{user:?}");
+            let publish =
+                cmd(10, |c| c.publish = Some(PublishRequest { channel: "room:1".into(), data: Bytes::new() }));
+            assert_eq!(s.handle(&publish), Outcome::Error(ErrorCode::PERMISSION_DENIED), "{user:?}");
+        }
+    }
+
+    #[test]
+    fn channel_names_empty_disconnect_too_long_is_107() {
+        let n = node(Namespaces::dev_mode().with_max_channel_length(8));
+        let mut s = connected(&n, "");
+        assert_eq!(s.handle(&subscribe("")), Outcome::Disconnect(DisconnectCode::BAD_REQUEST));
+        let mut s = connected(&n, "");
+        assert_eq!(s.handle(&subscribe("123456789")), Outcome::Error(ErrorCode::BAD_REQUEST));
+        assert_eq!(s.handle(&presence("123456789")), Outcome::Error(ErrorCode::BAD_REQUEST));
+        let unsub = cmd(3, |c| c.unsubscribe = Some(UnsubscribeRequest { channel: String::new() }));
+        assert_eq!(s.handle(&unsub), Outcome::Disconnect(DisconnectCode::BAD_REQUEST));
+    }
+
+    #[test]
+    fn client_channel_limit_is_106() {
+        let n = Arc::new(
+            Node::new(Arc::new(MemoryBroker::new()), Namespaces::dev_mode(), None, true).with_client_channel_limit(2),
+        );
+        let mut s = connected(&n, "");
+        assert!(matches!(s.handle(&subscribe("a")), Outcome::Reply(_)));
+        assert!(matches!(s.handle(&subscribe("b")), Outcome::Reply(_)));
+        assert_eq!(s.handle(&subscribe("c")), Outcome::Error(ErrorCode::LIMIT_EXCEEDED));
+        assert_eq!(s.handle(&subscribe("a")), Outcome::Error(ErrorCode::ALREADY_SUBSCRIBED));
+    }
+
+    #[test]
+    fn refresh_codes_are_centrifugo_s() {
+        let n = node(Namespaces::dev_mode());
+        let refresh = |token: String| cmd(4, |c| c.refresh = Some(RefreshRequest { token }));
+        let mut s = connected(&n, "u");
+        let expired = make_hs256_token(SECRET, "u", Some(now_unix() - 5), &[]).unwrap();
+        assert_eq!(s.handle(&refresh(expired)), Outcome::Disconnect(DisconnectCode::EXPIRED));
+        assert_eq!(s.handle(&refresh("garbage".into())), Outcome::Disconnect(DisconnectCode::INVALID_TOKEN));
+        let other = make_hs256_token(SECRET, "v", None, &[]).unwrap();
+        assert_eq!(s.handle(&refresh(other)), Outcome::Disconnect(DisconnectCode::INVALID_TOKEN));
+        assert_eq!(s.handle(&refresh(String::new())), Outcome::Disconnect(DisconnectCode::BAD_REQUEST));
+        let later = make_hs256_token(SECRET, "u", Some(now_unix() + 100), &[]).unwrap();
+        match s.handle(&refresh(later)) {
+            Outcome::Reply(Reply { refresh: Some(r), id: 4, .. }) => assert!(r.expires && r.ttl > 90, "{r:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn subscription_tokens_expire_and_sub_refresh_moves_the_expiry() {
+        let n = node(Namespaces::default());
+        let mut s = connected(&n, "u");
+        let t = make_hs256_subscription_token(SECRET, "u", "$a", Some(now_unix() + 60)).unwrap();
+        let sub =
+            cmd(2, |c| c.subscribe = Some(SubscribeRequest { channel: "$a".into(), token: t, ..Default::default() }));
+        match s.handle(&sub) {
+            Outcome::Reply(Reply { subscribe: Some(r), .. }) => {
+                assert!(r.expires && (50..=60).contains(&r.ttl), "{r:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.sub_expires_in().is_some_and(|t| t <= 60 + EXPIRED_SUB_CLOSE_DELAY));
+        assert_eq!(s.expire_subscriptions(now_unix()), Ok(vec![]), "not yet");
+        assert_eq!(s.expire_subscriptions(now_unix() + 70), Ok(vec![]), "within the close delay");
+        let t = make_hs256_subscription_token(SECRET, "u", "$a", Some(now_unix() + 600)).unwrap();
+        let refresh = cmd(3, |c| c.sub_refresh = Some(SubRefreshRequest { channel: "$a".into(), token: t }));
+        match s.handle(&refresh) {
+            Outcome::Reply(Reply { sub_refresh: Some(r), .. }) => assert!(r.expires && r.ttl > 590, "{r:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.expire_subscriptions(now_unix() + 300), Ok(vec![]), "moved by sub_refresh");
+        let pushes = s.expire_subscriptions(now_unix() + 600 + EXPIRED_SUB_CLOSE_DELAY + 1).unwrap();
+        assert_eq!(pushes.len(), 1);
+        assert_eq!(pushes[0].unsubscribe.as_ref().map(|u| u.code), Some(2501), "the SDK resubscribes");
+        assert!(s.subs.get("$a").is_none());
+    }
+
+    #[test]
+    fn another_user_s_subscription_token_disconnects_3500_an_invalid_one_is_103() {
+        let n = node(Namespaces::default());
+        let mut s = connected(&n, "u");
+        let sub = |token: String| {
+            cmd(2, |c| c.subscribe = Some(SubscribeRequest { channel: "$a".into(), token, ..Default::default() }))
+        };
+        assert_eq!(s.handle(&sub("garbage".into())), Outcome::Error(ErrorCode::PERMISSION_DENIED));
+        let theirs = make_hs256_subscription_token(SECRET, "v", "$a", None).unwrap();
+        assert_eq!(s.handle(&sub(theirs)), Outcome::Disconnect(DisconnectCode::INVALID_TOKEN));
+        let mut s = connected(&n, "u");
+        let ok = make_hs256_subscription_token(SECRET, "u", "$a", None).unwrap();
+        assert!(matches!(s.handle(&sub(ok)), Outcome::Reply(_)));
+        let refresh = cmd(3, |c| c.sub_refresh = Some(SubRefreshRequest { channel: "$a".into(), token: "bad".into() }));
+        assert_eq!(s.handle(&refresh), Outcome::Disconnect(DisconnectCode::INVALID_TOKEN));
+    }
+
+    #[test]
+    fn a_pong_ends_expired_subscriptions_with_an_unsubscribe_push() {
+        let n = node(Namespaces::default());
+        let mut s = connected(&n, "u");
+        let t = make_hs256_subscription_token(SECRET, "u", "$a", Some(now_unix() + 60)).unwrap();
+        let sub =
+            cmd(2, |c| c.subscribe = Some(SubscribeRequest { channel: "$a".into(), token: t, ..Default::default() }));
+        assert!(matches!(s.handle(&sub), Outcome::Reply(_)));
+        if let Some(sub) = s.subs.get_mut("$a") {
+            if let Some(extra) = sub.extra.as_mut() {
+                extra.expires_at = Some(now_unix() - EXPIRED_SUB_CLOSE_DELAY - 1);
+                // as if long past
+            }
+        }
+        s.pong_received = false; // a ping went out
+        let mut replies = BytesMut::new();
+        assert_eq!(s.on_message(b"{}", &mut replies, 0), Ok(()));
+        let text = String::from_utf8_lossy(&replies);
+        assert!(text.contains(r#""unsubscribe":{"code":2501"#) && text.contains(r#""channel":"$a""#), "{text}");
+        assert!(s.subs.get("$a").is_none());
+        assert_eq!(n.hub.num_subscribers("$a"), 0);
+    }
+
+    #[test]
+    fn an_expired_server_side_subscription_disconnects_3006() {
+        let n = node(Namespaces::dev_mode());
+        let mut s = connected(&n, "u");
+        let req = SubscribeRequest { channel: "srv".into(), ..Default::default() };
+        assert!(s.do_subscribe(&req, true).is_ok());
+        if let Some(sub) = s.subs.get_mut("srv") {
+            sub.extra = Some(Box::new(SubExtra { chan_info: Bytes::new(), expires_at: Some(now_unix()) }));
+        }
+        let later = now_unix() + EXPIRED_SUB_CLOSE_DELAY + 1;
+        assert_eq!(s.expire_subscriptions(later), Err(DisconnectCode::SUB_EXPIRED));
+    }
+
+    #[test]
+    fn subs_stay_sorted_and_small_until_many_then_hash() {
+        assert_eq!(std::mem::size_of::<Subs>(), 16, "no bigger than the boxed slice it replaced");
+        assert_eq!(std::mem::size_of::<Sub>(), 32);
+        let n = node(Namespaces::dev_mode());
+        let mut s = connected(&n, "");
+        for i in (0..SMALL_SUBS).rev() {
+            assert!(matches!(s.handle(&subscribe(&format!("c{i:03}"))), Outcome::Reply(_)));
+        }
+        match &s.subs {
+            Subs::Small(v) => assert!(v.windows(2).all(|w| w[0].channel < w[1].channel), "sorted"),
+            Subs::Large(_) => panic!("still small at {SMALL_SUBS}"),
+        }
+        assert!(matches!(s.handle(&subscribe("more")), Outcome::Reply(_)));
+        assert!(matches!(s.subs, Subs::Large(_)));
+        assert_eq!(s.subs.len(), SMALL_SUBS + 1);
+        assert!(s.subs.get("c010").is_some() && s.subs.get("more").is_some());
+        s.unsubscribe("c010");
+        assert!(s.subs.get("c010").is_none());
+        assert_eq!(n.hub.num_subscribers("c010"), 0);
+        drop(s);
+        assert_eq!(n.hub.num_subscribers("more"), 0, "every subscription is left on drop");
     }
 }

@@ -129,7 +129,7 @@ fn fanout_allocations(rt: &tokio::runtime::Runtime, subscribers: usize, publicat
     let mut subs: Vec<TcpStream> = (0..subscribers).map(|_| client_at(addr, "/connection/websocket")).collect();
     for s in &mut subs {
         command(s, r#"{"id":1,"connect":{}}"#, r#""client":""#);
-        command(s, r#"{"id":2,"subscribe":{"channel":"fan"}}"#, r#""epoch":""#);
+        command(s, r#"{"id":2,"subscribe":{"channel":"fan","recoverable":true}}"#, r#""epoch":""#);
     }
     let mut publisher = client_at(addr, "/connection/websocket");
     command(&mut publisher, r#"{"id":1,"connect":{}}"#, r#""client":""#);

@@ -115,7 +115,8 @@ async fn json_clients_publish_and_receive_in_order() {
     assert_eq!(r["connect"]["pong"], json!(true));
     let a_client = r["connect"]["client"].clone();
     let (mut b, _) = Client::connect(&server, "").await;
-    let sub = b.call(json!({"subscribe": {"channel": "news"}})).await;
+    // SDKs ask for recovery with `recoverable` (Centrifugo grants it where allow_recovery is on, as in dev).
+    let sub = b.call(json!({"subscribe": {"channel": "news", "recoverable": true}})).await;
     assert!(sub.get("error").is_none(), "{sub}");
     assert_eq!(sub["subscribe"]["recoverable"], json!(true), "dev mode keeps history");
     for i in 0..20 {
@@ -182,7 +183,7 @@ async fn protobuf_client_speaks_the_same_protocol() {
 async fn reconnecting_client_recovers_exactly_what_it_missed() {
     let server = dev().await;
     let (mut a, _) = Client::connect(&server, "").await;
-    let sub = a.call(json!({"subscribe": {"channel": "chat"}})).await;
+    let sub = a.call(json!({"subscribe": {"channel": "chat", "recoverable": true}})).await;
     let epoch = sub["subscribe"]["epoch"].clone();
     let (mut p, _) = Client::connect(&server, "").await;
     p.call(json!({"publish": {"channel": "chat", "data": {"m": 1}}})).await;
@@ -193,7 +194,7 @@ async fn reconnecting_client_recovers_exactly_what_it_missed() {
         p.call(json!({"publish": {"channel": "chat", "data": {"m": m}}})).await;
     }
     let (mut a2, _) = Client::connect(&server, "").await;
-    let rec = a2.call(json!({"subscribe": {"channel": "chat", "recover": true, "offset": seen, "epoch": epoch}})).await;
+    let rec = a2.call(json!({"subscribe": {"channel": "chat", "recoverable": true, "recover": true, "offset": seen, "epoch": epoch}})).await;
     let s = &rec["subscribe"];
     assert_eq!(s["recovered"], json!(true), "{rec}");
     assert_eq!(s["was_recovering"], json!(true));
@@ -206,7 +207,7 @@ async fn reconnecting_client_recovers_exactly_what_it_missed() {
 
     // A wrong epoch cannot be recovered, and nothing is replayed as if it were.
     let (mut a3, _) = Client::connect(&server, "").await;
-    let rec = a3.call(json!({"subscribe": {"channel": "chat", "recover": true, "offset": 1, "epoch": "nope"}})).await;
+    let rec = a3.call(json!({"subscribe": {"channel": "chat", "recoverable": true, "recover": true, "offset": 1, "epoch": "nope"}})).await;
     assert_eq!(rec["subscribe"]["recovered"], Value::Null, "{rec}");
     assert!(rec["subscribe"].get("publications").is_none(), "{rec}");
     server.stop().await;
@@ -235,7 +236,8 @@ join_leave = true
     let server = TestServer::start_with_file(&file, &[]).await;
     let room = "rooms:lobby";
     let (mut a, _) = Client::connect(&server, "").await;
-    let r = a.call(json!({"subscribe": {"channel": room}})).await;
+    // Join/leave pushes go to subscribers that ask for them (Centrifugo's `join_leave` request flag).
+    let r = a.call(json!({"subscribe": {"channel": room, "join_leave": true}})).await;
     assert!(r.get("error").is_none(), "{r}");
     let (mut b, rb) = Client::connect(&server, "").await;
     b.call(json!({"subscribe": {"channel": room}})).await;

@@ -24,7 +24,7 @@ use super::types::{
     Empty, ErrorJson, HistoryRequest, InfoRequest, PresenceResult, PresenceStatsResult, PublishRequest,
     PublishResponse, RefreshRequest, SubscriptionRequest,
 };
-use super::{ApiBackend, ApiError, RequestError};
+use super::{ApiBackend, ApiError, PublishOptions, RequestError};
 
 /// The disconnect a `disconnect` call without a `disconnect` object sends: Centrifugo's
 /// `DisconnectForceNoReconnect`.
@@ -215,7 +215,12 @@ impl<'a> Call<'a> {
             Call::Publish(req) => {
                 require(&req.channel)?;
                 let data = publication_data(req.data, &req.b64data, body)?;
-                encode(&backend.publish(&req.channel, data, req.skip_history)?)
+                let opts = PublishOptions {
+                    skip_history: req.skip_history,
+                    tags: req.tags,
+                    idempotency_key: req.idempotency_key,
+                };
+                encode(&backend.publish_with(&req.channel, data, &opts)?)
             }
             Call::Broadcast(req) => broadcast(backend, req, body),
             Call::Subscribe(req) => {
@@ -283,8 +288,8 @@ fn broadcast(backend: &dyn ApiBackend, req: BroadcastRequest<'_>, body: &Bytes) 
     } else {
         &req.channels
     };
-    let results =
-        if to_publish.is_empty() { Vec::new() } else { backend.broadcast(to_publish, data, req.skip_history) };
+    let opts = PublishOptions { skip_history: req.skip_history, tags: req.tags, idempotency_key: req.idempotency_key };
+    let results = if to_publish.is_empty() { Vec::new() } else { backend.broadcast_with(to_publish, data, &opts) };
     if results.len() != to_publish.len() {
         tracing::error!(
             channels = to_publish.len(),
@@ -324,13 +329,19 @@ fn non_empty(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 
-/// The publication payload: `data` as sent. `b64data` (binary payloads) is refused with 107 rather than
-/// ignored: ringcast's subscribers speak JSON, and publishing `data` when the caller meant `b64data` would
-/// deliver the wrong thing.
+/// The publication payload, as Centrifugo's API takes it: `b64data` decoded (standard base64) when set,
+/// else `data` exactly as sent. Neither, or base64 that does not decode: 107.
 fn publication_data(data: Option<&RawValue>, b64data: &str, body: &Bytes) -> Result<Bytes, ApiError> {
+    use base64::Engine as _;
+    if !b64data.is_empty() {
+        return base64::engine::general_purpose::STANDARD
+            .decode(b64data)
+            .map(Bytes::from)
+            .map_err(|_| ApiError::BadRequest);
+    }
     match data {
-        Some(raw) if b64data.is_empty() => Ok(share(body, raw.get().as_bytes())),
-        _ => Err(ApiError::BadRequest),
+        Some(raw) => Ok(share(body, raw.get().as_bytes())),
+        None => Err(ApiError::BadRequest),
     }
 }
 
@@ -640,10 +651,24 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn publish_with_b64data_is_refused_with_107() {
+    fn publish_with_b64data_publishes_the_decoded_bytes_and_bad_base64_is_107() {
         let b = Recorder::default();
-        assert_eq!(run(&b, "publish", r#"{"channel":"a","data":{},"b64data":"AAE="}"#), bad_request());
-        assert_eq!(run(&b, "publish", r#"{"channel":"a","b64data":"AAE="}"#), bad_request());
+        let r = run(&b, "publish", r#"{"channel":"a","data":{},"b64data":"AAE="}"#);
+        assert!(r.get("result").is_some(), "b64data wins: {r}");
+        assert_eq!(b.last_data.lock().expect("lock").as_deref(), Some(&[0u8, 1][..]));
+        assert!(run(&b, "publish", r#"{"channel":"a","b64data":"AAE="}"#).get("result").is_some());
+        b.take();
+        assert_eq!(run(&b, "publish", r#"{"channel":"a","b64data":"not base64!"}"#), bad_request());
+        assert!(b.take().is_empty(), "nothing published");
+    }
+
+    #[test]
+    fn a_backend_without_tags_or_idempotency_refuses_them_108_instead_of_dropping_them() {
+        let b = Recorder::default();
+        let r = run(&b, "publish", r#"{"channel":"a","data":{},"tags":{"k":"v"}}"#);
+        assert_eq!(r["error"]["code"], json!(108), "{r}");
+        let r = run(&b, "publish", r#"{"channel":"a","data":{},"idempotency_key":"x"}"#);
+        assert_eq!(r["error"]["code"], json!(108), "{r}");
         assert!(b.take().is_empty());
     }
 

@@ -22,8 +22,13 @@
 //! * 400 (plain text): the body is not JSON of the method's shape. 401 (empty body): no valid key.
 //!   404: a method ringcast does not serve. 405: not POST. 413: body over 2 MiB.
 //!
+//! # Publications
+//! `data` (JSON) or `b64data` (base64, standard alphabet; it wins when both are set; invalid base64 is 107),
+//! as Centrifugo: `b64data` is for binary payloads, which only Protobuf subscribers can receive as such (a
+//! JSON subscriber gets the bytes embedded as they are, as from Centrifugo). `tags` travel with the
+//! publication. `idempotency_key`: see [`crate::idempotency`].
+//!
 //! # What it refuses to do
-//! * Publish binary (`b64data`): ringcast's subscribers speak JSON; such calls answer 107.
 //! * Block: backend calls are synchronous and run on the request's task. The node's operations are
 //!   in-memory map and queue updates; a backend that must wait (a remote broker) should hand the work to its
 //!   own task and answer at once.
@@ -65,6 +70,28 @@ pub trait ApiBackend: Send + Sync + 'static {
     fn publish(&self, channel: &str, data: Bytes, skip_history: bool) -> Result<PublishResult, ApiError>;
     /// Publishes the same `data` to every channel; one result per channel, in order.
     fn broadcast(&self, channels: &[String], data: Bytes, skip_history: bool) -> Vec<Result<PublishResult, ApiError>>;
+    /// [`ApiBackend::publish`] with the publication's options. A backend that does not override it refuses
+    /// tags and idempotency keys (108) rather than dropping them.
+    fn publish_with(&self, channel: &str, data: Bytes, opts: &PublishOptions) -> Result<PublishResult, ApiError> {
+        if opts.is_plain() {
+            self.publish(channel, data, opts.skip_history)
+        } else {
+            Err(ApiError::NotAvailable)
+        }
+    }
+    /// [`ApiBackend::broadcast`] with the publication's options (an idempotency key applies per channel).
+    fn broadcast_with(
+        &self,
+        channels: &[String],
+        data: Bytes,
+        opts: &PublishOptions,
+    ) -> Vec<Result<PublishResult, ApiError>> {
+        if opts.is_plain() {
+            self.broadcast(channels, data, opts.skip_history)
+        } else {
+            channels.iter().map(|c| self.publish_with(c, data.clone(), opts)).collect()
+        }
+    }
     /// Subscribes the user's connections (or only `client`) to `channel`, server-side.
     fn subscribe(&self, user: &str, channel: &str, client: Option<&str>) -> Result<(), ApiError>;
     fn unsubscribe(&self, user: &str, channel: &str, client: Option<&str>) -> Result<(), ApiError>;
@@ -90,6 +117,22 @@ pub trait ApiBackend: Send + Sync + 'static {
     /// Active channels (matching the glob `pattern`, if any) → number of subscribed connections.
     fn channels(&self, pattern: Option<&str>) -> Result<BTreeMap<String, u32>, ApiError>;
     fn info(&self) -> Result<InfoJson, ApiError>;
+}
+
+/// How a publication is made, beyond its channel and data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishOptions {
+    pub skip_history: bool,
+    pub tags: BTreeMap<String, String>,
+    /// Empty: none.
+    pub idempotency_key: String,
+}
+
+impl PublishOptions {
+    /// Nothing but `skip_history`.
+    pub fn is_plain(&self) -> bool {
+        self.tags.is_empty() && self.idempotency_key.is_empty()
+    }
 }
 
 /// An API-level refusal: answered with HTTP 200 and `{"error":{"code","message"}}`. Codes and messages are

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use super::{
-    ApiBackend, ApiError, ClientInfoJson, HistoryResultJson, InfoJson, NodeJson, PublicationJson, PublishResult,
-    StreamPosition,
+    ApiBackend, ApiError, ClientInfoJson, HistoryResultJson, InfoJson, NodeJson, PublicationJson, PublishOptions,
+    PublishResult, StreamPosition,
 };
 use crate::broker::HistoryFilter;
 use crate::client::ServerCommand;
@@ -74,6 +74,26 @@ impl ApiBackend for Node {
 
     fn broadcast(&self, channels: &[String], data: Bytes, skip_history: bool) -> Vec<Result<PublishResult, ApiError>> {
         channels.iter().map(|c| ApiBackend::publish(self, c, data.clone(), skip_history)).collect()
+    }
+
+    /// Tags go with the publication; an idempotency key already seen on this channel within the window
+    /// returns the first result and publishes nothing ([`crate::idempotency`]).
+    fn publish_with(&self, channel: &str, data: Bytes, opts: &PublishOptions) -> Result<PublishResult, ApiError> {
+        let publish = || {
+            self.publish_tagged(channel, data, opts.tags.clone(), opts.skip_history)
+                .map(|(pos, _)| pos)
+                .map_err(api_error)
+        };
+        let pos = if opts.idempotency_key.is_empty() {
+            publish()?
+        } else {
+            let (pos, repeated) = self.idempotency.run(channel, &opts.idempotency_key, publish)?;
+            if repeated {
+                metrics::counter!("ringcast_api_idempotent_repeats_total").increment(1);
+            }
+            pos
+        };
+        Ok(PublishResult { offset: pos.offset, epoch: pos.epoch.to_string() })
     }
 
     fn subscribe(&self, user: &str, channel: &str, client: Option<&str>) -> Result<(), ApiError> {

@@ -157,6 +157,13 @@ pub(crate) struct PublishRequest<'a> {
     pub b64data: String,
     #[serde(default)]
     pub skip_history: bool,
+    /// Publication tags, delivered with it (Centrifugo's `tags`).
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// A retried call with the same key (per channel, within 5 minutes) returns the first result and
+    /// publishes nothing.
+    #[serde(default)]
+    pub idempotency_key: String,
 }
 
 #[derive(Deserialize)]
@@ -169,6 +176,13 @@ pub(crate) struct BroadcastRequest<'a> {
     pub b64data: String,
     #[serde(default)]
     pub skip_history: bool,
+    /// Publication tags, delivered with it (Centrifugo's `tags`).
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// A retried call with the same key (per channel, within 5 minutes) returns the first result and
+    /// publishes nothing.
+    #[serde(default)]
+    pub idempotency_key: String,
 }
 
 /// `subscribe` and `unsubscribe`.

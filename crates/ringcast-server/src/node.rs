@@ -96,7 +96,7 @@ impl Node {
     }
 
     pub fn history_options(opts: &ChannelOptions) -> HistoryOptions {
-        HistoryOptions { size: opts.history_size, ttl: opts.history_ttl }
+        HistoryOptions { size: opts.history_size, ttl: opts.history_ttl, ..Default::default() }
     }
 
     pub fn register_client(&self, user: &str, client: &Arc<ClientShared>) {

@@ -230,6 +230,10 @@ impl Shard {
             done += 1;
             let Some(stream) = self.streams.get_mut(&name) else { continue };
             stream.expire(now);
+            if stream.items.is_empty() {
+                // An idle stream keeps no storage for publications it no longer has.
+                stream.items = VecDeque::new();
+            }
             if stream.meta_expires <= now {
                 let had_publications = stream.top > 0;
                 self.streams.remove(&name);
@@ -424,7 +428,11 @@ impl Broker for MemoryBroker {
             stream.top += 1;
             publication.offset = stream.top;
             stream.expire(now);
-            stream.items.push_back((publication.clone(), now + history.ttl));
+            // History keeps its own copy of the data: a publication's `data` may be a view into a larger
+            // buffer (an API request's body), which history would otherwise pin for `history_ttl`.
+            let mut kept = publication.clone();
+            kept.data = Bytes::copy_from_slice(&publication.data);
+            stream.items.push_back((kept, now + history.ttl));
             while stream.items.len() > history.size {
                 stream.items.pop_front();
             }
@@ -485,8 +493,8 @@ impl Broker for MemoryBroker {
     fn remove_history(&self, channel: &str) {
         let mut shard = self.shard(channel);
         if let Some(s) = shard.streams.get_mut(channel) {
-            // Keep offset and epoch (positions stay comparable); drop the publications.
-            s.items.clear();
+            // Keep offset and epoch (positions stay comparable); drop the publications and their storage.
+            s.items = VecDeque::new();
         }
     }
 

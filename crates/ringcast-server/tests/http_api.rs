@@ -651,9 +651,9 @@ async fn idle_kept_alive_connection_is_closed_after_the_header_timeout() {
 async fn trickled_body_is_answered_408() {
     let server = start_with(ApiConfig { api_key: KEY.into(), insecure: false }, 0, short_timeouts()).await;
     let mut client = Client::connect(server.addr).await;
-    client
-        .send(b"POST /api/publish HTTP/1.1\r\nHost: t\r\nX-API-Key: s3cret\r\nContent-Length: 40\r\n\r\n{\"channel\":\"chat\"")
-        .await;
+    let head = b"POST /api/publish HTTP/1.1\r\nHost: t\r\nX-API-Key: s3cret\r\nContent-Length: 40\r\n\r\n";
+    client.send(head).await;
+    client.send(br#"{"channel":"chat""#).await;
     let reply = client.reply().await;
     assert_eq!(reply.status, 408);
     assert!(client.closed().await);

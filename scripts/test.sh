@@ -38,7 +38,7 @@ ensure_services() {
     fi
     if ! port_open 4222; then
         command -v nats-server >/dev/null || apt_install nats-server
-        (nats-server -a 127.0.0.1 -p 4222 >"$log_dir/nats.log" 2>&1 &)
+        (nats-server -a 127.0.0.1 -p 4222 -js >"$log_dir/nats.log" 2>&1 &)
         wait_port 4222 || { echo "nats did not start" >&2; exit 1; }
     fi
 }

@@ -6,14 +6,45 @@
 //!
 //! # Streams
 //! A channel with history is a stream: every publication gets the next offset (1, 2, 3…), the last
-//! `history_size` publications younger than `history_ttl` are kept, and the stream has an *epoch* — a
-//! random id chosen when the stream is created. A client that recovers names the epoch it saw: if the
-//! epoch differs, the history it is asking about no longer exists (the broker restarted, the stream
-//! expired) and nothing can be replayed as if complete.
+//! `history_size` publications younger than `history_ttl` are kept, and the stream has an *epoch*. A
+//! client that recovers names the epoch it saw: if the epoch differs, the history it is asking about no
+//! longer exists (the broker restarted, the stream expired) and nothing can be replayed as if complete.
+//!
+//! # Forgetting (what the memory broker holds, and for how long)
+//! Centrifugo's semantics, as its memory engine implements them:
+//! * **Publications** expire `history_ttl` after they were published ([`HistoryOptions::ttl`]); the
+//!   stream's offset and epoch survive them.
+//! * **The stream's meta** (offset and epoch) is removed `history_meta_ttl` after the stream was last
+//!   used — published to, positioned (a subscribe), or read ([`HistoryOptions::meta_ttl`]; zero means
+//!   Centrifugo's default, [`DEFAULT_META_TTL`], 30 days). It never goes before its publications do.
+//! * **A stream that was never published to** (offset 0) exists only so that its subscribers learn an
+//!   epoch. It is dropped when this node's last subscriber of the channel leaves
+//!   ([`Broker::unsubscribe_node`]), so a crowd of subscribe-only channels leaves nothing behind.
+//! * **Presence** entries go with their subscriber; a channel's presence map goes with its last entry.
+//!
+//! Expiry is bounded work: each shard keeps one entry per stream in an ordered queue (its next deadline),
+//! and [`MemoryBroker::sweep`] (run every second by a background thread) pops only the entries that are
+//! due. A publish reschedules a stream only when its deadline moves earlier (its first live publication);
+//! otherwise the sweep finds the later deadline when it pops the entry and queues it again. Reads and
+//! publishes also drop expired publications of the stream they touch. Maps shrink when they fall to a
+//! quarter of their capacity, so a burst of channels does not keep its table.
+//!
+//! # Epochs of streams that come and go
+//! Dropping a never-published stream must not make its subscribers' positions unrecoverable when nothing
+//! happened. So a new stream's epoch is not random: it is a keyed hash (key random per process) of the
+//! channel name and a *generation*. Re-creating a never-published stream gives the same epoch, and a
+//! client that recovers `(offset 0, that epoch)` gets `recovered: true` with nothing to replay — correct,
+//! since no publication ever existed. The generation (one counter per bucket of channel names, 8,192
+//! buckets in all: fixed memory) is bumped whenever a stream that *had* publications is removed (meta
+//! expiry); its next incarnation then gets a different epoch, and a client that saw the old one gets
+//! `recovered: false`. A bump can also change the epoch of other channels of the bucket on their next
+//! re-creation: a client that then recovers from offset 0 is told `recovered: false` although nothing
+//! was missed — a false alarm, never a gap presented as complete. A channel without a stream reads as an
+//! empty stream at offset 0 with that epoch (history and recovery do not create one).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, Hash};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -33,10 +64,22 @@ pub struct StreamPos {
 pub struct HistoryOptions {
     /// Publications kept; 0 = no history.
     pub size: usize,
+    /// How long a publication is kept after it was published.
     pub ttl: Duration,
-    /// How long the stream's position (offset, epoch) outlives its last publication
-    /// (`history_meta_ttl`); zero where no stream is kept.
+    /// How long the stream's offset and epoch are kept after the stream was last used (Centrifugo's
+    /// `history_meta_ttl`). Zero means [`DEFAULT_META_TTL`]; a value below `ttl` counts as `ttl` (the
+    /// meta never goes before the publications it numbers).
     pub meta_ttl: Duration,
+}
+
+/// Centrifugo's default `history_meta_ttl`: 30 days.
+pub const DEFAULT_META_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+impl HistoryOptions {
+    fn effective_meta_ttl(&self) -> Duration {
+        let meta = if self.meta_ttl.is_zero() { DEFAULT_META_TTL } else { self.meta_ttl };
+        meta.max(self.ttl)
+    }
 }
 
 /// What a history read asks for.
@@ -61,12 +104,13 @@ pub trait Broker: Send + Sync + 'static {
     /// This node now has a subscriber on `channel` (the first one): a networked broker starts receiving
     /// the channel's publications from other nodes here. The memory broker has no other nodes.
     fn subscribe_node(&self, _channel: &str) {}
-    /// This node's last subscriber of `channel` left.
+    /// This node's last subscriber of `channel` left. The memory broker drops the channel's stream here
+    /// if it was never published to (it held only an epoch for its subscribers).
     fn unsubscribe_node(&self, _channel: &str) {}
     /// Appends `publication` to `channel`'s stream when `history.size > 0`, setting its offset.
     /// Returns the stream position after it (offset 0 and an empty epoch without history).
     fn publish(&self, channel: &str, publication: &mut Publication, history: HistoryOptions) -> StreamPos;
-    /// Reads history.
+    /// Reads history. A channel without a stream reads as an empty stream at offset 0.
     fn history(&self, channel: &str, filter: &HistoryFilter) -> Result<(Vec<Publication>, StreamPos), BrokerError>;
     /// The stream's current position (creating the stream if it does not exist, so that a subscriber
     /// learns an epoch to recover against).
@@ -80,19 +124,28 @@ pub trait Broker: Send + Sync + 'static {
 }
 
 const SHARDS: usize = 32;
+/// Epoch generations per shard (8,192 buckets of channel names in all).
+const GENERATIONS: usize = 256;
+/// How often the background thread sweeps expired streams (Centrifugo's TTLs have second precision).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Queue entries popped per shard lock acquisition, so a sweep never holds a shard for long.
+const SWEEP_BATCH: usize = 1024;
 
 #[derive(Debug)]
 struct Stream {
     epoch: Arc<str>,
     top: u64,
+    /// Publications with the instant each expires.
     items: VecDeque<(Publication, Instant)>,
+    /// When offset and epoch are forgotten, unless the stream is used again before.
+    meta_expires: Instant,
+    /// The meta TTL the stream was last published or positioned with (reads extend by it).
+    meta_ttl: Duration,
+    /// The deadline of this stream's one entry in the shard's expiry queue.
+    queued: Instant,
 }
 
 impl Stream {
-    fn new() -> Stream {
-        Stream { epoch: new_epoch(), top: 0, items: VecDeque::new() }
-    }
-
     fn pos(&self) -> StreamPos {
         StreamPos { offset: self.top, epoch: self.epoch.clone() }
     }
@@ -102,16 +155,117 @@ impl Stream {
             self.items.pop_front();
         }
     }
+
+    /// When the sweep must next look at this stream: its oldest publication expires, or its meta does.
+    fn deadline(&self) -> Instant {
+        self.items.front().map_or(self.meta_expires, |(_, at)| (*at).min(self.meta_expires))
+    }
+
+    fn touch(&mut self, now: Instant, meta_ttl: Duration) {
+        self.meta_ttl = meta_ttl;
+        self.meta_expires = self.meta_expires.max(now + meta_ttl);
+    }
 }
 
-fn new_epoch() -> Arc<str> {
-    format!("{:08x}", fastrand::u32(..)).into()
+fn shrink<K: Eq + Hash, V, S: BuildHasher>(map: &mut HashMap<K, V, S>) {
+    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
+        map.shrink_to(map.len() * 2);
+    }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shard {
-    streams: HashMap<Box<str>, Stream>,
+    streams: HashMap<Arc<str>, Stream>,
+    /// One entry per stream: (its deadline, its name). Ordered, so a sweep pops only what is due.
+    expiry: BTreeSet<(Instant, Arc<str>)>,
+    /// Bumped when a stream that had publications is removed, so its next incarnation gets a new epoch.
+    generations: Box<[u32]>,
     presence: HashMap<Box<str>, BTreeMap<ClientId, Present>>,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard {
+            streams: HashMap::new(),
+            expiry: BTreeSet::new(),
+            generations: vec![0; GENERATIONS].into_boxed_slice(),
+            presence: HashMap::new(),
+        }
+    }
+}
+
+impl Shard {
+    /// Moves `channel`'s queue entry earlier if its deadline now comes before the queued one. (A later
+    /// deadline is left alone: the sweep finds it when the entry comes up, and queues it again.)
+    fn reschedule(&mut self, channel: &str) {
+        let Some((name, stream)) = self.streams.get_key_value(channel) else { return };
+        let next = stream.deadline();
+        if next >= stream.queued {
+            return;
+        }
+        let name = name.clone();
+        self.expiry.remove(&(stream.queued, name.clone()));
+        self.expiry.insert((next, name.clone()));
+        if let Some(s) = self.streams.get_mut(&name) {
+            s.queued = next;
+        }
+    }
+
+    fn remove_stream(&mut self, channel: &str) -> Option<Stream> {
+        let (name, stream) = self.streams.remove_entry(channel)?;
+        self.expiry.remove(&(stream.queued, name));
+        shrink(&mut self.streams);
+        Some(stream)
+    }
+
+    /// Handles up to `budget` due queue entries; returns how many it handled.
+    fn sweep(&mut self, now: Instant, budget: usize, epochs: &Epochs) -> usize {
+        let mut done = 0;
+        while done < budget {
+            match self.expiry.first() {
+                Some((at, _)) if *at <= now => {}
+                _ => break,
+            }
+            let Some((_, name)) = self.expiry.pop_first() else { break };
+            done += 1;
+            let Some(stream) = self.streams.get_mut(&name) else { continue };
+            stream.expire(now);
+            if stream.items.is_empty() {
+                // An idle stream keeps no storage for publications it no longer has.
+                stream.items = VecDeque::new();
+            }
+            if stream.meta_expires <= now {
+                let had_publications = stream.top > 0;
+                self.streams.remove(&name);
+                shrink(&mut self.streams);
+                if had_publications {
+                    let g = &mut self.generations[epochs.bucket(&name)];
+                    *g = g.wrapping_add(1);
+                }
+                continue;
+            }
+            let next = stream.deadline();
+            stream.queued = next;
+            self.expiry.insert((next, name));
+        }
+        done
+    }
+}
+
+/// Derives epochs (see the module docs) and places channels in generation buckets.
+#[derive(Debug)]
+struct Epochs {
+    key: std::collections::hash_map::RandomState,
+}
+
+impl Epochs {
+    fn bucket(&self, channel: &str) -> usize {
+        (self.key.hash_one(("bucket", channel)) as usize) % GENERATIONS
+    }
+
+    fn epoch(&self, channel: &str, generation: u32) -> Arc<str> {
+        format!("{:016x}", self.key.hash_one((channel, generation))).into()
+    }
 }
 
 /// A presence entry as kept here: 24 bytes instead of a `ClientInfo`'s 112 plus its heap-allocated
@@ -137,36 +291,132 @@ impl Present {
     }
 }
 
+#[derive(Debug)]
+struct Inner {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: std::collections::hash_map::RandomState,
+    epochs: Epochs,
+}
+
 /// The embedded broker: streams and presence in this process's memory.
 #[derive(Debug)]
 pub struct MemoryBroker {
-    shards: Box<[Mutex<Shard>]>,
-    hasher: std::collections::hash_map::RandomState,
+    inner: Arc<Inner>,
 }
 
 impl Default for MemoryBroker {
     fn default() -> Self {
-        MemoryBroker {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
-        }
+        Self::new()
     }
 }
 
 impl MemoryBroker {
+    /// A broker whose expired streams are swept every second by a background thread (which ends when
+    /// the broker is dropped).
     pub fn new() -> Self {
-        Self::default()
+        let broker = Self::unswept();
+        let weak: Weak<Inner> = Arc::downgrade(&broker.inner);
+        let spawned = std::thread::Builder::new().name("ringcast-broker-sweep".into()).spawn(move || loop {
+            std::thread::sleep(SWEEP_EVERY);
+            let Some(inner) = weak.upgrade() else { return };
+            inner.sweep(Instant::now());
+        });
+        if let Err(e) = spawned {
+            // Reads and publishes still drop the expired publications of the streams they touch.
+            tracing::warn!(error = %e, "no broker sweep thread: idle streams are not expired");
+        }
+        broker
+    }
+
+    /// A broker without the sweep thread: expiry happens only on access and on [`MemoryBroker::sweep`].
+    pub fn unswept() -> Self {
+        MemoryBroker {
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+                hasher: std::collections::hash_map::RandomState::new(),
+                epochs: Epochs { key: std::collections::hash_map::RandomState::new() },
+            }),
+        }
+    }
+
+    /// Expires what is due at `now`: publications past their TTL, streams past their meta TTL. Work is
+    /// proportional to the number of due entries, never to the number of streams.
+    pub fn sweep(&self, now: Instant) {
+        self.inner.sweep(now);
+    }
+
+    /// Streams held (for tests and metrics).
+    pub fn num_streams(&self) -> usize {
+        (0..SHARDS).map(|i| self.inner.lock(i).streams.len()).sum()
     }
 
     fn shard(&self, channel: &str) -> MutexGuard<'_, Shard> {
-        match self.shards[(self.hasher.hash_one(channel) as usize) % SHARDS].lock() {
+        self.inner.lock(self.inner.shard_of(channel))
+    }
+
+    /// Runs `f` on the stream of `channel` (created, with its derived epoch, if missing), marking it used.
+    fn with_stream<R>(
+        &self,
+        shard: &mut Shard,
+        channel: &str,
+        now: Instant,
+        history: HistoryOptions,
+        f: impl FnOnce(&mut Stream) -> R,
+    ) -> R {
+        let meta_ttl = history.effective_meta_ttl();
+        if let Some(stream) = shard.streams.get_mut(channel) {
+            stream.touch(now, meta_ttl);
+            return f(stream);
+        }
+        let generation = shard.generations[self.inner.epochs.bucket(channel)];
+        let name: Arc<str> = channel.into();
+        let meta_expires = now + meta_ttl;
+        shard.expiry.insert((meta_expires, name.clone()));
+        let stream = shard.streams.entry(name).or_insert(Stream {
+            epoch: self.inner.epochs.epoch(channel, generation),
+            top: 0,
+            items: VecDeque::new(),
+            meta_expires,
+            meta_ttl,
+            queued: meta_expires,
+        });
+        f(stream)
+    }
+
+    /// Where a channel without a stream stands: offset 0, the epoch its stream would be created with.
+    fn virtual_pos(&self, shard: &Shard, channel: &str) -> StreamPos {
+        let generation = shard.generations[self.inner.epochs.bucket(channel)];
+        StreamPos { offset: 0, epoch: self.inner.epochs.epoch(channel, generation) }
+    }
+}
+
+impl Inner {
+    fn shard_of(&self, channel: &str) -> usize {
+        (self.hasher.hash_one(channel) as usize) % SHARDS
+    }
+
+    fn lock(&self, i: usize) -> MutexGuard<'_, Shard> {
+        match self.shards[i].lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
+        }
+    }
+
+    fn sweep(&self, now: Instant) {
+        for i in 0..SHARDS {
+            while self.lock(i).sweep(now, SWEEP_BATCH, &self.epochs) == SWEEP_BATCH {}
         }
     }
 }
 
 impl Broker for MemoryBroker {
+    fn unsubscribe_node(&self, channel: &str) {
+        let mut shard = self.shard(channel);
+        if shard.streams.get(channel).is_some_and(|s| s.top == 0) {
+            shard.remove_stream(channel);
+        }
+    }
+
     fn publish(&self, channel: &str, publication: &mut Publication, history: HistoryOptions) -> StreamPos {
         if history.size == 0 {
             publication.offset = 0;
@@ -174,25 +424,40 @@ impl Broker for MemoryBroker {
         }
         let now = Instant::now();
         let mut shard = self.shard(channel);
-        let stream = shard.streams.entry(channel.into()).or_insert_with(Stream::new);
-        stream.top += 1;
-        publication.offset = stream.top;
-        stream.expire(now);
-        stream.items.push_back((publication.clone(), now + history.ttl));
-        while stream.items.len() > history.size {
-            stream.items.pop_front();
-        }
-        stream.pos()
+        let pos = self.with_stream(&mut shard, channel, now, history, |stream| {
+            stream.top += 1;
+            publication.offset = stream.top;
+            stream.expire(now);
+            // History keeps its own copy of the data: a publication's `data` may be a view into a larger
+            // buffer (an API request's body), which history would otherwise pin for `history_ttl`.
+            let mut kept = publication.clone();
+            kept.data = Bytes::copy_from_slice(&publication.data);
+            stream.items.push_back((kept, now + history.ttl));
+            while stream.items.len() > history.size {
+                stream.items.pop_front();
+            }
+            stream.pos()
+        });
+        shard.reschedule(channel);
+        pos
     }
 
     fn history(&self, channel: &str, filter: &HistoryFilter) -> Result<(Vec<Publication>, StreamPos), BrokerError> {
         let now = Instant::now();
         let mut shard = self.shard(channel);
-        // A read of a channel that has no stream yet creates it, as Centrifugo's brokers do: the reader
-        // (a client recovering onto a channel nobody published to yet) learns the epoch that later
-        // publications will carry, instead of an empty one no later stream matches.
-        let stream = shard.streams.entry(channel.into()).or_insert_with(Stream::new);
+        let virtual_pos = self.virtual_pos(&shard, channel);
+        let Some(stream) = shard.streams.get_mut(channel) else {
+            if let Some((offset, epoch)) = &filter.since {
+                // As with a stream: an empty epoch is "any epoch".
+                if *offset > 0 || (!epoch.is_empty() && **epoch != *virtual_pos.epoch) {
+                    return Err(BrokerError::UnrecoverablePosition);
+                }
+            }
+            return Ok((Vec::new(), virtual_pos));
+        };
         stream.expire(now);
+        let meta_ttl = stream.meta_ttl;
+        stream.touch(now, meta_ttl);
         let after = match &filter.since {
             Some((offset, epoch)) => {
                 // An empty epoch is "any epoch" (a client that never learned one), as in Centrifugo.
@@ -222,14 +487,14 @@ impl Broker for MemoryBroker {
             return StreamPos::default();
         }
         let mut shard = self.shard(channel);
-        shard.streams.entry(channel.into()).or_insert_with(Stream::new).pos()
+        self.with_stream(&mut shard, channel, Instant::now(), history, |s| s.pos())
     }
 
     fn remove_history(&self, channel: &str) {
         let mut shard = self.shard(channel);
         if let Some(s) = shard.streams.get_mut(channel) {
-            // Keep offset and epoch (positions stay comparable); drop the publications.
-            s.items.clear();
+            // Keep offset and epoch (positions stay comparable); drop the publications and their storage.
+            s.items = VecDeque::new();
         }
     }
 
@@ -243,6 +508,7 @@ impl Broker for MemoryBroker {
             p.remove(&client);
             if p.is_empty() {
                 shard.presence.remove(channel);
+                shrink(&mut shard.presence);
             }
         }
     }
@@ -286,12 +552,11 @@ mod tests {
         Publication { data: Bytes::from(format!("{{\"n\":{n}}}")), ..Default::default() }
     }
 
-    const H: HistoryOptions =
-        HistoryOptions { size: 3, ttl: Duration::from_secs(60), meta_ttl: Duration::from_secs(3600) };
+    const H: HistoryOptions = HistoryOptions { size: 3, ttl: Duration::from_secs(60), meta_ttl: Duration::ZERO };
 
     #[test]
     fn offsets_increase_and_history_keeps_the_last_n() {
-        let b = MemoryBroker::new();
+        let b = MemoryBroker::unswept();
         let mut last = StreamPos::default();
         for i in 1..=5 {
             let mut p = pubn(i);
@@ -308,7 +573,7 @@ mod tests {
 
     #[test]
     fn since_with_another_epoch_is_unrecoverable() {
-        let b = MemoryBroker::new();
+        let b = MemoryBroker::unswept();
         b.publish("c", &mut pubn(1), H);
         let f = HistoryFilter { since: Some((1, "other".into())), limit: -1, reverse: false };
         assert_eq!(b.history("c", &f), Err(BrokerError::UnrecoverablePosition));
@@ -316,7 +581,7 @@ mod tests {
 
     #[test]
     fn recovery_is_complete_only_without_a_gap() {
-        let b = MemoryBroker::new();
+        let b = MemoryBroker::unswept();
         for i in 1..=5 {
             b.publish("c", &mut pubn(i), H);
         }
@@ -332,18 +597,128 @@ mod tests {
 
     #[test]
     fn expired_publications_are_not_returned() {
-        let b = MemoryBroker::new();
-        let short = HistoryOptions { size: 10, ttl: Duration::from_millis(1), meta_ttl: Duration::from_secs(3600) };
-        b.publish("c", &mut pubn(1), short);
-        std::thread::sleep(Duration::from_millis(5));
+        let b = MemoryBroker::unswept();
+        b.publish("c", &mut pubn(1), H);
+        b.sweep(Instant::now() + H.ttl + Duration::from_secs(1));
         let (pubs, pos) = b.history("c", &HistoryFilter { since: None, limit: -1, reverse: false }).unwrap();
         assert!(pubs.is_empty());
         assert_eq!(pos.offset, 1, "the position survives its publications");
+        assert_eq!(b.num_streams(), 1);
+    }
+
+    fn all() -> HistoryFilter {
+        HistoryFilter { since: None, limit: -1, reverse: false }
+    }
+
+    fn since(offset: u64, epoch: &str) -> HistoryFilter {
+        HistoryFilter { since: Some((offset, epoch.to_string())), limit: -1, reverse: false }
+    }
+
+    #[test]
+    fn a_never_published_stream_is_dropped_with_its_last_subscriber_and_comes_back_with_its_epoch() {
+        let b = MemoryBroker::unswept();
+        let first = b.position("c", H);
+        assert_eq!((first.offset, b.num_streams()), (0, 1));
+        b.unsubscribe_node("c");
+        assert_eq!(b.num_streams(), 0, "nothing left of a subscribe-only channel");
+        // Nothing was ever published: a client recovering from (0, epoch) missed nothing.
+        let (missed, pos) = b.history("c", &since(0, &first.epoch)).unwrap();
+        assert!(missed.is_empty() && recovery_complete(&missed, 0, &pos));
+        assert_eq!(pos, first, "a channel without a stream reads at offset 0 with the epoch it would get");
+        assert_eq!(b.num_streams(), 0, "reading does not create a stream");
+        assert_eq!(b.position("c", H), first, "re-created with the same epoch");
+        // Another epoch, or an offset the stream never had, is not recoverable.
+        b.unsubscribe_node("c");
+        assert_eq!(b.history("c", &since(0, "other")), Err(BrokerError::UnrecoverablePosition));
+        assert_eq!(b.history("c", &since(1, &first.epoch)), Err(BrokerError::UnrecoverablePosition));
+        assert_ne!(b.position("d", H).epoch, first.epoch, "each channel has its own epoch");
+    }
+
+    #[test]
+    fn a_published_stream_outlives_its_subscribers() {
+        let b = MemoryBroker::unswept();
+        b.position("c", H);
+        b.publish("c", &mut pubn(1), H);
+        b.unsubscribe_node("c");
+        let (pubs, pos) = b.history("c", &all()).unwrap();
+        assert_eq!((pubs.len(), pos.offset), (1, 1));
+    }
+
+    #[test]
+    fn meta_expires_after_the_meta_ttl_and_the_next_stream_gets_a_new_epoch() {
+        let b = MemoryBroker::unswept();
+        let h = HistoryOptions { size: 10, ttl: Duration::from_secs(5), meta_ttl: Duration::from_secs(60) };
+        let start = Instant::now();
+        let old = b.publish("c", &mut pubn(1), h);
+        b.sweep(start + Duration::from_secs(30));
+        let (pubs, pos) = b.history("c", &all()).unwrap();
+        assert_eq!((pubs.len(), &pos), (0, &old), "publications gone after history_ttl, position kept");
+        // The read above extended the meta by its TTL; a sweep past that removes the stream.
+        b.sweep(Instant::now() + Duration::from_secs(61));
+        assert_eq!(b.num_streams(), 0);
+        let new = b.position("c", h);
+        assert_eq!(new.offset, 0);
+        assert_ne!(new.epoch, old.epoch, "a stream that had publications never comes back under its epoch");
+        assert_eq!(b.history("c", &since(0, &old.epoch)), Err(BrokerError::UnrecoverablePosition));
+        assert_eq!(b.history("c", &since(1, &old.epoch)), Err(BrokerError::UnrecoverablePosition));
+    }
+
+    #[test]
+    fn zero_meta_ttl_means_thirty_days_and_a_short_one_never_outruns_the_publications() {
+        let b = MemoryBroker::unswept();
+        let now = Instant::now();
+        b.publish("default", &mut pubn(1), H);
+        let short = HistoryOptions { size: 10, ttl: Duration::from_secs(120), meta_ttl: Duration::from_secs(1) };
+        b.publish("short", &mut pubn(1), short);
+        b.sweep(now + Duration::from_secs(60));
+        assert_eq!(b.history("short", &all()).unwrap().0.len(), 1, "meta TTL below history_ttl counts as history_ttl");
+        b.sweep(now + Duration::from_secs(29 * 24 * 3600));
+        assert_eq!(b.num_streams(), 1, "`short` is gone, the default 30 days are not over");
+        b.sweep(now + Duration::from_secs(31 * 24 * 3600));
+        assert_eq!(b.num_streams(), 0);
+    }
+
+    #[test]
+    fn expiry_queue_holds_one_entry_per_stream_and_a_sweep_touches_only_what_is_due() {
+        let b = MemoryBroker::unswept();
+        for i in 0..1000 {
+            for n in 0..5 {
+                b.publish(&format!("c{i}"), &mut pubn(n), H);
+            }
+            b.position(&format!("p{i}"), H);
+        }
+        let queued = || (0..SHARDS).map(|i| b.inner.lock(i).expiry.len()).sum::<usize>();
+        assert_eq!((b.num_streams(), queued()), (2000, 2000));
+        let due =
+            |at: Instant| (0..SHARDS).map(|i| b.inner.lock(i).sweep(at, usize::MAX, &b.inner.epochs)).sum::<usize>();
+        assert_eq!(due(Instant::now()), 0, "nothing is due yet: nothing is looked at");
+        assert_eq!(due(Instant::now() + H.ttl + Duration::from_secs(1)), 1000, "only the published streams");
+        assert_eq!(queued(), 2000, "each queued again, at its meta deadline");
+    }
+
+    #[test]
+    fn tables_shrink_after_a_burst_of_channels() {
+        let b = MemoryBroker::unswept();
+        let capacity = || (0..SHARDS).map(|i| b.inner.lock(i).streams.capacity()).sum::<usize>();
+        let presence = || (0..SHARDS).map(|i| b.inner.lock(i).presence.capacity()).sum::<usize>();
+        let empty = capacity();
+        for i in 0..20_000 {
+            b.position(&format!("c{i}"), H);
+            b.add_presence(&format!("c{i}"), ClientId(i), ClientInfo::default());
+        }
+        assert!(capacity() >= 20_000 && presence() >= 20_000);
+        for i in 0..20_000 {
+            b.unsubscribe_node(&format!("c{i}"));
+            b.remove_presence(&format!("c{i}"), ClientId(i));
+        }
+        assert_eq!(b.num_streams(), 0);
+        assert!(capacity() <= empty + SHARDS * 128, "stream tables kept {} slots", capacity());
+        assert!(presence() <= SHARDS * 128, "presence tables kept {} slots", presence());
     }
 
     #[test]
     fn no_history_means_offset_zero() {
-        let b = MemoryBroker::new();
+        let b = MemoryBroker::unswept();
         let mut p = pubn(1);
         assert_eq!(b.publish("c", &mut p, HistoryOptions::default()), StreamPos::default());
         assert_eq!(p.offset, 0);
@@ -351,7 +726,7 @@ mod tests {
 
     #[test]
     fn presence_counts_clients_and_users() {
-        let b = MemoryBroker::new();
+        let b = MemoryBroker::unswept();
         let info = |u: &str| ClientInfo { user: u.into(), ..Default::default() };
         b.add_presence("c", ClientId(1), info("alice"));
         b.add_presence("c", ClientId(2), info("alice"));
@@ -363,7 +738,7 @@ mod tests {
 
     #[test]
     fn presence_gives_back_what_was_added() {
-        let b = MemoryBroker::new();
+        let b = MemoryBroker::unswept();
         let full = ClientInfo {
             user: "alice".into(),
             client: ClientId(7).to_string(),

@@ -712,7 +712,9 @@ impl Session {
                         HistoryFilter { since: Some((req.offset, req.epoch.clone())), limit: -1, reverse: false };
                     match node.broker.history(channel, &filter) {
                         Ok((missed, pos)) => {
-                            r.recovered = recovery_complete(&missed, req.offset, &pos);
+                            // The epoch must be the stream's: a history read takes an empty one as "any"
+                            // (as Centrifugo's API does), a recovery never does.
+                            r.recovered = *pos.epoch == *req.epoch && recovery_complete(&missed, req.offset, &pos);
                             if r.recovered {
                                 r.publications = missed;
                             }

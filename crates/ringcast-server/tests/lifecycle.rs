@@ -11,12 +11,11 @@ use tokio::net::TcpStream;
 
 const T: Duration = Duration::from_secs(5);
 
-async fn wait_for_eof(stream: &mut TcpStream, within: Duration) -> Duration {
-    let start = Instant::now();
+async fn wait_for_eof(stream: &mut TcpStream, within: Duration) {
     let mut b = [0u8; 4096];
     loop {
         match tokio::time::timeout(within, stream.read(&mut b)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
+            Ok(Ok(0)) | Ok(Err(_)) => return,
             Ok(Ok(_)) => continue,
             Err(_) => panic!("connection still open after {within:?}"),
         }
@@ -27,8 +26,19 @@ async fn wait_for_eof(stream: &mut TcpStream, within: Duration) -> Duration {
 async fn silent_connection_is_dropped_at_the_handshake_timeout() {
     let server = TestServer::start(&[("handshake_timeout", "300ms")]).await;
     let mut c = TcpStream::connect(server.addr).await.unwrap();
-    let took = wait_for_eof(&mut c, T).await;
-    assert!(took >= Duration::from_millis(250), "dropped too early: {took:?}");
+    wait_for_eof(&mut c, T).await;
+    server.stop().await;
+    // Not before it (without timing it): under a deadline far longer than this test can take, a
+    // connection that waits before its head is upgraded all the same.
+    let server = TestServer::start(&[("handshake_timeout", "60s")]).await;
+    let mut c = TcpStream::connect(server.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut req = Vec::new();
+    ringcast_wire::handshake::write_client_request(&mut req, &server.addr.to_string(), "/echo", support::KEY, &[]);
+    c.write_all(&req).await.unwrap();
+    let mut head = [0u8; 12];
+    c.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
     server.stop().await;
 }
 
@@ -36,12 +46,15 @@ async fn silent_connection_is_dropped_at_the_handshake_timeout() {
 async fn slowloris_dribbling_a_head_is_dropped_at_the_handshake_timeout() {
     let server = TestServer::start(&[("handshake_timeout", "500ms")]).await;
     let mut c = TcpStream::connect(server.addr).await.unwrap();
-    let start = Instant::now();
     let head = b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Slow: ";
     c.write_all(head).await.unwrap();
-    // Keep dribbling one byte every 50 ms: the deadline is for the whole head, not per byte.
+    // Keep dribbling one byte every 50 ms: the deadline is for the whole head, not per byte. A per-byte
+    // deadline would never fire; however slowly this runs, the whole-head one must (the cap, 30 s, only
+    // ends a broken run).
     let mut closed = false;
-    for _ in 0..60 {
+    let mut dribbled = 0;
+    for _ in 0..600 {
+        dribbled += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
         if c.write_all(b"a").await.is_err() {
             closed = true;
@@ -53,17 +66,18 @@ async fn slowloris_dribbling_a_head_is_dropped_at_the_handshake_timeout() {
             break;
         }
     }
-    assert!(closed, "slowloris connection survived {:?}", start.elapsed());
-    assert!(start.elapsed() < Duration::from_secs(2));
+    assert!(closed, "slowloris connection survived {dribbled} bytes, one every 50 ms");
     server.stop().await;
 }
 
 #[tokio::test]
 async fn idle_connection_gets_1001_at_the_idle_timeout_and_others_live_on() {
-    let server = TestServer::start(&[("idle_timeout", "400ms")]).await;
+    // The busy client is never quiet for more than a tenth of the timeout (a margin for a loaded
+    // machine), and keeps going past the point where the idle one is due.
+    let server = TestServer::start(&[("idle_timeout", "1s")]).await;
     let mut idle = RawClient::connect(server.addr, "/echo").await;
     let mut busy = RawClient::connect(server.addr, "/echo").await;
-    for i in 0..8u8 {
+    for i in 0..15u8 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         busy.send_frame(true, OpCode::Binary, &[i]).await;
         assert_eq!(busy.recv(T).await, Got::Msg(OpCode::Binary, vec![i]));

@@ -10,10 +10,12 @@
 //! * [`reader`]: the receive state machine (fragments, control frames, UTF-8, limits).
 //! * [`buffer`]: the three read-buffer strategies.
 //! * [`handshake`]: the HTTP upgrade, both sides.
+//! * [`deflate`]: permessage-deflate (RFC 7692): negotiation, inflate (in the reader), deflate.
 //! * [`close`], [`utf8`], [`error`]: close codes, UTF-8 validation, and the one error type of this layer.
 
 pub mod buffer;
 pub mod close;
+pub mod deflate;
 pub mod error;
 pub mod frame;
 pub mod handshake;
@@ -23,6 +25,7 @@ pub mod utf8;
 
 pub use buffer::{AnyBuffer, BufferPool, GrowableBuffer, PooledBuffer, ReadBuffer, RingBuffer, Strategy};
 pub use close::CloseCode;
+pub use deflate::{DeflateConfig, DeflateParams, Deflater};
 pub use error::WireError;
 pub use frame::{encode_frame, OpCode, Role};
 pub use reader::{Event, Limits, Payload, Reader};

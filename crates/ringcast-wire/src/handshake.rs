@@ -202,11 +202,8 @@ pub fn parse_request_with<'a>(
         _ => return Err(HandshakeError::BadKey),
     }
     // Every Sec-WebSocket-Extensions line, in order: the headers are still on the stack.
-    let extensions = req
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
-        .map(|h| h.value);
+    let extensions =
+        req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions")).map(|h| h.value);
     let deflate = deflate::negotiate(extensions, deflate);
     Ok(Some(Request { path, query, host, origin, key, protocol: protocol.map(|(_, p)| p), deflate, head_len }))
 }

@@ -17,7 +17,9 @@ fn json(n: usize, seed: u32) -> Vec<u8> {
     let mut out = Vec::new();
     let mut i = seed;
     while out.len() < n {
-        out.extend_from_slice(format!("{{\"channel\":\"news:{}\",\"offset\":{},\"data\":\"hello\"}}", i % 7, i).as_bytes());
+        out.extend_from_slice(
+            format!("{{\"channel\":\"news:{}\",\"offset\":{},\"data\":\"hello\"}}", i % 7, i).as_bytes(),
+        );
         i += 1;
     }
     out.truncate(n);
@@ -67,12 +69,13 @@ fn uncompressed_message_does_not_touch_the_context() {
     let mut d = Deflater::new(&p, &config);
     let first = json(600, 0);
     let small = b"{\"channel\":\"news:3\"}".to_vec(); // 20 bytes: below min_size
-    // The third message repeats the small one and the first: a compressor that saw the small one
-    // refers back to it.
+                                                      // The third message repeats the small one and the first: a compressor that saw the small one
+                                                      // refers back to it.
     let mut third = small.clone();
     third.extend_from_slice(&small);
     third.extend_from_slice(&json(300, 0));
-    let frames: Vec<Vec<u8>> = [&first, &small, &third].iter().map(|m| d.encode_frame(OpCode::Text, m).to_vec()).collect();
+    let frames: Vec<Vec<u8>> =
+        [&first, &small, &third].iter().map(|m| d.encode_frame(OpCode::Text, m).to_vec()).collect();
     assert!(d.holds_state(), "context takeover keeps a compressor");
 
     let mut peer = PeerInflate::new();
@@ -146,7 +149,10 @@ fn shared_frames_need_a_window_no_larger_than_the_subscribers() {
 fn server_window_of_8_bits_sends_uncompressed() {
     let config = DeflateConfig::enabled();
     let p = params("permessage-deflate; server_max_window_bits=8", &config);
-    assert_eq!(p.header_value(), "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=8");
+    assert_eq!(
+        p.header_value(),
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=8"
+    );
     let mut d = Deflater::new(&p, &config);
     assert!(!d.compresses(10_000));
     assert_eq!(d.shared_window(), None);

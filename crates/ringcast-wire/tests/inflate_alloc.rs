@@ -98,7 +98,10 @@ fn a_frame_inflating_to_a_gibibyte_fails_at_the_cap_within_the_cap() {
         };
         let peak = (PEAK.load(Relaxed) - base) as usize;
         let largest = LARGEST.load(Relaxed);
-        println!("{strategy:?}: fed {fed} of {} B, peak {peak} B above the start, largest allocation {largest} B", frame.len());
+        println!(
+            "{strategy:?}: fed {fed} of {} B, peak {peak} B above the start, largest allocation {largest} B",
+            frame.len()
+        );
 
         assert_eq!(result, Err(WireError::MessageTooLarge), "{strategy:?}");
         assert_eq!(WireError::MessageTooLarge.close_code().0, 1009);

@@ -10,8 +10,8 @@ use proptest::strategy::Strategy as _;
 use ringcast_wire::buffer::{
     fill_from, AnyBuffer, BufferPool, GrowableBuffer, PooledBuffer, ReadBuffer, RingBuffer, Strategy,
 };
-use ringcast_wire::frame::{encode_client_frame, OpCode, Role};
 use ringcast_wire::deflate::{negotiate, DeflateConfig, DeflateParams};
+use ringcast_wire::frame::{encode_client_frame, OpCode, Role};
 use ringcast_wire::{CloseCode, Event, Limits, Reader, WireError};
 use support::PeerDeflate;
 

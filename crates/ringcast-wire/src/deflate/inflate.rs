@@ -110,7 +110,8 @@ impl Inflater {
             }
             let start = out.len();
             let before_in = self.inner.total_in();
-            let status = self.inner.decompress_vec(input, out, FlushDecompress::None).map_err(|_| WireError::InflateFailed)?;
+            let status =
+                self.inner.decompress_vec(input, out, FlushDecompress::None).map_err(|_| WireError::InflateFailed)?;
             let consumed = (self.inner.total_in() - before_in) as usize;
             input = &input[consumed..];
             if let Some(v) = utf8.as_deref_mut() {
@@ -134,8 +135,7 @@ impl Inflater {
 
     fn step_slice(&mut self, input: &[u8], out: &mut [u8]) -> Result<(usize, usize, Status), WireError> {
         let (before_in, before_out) = (self.inner.total_in(), self.inner.total_out());
-        let status =
-            self.inner.decompress(input, out, FlushDecompress::None).map_err(|_| WireError::InflateFailed)?;
+        let status = self.inner.decompress(input, out, FlushDecompress::None).map_err(|_| WireError::InflateFailed)?;
         Ok(((self.inner.total_in() - before_in) as usize, (self.inner.total_out() - before_out) as usize, status))
     }
 }

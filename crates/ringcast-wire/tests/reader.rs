@@ -646,3 +646,75 @@ proptest! {
         }
     }
 }
+
+/// Like [`encode_items`], with every message of `compress` (by index) compressed by the peer (a fresh
+/// stream each time: no client context takeover) and its compressed bytes split over the same frames.
+fn encode_compressed_items(items: &[Item], compress: &[bool], key_seed: u8) -> (Vec<u8>, Vec<Ev>) {
+    let mut stream = Vec::new();
+    let mut expected = Vec::new();
+    let mut k = key_seed;
+    let mut key = || {
+        k = k.wrapping_mul(31).wrapping_add(7);
+        [k, k ^ 0x5a, k.wrapping_add(3), !k]
+    };
+    for (n, it) in items.iter().enumerate() {
+        match it {
+            Item::Ping(p) => {
+                encode_client_frame(&mut stream, true, OpCode::Ping, p, key());
+                expected.push(Ev::Ping(p.clone()));
+            }
+            Item::Message { text, payload, parts, ping_at } => {
+                let op = if *text { OpCode::Text } else { OpCode::Binary };
+                let compressed = compress.get(n).copied().unwrap_or(false);
+                let wire = if compressed { PeerDeflate::new(6).message(payload) } else { payload.clone() };
+                let step = wire.len().div_ceil(*parts).max(1);
+                let chunks: Vec<&[u8]> = if wire.is_empty() { vec![&[]] } else { wire.chunks(step).collect() };
+                for (i, c) in chunks.iter().enumerate() {
+                    if *ping_at == Some(i) && i > 0 {
+                        encode_client_frame(&mut stream, true, OpCode::Ping, b"mid", key());
+                        expected.push(Ev::Ping(b"mid".to_vec()));
+                    }
+                    let fop = if i == 0 { op } else { OpCode::Continuation };
+                    let at = stream.len();
+                    encode_client_frame(&mut stream, i + 1 == chunks.len(), fop, c, key());
+                    if compressed && i == 0 {
+                        stream[at] |= 0x40;
+                    }
+                }
+                expected.push(Ev::Msg(op, payload.clone()));
+            }
+        }
+    }
+    (stream, expected)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 100, ..ProptestConfig::default() })]
+
+    #[test]
+    fn compressed_and_plain_sequences_cut_anywhere_decode_identically(
+        items in proptest::collection::vec(item(), 1..10),
+        compress in proptest::collection::vec(any::<bool>(), 10),
+        cuts in proptest::collection::vec(0usize..20_000, 0..40),
+        key_seed in any::<u8>(),
+        size in prop_oneof![Just(256usize), Just(300), Just(4096)],
+    ) {
+        let (stream, expected) = encode_compressed_items(&items, &compress, key_seed);
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (stream.len() + 1)).collect();
+        cuts.sort();
+        let mut pieces: Vec<&[u8]> = Vec::new();
+        let mut start = 0;
+        for c in cuts {
+            pieces.push(&stream[start..c]);
+            start = c;
+        }
+        pieces.push(&stream[start..]);
+        let limits = Limits { max_frame_payload: 1 << 20, max_message_size: 1 << 20 };
+        let params = deflate_params();
+        for s in Strategy::ALL {
+            let (ev, err) = decode_full(s, size, limits, Some(&params), &pieces);
+            prop_assert_eq!(err, None, "{:?}", s);
+            prop_assert_eq!(&ev, &expected, "{:?}", s);
+        }
+    }
+}

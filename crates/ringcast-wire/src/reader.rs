@@ -147,7 +147,7 @@ pub struct Reader {
     processed: u32,
     /// Opcode of the fragmented message in progress, if any.
     message: Option<OpCode>,
-    /// Whether the payload of the frame in progress is streamed into `assembled`.
+    /// Whether the payload of the frame in progress is streamed into the message buffer (`assembly`).
     streaming: bool,
     assembly: Option<Box<Assembly>>,
     utf8: Utf8Validator,
@@ -157,7 +157,7 @@ pub struct Reader {
     inflate_no_context_takeover: bool,
     /// Read-buffer bytes to consume at the next call (the last event borrowed them).
     pending_consume: u32,
-    /// The last event borrowed `assembled`; clear it at the next call.
+    /// The last event borrowed the message buffer; clear it at the next call.
     pending_clear: bool,
     /// A close frame was delivered; nothing after it is read.
     closed: bool,

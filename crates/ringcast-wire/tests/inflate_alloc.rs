@@ -2,6 +2,8 @@
 //! inflate far past the message limit fails with 1009 at the limit, having allocated no more than the
 //! limit (plus zlib's fixed state), for every read-buffer strategy.
 //!
+//! It also records what zlib's state costs, the figures the `deflate` module doc quotes.
+//!
 //! The allocator counts the whole process, so this file holds one test.
 
 mod support;
@@ -10,7 +12,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering::Relaxed};
 
 use ringcast_wire::buffer::{fill_from, AnyBuffer, BufferPool, GrowableBuffer, PooledBuffer, RingBuffer};
-use ringcast_wire::deflate::{negotiate, DeflateConfig};
+use ringcast_wire::deflate::{negotiate, DeflateConfig, Deflater};
 use ringcast_wire::frame::{encode_client_frame, OpCode, Role};
 use ringcast_wire::{Limits, Reader, Strategy, WireError};
 use support::PeerDeflate;
@@ -114,4 +116,32 @@ fn a_frame_inflating_to_a_gibibyte_fails_at_the_cap_within_the_cap() {
         drop(reader);
         drop(buf);
     }
+
+    // What the state costs, live: an inflater (15 bits) held with client context takeover, and a
+    // compressor (level 6, 15 bits) held with server context takeover.
+    let config =
+        DeflateConfig { client_context_takeover: true, server_context_takeover: true, ..DeflateConfig::enabled() };
+    let params = negotiate([b"permessage-deflate".as_slice()], &config).unwrap();
+    let msg = PeerDeflate::new(6).message(&[b'a'; 1000]);
+    let mut f = Vec::new();
+    encode_client_frame(&mut f, true, OpCode::Text, &msg, [1, 2, 3, 4]);
+    f[0] |= 0x40;
+    let mut buf = GrowableBuffer::new(4096, 4096);
+    fill_from(&mut buf, &f);
+    let mut reader = Reader::new(Role::Server, Limits::default());
+    reader.enable_deflate(&params);
+    let base = LIVE.load(Relaxed);
+    assert!(matches!(reader.next(&mut buf), Ok(Some(_))));
+    reader.settle(&mut buf);
+    assert!(reader.holds_inflater());
+    let inflater = (LIVE.load(Relaxed) - base) as usize;
+    let mut deflater = Deflater::new(&params, &config);
+    let base = LIVE.load(Relaxed);
+    let frame = deflater.encode_frame(OpCode::Text, &[b'a'; 1000]);
+    drop(frame);
+    assert!(deflater.holds_state());
+    let compressor = (LIVE.load(Relaxed) - base) as usize;
+    println!("held between messages: inflater {inflater} B, compressor {compressor} B");
+    assert!(inflater > 32 << 10 && inflater < 64 << 10, "inflater {inflater} B");
+    assert!(compressor > 128 << 10 && compressor < 512 << 10, "compressor {compressor} B");
 }

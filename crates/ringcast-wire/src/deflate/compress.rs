@@ -15,7 +15,7 @@
 //! bytes, the level and the window, so one frame serves every such subscriber whose negotiated
 //! `server_max_window_bits` is at least the window it was compressed with ([`Deflater::shared_window`]).
 //! A subscriber with context takeover needs its own compression: its frames depend on what it was sent
-//! before, so they cost their own CPU and its ~256 KiB compressor.
+//! before, so they cost their own CPU and its ~370 KiB compressor.
 
 use std::cell::RefCell;
 
@@ -74,7 +74,7 @@ fn plain_frame(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
 
 /// Compresses whole messages without context: every frame it makes stands alone, so it can be shared
 /// by any number of subscribers that negotiated `server_no_context_takeover` and a window of at least
-/// [`Self::window_bits`]. Keep one per thread (or per fan-out task): its zlib state is ~256 KiB.
+/// [`Self::window_bits`]. Keep one per thread (or per fan-out task): its zlib state is ~370 KiB.
 pub struct FrameCompressor {
     inner: Compress,
     level: u32,

@@ -257,6 +257,19 @@ pub fn origin_allowed(origin: Option<&[u8]>, host: Option<&[u8]>, allowed: &[Str
 
 /// Client side: writes an upgrade request (used by the load generator and tests).
 pub fn write_client_request(out: &mut Vec<u8>, host: &str, path: &str, key: &str, protocols: &[&str]) {
+    write_client_request_with(out, host, path, key, protocols, None);
+}
+
+/// [`write_client_request`] with a `Sec-WebSocket-Extensions` offer, e.g.
+/// `Some("permessage-deflate; client_max_window_bits")` (what browsers send).
+pub fn write_client_request_with(
+    out: &mut Vec<u8>,
+    host: &str,
+    path: &str,
+    key: &str,
+    protocols: &[&str],
+    extensions: Option<&str>,
+) {
     out.extend_from_slice(b"GET ");
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
@@ -269,6 +282,10 @@ pub fn write_client_request(out: &mut Vec<u8>, host: &str, path: &str, key: &str
         out.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
         out.extend_from_slice(protocols.join(", ").as_bytes());
     }
+    if let Some(e) = extensions {
+        out.extend_from_slice(b"\r\nSec-WebSocket-Extensions: ");
+        out.extend_from_slice(e.as_bytes());
+    }
     out.extend_from_slice(b"\r\n\r\n");
 }
 
@@ -280,6 +297,8 @@ pub enum ClientHandshakeError {
     Status(u16),
     #[error("wrong Sec-WebSocket-Accept")]
     BadAccept,
+    #[error("malformed Sec-WebSocket-Extensions in the response")]
+    BadExtension,
 }
 
 /// A server's accepted upgrade, as the client sees it.
@@ -289,6 +308,9 @@ pub struct Response<'a> {
     pub head_len: usize,
     /// The subprotocol the server chose, if any.
     pub protocol: Option<&'a [u8]>,
+    /// permessage-deflate, when the server accepted it: the parameters in force (enable them on the
+    /// client's reader with [`Reader::enable_deflate`](crate::reader::Reader::enable_deflate)).
+    pub deflate: Option<DeflateParams>,
 }
 
 /// Client side: checks a server's response head. `Ok(None)` while incomplete.
@@ -317,7 +339,10 @@ pub fn parse_response<'a>(buf: &'a [u8], key: &[u8]) -> Result<Option<Response<'
     if !ok {
         return Err(ClientHandshakeError::BadAccept);
     }
-    Ok(Some(Response { head_len: n, protocol }))
+    let extensions =
+        resp.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions")).map(|h| h.value);
+    let deflate = DeflateParams::from_response(extensions).map_err(|_| ClientHandshakeError::BadExtension)?;
+    Ok(Some(Response { head_len: n, protocol, deflate }))
 }
 
 #[cfg(test)]
@@ -449,6 +474,21 @@ mod tests {
     }
 
     #[test]
+    fn client_offers_deflate_and_reads_the_answer() {
+        let mut request = Vec::new();
+        write_client_request_with(&mut request, "h", "/", KEY, &[], Some("permessage-deflate; client_max_window_bits"));
+        let parsed = parse_request_with(&request, 8192, &[], &DeflateConfig::enabled()).unwrap().unwrap();
+        let mut response = Vec::new();
+        write_response(&parsed, &mut response);
+        let resp = parse_response(&response, KEY.as_bytes()).unwrap().unwrap();
+        assert_eq!(resp.deflate, parsed.deflate);
+        assert!(resp.deflate.is_some());
+        let bad =
+            String::from_utf8(response).unwrap().replace("server_no_context_takeover", "server_no_context_takeover=1");
+        assert_eq!(parse_response(bad.as_bytes(), KEY.as_bytes()), Err(ClientHandshakeError::BadExtension));
+    }
+
+    #[test]
     fn origin_policy() {
         let allowed = vec!["https://app.example".to_string()];
         assert!(origin_allowed(None, Some(b"x"), &[]));
@@ -464,7 +504,7 @@ mod tests {
         let resp = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
         assert_eq!(
             parse_response(resp, KEY.as_bytes()).unwrap(),
-            Some(Response { head_len: resp.len(), protocol: None })
+            Some(Response { head_len: resp.len(), protocol: None, deflate: None })
         );
         assert_eq!(parse_response(resp, b"AAAAAAAAAAAAAAAAAAAAAA==").unwrap_err(), ClientHandshakeError::BadAccept);
     }

@@ -445,6 +445,20 @@ for_each_strategy! {
         let (_, err) = decode_deflate(s, &[&f[..f.len() / 4]]);
         assert_eq!(err, Some(WireError::InvalidUtf8));
     };
+    compressed_error_does_not_depend_on_read_sizes => |s| {
+        // Inflated bytes that are not UTF-8, then a broken stream in the same frame: whether the frame
+        // arrives whole or a byte at a time, the bad text is reported (found by the differential fuzzer).
+        let mut z = PeerDeflate::new(0).message(&[b'a', 0xff, b'b', b'c']);
+        // The message ends in the start of an empty stored block (one byte); its LEN and NLEN follow here
+        // and disagree, which zlib sees in the same call that produced the text.
+        z.extend_from_slice(&[0x01, 0x00, 0x00, 0x00]);
+        let f = rsv1_frame(true, OpCode::Text, &z);
+        let (_, whole) = decode_deflate(s, &[&f]);
+        let pieces: Vec<&[u8]> = f.chunks(1).collect();
+        let (_, split) = decode_deflate(s, &pieces);
+        assert_eq!(whole, Some(WireError::InvalidUtf8));
+        assert_eq!(split, Some(WireError::InvalidUtf8));
+    };
     compressed_text_ending_mid_code_point_closes_1007 => |s| {
         let (_, err) = decode_deflate(s, &[&rsv1_frame(true, OpCode::Text, &PeerDeflate::new(6).message(&[b'a', 0xe2, 0x82]))]);
         assert_eq!(err, Some(WireError::InvalidUtf8));

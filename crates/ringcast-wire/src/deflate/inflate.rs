@@ -87,10 +87,11 @@ impl Inflater {
                 if out.len() >= cap {
                     // At the cap: may zlib produce another byte? If so the message is too big.
                     let mut probe = [0u8; 1];
-                    let (consumed, produced, status) = self.step_slice(input, &mut probe)?;
+                    let (consumed, produced, status) = self.step_slice(input, &mut probe);
                     if produced > 0 {
                         return Err(WireError::MessageTooLarge);
                     }
+                    let status = status?;
                     input = &input[consumed..];
                     if status == Status::StreamEnd {
                         self.ended = true;
@@ -110,13 +111,16 @@ impl Inflater {
             }
             let start = out.len();
             let before_in = self.inner.total_in();
-            let status =
-                self.inner.decompress_vec(input, out, FlushDecompress::None).map_err(|_| WireError::InflateFailed)?;
-            let consumed = (self.inner.total_in() - before_in) as usize;
-            input = &input[consumed..];
+            let result = self.inner.decompress_vec(input, out, FlushDecompress::None);
+            // The bytes produced before a broken stream was noticed are checked first: which error a
+            // peer gets must not depend on how its bytes were split into reads (the fuzzer holds the
+            // three buffer strategies to that), and a smaller read would have checked them already.
             if let Some(v) = utf8.as_deref_mut() {
                 v.feed(&out[start..]).map_err(|_| WireError::InvalidUtf8)?;
             }
+            let status = result.map_err(|_| WireError::InflateFailed)?;
+            let consumed = (self.inner.total_in() - before_in) as usize;
+            input = &input[consumed..];
             if status == Status::StreamEnd {
                 self.ended = true;
                 return if input.is_empty() { Ok(()) } else { Err(WireError::InflateFailed) };
@@ -133,10 +137,11 @@ impl Inflater {
         }
     }
 
-    fn step_slice(&mut self, input: &[u8], out: &mut [u8]) -> Result<(usize, usize, Status), WireError> {
+    /// One call into `out`: bytes consumed, bytes produced (also when the stream broke), the outcome.
+    fn step_slice(&mut self, input: &[u8], out: &mut [u8]) -> (usize, usize, Result<Status, WireError>) {
         let (before_in, before_out) = (self.inner.total_in(), self.inner.total_out());
-        let status = self.inner.decompress(input, out, FlushDecompress::None).map_err(|_| WireError::InflateFailed)?;
-        Ok(((self.inner.total_in() - before_in) as usize, (self.inner.total_out() - before_out) as usize, status))
+        let status = self.inner.decompress(input, out, FlushDecompress::None).map_err(|_| WireError::InflateFailed);
+        ((self.inner.total_in() - before_in) as usize, (self.inner.total_out() - before_out) as usize, status)
     }
 }
 

@@ -1,10 +1,12 @@
 //! Differential fuzzing of the frame decoder: any byte stream, cut into pieces chosen by the input,
 //! must never panic, and the three read-buffer strategies must produce the same events and the same
-//! error, byte for byte.
+//! error, byte for byte. A bit of the first byte turns permessage-deflate on, so that compressed
+//! messages (inflated as they arrive, capped at the message limit) are held to the same agreement.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use ringcast_wire::buffer::{fill_from, AnyBuffer, BufferPool, GrowableBuffer, PooledBuffer, ReadBuffer, RingBuffer};
+use ringcast_wire::deflate::{negotiate, DeflateConfig};
 use ringcast_wire::frame::Role;
 use ringcast_wire::{Event, Limits, Reader, Strategy, WireError};
 
@@ -16,13 +18,19 @@ enum Ev {
     Close(u16, Vec<u8>),
 }
 
-fn run(strategy: Strategy, data: &[u8], cut: u8, role: Role) -> (Vec<Ev>, Option<WireError>) {
+fn run(strategy: Strategy, data: &[u8], cut: u8, role: Role, deflate: bool) -> (Vec<Ev>, Option<WireError>) {
     let mut buf = match strategy {
         Strategy::Ring => AnyBuffer::Ring(RingBuffer::new(256)),
         Strategy::Pool => AnyBuffer::Pool(PooledBuffer::new(BufferPool::new(256, 2))),
         Strategy::Growable => AnyBuffer::Growable(GrowableBuffer::new(256, 1024)),
     };
     let mut reader = Reader::new(role, Limits { max_frame_payload: 4096, max_message_size: 8192 });
+    if deflate {
+        let config = DeflateConfig { client_context_takeover: true, server_context_takeover: true, ..DeflateConfig::enabled() };
+        if let Some(params) = negotiate([b"permessage-deflate".as_slice()], &config) {
+            reader.enable_deflate(&params);
+        }
+    }
     let mut events = Vec::new();
     let step = usize::from(cut % 64) + 1;
     let mut off = 0;
@@ -59,8 +67,9 @@ fn run(strategy: Strategy, data: &[u8], cut: u8, role: Role) -> (Vec<Ev>, Option
 fuzz_target!(|input: &[u8]| {
     let Some((&cut, data)) = input.split_first() else { return };
     let role = if cut & 0x80 != 0 { Role::Client } else { Role::Server };
-    let reference = run(Strategy::Growable, data, cut, role);
+    let deflate = cut & 0x40 != 0;
+    let reference = run(Strategy::Growable, data, cut, role, deflate);
     for s in [Strategy::Ring, Strategy::Pool] {
-        assert_eq!(run(s, data, cut, role), reference, "{s:?} disagrees with growable");
+        assert_eq!(run(s, data, cut, role, deflate), reference, "{s:?} disagrees with growable");
     }
 });

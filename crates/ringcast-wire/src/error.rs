@@ -38,6 +38,10 @@ pub enum WireError {
     FrameTooLarge,
     #[error("message exceeds the size limit")]
     MessageTooLarge,
+    #[error("RSV1 (compressed) on a control or continuation frame")]
+    MisplacedRsv1,
+    #[error("compressed payload is not a valid deflate stream")]
+    InflateFailed,
 }
 
 impl WireError {
@@ -56,7 +60,10 @@ impl WireError {
             | WireError::UnexpectedContinuation
             | WireError::ExpectedContinuation
             | WireError::CloseOneByte
-            | WireError::InvalidCloseCode(_) => CloseCode::PROTOCOL_ERROR,
+            | WireError::InvalidCloseCode(_)
+            // The extension's framing of the message is broken, not its content (see `deflate`).
+            | WireError::MisplacedRsv1
+            | WireError::InflateFailed => CloseCode::PROTOCOL_ERROR,
         }
     }
 
@@ -78,6 +85,8 @@ impl WireError {
             WireError::InvalidCloseReason => "invalid_close_reason",
             WireError::FrameTooLarge => "frame_too_large",
             WireError::MessageTooLarge => "message_too_large",
+            WireError::MisplacedRsv1 => "misplaced_rsv1",
+            WireError::InflateFailed => "inflate_failed",
         }
     }
 }

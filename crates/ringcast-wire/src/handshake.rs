@@ -4,10 +4,17 @@
 //! and a [`Request`] that borrows from those bytes once it is whole. Headers are parsed by httparse into a
 //! fixed array on the stack: nothing is allocated per header. Each way a request can be wrong maps to the
 //! HTTP status the server answers with ([`HandshakeError::status`]).
+//!
+//! Extensions: [`parse_request_with`] also negotiates permessage-deflate from every
+//! `Sec-WebSocket-Extensions` line (see [`crate::deflate`]); the outcome travels in [`Request::deflate`]
+//! and [`write_response`] answers it, as it does the subprotocol. An offer we cannot accept only means
+//! no extension, never a failed handshake.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use sha1::{Digest, Sha1};
+
+use crate::deflate::{self, DeflateConfig, DeflateParams};
 
 /// The GUID every Sec-WebSocket-Accept is derived with (RFC 6455 §1.3).
 const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -86,6 +93,8 @@ pub struct Request<'a> {
     pub key: &'a [u8],
     /// The subprotocol chosen from the server's list, in the client's order of preference.
     pub protocol: Option<&'static str>,
+    /// permessage-deflate, when negotiated: the parameters in force (answered by [`write_response`]).
+    pub deflate: Option<DeflateParams>,
     /// Length of the request head, including the blank line: bytes after it are WebSocket frames.
     pub head_len: usize,
 }
@@ -96,11 +105,22 @@ fn has_token(value: &[u8], token: &str) -> bool {
 }
 
 /// Parses an upgrade request from `buf`. `Ok(None)`: the head is not complete yet (and is still within
-/// `max_head`). `supported_protocols` is the server's list of subprotocols.
+/// `max_head`). `supported_protocols` is the server's list of subprotocols. No extension is negotiated
+/// (see [`parse_request_with`]).
 pub fn parse_request<'a>(
     buf: &'a [u8],
     max_head: usize,
     supported_protocols: &[&'static str],
+) -> Result<Option<Request<'a>>, HandshakeError> {
+    parse_request_with(buf, max_head, supported_protocols, &DeflateConfig::default())
+}
+
+/// [`parse_request`], also negotiating permessage-deflate under `deflate` (off unless `deflate.enabled`).
+pub fn parse_request_with<'a>(
+    buf: &'a [u8],
+    max_head: usize,
+    supported_protocols: &[&'static str],
+    deflate: &DeflateConfig,
 ) -> Result<Option<Request<'a>>, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
@@ -181,7 +201,11 @@ pub fn parse_request<'a>(
         Ok(16) if key.len() == 24 => {}
         _ => return Err(HandshakeError::BadKey),
     }
-    Ok(Some(Request { path, query, host, origin, key, protocol: protocol.map(|(_, p)| p), head_len }))
+    // Every Sec-WebSocket-Extensions line, in order: the headers are still on the stack.
+    let extensions =
+        req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions")).map(|h| h.value);
+    let deflate = deflate::negotiate(extensions, deflate);
+    Ok(Some(Request { path, query, host, origin, key, protocol: protocol.map(|(_, p)| p), deflate, head_len }))
 }
 
 /// Sec-WebSocket-Accept for a client key: base64(SHA-1(key + GUID)).
@@ -207,6 +231,10 @@ pub fn write_response(req: &Request<'_>, out: &mut Vec<u8>) {
         out.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
         out.extend_from_slice(p.as_bytes());
     }
+    if let Some(d) = &req.deflate {
+        out.extend_from_slice(b"\r\nSec-WebSocket-Extensions: ");
+        d.write_header_value(out);
+    }
     out.extend_from_slice(b"\r\n\r\n");
 }
 
@@ -229,6 +257,19 @@ pub fn origin_allowed(origin: Option<&[u8]>, host: Option<&[u8]>, allowed: &[Str
 
 /// Client side: writes an upgrade request (used by the load generator and tests).
 pub fn write_client_request(out: &mut Vec<u8>, host: &str, path: &str, key: &str, protocols: &[&str]) {
+    write_client_request_with(out, host, path, key, protocols, None);
+}
+
+/// [`write_client_request`] with a `Sec-WebSocket-Extensions` offer, e.g.
+/// `Some("permessage-deflate; client_max_window_bits")` (what browsers send).
+pub fn write_client_request_with(
+    out: &mut Vec<u8>,
+    host: &str,
+    path: &str,
+    key: &str,
+    protocols: &[&str],
+    extensions: Option<&str>,
+) {
     out.extend_from_slice(b"GET ");
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
@@ -241,6 +282,10 @@ pub fn write_client_request(out: &mut Vec<u8>, host: &str, path: &str, key: &str
         out.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
         out.extend_from_slice(protocols.join(", ").as_bytes());
     }
+    if let Some(e) = extensions {
+        out.extend_from_slice(b"\r\nSec-WebSocket-Extensions: ");
+        out.extend_from_slice(e.as_bytes());
+    }
     out.extend_from_slice(b"\r\n\r\n");
 }
 
@@ -252,6 +297,8 @@ pub enum ClientHandshakeError {
     Status(u16),
     #[error("wrong Sec-WebSocket-Accept")]
     BadAccept,
+    #[error("malformed Sec-WebSocket-Extensions in the response")]
+    BadExtension,
 }
 
 /// A server's accepted upgrade, as the client sees it.
@@ -261,6 +308,9 @@ pub struct Response<'a> {
     pub head_len: usize,
     /// The subprotocol the server chose, if any.
     pub protocol: Option<&'a [u8]>,
+    /// permessage-deflate, when the server accepted it: the parameters in force (enable them on the
+    /// client's reader with [`Reader::enable_deflate`](crate::reader::Reader::enable_deflate)).
+    pub deflate: Option<DeflateParams>,
 }
 
 /// Client side: checks a server's response head. `Ok(None)` while incomplete.
@@ -289,7 +339,10 @@ pub fn parse_response<'a>(buf: &'a [u8], key: &[u8]) -> Result<Option<Response<'
     if !ok {
         return Err(ClientHandshakeError::BadAccept);
     }
-    Ok(Some(Response { head_len: n, protocol }))
+    let extensions =
+        resp.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions")).map(|h| h.value);
+    let deflate = DeflateParams::from_response(extensions).map_err(|_| ClientHandshakeError::BadExtension)?;
+    Ok(Some(Response { head_len: n, protocol, deflate }))
 }
 
 #[cfg(test)]
@@ -391,6 +444,51 @@ mod tests {
     }
 
     #[test]
+    fn permessage_deflate_is_negotiated_and_answered() {
+        let on = DeflateConfig::enabled();
+        // Offers over two header lines; the first one is malformed and declined.
+        let r = req("Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=20\r\nSec-WebSocket-Extensions: x-other, permessage-deflate; client_max_window_bits\r\n");
+        let parsed = parse_request_with(r.as_bytes(), 8192, &[], &on).unwrap().unwrap();
+        let params = parsed.deflate.expect("negotiated");
+        assert!(params.server_no_context_takeover() && params.client_no_context_takeover());
+        let mut out = Vec::new();
+        write_response(&parsed, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n"),
+            "{text}"
+        );
+        // Disabled (and through the old entry point): no extension, and no header in the answer.
+        for parsed in [
+            parse_request(r.as_bytes(), 8192, &[]).unwrap().unwrap(),
+            parse_request_with(r.as_bytes(), 8192, &[], &DeflateConfig::default()).unwrap().unwrap(),
+        ] {
+            assert_eq!(parsed.deflate, None);
+            let mut out = Vec::new();
+            write_response(&parsed, &mut out);
+            assert!(!String::from_utf8(out).unwrap().contains("Extensions"));
+        }
+        // Nothing acceptable: the handshake still succeeds, without the extension.
+        let r = req("Sec-WebSocket-Extensions: permessage-deflate; bogus\r\n");
+        assert_eq!(parse_request_with(r.as_bytes(), 8192, &[], &on).unwrap().unwrap().deflate, None);
+    }
+
+    #[test]
+    fn client_offers_deflate_and_reads_the_answer() {
+        let mut request = Vec::new();
+        write_client_request_with(&mut request, "h", "/", KEY, &[], Some("permessage-deflate; client_max_window_bits"));
+        let parsed = parse_request_with(&request, 8192, &[], &DeflateConfig::enabled()).unwrap().unwrap();
+        let mut response = Vec::new();
+        write_response(&parsed, &mut response);
+        let resp = parse_response(&response, KEY.as_bytes()).unwrap().unwrap();
+        assert_eq!(resp.deflate, parsed.deflate);
+        assert!(resp.deflate.is_some());
+        let bad =
+            String::from_utf8(response).unwrap().replace("server_no_context_takeover", "server_no_context_takeover=1");
+        assert_eq!(parse_response(bad.as_bytes(), KEY.as_bytes()), Err(ClientHandshakeError::BadExtension));
+    }
+
+    #[test]
     fn origin_policy() {
         let allowed = vec!["https://app.example".to_string()];
         assert!(origin_allowed(None, Some(b"x"), &[]));
@@ -406,7 +504,7 @@ mod tests {
         let resp = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
         assert_eq!(
             parse_response(resp, KEY.as_bytes()).unwrap(),
-            Some(Response { head_len: resp.len(), protocol: None })
+            Some(Response { head_len: resp.len(), protocol: None, deflate: None })
         );
         assert_eq!(parse_response(resp, b"AAAAAAAAAAAAAAAAAAAAAA==").unwrap_err(), ClientHandshakeError::BadAccept);
     }

@@ -11,10 +11,12 @@
 //! * [`buffer`]: the three read-buffer strategies.
 //! * [`handshake`]: the HTTP upgrade, both sides.
 //! * [`tcp`]: the raw TCP binary protocol (header, body, CRC-32) over the same read buffers.
+//! * [`deflate`]: permessage-deflate (RFC 7692): negotiation, inflate (in the reader), deflate.
 //! * [`close`], [`utf8`], [`error`]: close codes, UTF-8 validation, and the one error type of this layer.
 
 pub mod buffer;
 pub mod close;
+pub mod deflate;
 pub mod error;
 pub mod frame;
 pub mod handshake;
@@ -25,6 +27,7 @@ pub mod utf8;
 
 pub use buffer::{AnyBuffer, BufferPool, GrowableBuffer, PooledBuffer, ReadBuffer, RingBuffer, Strategy};
 pub use close::CloseCode;
+pub use deflate::{DeflateConfig, DeflateParams, Deflater};
 pub use error::WireError;
 pub use frame::{encode_frame, OpCode, Role};
 pub use reader::{Event, Limits, Payload, Reader};

@@ -18,9 +18,22 @@
 //!   memory for the rest of a connection's life.
 //!
 //! Limits are checked from the header, before any payload is buffered.
+//!
+//! # permessage-deflate
+//! Off unless [`Reader::enable_deflate`] is called with the negotiated parameters; until then RSV1 is a
+//! protocol error like any reserved bit. With it on, RSV1 on the first frame of a data message marks
+//! the message compressed (RSV1 on a control or continuation frame: 1002). A compressed message always
+//! takes the streaming path: as its bytes arrive they are unmasked, inflated into the message buffer
+//! (never past `max_message_size`, 1009 the moment it would be), and for text UTF-8-checked *after*
+//! inflating, so the in-place path for uncompressed messages is untouched and allocates nothing. The
+//! compressed size of a message is held to `max_message_size` too. The message buffer and the inflater
+//! share one box that exists only while a message is being assembled — or, with client context
+//! takeover, while the inflater must keep its window — so an idle connection holds neither, and the
+//! reader costs no more per connection than it did without the extension (see [`crate::deflate`]).
 
 use crate::buffer::ReadBuffer;
 use crate::close::{parse_close_payload, CloseCode};
+use crate::deflate::{DeflateParams, Inflater};
 use crate::error::WireError;
 use crate::frame::{decode_header, FrameHeader, OpCode, Role, MAX_HEADER_LEN};
 use crate::mask::apply_mask;
@@ -102,6 +115,22 @@ pub enum Event<'a> {
 /// Message buffers up to this capacity are kept between messages; larger ones are freed after delivery.
 const KEEP_MESSAGE_CAPACITY: usize = 0;
 
+/// RSV1: the message is compressed (permessage-deflate, RFC 7692 §6).
+const RSV1: u8 = 0x40;
+
+/// What a message in assembly needs: its buffer and, for permessage-deflate, the inflater. Boxed, and
+/// present only while used, so that an idle connection pays one pointer for both.
+#[derive(Debug, Default)]
+struct Assembly {
+    message: Vec<u8>,
+    /// Created on the first compressed message; kept between messages only with context takeover.
+    inflater: Option<Inflater>,
+    /// The message in progress is compressed (RSV1 on its first frame).
+    compressed: bool,
+    /// Compressed payload bytes of that message so far (held to the message limit as well).
+    wire_len: u64,
+}
+
 /// The receive-side state of one WebSocket connection.
 #[derive(Debug)]
 pub struct Reader {
@@ -118,13 +147,17 @@ pub struct Reader {
     processed: u32,
     /// Opcode of the fragmented message in progress, if any.
     message: Option<OpCode>,
-    /// Whether the payload of the frame in progress is streamed into `assembled`.
+    /// Whether the payload of the frame in progress is streamed into the message buffer (`assembly`).
     streaming: bool,
-    assembled: Vec<u8>,
+    assembly: Option<Box<Assembly>>,
     utf8: Utf8Validator,
+    /// The peer's largest deflate window (base-2 log); 0 while permessage-deflate is off.
+    inflate_bits: u8,
+    /// The peer resets its compressor after every message: so do we, and keep no inflater.
+    inflate_no_context_takeover: bool,
     /// Read-buffer bytes to consume at the next call (the last event borrowed them).
     pending_consume: u32,
-    /// The last event borrowed `assembled`; clear it at the next call.
+    /// The last event borrowed the message buffer; clear it at the next call.
     pending_clear: bool,
     /// A close frame was delivered; nothing after it is read.
     closed: bool,
@@ -142,8 +175,10 @@ impl Reader {
             processed: 0,
             message: None,
             streaming: false,
-            assembled: Vec::new(),
+            assembly: None,
             utf8: Utf8Validator::new(),
+            inflate_bits: 0,
+            inflate_no_context_takeover: true,
             pending_consume: 0,
             pending_clear: false,
             closed: false,
@@ -155,9 +190,72 @@ impl Reader {
         self.frame.is_some() || self.message.is_some()
     }
 
-    /// Heap bytes held for message assembly.
+    /// Turns permessage-deflate on with the negotiated parameters: RSV1 becomes legal on the first frame
+    /// of a data message, and such messages are inflated. Call once the handshake has agreed on it.
+    pub fn enable_deflate(&mut self, params: &DeflateParams) {
+        // We inflate what the other end compresses.
+        let (no_context_takeover, bits) = params.sender(self.role == Role::Client);
+        self.allowed_rsv |= RSV1;
+        self.inflate_bits = bits;
+        self.inflate_no_context_takeover = no_context_takeover;
+    }
+
+    /// Heap bytes held for message assembly (the inflater's zlib state counted as an estimate: 15 KiB
+    /// plus its window, ~47 KiB at 15 bits as measured in `tests/inflate_alloc.rs`).
     pub fn held_bytes(&self) -> usize {
-        self.assembled.capacity()
+        self.assembly.as_deref().map_or(0, |a| {
+            let inflater =
+                if a.inflater.is_some() { (15 << 10) + (1usize << self.inflate_bits.clamp(9, 15)) } else { 0 };
+            std::mem::size_of::<Assembly>() + a.message.capacity() + inflater
+        })
+    }
+
+    /// Whether an inflater (zlib state) is held right now.
+    pub fn holds_inflater(&self) -> bool {
+        self.assembly.as_deref().is_some_and(|a| a.inflater.is_some())
+    }
+
+    fn compressed(&self) -> bool {
+        self.assembly.as_deref().is_some_and(|a| a.compressed)
+    }
+
+    fn assembly(&mut self) -> &mut Assembly {
+        self.assembly.get_or_insert_with(Box::default)
+    }
+
+    /// After a message was delivered: frees its buffer, and the inflater unless its window must be kept.
+    fn clear_assembly(&mut self) {
+        let Some(a) = self.assembly.as_deref_mut() else { return };
+        a.message.clear();
+        if a.message.capacity() > KEEP_MESSAGE_CAPACITY {
+            a.message = Vec::new();
+        }
+        a.compressed = false;
+        a.wire_len = 0;
+        if self.inflate_no_context_takeover {
+            a.inflater = None;
+        }
+        if a.inflater.is_none() && a.message.capacity() == 0 {
+            self.assembly = None;
+        }
+    }
+
+    /// Inflates compressed payload bytes of the message in progress into the message buffer.
+    fn inflate(&mut self, input: &[u8], text: bool) -> Result<(), WireError> {
+        let cap = self.max_message_size as usize;
+        let bits = self.inflate_bits;
+        let a = self.assembly.get_or_insert_with(Box::default);
+        let inflater = a.inflater.get_or_insert_with(|| Inflater::new(bits));
+        inflater.inflate(input, &mut a.message, cap, text.then_some(&mut self.utf8))
+    }
+
+    /// Ends a compressed message: the stripped tail is inflated, the inflater readied for the next.
+    fn finish_inflate(&mut self, text: bool) -> Result<(), WireError> {
+        let cap = self.max_message_size as usize;
+        let bits = self.inflate_bits;
+        let a = self.assembly.get_or_insert_with(Box::default);
+        let inflater = a.inflater.get_or_insert_with(|| Inflater::new(bits));
+        inflater.finish_message(&mut a.message, cap, text.then_some(&mut self.utf8))
     }
 
     /// Applies what the previous event borrowed. Call before reading more into the buffer, so that the
@@ -169,10 +267,7 @@ impl Reader {
         }
         if self.pending_clear {
             self.pending_clear = false;
-            self.assembled.clear();
-            if self.assembled.capacity() > KEEP_MESSAGE_CAPACITY {
-                self.assembled = Vec::new();
-            }
+            self.clear_assembly();
         }
     }
 
@@ -219,10 +314,12 @@ impl Reader {
                         let bytes: &[u8] = match payload.contiguous() {
                             Some(s) => s,
                             None => {
-                                self.assembled.clear();
-                                payload.copy_to(&mut self.assembled);
+                                // Nothing is read after a close, so a message in assembly is moot.
+                                let a = self.assembly.get_or_insert_with(Box::default);
+                                a.message.clear();
+                                payload.copy_to(&mut a.message);
                                 self.pending_clear = true;
-                                &self.assembled
+                                &a.message
                             }
                         };
                         let (code, reason) = parse_close_payload(bytes)?;
@@ -237,7 +334,8 @@ impl Reader {
                 header.opcode
             };
 
-            if complete && !self.streaming && header.fin && self.message.is_none() {
+            let compressed = self.compressed();
+            if complete && !self.streaming && header.fin && self.message.is_none() && !compressed {
                 // The common case: a whole single-frame message in the buffer, handed out in place.
                 if opcode == OpCode::Text {
                     self.utf8.finish().map_err(|_| WireError::InvalidUtf8)?;
@@ -250,10 +348,12 @@ impl Reader {
                 return Ok(Some(Event::Message { opcode, payload: Payload { first: a, second: b } }));
             }
 
-            // Here the frame is a fragment, already streaming, or incomplete (a fragment's `fin == false`
-            // implies `message.is_some()`).
-            let must_stream =
-                self.streaming || self.message.is_some() || header.payload_len > buf.frame_capacity() as u64;
+            // Here the frame is a fragment, already streaming, compressed, or incomplete (a fragment's
+            // `fin == false` implies `message.is_some()`).
+            let must_stream = self.streaming
+                || self.message.is_some()
+                || compressed
+                || header.payload_len > buf.frame_capacity() as u64;
             if !must_stream {
                 // A single frame that will fit: wait for the rest of it in place.
                 return Ok(None);
@@ -262,8 +362,15 @@ impl Reader {
             {
                 let (a, b) = buf.readable_mut();
                 let (a, b) = split_prefix(a, b, available);
-                self.assembled.extend_from_slice(a);
-                self.assembled.extend_from_slice(b);
+                if compressed {
+                    let text = opcode == OpCode::Text;
+                    self.inflate(a, text)?;
+                    self.inflate(b, text)?;
+                } else {
+                    let message = &mut self.assembly().message;
+                    message.extend_from_slice(a);
+                    message.extend_from_slice(b);
+                }
             }
             buf.consume(available);
             // Below the frame's length, which the limit kept within `u32`.
@@ -280,11 +387,15 @@ impl Reader {
                 continue;
             }
             self.message = None;
+            if compressed {
+                self.finish_inflate(opcode == OpCode::Text)?;
+            }
             if opcode == OpCode::Text {
                 self.utf8.finish().map_err(|_| WireError::InvalidUtf8)?;
             }
             self.pending_clear = true;
-            return Ok(Some(Event::Message { opcode, payload: Payload { first: &self.assembled, second: &[] } }));
+            let message: &[u8] = self.assembly.as_deref().map_or(&[], |a| &a.message);
+            return Ok(Some(Event::Message { opcode, payload: Payload { first: message, second: &[] } }));
         }
     }
 
@@ -305,6 +416,9 @@ impl Reader {
         let Some((header, header_len)) = decoded else {
             return Ok(None);
         };
+        // `decode_header` let RSV1 through only if permessage-deflate is on; it is legal only on the first
+        // frame of a data message.
+        let rsv1 = header.rsv & RSV1 != 0;
         match header.opcode {
             OpCode::Continuation if self.message.is_none() => return Err(WireError::UnexpectedContinuation),
             OpCode::Text | OpCode::Binary => {
@@ -315,15 +429,34 @@ impl Reader {
                 if !header.fin {
                     self.message = Some(header.opcode);
                 }
+                if rsv1 {
+                    let a = self.assembly();
+                    a.compressed = true;
+                    a.wire_len = 0;
+                }
             }
+            _ if rsv1 => return Err(WireError::MisplacedRsv1),
             _ => {}
         }
         if !header.opcode.is_control() {
             if header.payload_len > u64::from(self.max_frame_payload) {
                 return Err(WireError::FrameTooLarge);
             }
-            if self.assembled.len() as u64 + header.payload_len > u64::from(self.max_message_size) {
-                return Err(WireError::MessageTooLarge);
+            let max = u64::from(self.max_message_size);
+            match self.assembly.as_deref_mut() {
+                // Compressed: the inflated size is capped as it is produced; the wire size here.
+                Some(a) if a.compressed => {
+                    a.wire_len += header.payload_len;
+                    if a.wire_len > max {
+                        return Err(WireError::MessageTooLarge);
+                    }
+                }
+                a => {
+                    let held = a.map_or(0, |a| a.message.len() as u64);
+                    if held + header.payload_len > max {
+                        return Err(WireError::MessageTooLarge);
+                    }
+                }
             }
         }
         buf.consume(header_len);
@@ -340,11 +473,13 @@ impl Reader {
         header: &FrameHeader,
         available: usize,
     ) -> Result<(), WireError> {
-        let is_text = match header.opcode {
-            OpCode::Text => true,
-            OpCode::Continuation => self.message == Some(OpCode::Text),
-            _ => false,
-        };
+        // A compressed message is UTF-8-checked after inflating, not here.
+        let is_text = !self.compressed()
+            && match header.opcode {
+                OpCode::Text => true,
+                OpCode::Continuation => self.message == Some(OpCode::Text),
+                _ => false,
+            };
         let (a, b) = buf.readable_mut();
         let (a, b) = split_prefix_mut(a, b, available);
         let (a, b) = skip_prefix_mut(a, b, self.processed as usize);
@@ -387,5 +522,17 @@ fn skip_prefix_mut<'a>(a: &'a mut [u8], b: &'a mut [u8], n: usize) -> (&'a mut [
     } else {
         let al = a.len();
         (&mut [], &mut b[n - al..])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every connection carries a reader, and the server's connection future is at a size-class edge
+    /// (ARCHITECTURE.md): the extension must not make the reader any larger than the 72 B it was.
+    #[test]
+    fn reader_stays_small() {
+        let size = std::mem::size_of::<super::Reader>();
+        println!("Reader: {size} B");
+        assert!(size <= 72, "Reader grew to {size} B");
     }
 }

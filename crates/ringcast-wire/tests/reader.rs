@@ -3,13 +3,17 @@
 //! Buffers are deliberately small (256 bytes) so that frames wrap around the ring, get compacted in the
 //! pool buffer, and larger messages are streamed rather than held whole.
 
+mod support;
+
 use proptest::prelude::*;
 use proptest::strategy::Strategy as _;
 use ringcast_wire::buffer::{
     fill_from, AnyBuffer, BufferPool, GrowableBuffer, PooledBuffer, ReadBuffer, RingBuffer, Strategy,
 };
+use ringcast_wire::deflate::{negotiate, DeflateConfig, DeflateParams};
 use ringcast_wire::frame::{encode_client_frame, OpCode, Role};
 use ringcast_wire::{CloseCode, Event, Limits, Reader, WireError};
+use support::PeerDeflate;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Ev {
@@ -29,8 +33,22 @@ fn buffer(strategy: Strategy, size: usize) -> AnyBuffer {
 
 /// Feeds `chunks` (as successive socket reads) through a reader; returns the events and the error.
 fn decode_with(strategy: Strategy, size: usize, limits: Limits, chunks: &[&[u8]]) -> (Vec<Ev>, Option<WireError>) {
+    decode_full(strategy, size, limits, None, chunks)
+}
+
+/// [`decode_with`], with permessage-deflate enabled on the reader when `deflate` is given.
+fn decode_full(
+    strategy: Strategy,
+    size: usize,
+    limits: Limits,
+    deflate: Option<&DeflateParams>,
+    chunks: &[&[u8]],
+) -> (Vec<Ev>, Option<WireError>) {
     let mut buf = buffer(strategy, size);
     let mut reader = Reader::new(Role::Server, limits);
+    if let Some(p) = deflate {
+        reader.enable_deflate(p);
+    }
     let mut events = Vec::new();
     for chunk in chunks {
         let mut off = 0;
@@ -70,6 +88,50 @@ fn decode(strategy: Strategy, chunks: &[&[u8]]) -> (Vec<Ev>, Option<WireError>) 
 fn frame(fin: bool, op: OpCode, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     encode_client_frame(&mut out, fin, op, payload, [0x37, 0xfa, 0x21, 0x3d]);
+    out
+}
+
+/// The parameters our defaults negotiate for a browser's offer (no context takeover either way).
+fn deflate_params() -> DeflateParams {
+    negotiate([b"permessage-deflate; client_max_window_bits".as_slice()], &DeflateConfig::enabled()).unwrap()
+}
+
+/// Parameters with client context takeover (the client keeps its window between messages).
+fn takeover_params() -> DeflateParams {
+    let config = DeflateConfig { client_context_takeover: true, ..DeflateConfig::enabled() };
+    let p = negotiate([b"permessage-deflate".as_slice()], &config).unwrap();
+    assert!(!p.client_no_context_takeover());
+    p
+}
+
+fn decode_deflate(strategy: Strategy, chunks: &[&[u8]]) -> (Vec<Ev>, Option<WireError>) {
+    let limits = Limits { max_frame_payload: 1 << 20, max_message_size: 1 << 20 };
+    decode_full(strategy, 256, limits, Some(&deflate_params()), chunks)
+}
+
+/// A masked client frame with RSV1 set (the mask does not cover the first byte).
+fn rsv1_frame(fin: bool, op: OpCode, payload: &[u8]) -> Vec<u8> {
+    let mut f = frame(fin, op, payload);
+    f[0] |= 0x40;
+    f
+}
+
+/// Text of `n` bytes that compresses well but not trivially.
+fn text(n: usize) -> Vec<u8> {
+    let words = ["alpha ", "beta ", "gamma ", "delta ", "κόσμε ", "{\"k\":1} "];
+    let mut out = Vec::new();
+    let mut i = 0usize;
+    while out.len() < n {
+        out.extend_from_slice(words[(i * 7 + i / 3) % words.len()].as_bytes());
+        i += 1;
+    }
+    // Cut at a character boundary at or below n, then pad with ASCII to exactly n.
+    let mut cut = n;
+    while std::str::from_utf8(&out[..cut]).is_err() {
+        cut -= 1;
+    }
+    out.truncate(cut);
+    out.resize(n, b'.');
     out
 }
 
@@ -257,6 +319,196 @@ for_each_strategy! {
         let (_, err) = decode(s, &[&f]);
         assert_eq!(err, Some(WireError::ReservedBits));
     };
+    rsv1_without_the_extension_closes_1002 => |s| {
+        let z = PeerDeflate::new(6).message(b"hello");
+        let (_, err) = decode(s, &[&rsv1_frame(true, OpCode::Text, &z)]);
+        assert_eq!(err, Some(WireError::ReservedBits));
+        assert_eq!(err.unwrap().close_code(), CloseCode::PROTOCOL_ERROR);
+    };
+    rsv2_and_rsv3_close_1002_even_with_the_extension => |s| {
+        for bit in [0x20u8, 0x10] {
+            let mut f = frame(true, OpCode::Text, b"x");
+            f[0] |= bit;
+            let (_, err) = decode_deflate(s, &[&f]);
+            assert_eq!(err, Some(WireError::ReservedBits));
+        }
+    };
+    compressed_message_inflates => |s| {
+        let msg = text(3000);
+        let z = PeerDeflate::new(6).message(&msg);
+        assert!(z.len() < msg.len() / 2);
+        let (ev, err) = decode_deflate(s, &[&rsv1_frame(true, OpCode::Text, &z)]);
+        assert_eq!(err, None);
+        assert_eq!(ev, vec![Ev::Msg(OpCode::Text, msg)]);
+    };
+    compressed_message_inflates_one_byte_at_a_time => |s| {
+        let msg = text(700);
+        let f = rsv1_frame(true, OpCode::Text, &PeerDeflate::new(6).message(&msg));
+        let pieces: Vec<&[u8]> = f.chunks(1).collect();
+        let (ev, err) = decode_deflate(s, &pieces);
+        assert_eq!(err, None);
+        assert_eq!(ev, vec![Ev::Msg(OpCode::Text, msg)]);
+    };
+    compressed_fragments_inflate_around_control_frames => |s| {
+        // One compressed message split over three frames (RSV1 on the first only), pings between.
+        let msg = text(5000);
+        let z = PeerDeflate::new(6).message(&msg);
+        let (a, rest) = z.split_at(z.len() / 3);
+        let (b, c) = rest.split_at(rest.len() / 2);
+        let mut st = rsv1_frame(false, OpCode::Text, a);
+        st.extend(frame(true, OpCode::Ping, b"p"));
+        st.extend(frame(false, OpCode::Continuation, b));
+        st.extend(frame(true, OpCode::Pong, b""));
+        st.extend(frame(true, OpCode::Continuation, c));
+        // An uncompressed message right behind it, still decoded in place.
+        st.extend(frame(true, OpCode::Binary, &[7; 10]));
+        for step in [1usize, 7, 100, st.len()] {
+            let pieces: Vec<&[u8]> = st.chunks(step).collect();
+            let (ev, err) = decode_deflate(s, &pieces);
+            assert_eq!(err, None, "step {step}");
+            assert_eq!(
+                ev,
+                vec![Ev::Ping(b"p".to_vec()), Ev::Pong(vec![]), Ev::Msg(OpCode::Text, msg.clone()), Ev::Msg(OpCode::Binary, vec![7; 10])],
+                "step {step}"
+            );
+        }
+    };
+    compressed_and_plain_messages_interleave => |s| {
+        // Without client context takeover every compressed message is a fresh stream.
+        let mut st = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..6u8 {
+            let msg = text(200 + usize::from(i) * 150);
+            if i % 2 == 0 {
+                st.extend(rsv1_frame(true, OpCode::Binary, &PeerDeflate::new(6).message(&msg)));
+            } else {
+                st.extend(frame(true, OpCode::Binary, &msg));
+            }
+            expected.push(Ev::Msg(OpCode::Binary, msg));
+        }
+        let pieces: Vec<&[u8]> = st.chunks(61).collect();
+        let (ev, err) = decode_deflate(s, &pieces);
+        assert_eq!(err, None);
+        assert_eq!(ev, expected);
+    };
+    empty_compressed_message_decodes => |s| {
+        // RFC 7692 §7.2.3.6: an empty message compresses to the single byte 0x00.
+        let (ev, err) = decode_deflate(s, &[&rsv1_frame(true, OpCode::Text, &[0x00])]);
+        assert_eq!(err, None);
+        assert_eq!(ev, vec![Ev::Msg(OpCode::Text, vec![])]);
+    };
+    rsv1_on_a_continuation_frame_closes_1002 => |s| {
+        let z = PeerDeflate::new(6).message(&text(300));
+        let mut st = rsv1_frame(false, OpCode::Text, &z[..10]);
+        st.extend(rsv1_frame(true, OpCode::Continuation, &z[10..]));
+        let (_, err) = decode_deflate(s, &[&st]);
+        assert_eq!(err, Some(WireError::MisplacedRsv1));
+        assert_eq!(err.unwrap().close_code(), CloseCode::PROTOCOL_ERROR);
+        // Also when the first frame was not compressed.
+        let mut st = frame(false, OpCode::Binary, b"abc");
+        st.extend(rsv1_frame(true, OpCode::Continuation, b"def"));
+        let (_, err) = decode_deflate(s, &[&st]);
+        assert_eq!(err, Some(WireError::MisplacedRsv1));
+    };
+    rsv1_on_a_control_frame_closes_1002 => |s| {
+        for op in [OpCode::Ping, OpCode::Pong, OpCode::Close] {
+            let (ev, err) = decode_deflate(s, &[&rsv1_frame(true, op, b"")]);
+            assert_eq!(err, Some(WireError::MisplacedRsv1), "{op:?}");
+            assert_eq!(err.unwrap().close_code(), CloseCode::PROTOCOL_ERROR);
+            assert!(ev.is_empty());
+        }
+        // In the middle of a compressed message too.
+        let z = PeerDeflate::new(6).message(&text(300));
+        let mut st = rsv1_frame(false, OpCode::Text, &z[..5]);
+        st.extend(rsv1_frame(true, OpCode::Ping, b"x"));
+        let (_, err) = decode_deflate(s, &[&st]);
+        assert_eq!(err, Some(WireError::MisplacedRsv1));
+    };
+    corrupt_deflate_data_closes_1002 => |s| {
+        // BTYPE 11 is reserved: not a deflate stream.
+        let (_, err) = decode_deflate(s, &[&rsv1_frame(true, OpCode::Binary, &[0xff, 0x00, 0x12])]);
+        assert_eq!(err, Some(WireError::InflateFailed));
+        assert_eq!(err.unwrap().close_code(), CloseCode::PROTOCOL_ERROR);
+    };
+    compressed_invalid_utf8_closes_1007 => |s| {
+        let mut bad = text(100);
+        bad[50] = 0xff;
+        let (_, err) = decode_deflate(s, &[&rsv1_frame(true, OpCode::Text, &PeerDeflate::new(6).message(&bad))]);
+        assert_eq!(err, Some(WireError::InvalidUtf8));
+        assert_eq!(err.unwrap().close_code(), CloseCode::INVALID_PAYLOAD);
+    };
+    compressed_invalid_utf8_fails_before_the_frame_is_complete => |s| {
+        // The bad byte comes first; of a long frame only its first part is delivered.
+        let mut bad = vec![0xffu8];
+        bad.extend(text(20_000));
+        let f = rsv1_frame(true, OpCode::Text, &PeerDeflate::new(0).message(&bad));
+        let (_, err) = decode_deflate(s, &[&f[..f.len() / 4]]);
+        assert_eq!(err, Some(WireError::InvalidUtf8));
+    };
+    compressed_error_does_not_depend_on_read_sizes => |s| {
+        // Inflated bytes that are not UTF-8, then a broken stream in the same frame: whether the frame
+        // arrives whole or a byte at a time, the bad text is reported (found by the differential fuzzer).
+        let mut z = PeerDeflate::new(0).message(&[b'a', 0xff, b'b', b'c']);
+        // The message ends in the start of an empty stored block (one byte); its LEN and NLEN follow here
+        // and disagree, which zlib sees in the same call that produced the text.
+        z.extend_from_slice(&[0x01, 0x00, 0x00, 0x00]);
+        let f = rsv1_frame(true, OpCode::Text, &z);
+        let (_, whole) = decode_deflate(s, &[&f]);
+        let pieces: Vec<&[u8]> = f.chunks(1).collect();
+        let (_, split) = decode_deflate(s, &pieces);
+        assert_eq!(whole, Some(WireError::InvalidUtf8));
+        assert_eq!(split, Some(WireError::InvalidUtf8));
+    };
+    compressed_text_ending_mid_code_point_closes_1007 => |s| {
+        let (_, err) = decode_deflate(s, &[&rsv1_frame(true, OpCode::Text, &PeerDeflate::new(6).message(&[b'a', 0xe2, 0x82]))]);
+        assert_eq!(err, Some(WireError::InvalidUtf8));
+    };
+    inflated_size_over_the_limit_closes_1009 => |s| {
+        // 1 MiB of zeros compresses to about 1 KiB; the limit is 64 KiB.
+        let z = PeerDeflate::new(6).message(&vec![0u8; 1 << 20]);
+        assert!(z.len() < 2048, "{}", z.len());
+        let limits = Limits { max_frame_payload: 1 << 20, max_message_size: 64 << 10 };
+        let f = rsv1_frame(true, OpCode::Binary, &z);
+        let (ev, err) = decode_full(s, 256, limits, Some(&deflate_params()), &[&f]);
+        assert_eq!(err, Some(WireError::MessageTooLarge));
+        assert_eq!(err.unwrap().close_code(), CloseCode::TOO_BIG);
+        assert!(ev.is_empty());
+        // It fails as soon as the cap is crossed: ~64 bytes of the compressed frame are enough.
+        let (_, err) = decode_full(s, 256, limits, Some(&deflate_params()), &[&f[..f.len() / 4]]);
+        assert_eq!(err, Some(WireError::MessageTooLarge));
+        // Exactly at the limit is fine.
+        let z = PeerDeflate::new(6).message(&vec![0u8; 64 << 10]);
+        let (ev, err) = decode_full(s, 256, limits, Some(&deflate_params()), &[&rsv1_frame(true, OpCode::Binary, &z)]);
+        assert_eq!(err, None);
+        assert_eq!(ev, vec![Ev::Msg(OpCode::Binary, vec![0u8; 64 << 10])]);
+    };
+    inflated_fragments_over_the_limit_close_1009 => |s| {
+        let z = PeerDeflate::new(6).message(&vec![b'x'; 100_000]);
+        let limits = Limits { max_frame_payload: 1 << 20, max_message_size: 50_000 };
+        let (a, b) = z.split_at(z.len() / 2);
+        let mut st = rsv1_frame(false, OpCode::Binary, a);
+        st.extend(frame(true, OpCode::Continuation, b));
+        let (_, err) = decode_full(s, 256, limits, Some(&deflate_params()), &[&st]);
+        assert_eq!(err, Some(WireError::MessageTooLarge));
+    };
+    client_context_takeover_keeps_the_window => |s| {
+        let msg = text(2000);
+        let mut peer = PeerDeflate::new(6);
+        let first = peer.message(&msg);
+        let second = peer.message(&msg);
+        assert!(second.len() < first.len(), "the second message refers back to the first");
+        let mut st = rsv1_frame(true, OpCode::Text, &first);
+        st.extend(frame(true, OpCode::Text, b"plain in between"));
+        st.extend(rsv1_frame(true, OpCode::Text, &second));
+        let limits = Limits { max_frame_payload: 1 << 20, max_message_size: 1 << 20 };
+        let pieces: Vec<&[u8]> = st.chunks(33).collect();
+        let (ev, err) = decode_full(s, 256, limits, Some(&takeover_params()), &pieces);
+        assert_eq!(err, None);
+        assert_eq!(ev, vec![Ev::Msg(OpCode::Text, msg.clone()), Ev::Msg(OpCode::Text, b"plain in between".to_vec()), Ev::Msg(OpCode::Text, msg.clone())]);
+        // Without context takeover the reader resets per message, so the second one cannot be read.
+        let (_, err) = decode_full(s, 256, limits, Some(&deflate_params()), &pieces);
+        assert!(err.is_some());
+    };
     unknown_opcode_closes_1002 => |s| {
         let mut f = frame(true, OpCode::Text, b"x");
         f[0] = 0x83;
@@ -277,6 +529,47 @@ fn idle_pool_connection_holds_no_read_buffer_after_a_message() {
     assert_eq!(buf.held_bytes(), 0);
     assert_eq!(reader.held_bytes(), 0);
     assert_eq!(pool.pooled(), 1);
+}
+
+#[test]
+fn inflate_state_is_dropped_after_each_message_without_context_takeover() {
+    for (params, keeps) in [(deflate_params(), false), (takeover_params(), true)] {
+        let pool = BufferPool::new(4096, 16);
+        let mut buf = PooledBuffer::new(pool.clone());
+        let mut reader = Reader::new(Role::Server, Limits::default());
+        reader.enable_deflate(&params);
+        assert!(!reader.holds_inflater());
+        assert_eq!(reader.held_bytes(), 0);
+        let msg = text(1000);
+        fill_from(&mut buf, &rsv1_frame(true, OpCode::Text, &PeerDeflate::new(6).message(&msg)));
+        match reader.next(&mut buf) {
+            Ok(Some(Event::Message { payload, .. })) => assert_eq!(payload.to_vec(), msg),
+            other => panic!("{other:?}"),
+        }
+        assert!(reader.holds_inflater(), "the inflater exists while the message is out");
+        assert!(matches!(reader.next(&mut buf), Ok(None)));
+        buf.release();
+        assert_eq!(buf.held_bytes(), 0);
+        assert_eq!(reader.holds_inflater(), keeps);
+        if !keeps {
+            // An idle connection with the extension negotiated holds nothing.
+            assert_eq!(reader.held_bytes(), 0);
+        }
+    }
+}
+
+#[test]
+fn uncompressed_messages_stay_in_place_with_the_extension_on() {
+    let mut buf = GrowableBuffer::new(4096, 4096);
+    let mut reader = Reader::new(Role::Server, Limits::default());
+    reader.enable_deflate(&deflate_params());
+    fill_from(&mut buf, &frame(true, OpCode::Text, b"hi"));
+    match reader.next(&mut buf) {
+        Ok(Some(Event::Message { payload, .. })) => assert_eq!(payload.first, b"hi"),
+        other => panic!("{other:?}"),
+    }
+    // No message buffer and no inflater were needed.
+    assert_eq!(reader.held_bytes(), 0);
 }
 
 // ---- randomized chunking ----
@@ -362,6 +655,78 @@ proptest! {
         let limits = Limits { max_frame_payload: 1 << 20, max_message_size: 1 << 20 };
         for s in Strategy::ALL {
             let (ev, err) = decode_with(s, size, limits, &pieces);
+            prop_assert_eq!(err, None, "{:?}", s);
+            prop_assert_eq!(&ev, &expected, "{:?}", s);
+        }
+    }
+}
+
+/// Like [`encode_items`], with every message of `compress` (by index) compressed by the peer (a fresh
+/// stream each time: no client context takeover) and its compressed bytes split over the same frames.
+fn encode_compressed_items(items: &[Item], compress: &[bool], key_seed: u8) -> (Vec<u8>, Vec<Ev>) {
+    let mut stream = Vec::new();
+    let mut expected = Vec::new();
+    let mut k = key_seed;
+    let mut key = || {
+        k = k.wrapping_mul(31).wrapping_add(7);
+        [k, k ^ 0x5a, k.wrapping_add(3), !k]
+    };
+    for (n, it) in items.iter().enumerate() {
+        match it {
+            Item::Ping(p) => {
+                encode_client_frame(&mut stream, true, OpCode::Ping, p, key());
+                expected.push(Ev::Ping(p.clone()));
+            }
+            Item::Message { text, payload, parts, ping_at } => {
+                let op = if *text { OpCode::Text } else { OpCode::Binary };
+                let compressed = compress.get(n).copied().unwrap_or(false);
+                let wire = if compressed { PeerDeflate::new(6).message(payload) } else { payload.clone() };
+                let step = wire.len().div_ceil(*parts).max(1);
+                let chunks: Vec<&[u8]> = if wire.is_empty() { vec![&[]] } else { wire.chunks(step).collect() };
+                for (i, c) in chunks.iter().enumerate() {
+                    if *ping_at == Some(i) && i > 0 {
+                        encode_client_frame(&mut stream, true, OpCode::Ping, b"mid", key());
+                        expected.push(Ev::Ping(b"mid".to_vec()));
+                    }
+                    let fop = if i == 0 { op } else { OpCode::Continuation };
+                    let at = stream.len();
+                    encode_client_frame(&mut stream, i + 1 == chunks.len(), fop, c, key());
+                    if compressed && i == 0 {
+                        stream[at] |= 0x40;
+                    }
+                }
+                expected.push(Ev::Msg(op, payload.clone()));
+            }
+        }
+    }
+    (stream, expected)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 100, ..ProptestConfig::default() })]
+
+    #[test]
+    fn compressed_and_plain_sequences_cut_anywhere_decode_identically(
+        items in proptest::collection::vec(item(), 1..10),
+        compress in proptest::collection::vec(any::<bool>(), 10),
+        cuts in proptest::collection::vec(0usize..20_000, 0..40),
+        key_seed in any::<u8>(),
+        size in prop_oneof![Just(256usize), Just(300), Just(4096)],
+    ) {
+        let (stream, expected) = encode_compressed_items(&items, &compress, key_seed);
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (stream.len() + 1)).collect();
+        cuts.sort();
+        let mut pieces: Vec<&[u8]> = Vec::new();
+        let mut start = 0;
+        for c in cuts {
+            pieces.push(&stream[start..c]);
+            start = c;
+        }
+        pieces.push(&stream[start..]);
+        let limits = Limits { max_frame_payload: 1 << 20, max_message_size: 1 << 20 };
+        let params = deflate_params();
+        for s in Strategy::ALL {
+            let (ev, err) = decode_full(s, size, limits, Some(&params), &pieces);
             prop_assert_eq!(err, None, "{:?}", s);
             prop_assert_eq!(&ev, &expected, "{:?}", s);
         }

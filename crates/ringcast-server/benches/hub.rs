@@ -10,10 +10,10 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use ringcast_protocol::Format;
 use ringcast_server::broker::MemoryBroker;
-use ringcast_server::client::{ClientId, ClientShared};
-use ringcast_server::hub::Hub;
-use ringcast_server::namespace::Namespaces;
-use ringcast_server::node::Node;
+use ringcast_server::policy::namespace::Namespaces;
+use ringcast_server::pubsub::client::{ClientId, ClientShared};
+use ringcast_server::pubsub::hub::Hub;
+use ringcast_server::pubsub::node::Node;
 use ringcast_server::transport::Encoding;
 
 fn client(i: u128) -> Arc<ClientShared> {

@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ringcast_protocol::messages::{ClientInfo, Publication};
 
-use crate::client::ClientId;
+use crate::pubsub::client::ClientId;
 
 /// A position in a channel's stream.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

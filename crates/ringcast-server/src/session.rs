@@ -15,7 +15,7 @@
 //! or nothing (a pong, a `send`). Handlers return `Result<_, Refusal>`; an [`ErrorCode`] converts into a
 //! [`Refusal`] but a disconnect never turns into an error on the way, so `?` cannot weaken one.
 //!
-//! What a client may do on a channel is decided by [`crate::namespace`] (one source of policy, shared with
+//! What a client may do on a channel is decided by [`crate::policy::namespace`] (one source of policy, shared with
 //! the tests that pin it); this module only asks, and maps the answer to the protocol. As in Centrifugo's
 //! `client.go`:
 //! * before `connect`, anything but a `connect` with an id disconnects 3501;
@@ -39,9 +39,9 @@ use ringcast_protocol::messages::{
 use ringcast_protocol::{decode_commands_from, encode_reply, DisconnectCode, ErrorCode, Format};
 
 use crate::broker::{recovery_complete, HistoryFilter};
-use crate::client::ClientShared;
-use crate::namespace::{self, Features, Requested};
-use crate::node::Node;
+use crate::policy::namespace::{self, Features, Requested};
+use crate::pubsub::client::ClientShared;
+use crate::pubsub::node::Node;
 
 /// The version string sent in connect replies.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -85,11 +85,11 @@ impl From<ErrorCode> for Refusal {
     }
 }
 
-impl From<crate::auth::Outcome> for Refusal {
-    fn from(o: crate::auth::Outcome) -> Refusal {
+impl From<crate::policy::auth::Outcome> for Refusal {
+    fn from(o: crate::policy::auth::Outcome) -> Refusal {
         match o {
-            crate::auth::Outcome::Error(code) => Refusal::Error(code),
-            crate::auth::Outcome::Disconnect(code) => Refusal::Disconnect(code),
+            crate::policy::auth::Outcome::Error(code) => Refusal::Error(code),
+            crate::policy::auth::Outcome::Disconnect(code) => Refusal::Disconnect(code),
         }
     }
 }
@@ -535,8 +535,8 @@ impl Session {
                     metrics::counter!("ringcast_auth_failures_total", "kind" => "connect").increment(1);
                     tracing::info!(client = %self.shared.id, error = %e, "connect token rejected");
                     return match e.for_connect() {
-                        crate::auth::Outcome::Error(code) => Outcome::Error(code),
-                        crate::auth::Outcome::Disconnect(code) => Outcome::Disconnect(code),
+                        crate::policy::auth::Outcome::Error(code) => Outcome::Error(code),
+                        crate::policy::auth::Outcome::Disconnect(code) => Outcome::Disconnect(code),
                     };
                 }
             }
@@ -568,8 +568,8 @@ impl Session {
     }
 
     /// Runs a command from the server API; returns the push to send the client, if any.
-    pub fn server_command(&mut self, command: crate::client::ServerCommand) -> Option<Push> {
-        use crate::client::ServerCommand;
+    pub fn server_command(&mut self, command: crate::pubsub::client::ServerCommand) -> Option<Push> {
+        use crate::pubsub::client::ServerCommand;
         match command {
             ServerCommand::Subscribe(channel) => {
                 let req = SubscribeRequest { channel: channel.clone(), ..Default::default() };
@@ -652,7 +652,7 @@ impl Session {
         token: &str,
         channel: &str,
         refresh: bool,
-    ) -> Result<crate::auth::SubscribeClaims, Refusal> {
+    ) -> Result<crate::policy::auth::SubscribeClaims, Refusal> {
         let verifier = self.node.tokens.as_ref().ok_or(ErrorCode::PERMISSION_DENIED)?;
         verifier.verify_subscribe(token, self.user(), channel, now_unix()).map_err(|e| {
             metrics::counter!("ringcast_auth_failures_total", "kind" => if refresh { "sub_refresh" } else { "subscribe" })
@@ -914,10 +914,10 @@ impl Drop for Session {
 mod tests {
     //! The session's decisions, through [`Outcome`]: no socket, a real node.
     use super::*;
-    use crate::auth::{make_hs256_subscription_token, make_hs256_token, TokenConfig, TokenVerifier};
     use crate::broker::MemoryBroker;
-    use crate::client::ClientId;
-    use crate::namespace::{ChannelOptions, NamespaceConfig, Namespaces};
+    use crate::policy::auth::{make_hs256_subscription_token, make_hs256_token, TokenConfig, TokenVerifier};
+    use crate::policy::namespace::{ChannelOptions, NamespaceConfig, Namespaces};
+    use crate::pubsub::client::ClientId;
     use ringcast_protocol::messages::{
         HistoryRequest, PresenceRequest, PublishRequest, RefreshRequest, SendRequest, SubRefreshRequest,
         UnsubscribeRequest,

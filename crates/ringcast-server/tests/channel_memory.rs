@@ -281,10 +281,11 @@ fn publications_nobody_reads_are_freed_after_the_history_ttl() {
     );
     let held = with_publications - baseline;
     assert!(held > (PUBLISHED * 1000) as i64, "the publications were held");
-    // History keeps its own copy of each publication's data (1.4 KB a publication with its stream,
-    // measured), not a view that pins the whole request buffer it came in (over 6 KB a publication,
-    // measured, when it did).
-    assert!(held < (PUBLISHED * 2048) as i64, "{} B a 1-KB publication", held / PUBLISHED as i64);
+    // History keeps its own copy of each publication's data (1.4-2.1 KB a publication with its stream,
+    // measured across runs: the tables' growth steps fall differently), not a view that pins the whole
+    // request buffer it came in (over 6 KB a publication, measured, when it did). 4 KiB tells the two
+    // apart with room on both sides.
+    assert!(held < (PUBLISHED * 4096) as i64, "{} B a 1-KB publication", held / PUBLISHED as i64);
     assert!(after - baseline <= meta, "{} B kept for {PUBLISHED} expired publications", after - baseline);
     assert!(api_history_is_empty(addr, "exp0"), "history empty, position kept");
     let _ = stop.send(());

@@ -270,7 +270,7 @@ async fn a_socket_that_never_connects_is_closed_3502_however_much_it_pings() {
 }
 
 fn token(user: &str) -> String {
-    ringcast_server::auth::make_hs256_token(SECRET, user, None, &[]).expect("token")
+    ringcast_server::policy::auth::make_hs256_token(SECRET, user, None, &[]).expect("token")
 }
 
 /// Issue 8, §4: `client_user_connection_limit` (Centrifugo's): one connection more than the limit for a

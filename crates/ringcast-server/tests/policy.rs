@@ -87,11 +87,11 @@ impl Client {
 }
 
 fn token(user: &str, exp: Option<i64>) -> String {
-    ringcast_server::auth::make_hs256_token(SECRET, user, exp, &[]).expect("token")
+    ringcast_server::policy::auth::make_hs256_token(SECRET, user, exp, &[]).expect("token")
 }
 
 fn sub_token(user: &str, channel: &str, exp: Option<i64>) -> String {
-    ringcast_server::auth::make_hs256_subscription_token(SECRET, user, channel, exp).expect("token")
+    ringcast_server::policy::auth::make_hs256_subscription_token(SECRET, user, channel, exp).expect("token")
 }
 
 fn now() -> i64 {

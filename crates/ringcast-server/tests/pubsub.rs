@@ -415,7 +415,7 @@ async fn server_api_shares_the_listener_and_drives_the_node() {
 const SECRET: &str = "test-secret-for-ringcast";
 
 fn token(user: &str, exp: Option<i64>) -> String {
-    ringcast_server::auth::make_hs256_token(SECRET, user, exp, &[]).expect("token")
+    ringcast_server::policy::auth::make_hs256_token(SECRET, user, exp, &[]).expect("token")
 }
 
 fn now() -> i64 {
@@ -457,7 +457,7 @@ async fn connect_needs_a_valid_token() {
     assert_eq!(r["closed"], json!(3500), "no token, no anonymous access: {r}");
     let (_, r) = Client::connect(&server, "not.a.jwt").await;
     assert_eq!(r["closed"], json!(3500), "{r}");
-    let forged = ringcast_server::auth::make_hs256_token("another-secret", "mallory", None, &[]).unwrap();
+    let forged = ringcast_server::policy::auth::make_hs256_token("another-secret", "mallory", None, &[]).unwrap();
     let (_, r) = Client::connect(&server, &forged).await;
     assert_eq!(r["closed"], json!(3500), "bad signature: {r}");
     let (_, r) = Client::connect(&server, &token("alice", Some(now() - 10))).await;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
-use ringcast_server::config::{self, Kind, KEYS};
+use ringcast_server::app::config::{self, Kind, KEYS};
 use ringcast_server::Config;
 
 /// mimalloc rather than the system allocator: tokio's per-connection task and socket registrations are
@@ -117,7 +117,7 @@ fn gentoken(m: &ArgMatches) -> ExitCode {
         .map(|c| c.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
         .unwrap_or_default();
     let user = m.get_one::<String>("user").cloned().unwrap_or_default();
-    match ringcast_server::auth::make_hs256_token(&secret, &user, exp, &channels) {
+    match ringcast_server::policy::auth::make_hs256_token(&secret, &user, exp, &channels) {
         Ok(token) => {
             println!("{token}");
             ExitCode::SUCCESS

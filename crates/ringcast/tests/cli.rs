@@ -45,7 +45,7 @@ fn gentoken_makes_a_token_the_server_accepts() {
     let out = ringcast(&["gentoken", "--user", "alice", "--ttl", "1h", "--channels", "news", "--secret", "s3cret"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let verifier = ringcast_server::auth::TokenVerifier::new(&ringcast_server::auth::TokenConfig {
+    let verifier = ringcast_server::policy::auth::TokenVerifier::new(&ringcast_server::policy::auth::TokenConfig {
         hmac_secret: Some("s3cret".into()),
         rsa_public_key: None,
         ecdsa_public_key: None,

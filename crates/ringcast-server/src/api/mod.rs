@@ -26,7 +26,7 @@
 //! `data` (JSON) or `b64data` (base64, standard alphabet; it wins when both are set; invalid base64 is 107),
 //! as Centrifugo: `b64data` is for binary payloads, which only Protobuf subscribers can receive as such (a
 //! JSON subscriber gets the bytes embedded as they are, as from Centrifugo). `tags` travel with the
-//! publication. `idempotency_key`: see [`crate::idempotency`].
+//! publication. `idempotency_key`: see [`crate::pubsub::idempotency`].
 //!
 //! # What it refuses to do
 //! * Block: backend calls are synchronous and run on the request's task. The node's operations are
@@ -35,6 +35,7 @@
 
 mod auth;
 mod dispatch;
+pub mod http;
 mod node;
 pub mod types;
 

@@ -12,8 +12,8 @@ use super::{
     PublishResult, StreamPosition,
 };
 use crate::broker::HistoryFilter;
-use crate::client::ServerCommand;
-use crate::node::Node;
+use crate::pubsub::client::ServerCommand;
+use crate::pubsub::node::Node;
 use ringcast_protocol::messages::ClientInfo;
 use ringcast_protocol::ErrorCode;
 
@@ -77,7 +77,7 @@ impl ApiBackend for Node {
     }
 
     /// Tags go with the publication; an idempotency key already seen on this channel within the window
-    /// returns the first result and publishes nothing ([`crate::idempotency`]).
+    /// returns the first result and publishes nothing ([`crate::pubsub::idempotency`]).
     fn publish_with(&self, channel: &str, data: Bytes, opts: &PublishOptions) -> Result<PublishResult, ApiError> {
         let publish = || {
             self.publish_tagged(channel, data, opts.tags.clone(), opts.skip_history)

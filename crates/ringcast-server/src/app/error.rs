@@ -10,5 +10,5 @@ pub enum ServerError {
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] crate::app::config::ConfigError),
 }

@@ -26,6 +26,12 @@
 //! Re-armed lazily: reads only record the time; the table entry is moved only when a deadline comes
 //! *earlier* (a write stall, a close wait) or after it fired and the real deadline (recomputed then) is
 //! still ahead. No timer work per message.
+//!
+//! # What lives where
+//! This module is the WebSocket state machine (phases, read → parse → reply, write, close, timers).
+//! Its children hold the endpoint-specific parts, as `impl Conn` blocks on the same state:
+//! [`upgrade`] (routing and the upgrade), [`echo`] (the echo endpoint) and [`client`] (the
+//! client-protocol driver: session, heartbeat, server-side commands).
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -36,26 +42,27 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ringcast_protocol::{DisconnectCode, Format, PROTOBUF_SUBPROTOCOL};
-use ringcast_wire::buffer::{fill_from, AnyBuffer, GrowableBuffer, PooledBuffer, ReadBuffer, RingBuffer};
+use ringcast_protocol::DisconnectCode;
+use ringcast_wire::buffer::{AnyBuffer, GrowableBuffer, PooledBuffer, ReadBuffer, RingBuffer};
 use ringcast_wire::close::encode_close_payload;
 use ringcast_wire::frame::{encode_header, MAX_HEADER_LEN};
-use ringcast_wire::handshake::{self, HandshakeError};
 use ringcast_wire::{CloseCode, Event, OpCode, Payload, Reader, Role, Strategy};
 use tokio::net::TcpStream;
 
-use crate::client::{ClientId, ClientShared};
-use crate::deadline::{reached, Key};
-use crate::outbound::Outbound;
-use crate::server::Context;
-use crate::session::Session;
-use crate::transport::Encoding;
+use crate::app::context::Context;
+use crate::transport::deadline::{reached, Key};
+use crate::transport::outbound::Outbound;
+
+mod client;
+mod echo;
+mod upgrade;
+
+use client::{client_message, ClientState};
+pub use upgrade::CLIENT_PATH;
 
 thread_local! {
     /// Replies produced during one parse pass, written with one syscall. Per worker thread.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    /// Upgrade requests are read here first (see `Conn::read_handshake`). Per worker thread.
-    static HEAD_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Scratch capacity kept between passes; a pass that needed more (a huge echo) gives it back.
@@ -75,23 +82,6 @@ enum Endpoint {
     Echo,
     /// The Centrifugo client protocol (`/connection/websocket`); the session lives in `Conn::session`.
     Client,
-}
-
-/// The path of the client protocol endpoint (what the Centrifugo SDKs connect to).
-pub const CLIENT_PATH: &str = "/connection/websocket";
-
-/// Subprotocols we speak on the client endpoint; JSON is the default without one.
-const CLIENT_PROTOCOLS: &[&str] = &[PROTOBUF_SUBPROTOCOL, "centrifuge-json"];
-
-/// Client-protocol state that only client connections pay for (boxed: echo connections stay small).
-struct ClientState {
-    session: Session,
-    /// Once connected: when the next server ping is due (deadline-table milliseconds). Before: when the
-    /// socket becomes stale (`client_stale_close_delay` after the upgrade) and is closed with 3502. One
-    /// field for both: this struct is 64 bytes, a size class, and the two never apply at once.
-    ping_at: Option<Stamp>,
-    /// When the client's answer to the last ping is due.
-    pong_due: Option<Stamp>,
 }
 
 /// Where the connection stands.
@@ -407,164 +397,6 @@ impl Conn {
         Ok(Some(n))
     }
 
-    /// One read of the upgrade request; answers it once complete.
-    ///
-    /// The request is read into a per-thread buffer; only a head that arrives in pieces (or goes to the
-    /// HTTP server) is copied into a buffer of the connection's own. So a connection storm costs no
-    /// per-connection head buffer, which the allocator would otherwise keep around as resident memory.
-    fn read_handshake(&mut self) -> io::Result<Option<usize>> {
-        let max = self.ctx.config.max_request_head;
-        let own = self.head.take();
-        let from_scratch = own.is_none();
-        let mut buf = match own {
-            Some(b) => *b,
-            None => HEAD_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut())),
-        };
-        // Room for one byte past the limit, so "too large" is detected rather than read forever.
-        buf.reserve((max + 1).saturating_sub(buf.len()));
-        let outcome = match self.stream.try_read_buf(&mut buf) {
-            Ok(0) => Ok(Some(0)),
-            Ok(n) => {
-                self.ctx.bytes_in.increment(n as u64);
-                self.on_head(&buf, n, max)
-            }
-            Err(e) => match e.kind() {
-                io::ErrorKind::WouldBlock => Ok(None),
-                io::ErrorKind::Interrupted => Ok(Some(usize::MAX)),
-                _ => Err(e),
-            },
-        };
-        // Keep the bytes with the connection only while they are still needed.
-        let keep = matches!(self.phase, Phase::Handshake | Phase::Http) && !buf.is_empty();
-        if from_scratch {
-            if keep {
-                self.head = Some(Box::new(buf.clone()));
-            }
-            buf.clear();
-            if buf.capacity() <= SCRATCH_KEEP {
-                HEAD_SCRATCH.with(|s| *s.borrow_mut() = buf);
-            }
-        } else if keep {
-            self.head = Some(Box::new(buf));
-        }
-        outcome
-    }
-
-    /// Acts on the head bytes received so far (`n` of them just now).
-    fn on_head(&mut self, head: &[u8], n: usize, max: usize) -> io::Result<Option<usize>> {
-        let parsed = handshake::parse_request(head, max, CLIENT_PROTOCOLS);
-        let (endpoint, head_len) = match parsed {
-            Ok(None) => return Ok(Some(n)),
-            // Not a WebSocket upgrade: for our WebSocket paths that is a bad handshake (400/405); any
-            // other path is the HTTP API's business (/api/..., /health, /metrics; it answers 404 itself).
-            Err(e @ (HandshakeError::NotUpgrade(_) | HandshakeError::MethodNotAllowed)) => {
-                let path = request_path(head);
-                let ws_path =
-                    path == Some(CLIENT_PATH) || (self.ctx.settings.echo && path == Some(&*self.ctx.config.echo_path));
-                if ws_path {
-                    self.reject(e);
-                } else {
-                    self.phase = Phase::Http;
-                }
-                return Ok(Some(n));
-            }
-            Err(e) => {
-                self.reject(e);
-                return Ok(Some(n));
-            }
-            Ok(Some(req)) => {
-                let endpoint = if self.ctx.settings.echo && req.path == self.ctx.config.echo_path {
-                    Endpoint::Echo
-                } else if req.path == CLIENT_PATH {
-                    let format =
-                        if req.protocol == Some(PROTOBUF_SUBPROTOCOL) { Format::Protobuf } else { Format::Json };
-                    let shared = ClientShared::new(
-                        ClientId::random(),
-                        Encoding::websocket(format),
-                        self.ctx.config.client_queue_max_size,
-                    );
-                    let ping = self.ctx.config.ping_interval.as_secs() as u32;
-                    let stale = self.ctx.config.client_stale_close_delay;
-                    let now = self.ctx.deadlines.now_ms();
-                    self.client = Some(Box::new(ClientState {
-                        session: Session::new(self.ctx.node.clone(), shared, ping),
-                        ping_at: (!stale.is_zero()).then(|| stamp(now.wrapping_add(ms(stale)))),
-                        pong_due: None,
-                    }));
-                    Endpoint::Client
-                } else {
-                    self.reject(HandshakeError::NotFound);
-                    return Ok(Some(n));
-                };
-                if !handshake::origin_allowed(req.origin, req.host, &self.ctx.allowed_origins) {
-                    self.reject(HandshakeError::OriginNotAllowed);
-                    return Ok(Some(n));
-                }
-                // The 101 goes out through the reply batch: written straight away, copied only if the
-                // kernel does not take it all.
-                SCRATCH.with(|scratch| {
-                    let mut scratch = scratch.borrow_mut();
-                    scratch.clear();
-                    handshake::write_response(&req, &mut scratch);
-                    self.write_batch(&scratch)
-                })?;
-                (endpoint, req.head_len)
-            }
-        };
-        self.endpoint = endpoint;
-        self.phase = Phase::Open;
-        self.last_read = self.ctx.deadlines.now_ms();
-        metrics::counter!("ringcast_ws_connections_total").increment(1);
-        metrics::gauge!("ringcast_ws_connections").increment(1.0);
-        // Frames the client sent right behind its upgrade request.
-        let mut rest = &head[head_len.min(head.len())..];
-        while !rest.is_empty() && self.phase == Phase::Open {
-            self.reader.settle(&mut self.buf);
-            let filled = fill_from(&mut self.buf, rest);
-            rest = &rest[filled..];
-            self.process_and_reply()?;
-        }
-        Ok(Some(n))
-    }
-
-    /// Gives the socket, and the bytes read so far, to the HTTP server (a task of its own). The socket is
-    /// duplicated rather than moved out: this connection then ends, closing only its own descriptor.
-    fn hand_off_to_http(&mut self) {
-        use std::os::fd::AsFd;
-        let head = self.head.take().map(|b| *b).unwrap_or_default();
-        let dup = self
-            .stream
-            .as_fd()
-            .try_clone_to_owned()
-            .map(std::net::TcpStream::from)
-            .and_then(|s| s.set_nonblocking(true).map(|()| s))
-            .and_then(TcpStream::from_std);
-        match dup {
-            Ok(stream) => {
-                metrics::counter!("ringcast_http_connections_total").increment(1);
-                let deadlines = self.ctx.deadlines.clone();
-                tokio::spawn(crate::http::serve_with(
-                    stream,
-                    head,
-                    self.ctx.router.clone(),
-                    crate::http::ServeOptions::default(),
-                    async move { deadlines.wait_shutdown().await },
-                ));
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot hand a connection to the HTTP server"),
-        }
-    }
-
-    /// Answers a bad upgrade request with its HTTP status, then drains.
-    fn reject(&mut self, e: HandshakeError) {
-        metrics::counter!("ringcast_handshake_failures_total", "reason" => e.label()).increment(1);
-        tracing::info!(status = e.status(), error = %e, "handshake rejected");
-        self.head = None;
-        self.out.push(Bytes::from_static(e.response()));
-        self.phase = Phase::Draining;
-        self.closing_since = Some(stamp(self.ctx.deadlines.now_ms()));
-    }
-
     /// Parses every complete event in the buffer; replies are batched into one write.
     fn process_and_reply(&mut self) -> io::Result<()> {
         SCRATCH.with(|scratch| {
@@ -595,7 +427,7 @@ impl Conn {
                             continue;
                         }
                         match (*endpoint, client.as_deref_mut()) {
-                            (Endpoint::Echo, _) => emit(scratch, out, opcode, payload),
+                            (Endpoint::Echo, _) => echo::echo(scratch, out, opcode, payload),
                             (Endpoint::Client, Some(state)) => {
                                 if let Err(d) = client_message(state, payload, scratch, out, now, &ctx.config) {
                                     tracing::info!(code = d.code, reason = d.reason, "disconnecting client");
@@ -795,103 +627,10 @@ impl Conn {
         false
     }
 
-    /// Runs what the server API asked of this client's session (server-side subscribe, …).
-    fn run_server_commands(&mut self) {
-        let Some(c) = self.client.as_deref_mut() else { return };
-        let mut commands = Vec::new();
-        c.session.shared.take_commands(&mut commands);
-        if commands.is_empty() || self.phase != Phase::Open {
-            return;
-        }
-        let encoding = c.session.shared.encoding;
-        for command in commands {
-            if let Some(payload) =
-                c.session.server_command(command).and_then(|push| crate::node::push_payload(encoding.format, push))
-            {
-                self.out.push(encoding.frame(&payload));
-            }
-        }
-    }
-
-    /// Sends the protocol's ping when due; returns the disconnect when the last one went unanswered or
-    /// the connection's token expired.
-    fn heartbeat(&mut self, now: u32) -> Option<DisconnectCode> {
-        let cfg = &self.ctx.config;
-        let c = self.client.as_deref_mut()?;
-        if !c.session.is_connected() {
-            // Before connect `ping_at` is the stale deadline: no successful connect in time.
-            return c.ping_at.filter(|at| reached(now, at.get())).map(|_| DisconnectCode::STALE);
-        }
-        if c.session.expires_in().is_some_and(|s| s <= 0) {
-            return Some(DisconnectCode::EXPIRED);
-        }
-        if let Some(due) = c.pong_due {
-            if c.session.pong_received {
-                c.pong_due = None;
-            } else if reached(now, due.get()) {
-                return Some(DisconnectCode::NO_PONG);
-            }
-        }
-        if let Some(at) = c.ping_at {
-            if reached(now, at.get()) {
-                // Quiet since the last ping: give back queue storage kept for bursts.
-                if self.out.is_empty() {
-                    self.out.shrink_if_empty();
-                    c.session.shared.shrink_if_empty();
-                }
-                let frame = c.session.shared.encoding.frame(&c.session.ping_payload());
-                c.session.pong_received = false;
-                c.pong_due = Some(stamp(now.wrapping_add(ms(cfg.pong_timeout))));
-                c.ping_at = Some(stamp(now.wrapping_add(ms(cfg.ping_interval))));
-                self.out.push(frame);
-                if self.write_stalled_since.is_none() {
-                    self.write_stalled_since = Some(stamp(now));
-                }
-            }
-        }
-        None
-    }
-
     fn log_io_error(&self, e: &io::Error) {
         metrics::counter!("ringcast_io_errors_total").increment(1);
         tracing::debug!(peer = ?self.stream.peer_addr().ok(), error = %e, "connection ended with an IO error");
     }
-}
-
-/// The path (without query) of a complete HTTP request head.
-fn request_path(head: &[u8]) -> Option<&str> {
-    let mut headers = [httparse::EMPTY_HEADER; handshake::MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    req.parse(head).ok()?;
-    req.path.map(|p| p.split_once('?').map_or(p, |(p, _)| p))
-}
-
-/// Hands a client-protocol message to the session and frames its replies into the batch.
-fn client_message(
-    state: &mut ClientState,
-    payload: Payload<'_>,
-    scratch: &mut Vec<u8>,
-    out: &mut Outbound,
-    now: u32,
-    cfg: &crate::config::Config,
-) -> Result<(), DisconnectCode> {
-    let mut replies = bytes::BytesMut::new();
-    let was_connected = state.session.is_connected();
-    // What this connection holds for the client and has not written: its queue and this pass's batch.
-    let backlog = out.queued_bytes() + scratch.len();
-    match payload.contiguous() {
-        Some(p) => state.session.on_message(p, &mut replies, backlog)?,
-        None => state.session.on_message(&payload.to_vec(), &mut replies, backlog)?,
-    }
-    if !was_connected && state.session.is_connected() {
-        // The stale deadline is over; pings take its place.
-        state.ping_at = (!cfg.ping_interval.is_zero()).then(|| stamp(now.wrapping_add(ms(cfg.ping_interval))));
-    }
-    if !replies.is_empty() {
-        let opcode = if state.session.format().is_binary() { OpCode::Binary } else { OpCode::Text };
-        emit(scratch, out, opcode, Payload { first: &replies, second: &[] });
-    }
-    Ok(())
 }
 
 /// A time on the deadline table's clock, made odd so it is never zero: an `Option<Stamp>` is 4 bytes.
@@ -946,7 +685,7 @@ mod tests {
     async fn connection_future_stays_small() {
         let (config, settings) =
             crate::Config::load(None, |_| None, &[("listen".into(), "127.0.0.1:0".into())]).expect("config");
-        let ctx = std::sync::Arc::new(crate::server::Context::new(config, settings).expect("context"));
+        let ctx = std::sync::Arc::new(crate::app::context::Context::new(config, settings).expect("context"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let _client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
         let (stream, _) = listener.accept().await.expect("accept");
@@ -964,7 +703,7 @@ mod tests {
     #[test]
     fn client_state_stays_small() {
         let state = std::mem::size_of::<super::ClientState>();
-        let shared = std::mem::size_of::<crate::client::ClientShared>();
+        let shared = std::mem::size_of::<crate::pubsub::client::ClientShared>();
         println!("ClientState: {state} B, ClientShared: {shared} B");
         assert!(state <= 64, "ClientState grew to {state} B");
         assert!(shared + 16 <= 128, "ClientShared grew to {shared} B");

@@ -2,7 +2,7 @@
 //!
 //! A channel name is a plain string; two prefixes give it meaning, exactly as in Centrifugo:
 //! * `$` at the very start makes it **private**: subscribing needs a subscription token
-//!   ([`crate::auth`]). The prefix comes before the namespace: `$secrets`, `$chat:room` (private, in
+//!   ([`crate::policy::auth`]). The prefix comes before the namespace: `$secrets`, `$chat:room` (private, in
 //!   namespace `chat`). `chat:$room` is *not* private.
 //! * `ns:` makes it part of **namespace** `ns`, the text before the first `:` (after a leading `$`). No `:`
 //!   (or an empty prefix, `:x`) means the default namespace. A namespace that is not configured answers

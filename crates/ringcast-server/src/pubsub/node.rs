@@ -13,11 +13,11 @@ use bytes::{Bytes, BytesMut};
 use ringcast_protocol::messages::{ClientInfo, Join, Leave, Publication, Push, Reply};
 use ringcast_protocol::{encode_reply, publication_push_bytes, ErrorCode, Format};
 
-use crate::auth::TokenVerifier;
 use crate::broker::{Broker, BrokerError, HistoryFilter, HistoryOptions, StreamPos};
-use crate::client::{ClientSet, ClientShared};
-use crate::hub::{FanOut, Hub};
-use crate::namespace::{ChannelOptions, Namespaces};
+use crate::policy::auth::TokenVerifier;
+use crate::policy::namespace::{ChannelOptions, Namespaces};
+use crate::pubsub::client::{ClientSet, ClientShared};
+use crate::pubsub::hub::{FanOut, Hub};
 
 /// Limits the node holds every client session to (from the configuration; [`Node::with_client_limits`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +48,7 @@ pub struct Node {
     /// Subscriptions one connection may hold (0: no limit).
     pub client_channel_limit: usize,
     /// Results of API publications made with an idempotency key.
-    pub idempotency: crate::idempotency::IdempotencyCache<StreamPos>,
+    pub idempotency: crate::pubsub::idempotency::IdempotencyCache<StreamPos>,
     /// Connected clients by user id ("" for anonymous).
     /// A set per user, so that connecting and disconnecting are O(1) however many clients share a user
     /// (every anonymous client shares "").
@@ -94,7 +94,7 @@ impl Node {
             users: Mutex::new(HashMap::new()),
             started: Instant::now(),
             name: "ringcast".into(),
-            uid: format!("{}", crate::client::ClientId::random()),
+            uid: format!("{}", crate::pubsub::client::ClientId::random()),
         }
     }
 
@@ -255,7 +255,7 @@ impl Node {
     }
 
     /// Join/leave pushes go to the subscribers that asked for them (or all, when the namespace forces
-    /// it; [`crate::hub::Hub::listen_join_leave`]), in the channel's order with its publications.
+    /// it; [`crate::pubsub::hub::Hub::listen_join_leave`]), in the channel's order with its publications.
     fn membership_push(&self, channel: &str, skip: &Arc<ClientShared>, set: impl Fn(&mut Push)) {
         let push = |format| {
             let mut push = Push { channel: channel.to_string(), ..Default::default() };

@@ -1,10 +1,17 @@
 //! How a protocol payload becomes bytes on a subscriber's transport.
 //!
-//! The pub/sub layer ([`crate::hub`], [`crate::node`]) fans out *payloads*: a push encoded once per wire
+//! The pub/sub layer ([`crate::pubsub::hub`], [`crate::pubsub::node`]) fans out *payloads*: a push encoded once per wire
 //! format (JSON, Protobuf). It does not know how a transport frames them. Each subscriber names its
 //! [`Encoding`] — format and framing — and a publication is framed once per encoding in use and that one
 //! `Bytes` is shared by every subscriber with the same encoding. A new transport (raw TCP frames, a
 //! compressed WebSocket variant) is a new [`Framing`] here; the fan-out does not change.
+//!
+//! Also here, because every transport's connection task uses them: [`outbound`], the queue of shared,
+//! pre-encoded frames flushed with `writev`, and [`deadline`], every connection's deadlines in one swept
+//! table (also how shutdown reaches them).
+
+pub mod deadline;
+pub mod outbound;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use ringcast_protocol::Format;

@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use bytes::Bytes;
 use ringcast_protocol::Format;
 
-use crate::client::{ClientSet, ClientShared, Delivery};
+use crate::pubsub::client::{ClientSet, ClientShared, Delivery};
 use crate::transport::Encoding;
 
 const SHARDS: usize = 64;
@@ -394,8 +394,8 @@ fn deliver_all(to: &ClientSet, skip: Option<&Arc<ClientShared>>, payload: &dyn F
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::ClientId;
-    use crate::outbound::Outbound;
+    use crate::pubsub::client::ClientId;
+    use crate::transport::outbound::Outbound;
 
     fn payload_for(format: Format) -> Option<Bytes> {
         Some(Bytes::from(match format {

@@ -11,7 +11,7 @@
 //!
 //! The same type serves as a connection's private queue (owned by its task, written with non-blocking
 //! `try_write_vectored`) and, inside a mutex, as the queue other tasks deliver into
-//! ([`crate::client::ClientShared`]); [`Outbound::take_all`] moves one into the other without copying.
+//! ([`crate::pubsub::client::ClientShared`]); [`Outbound::take_all`] moves one into the other without copying.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -58,7 +58,7 @@ impl Outbound {
     /// Takes every frame of a plain deque (`bytes` long in all) when we are empty, which the caller
     /// ensures: the deque's storage and ours trade places, so frames are neither copied nor allocated
     /// for, and in steady state both sides keep a buffer big enough for a burst. This is how a
-    /// connection takes what publishers queued in [`crate::client::ClientShared`], whose queue is a bare
+    /// connection takes what publishers queued in [`crate::pubsub::client::ClientShared`], whose queue is a bare
     /// `VecDeque` (no inline head: 32 bytes less in every client's shared state).
     pub fn take_deque(&mut self, other: &mut VecDeque<Bytes>, bytes: usize) {
         debug_assert!(self.is_empty());

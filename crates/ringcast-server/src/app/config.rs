@@ -127,9 +127,9 @@ pub struct Config {
     pub api_key: String,
     pub channel_max_length: usize,
     pub client_channel_limit: usize,
-    #[serde(deserialize_with = "crate::namespace::deserialize_options")]
-    pub channels: crate::namespace::ChannelOptions,
-    pub namespaces: Vec<crate::namespace::NamespaceConfig>,
+    #[serde(deserialize_with = "crate::policy::namespace::deserialize_options")]
+    pub channels: crate::policy::namespace::ChannelOptions,
+    pub namespaces: Vec<crate::policy::namespace::NamespaceConfig>,
 }
 
 impl Default for Config {
@@ -167,9 +167,9 @@ impl Default for Config {
             token_ecdsa_public_key: String::new(),
             internal_listen: String::new(),
             api_key: String::new(),
-            channel_max_length: crate::namespace::DEFAULT_CHANNEL_MAX_LENGTH,
-            client_channel_limit: crate::node::DEFAULT_CLIENT_CHANNEL_LIMIT,
-            channels: crate::namespace::ChannelOptions::default(),
+            channel_max_length: crate::policy::namespace::DEFAULT_CHANNEL_MAX_LENGTH,
+            client_channel_limit: crate::pubsub::node::DEFAULT_CLIENT_CHANNEL_LIMIT,
+            channels: crate::policy::namespace::ChannelOptions::default(),
             namespaces: Vec::new(),
         }
     }
@@ -300,7 +300,7 @@ impl Config {
         if !self.dev {
             // The channel options are checked here, with everything else, so that a bad one is a config
             // error (exit 2) naming the namespace and option; `--dev` does not use them.
-            crate::namespace::Namespaces::new(self.channels.clone(), self.namespaces.clone())
+            crate::policy::namespace::Namespaces::new(self.channels.clone(), self.namespaces.clone())
                 .map_err(|e| invalid("namespaces", e.to_string()))?;
         }
         if self.channel_max_length == 0 || self.channel_max_length > 1 << 16 {

@@ -18,7 +18,7 @@ use std::task::Waker;
 use bytes::Bytes;
 use ringcast_protocol::Format;
 
-use crate::outbound::Outbound;
+use crate::transport::outbound::Outbound;
 use crate::transport::Encoding;
 
 /// A client id: random 128 bits, shown as a UUID (what Centrifugo SDKs expect in `client`).

@@ -1,0 +1,164 @@
+//! The listener: accept, hand each connection its own task, and drain them all on shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Socket, Type};
+use tokio::net::TcpListener;
+
+use crate::app::config::{Config, Settings};
+use crate::app::context::Context;
+use crate::app::error::ServerError;
+
+/// A bound, not yet running server.
+pub struct Server {
+    listener: TcpListener,
+    /// The `internal_listen` listener (plain HTTP: API, metrics, health), when configured.
+    internal: Option<TcpListener>,
+    ctx: Arc<Context>,
+}
+
+impl Server {
+    /// Binds the listening socket (SO_REUSEADDR, a deep backlog for connection storms).
+    pub fn bind(config: Config, settings: Settings) -> Result<Server, ServerError> {
+        let addr = settings.listen;
+        let bind = |addr: SocketAddr| -> std::io::Result<TcpListener> {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(4096)?;
+            TcpListener::from_std(socket.into())
+        };
+        let listener = bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
+        let internal = match settings.internal_listen {
+            Some(addr) => Some(bind(addr).map_err(|source| ServerError::Bind { addr, source })?),
+            None => None,
+        };
+        Ok(Server { listener, internal, ctx: Arc::new(Context::new(config, settings)?) })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The bound `internal_listen` address, when configured.
+    pub fn internal_addr(&self) -> Option<SocketAddr> {
+        self.internal.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Serves until `signal` resolves, then closes every connection with 1001 and waits for them, up to
+    /// `shutdown_timeout`.
+    pub async fn run(self, signal: impl Future<Output = ()>) -> Result<(), ServerError> {
+        tokio::spawn(self.ctx.deadlines.clone().run_sweeper());
+        let internal = match (self.internal, self.ctx.internal_router.clone()) {
+            (Some(listener), Some(router)) => Some(tokio::spawn(serve_internal(listener, router, self.ctx.clone()))),
+            _ => None,
+        };
+        let mut accepted_count = 0usize;
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        tracing::trace!(%peer, "accepted");
+                        metrics::counter!("ringcast_tcp_accepted_total").increment(1);
+                        if let Err(e) = stream.set_nodelay(true) {
+                            tracing::debug!(%peer, error = %e, "set_nodelay failed");
+                        }
+                        accepted_count = accepted_count.wrapping_add(1);
+                        tokio::spawn(crate::ws::Connection::new(stream, self.ctx.clone(), accepted_count));
+                    }
+                    Err(e) => {
+                        // EMFILE/ENFILE/ECONNABORTED are per-accept troubles, not reasons to stop serving.
+                        metrics::counter!("ringcast_tcp_accept_errors_total").increment(1);
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                },
+                _ = &mut signal => break,
+            }
+        }
+        drop(self.listener);
+        if let Some(task) = internal {
+            task.abort();
+        }
+        tracing::info!(connections = self.ctx.live.len(), "shutting down: closing connections with 1001");
+        self.ctx.deadlines.shutdown();
+        if tokio::time::timeout(self.ctx.config.shutdown_timeout, self.ctx.live.wait_empty()).await.is_err() {
+            tracing::warn!(remaining = self.ctx.live.len(), "shutdown timeout: dropping remaining connections");
+        }
+        Ok(())
+    }
+}
+
+/// Accepts on the `internal_listen` address and serves each connection as plain HTTP (no WebSocket
+/// there), until the server shuts down: in-flight requests are answered, idle connections closed.
+async fn serve_internal(listener: TcpListener, router: axum::Router, ctx: Arc<Context>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                let deadlines = ctx.deadlines.clone();
+                tokio::spawn(crate::api::http::serve_with(
+                    stream,
+                    Vec::new(),
+                    router.clone(),
+                    crate::api::http::ServeOptions::default(),
+                    async move { deadlines.wait_shutdown().await },
+                ));
+            }
+            Err(e) => {
+                metrics::counter!("ringcast_tcp_accept_errors_total").increment(1);
+                tracing::warn!(error = %e, "internal listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Builds the runtime, binds, and serves until SIGINT/SIGTERM. What `ringcast serve` runs.
+pub fn run_blocking(config: Config, settings: Settings) -> Result<(), ServerError> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.workers > 0 {
+        builder.worker_threads(config.workers);
+    }
+    let runtime = builder.enable_all().thread_name("ringcast").build().map_err(ServerError::Runtime)?;
+    runtime.block_on(async move {
+        let server = Server::bind(config, settings)?;
+        let addr = server.local_addr().map_err(ServerError::Runtime)?;
+        tracing::info!(%addr, strategy = server.ctx.settings.strategy.name(), echo = server.ctx.settings.echo, "ringcast listening");
+        if let Some(internal) = server.internal_addr() {
+            tracing::info!(%internal, "internal listener: /api, /metrics, /health");
+        }
+        if server.ctx.settings.echo {
+            tracing::info!("echo endpoint: ws://{}{}", addr, server.ctx.config.echo_path);
+        }
+        server.run(termination_signal()).await
+    })
+}

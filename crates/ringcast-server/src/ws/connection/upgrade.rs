@@ -1,0 +1,197 @@
+//! Routing and the upgrade: reads the HTTP request head, picks the endpoint by path (the echo endpoint,
+//! the client protocol, or the HTTP server for everything that is not a WebSocket upgrade), checks the
+//! Origin, and answers 101 — or an HTTP error, then drains.
+
+use std::cell::RefCell;
+use std::io;
+
+use bytes::Bytes;
+use ringcast_protocol::{Format, PROTOBUF_SUBPROTOCOL};
+use ringcast_wire::buffer::fill_from;
+use ringcast_wire::handshake::{self, HandshakeError};
+use tokio::net::TcpStream;
+
+use super::client::ClientState;
+use super::{ms, stamp, Conn, Endpoint, Phase, SCRATCH, SCRATCH_KEEP};
+use crate::pubsub::client::{ClientId, ClientShared};
+use crate::session::Session;
+use crate::transport::Encoding;
+
+thread_local! {
+    /// Upgrade requests are read here first (see `Conn::read_handshake`). Per worker thread.
+    static HEAD_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The path of the client protocol endpoint (what the Centrifugo SDKs connect to).
+pub const CLIENT_PATH: &str = "/connection/websocket";
+
+/// Subprotocols we speak on the client endpoint; JSON is the default without one.
+const CLIENT_PROTOCOLS: &[&str] = &[PROTOBUF_SUBPROTOCOL, "centrifuge-json"];
+
+impl Conn {
+    /// One read of the upgrade request; answers it once complete.
+    ///
+    /// The request is read into a per-thread buffer; only a head that arrives in pieces (or goes to the
+    /// HTTP server) is copied into a buffer of the connection's own. So a connection storm costs no
+    /// per-connection head buffer, which the allocator would otherwise keep around as resident memory.
+    pub(super) fn read_handshake(&mut self) -> io::Result<Option<usize>> {
+        let max = self.ctx.config.max_request_head;
+        let own = self.head.take();
+        let from_scratch = own.is_none();
+        let mut buf = match own {
+            Some(b) => *b,
+            None => HEAD_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut())),
+        };
+        // Room for one byte past the limit, so "too large" is detected rather than read forever.
+        buf.reserve((max + 1).saturating_sub(buf.len()));
+        let outcome = match self.stream.try_read_buf(&mut buf) {
+            Ok(0) => Ok(Some(0)),
+            Ok(n) => {
+                self.ctx.bytes_in.increment(n as u64);
+                self.on_head(&buf, n, max)
+            }
+            Err(e) => match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(None),
+                io::ErrorKind::Interrupted => Ok(Some(usize::MAX)),
+                _ => Err(e),
+            },
+        };
+        // Keep the bytes with the connection only while they are still needed.
+        let keep = matches!(self.phase, Phase::Handshake | Phase::Http) && !buf.is_empty();
+        if from_scratch {
+            if keep {
+                self.head = Some(Box::new(buf.clone()));
+            }
+            buf.clear();
+            if buf.capacity() <= SCRATCH_KEEP {
+                HEAD_SCRATCH.with(|s| *s.borrow_mut() = buf);
+            }
+        } else if keep {
+            self.head = Some(Box::new(buf));
+        }
+        outcome
+    }
+
+    /// Acts on the head bytes received so far (`n` of them just now).
+    pub(super) fn on_head(&mut self, head: &[u8], n: usize, max: usize) -> io::Result<Option<usize>> {
+        let parsed = handshake::parse_request(head, max, CLIENT_PROTOCOLS);
+        let (endpoint, head_len) = match parsed {
+            Ok(None) => return Ok(Some(n)),
+            // Not a WebSocket upgrade: for our WebSocket paths that is a bad handshake (400/405); any
+            // other path is the HTTP API's business (/api/..., /health, /metrics; it answers 404 itself).
+            Err(e @ (HandshakeError::NotUpgrade(_) | HandshakeError::MethodNotAllowed)) => {
+                let path = request_path(head);
+                let ws_path =
+                    path == Some(CLIENT_PATH) || (self.ctx.settings.echo && path == Some(&*self.ctx.config.echo_path));
+                if ws_path {
+                    self.reject(e);
+                } else {
+                    self.phase = Phase::Http;
+                }
+                return Ok(Some(n));
+            }
+            Err(e) => {
+                self.reject(e);
+                return Ok(Some(n));
+            }
+            Ok(Some(req)) => {
+                let endpoint = if self.ctx.settings.echo && req.path == self.ctx.config.echo_path {
+                    Endpoint::Echo
+                } else if req.path == CLIENT_PATH {
+                    let format =
+                        if req.protocol == Some(PROTOBUF_SUBPROTOCOL) { Format::Protobuf } else { Format::Json };
+                    let shared = ClientShared::new(
+                        ClientId::random(),
+                        Encoding::websocket(format),
+                        self.ctx.config.client_queue_max_size,
+                    );
+                    let ping = self.ctx.config.ping_interval.as_secs() as u32;
+                    let stale = self.ctx.config.client_stale_close_delay;
+                    let now = self.ctx.deadlines.now_ms();
+                    self.client = Some(Box::new(ClientState {
+                        session: Session::new(self.ctx.node.clone(), shared, ping),
+                        ping_at: (!stale.is_zero()).then(|| stamp(now.wrapping_add(ms(stale)))),
+                        pong_due: None,
+                    }));
+                    Endpoint::Client
+                } else {
+                    self.reject(HandshakeError::NotFound);
+                    return Ok(Some(n));
+                };
+                if !handshake::origin_allowed(req.origin, req.host, &self.ctx.allowed_origins) {
+                    self.reject(HandshakeError::OriginNotAllowed);
+                    return Ok(Some(n));
+                }
+                // The 101 goes out through the reply batch: written straight away, copied only if the
+                // kernel does not take it all.
+                SCRATCH.with(|scratch| {
+                    let mut scratch = scratch.borrow_mut();
+                    scratch.clear();
+                    handshake::write_response(&req, &mut scratch);
+                    self.write_batch(&scratch)
+                })?;
+                (endpoint, req.head_len)
+            }
+        };
+        self.endpoint = endpoint;
+        self.phase = Phase::Open;
+        self.last_read = self.ctx.deadlines.now_ms();
+        metrics::counter!("ringcast_ws_connections_total").increment(1);
+        metrics::gauge!("ringcast_ws_connections").increment(1.0);
+        // Frames the client sent right behind its upgrade request.
+        let mut rest = &head[head_len.min(head.len())..];
+        while !rest.is_empty() && self.phase == Phase::Open {
+            self.reader.settle(&mut self.buf);
+            let filled = fill_from(&mut self.buf, rest);
+            rest = &rest[filled..];
+            self.process_and_reply()?;
+        }
+        Ok(Some(n))
+    }
+
+    /// Gives the socket, and the bytes read so far, to the HTTP server (a task of its own). The socket is
+    /// duplicated rather than moved out: this connection then ends, closing only its own descriptor.
+    pub(super) fn hand_off_to_http(&mut self) {
+        use std::os::fd::AsFd;
+        let head = self.head.take().map(|b| *b).unwrap_or_default();
+        let dup = self
+            .stream
+            .as_fd()
+            .try_clone_to_owned()
+            .map(std::net::TcpStream::from)
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .and_then(TcpStream::from_std);
+        match dup {
+            Ok(stream) => {
+                metrics::counter!("ringcast_http_connections_total").increment(1);
+                let deadlines = self.ctx.deadlines.clone();
+                tokio::spawn(crate::api::http::serve_with(
+                    stream,
+                    head,
+                    self.ctx.router.clone(),
+                    crate::api::http::ServeOptions::default(),
+                    async move { deadlines.wait_shutdown().await },
+                ));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot hand a connection to the HTTP server"),
+        }
+    }
+
+    /// Answers a bad upgrade request with its HTTP status, then drains.
+    pub(super) fn reject(&mut self, e: HandshakeError) {
+        metrics::counter!("ringcast_handshake_failures_total", "reason" => e.label()).increment(1);
+        tracing::info!(status = e.status(), error = %e, "handshake rejected");
+        self.head = None;
+        self.out.push(Bytes::from_static(e.response()));
+        self.phase = Phase::Draining;
+        self.closing_since = Some(stamp(self.ctx.deadlines.now_ms()));
+    }
+}
+
+/// The path (without query) of a complete HTTP request head.
+pub(super) fn request_path(head: &[u8]) -> Option<&str> {
+    let mut headers = [httparse::EMPTY_HEADER; handshake::MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(head).ok()?;
+    req.path.map(|p| p.split_once('?').map_or(p, |(p, _)| p))
+}

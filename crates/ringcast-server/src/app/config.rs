@@ -76,6 +76,10 @@ pub const KEYS: &[Key] = &[
     key("api_key", Kind::Str, "Key the server HTTP API requires (X-API-Key or Authorization: apikey). Empty: the API refuses every call."),
     key("channel_max_length", Kind::Int, "Longest channel name in bytes (Centrifugo's channel_max_length); longer names are answered 107."),
     key("client_channel_limit", Kind::Int, "Subscriptions one connection may hold (Centrifugo's client_channel_limit); one more is answered 106. 0: no limit."),
+    key("max_connections", Kind::Int, "Admission: WebSocket connections this node holds at once; one more upgrade request is answered 503 with Retry-After. 0: unlimited."),
+    key("client_connect_rate", Kind::Int, "Admission: WebSocket upgrades per second one source address (IPv4 /32, IPv6 /64) may make, a token bucket; over it the request is answered 429 with Retry-After. 0: unlimited."),
+    key("client_connect_burst", Kind::Int, "Admission: upgrades one source address may make at once before client_connect_rate applies (the bucket's size). 0: the rate (one second's worth)."),
+    key("client_max_connections_per_ip", Kind::Int, "Admission: WebSocket connections one source address (IPv4 /32, IPv6 /64) may hold at once; one more upgrade request is answered 503 with Retry-After. 0: unlimited."),
     key("channels", Kind::Table, "Options of channels outside any namespace ([channels] table: allow_subscribe_for_client, presence, history_size, ...)."),
     key("namespaces", Kind::Table, "Channel namespaces ([[namespaces]] with name = \"ns\" and the channel options); channel \"ns:x\" uses namespace \"ns\"."),
 ];
@@ -127,6 +131,10 @@ pub struct Config {
     pub api_key: String,
     pub channel_max_length: usize,
     pub client_channel_limit: usize,
+    pub max_connections: usize,
+    pub client_connect_rate: u32,
+    pub client_connect_burst: u32,
+    pub client_max_connections_per_ip: u32,
     #[serde(deserialize_with = "crate::policy::namespace::deserialize_options")]
     pub channels: crate::policy::namespace::ChannelOptions,
     pub namespaces: Vec<crate::policy::namespace::NamespaceConfig>,
@@ -169,6 +177,10 @@ impl Default for Config {
             api_key: String::new(),
             channel_max_length: crate::policy::namespace::DEFAULT_CHANNEL_MAX_LENGTH,
             client_channel_limit: crate::pubsub::node::DEFAULT_CLIENT_CHANNEL_LIMIT,
+            max_connections: 0,
+            client_connect_rate: 0,
+            client_connect_burst: 0,
+            client_max_connections_per_ip: 0,
             channels: crate::policy::namespace::ChannelOptions::default(),
             namespaces: Vec::new(),
         }

@@ -34,6 +34,8 @@ pub struct Context {
     pub internal_router: Option<axum::Router>,
     /// Connection tasks alive; shutdown waits for them.
     pub live: Live,
+    /// Which upgrade requests are let in (`max_connections`, per-address limits and connect rate).
+    pub admission: crate::app::admission::Admission,
     /// Socket byte counters (handles registered once: an increment is one atomic add).
     pub bytes_in: metrics::Counter,
     pub bytes_out: metrics::Counter,
@@ -155,6 +157,7 @@ impl Context {
         // After `install`: a handle taken before a recorder exists stays a no-op.
         let bytes_in = metrics::counter!(crate::metrics::BYTES_IN_TOTAL);
         let bytes_out = metrics::counter!(crate::metrics::BYTES_OUT_TOTAL);
+        let admission = crate::app::admission::Admission::new(&config);
         Ok(Context {
             config,
             settings,
@@ -166,6 +169,7 @@ impl Context {
             router,
             internal_router,
             live: Live::default(),
+            admission,
             bytes_in,
             bytes_out,
         })

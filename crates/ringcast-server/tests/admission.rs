@@ -199,3 +199,74 @@ async fn connect_rate_over_the_burst_is_refused_429_with_retry_after() {
     }
     server.stop().await;
 }
+
+/// Sends one frame of `cmds` (JSON lines) and collects the replies that carry an id, until every
+/// command with an id is answered. `None`: the server closed instead, with this code and reason.
+async fn frame(ws: &mut Ws, cmds: &[Value]) -> Result<Vec<Value>, (u16, String)> {
+    let text = cmds.iter().map(Value::to_string).collect::<Vec<_>>().join("\n");
+    ws.send(Message::text(text)).await.expect("send frame");
+    let mut replies = Vec::new();
+    while replies.len() < cmds.len() {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a reply in time");
+        match msg {
+            Some(Ok(Message::Text(t))) => {
+                for line in t.as_str().lines() {
+                    let v: Value = serde_json::from_str(line).expect("JSON reply");
+                    if v.get("id").is_some() {
+                        replies.push(v);
+                    }
+                }
+            }
+            Some(Ok(Message::Close(Some(c)))) => return Err((u16::from(c.code), c.reason.to_string())),
+            Some(Ok(_)) => {}
+            other => panic!("connection ended without a close frame: {other:?}"),
+        }
+    }
+    Ok(replies)
+}
+
+#[tokio::test]
+async fn commands_over_the_rate_are_answered_111_and_a_flood_is_disconnected_3013() {
+    let server = TestServer::start(&[
+        ("client_command_rate", "1"),
+        ("client_command_burst", "4"),
+        ("client_flood_disconnect_after", "300ms"),
+    ])
+    .await;
+    let addr = server.addr;
+    let mut flooder = upgraded(upgrade(addr, "127.0.0.6").await);
+    works(&mut flooder, 1).await;
+    // The connect took one token of 4: the next three run whatever the clock did; of ten, some are
+    // refused 111 (one token a second cannot cover seven more in one frame).
+    let cmds: Vec<Value> = (2..12).map(|id| json!({"id": id, "subscribe": {"channel": format!("c{id}")}})).collect();
+    let replies = frame(&mut flooder, &cmds).await.expect("replies, not a close");
+    assert_eq!(replies.len(), 10);
+    for r in &replies[..3] {
+        assert!(r.get("subscribe").is_some(), "within the burst: {r}");
+    }
+    let refused: Vec<&Value> = replies.iter().filter(|r| r.get("error").is_some()).collect();
+    assert!(refused.len() >= 6, "{replies:?}");
+    for r in &refused {
+        assert_eq!(r["error"]["code"], json!(111), "{r}");
+        assert_eq!(r["error"]["message"], json!("too many requests"), "{r}");
+        assert_eq!(r["error"]["temporary"], json!(true), "{r}");
+    }
+    // Keep flooding: once refused for 300 ms without the bucket filling up, the client is disconnected
+    // 3013. Bounded: 500 frames of 5 commands.
+    let mut closed = None;
+    for round in 0..500u32 {
+        let cmds: Vec<Value> =
+            (0..5).map(|i| json!({"id": 100 + round * 5 + i, "presence_stats": {"channel": "c2"}})).collect();
+        if let Err(close) = frame(&mut flooder, &cmds).await {
+            closed = Some(close);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(closed, Some((3013, "too many requests".to_string())));
+    // Another client has its own bucket.
+    let mut other = upgraded(upgrade(addr, "127.0.0.7").await);
+    works(&mut other, 1).await;
+    still_works(&mut other, 2).await;
+    server.stop().await;
+}

@@ -80,6 +80,9 @@ pub const KEYS: &[Key] = &[
     key("client_connect_rate", Kind::Int, "Admission: WebSocket upgrades per second one source address (IPv4 /32, IPv6 /64) may make, a token bucket; over it the request is answered 429 with Retry-After. 0: unlimited."),
     key("client_connect_burst", Kind::Int, "Admission: upgrades one source address may make at once before client_connect_rate applies (the bucket's size). 0: the rate (one second's worth)."),
     key("client_max_connections_per_ip", Kind::Int, "Admission: WebSocket connections one source address (IPv4 /32, IPv6 /64) may hold at once; one more upgrade request is answered 503 with Retry-After. 0: unlimited."),
+    key("client_command_rate", Kind::Int, "Client protocol: commands per second one connection may send (a token bucket; pongs are not counted); a command over it is answered error 111 (too many requests, temporary). 0: unlimited."),
+    key("client_command_burst", Kind::Int, "Client protocol: commands one connection may send at once before client_command_rate applies (the bucket's size). 0: the rate (one second's worth)."),
+    key("client_flood_disconnect_after", Kind::Str, "Client protocol: a connection whose commands are still refused this long after its first refusal is disconnected with 3013 (too many requests; SDKs reconnect with backoff). \"0s\": never."),
     key("channels", Kind::Table, "Options of channels outside any namespace ([channels] table: allow_subscribe_for_client, presence, history_size, ...)."),
     key("namespaces", Kind::Table, "Channel namespaces ([[namespaces]] with name = \"ns\" and the channel options); channel \"ns:x\" uses namespace \"ns\"."),
 ];
@@ -135,6 +138,10 @@ pub struct Config {
     pub client_connect_rate: u32,
     pub client_connect_burst: u32,
     pub client_max_connections_per_ip: u32,
+    pub client_command_rate: u32,
+    pub client_command_burst: u32,
+    #[serde(with = "humantime_serde")]
+    pub client_flood_disconnect_after: Duration,
     #[serde(deserialize_with = "crate::policy::namespace::deserialize_options")]
     pub channels: crate::policy::namespace::ChannelOptions,
     pub namespaces: Vec<crate::policy::namespace::NamespaceConfig>,
@@ -181,6 +188,9 @@ impl Default for Config {
             client_connect_rate: 0,
             client_connect_burst: 0,
             client_max_connections_per_ip: 0,
+            client_command_rate: 0,
+            client_command_burst: 0,
+            client_flood_disconnect_after: Duration::from_secs(10),
             channels: crate::policy::namespace::ChannelOptions::default(),
             namespaces: Vec::new(),
         }
@@ -339,6 +349,7 @@ impl Config {
             ("write_timeout", self.write_timeout),
             ("close_timeout", self.close_timeout),
             ("client_stale_close_delay", self.client_stale_close_delay),
+            ("client_flood_disconnect_after", self.client_flood_disconnect_after),
         ] {
             if d > Duration::from_secs(86_400) {
                 return Err(invalid(name, "must be at most 24h"));

@@ -134,6 +134,11 @@ impl Context {
         let client_limits = crate::pubsub::node::ClientLimits {
             user_connection_limit: config.client_user_connection_limit,
             history_max_publication_limit: config.history_max_publication_limit,
+            commands: crate::session::CommandQuota::new(
+                config.client_command_rate,
+                config.client_command_burst,
+                config.client_flood_disconnect_after,
+            ),
         };
         let node = Arc::new(
             Node::new(Arc::new(MemoryBroker::new()), namespaces, tokens, config.allow_anonymous || config.dev)

@@ -288,7 +288,9 @@ struct CommandBucket {
 enum Throttle {
     Run,
     /// Answer 111; `first` when this starts a run of refusals (logged once).
-    Refuse { first: bool },
+    Refuse {
+        first: bool,
+    },
     /// Refused for `client_flood_disconnect_after`: disconnect 3013.
     Flood,
 }
@@ -455,9 +457,8 @@ impl Session {
             metrics::counter!("ringcast_messages_in_total").increment(commands.len() as u64);
             for cmd in commands.iter_mut() {
                 ponged |= cmd.id == 0 && cmd.send.is_none();
-                let reply = if over_cap {
-                    self.refuse_over_cap(cmd)
-                } else if self.throttled(cmd, now)? {
+                // Commands past the per-frame cap are not counted against the rate (short circuit).
+                let reply = if over_cap || self.throttled(cmd, now)? {
                     self.refuse_over_cap(cmd)
                 } else {
                     self.cap_request(cmd);
@@ -545,7 +546,8 @@ impl Session {
         }
     }
 
-    /// A command past [`MAX_COMMANDS_PER_FRAME`]: not run; answered "too many requests" if it expects a reply.
+    /// A command past [`MAX_COMMANDS_PER_FRAME`], or over `client_command_rate`: not run; answered "too many
+    /// requests" if it expects a reply.
     fn refuse_over_cap(&mut self, cmd: &Command) -> Option<Reply> {
         match cmd.request() {
             None => {

@@ -33,10 +33,9 @@ async fn upgrade(addr: SocketAddr, from: &str) -> Answer {
     socket.bind(SocketAddr::new(from, 0)).expect("bind source address");
     let stream = socket.connect(addr).await.expect("connect");
     let url = format!("ws://{addr}/connection/websocket");
-    let upgraded =
-        tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::client_async(url, stream))
-            .await
-            .expect("the server answered the upgrade in time");
+    let upgraded = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::client_async(url, stream))
+        .await
+        .expect("the server answered the upgrade in time");
     match upgraded {
         Ok((ws, _)) => Answer::Upgraded(Box::new(ws)),
         Err(WsError::Http(resp)) => Answer::Refused(

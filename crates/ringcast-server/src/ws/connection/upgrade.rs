@@ -12,8 +12,8 @@ use ringcast_wire::handshake::{self, HandshakeError};
 use tokio::net::TcpStream;
 
 use super::client::ClientState;
-use crate::app::admission::{IpKey, Refusal};
 use super::{ms, stamp, Conn, Endpoint, Phase, SCRATCH, SCRATCH_KEEP};
+use crate::app::admission::{IpKey, Refusal};
 use crate::pubsub::client::{ClientId, ClientShared};
 use crate::session::Session;
 use crate::transport::Encoding;

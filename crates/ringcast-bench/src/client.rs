@@ -164,7 +164,7 @@ async fn open_inner(ep: &Endpoint, source: Option<IpAddr>, buffers: &Buffers, st
                 return Err(Failure::Protocol("upgrade response head larger than 16 KiB".into()))
             }
             Ok(None) => continue,
-            Err(ClientHandshakeError::Status(code)) => return Err(Failure::Status(code)),
+            Err(ClientHandshakeError::Status(code)) => return Err(crate::failure::upgrade_status(code, &head)),
             Err(e) => return Err(Failure::Protocol(format!("upgrade: {e}"))),
         }
     };

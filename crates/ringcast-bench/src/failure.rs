@@ -19,6 +19,9 @@ pub enum Failure {
     Timeout,
     /// The server answered the upgrade with this HTTP status instead of 101.
     Status(u16),
+    /// The server's admission control turned the upgrade away (429 or 503): the server is up and
+    /// protecting itself, which a report must not mix up with it misbehaving. `Retry-After` in seconds.
+    Rejected { status: u16, retry_after: Option<u64> },
     /// The server broke the WebSocket (or Centrifugo) protocol, or refused a command.
     Protocol(String),
     /// The server closed the connection (TCP EOF or reset, or a close frame) before we were done.
@@ -36,6 +39,7 @@ impl Failure {
             Failure::Refused => "refused".into(),
             Failure::Timeout => "timeout".into(),
             Failure::Status(code) => format!("http_{code}"),
+            Failure::Rejected { status, .. } => format!("rejected_{status}"),
             Failure::Protocol(_) => "protocol".into(),
             Failure::Closed(_) => "closed".into(),
             Failure::Local(_) => "local".into(),
@@ -48,9 +52,27 @@ impl Failure {
             Failure::Refused => "connection refused".into(),
             Failure::Timeout => "timed out".into(),
             Failure::Status(code) => format!("server answered the upgrade with HTTP {code}"),
+            Failure::Rejected { status, retry_after: Some(s) } => {
+                format!("server refused the upgrade: HTTP {status}, Retry-After {s}s")
+            }
+            Failure::Rejected { status, retry_after: None } => format!("server refused the upgrade: HTTP {status}"),
             Failure::Protocol(m) | Failure::Closed(m) | Failure::Local(m) | Failure::Io(m) => m.clone(),
         }
     }
+}
+
+/// What a non-101 answer to an upgrade is: 429 and 503 are refusals (with their `Retry-After`, read from
+/// the response head), any other status a failure.
+pub fn upgrade_status(code: u16, head: &[u8]) -> Failure {
+    if code != 429 && code != 503 {
+        return Failure::Status(code);
+    }
+    let retry_after = head.split(|&b| b == b'\n').find_map(|line| {
+        let line = std::str::from_utf8(line).ok()?;
+        let (name, value) = line.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("retry-after").then(|| value.trim().parse().ok())?
+    });
+    Failure::Rejected { status: code, retry_after }
 }
 
 impl From<io::Error> for Failure {
@@ -157,5 +179,16 @@ mod tests {
         g.merge(&f);
         g.merge(&f);
         assert_eq!(g.count("http_404"), 4);
+    }
+
+    #[test]
+    fn admission_refusals_are_counted_apart_with_their_retry_after() {
+        let head = b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 3\r\nContent-Length: 0\r\n\r\n";
+        let f = upgrade_status(429, head);
+        assert_eq!(f, Failure::Rejected { status: 429, retry_after: Some(3) });
+        assert_eq!(f.label(), "rejected_429");
+        assert!(f.detail().contains("Retry-After 3s"), "{}", f.detail());
+        assert_eq!(upgrade_status(503, b"HTTP/1.1 503 Service Unavailable\r\n\r\n").label(), "rejected_503");
+        assert_eq!(upgrade_status(404, b"HTTP/1.1 404 Not Found\r\n\r\n"), Failure::Status(404));
     }
 }

@@ -96,6 +96,8 @@ impl DisconnectCode {
     pub const INSUFFICIENT_STATE: DisconnectCode = DisconnectCode::new(3010, "insufficient state");
     pub const FORCE_RECONNECT: DisconnectCode = DisconnectCode::new(3011, "force reconnect");
     pub const NO_PONG: DisconnectCode = DisconnectCode::new(3012, "no pong");
+    /// Centrifugo's `DisconnectTooManyRequests`: a client that kept sending over its command rate.
+    pub const TOO_MANY_REQUESTS: DisconnectCode = DisconnectCode::new(3013, "too many requests");
 
     // Terminal: the client stays disconnected.
     pub const INVALID_TOKEN: DisconnectCode = DisconnectCode::new(3500, "invalid token");
@@ -106,7 +108,7 @@ impl DisconnectCode {
     pub const CHANNEL_LIMIT: DisconnectCode = DisconnectCode::new(3505, "channel limit");
 
     /// Every built-in disconnect, in code order.
-    pub const ALL: [DisconnectCode; 16] = [
+    pub const ALL: [DisconnectCode; 17] = [
         DisconnectCode::CONNECTION_CLOSED,
         DisconnectCode::SHUTDOWN,
         DisconnectCode::SERVER_ERROR,
@@ -117,6 +119,7 @@ impl DisconnectCode {
         DisconnectCode::INSUFFICIENT_STATE,
         DisconnectCode::FORCE_RECONNECT,
         DisconnectCode::NO_PONG,
+        DisconnectCode::TOO_MANY_REQUESTS,
         DisconnectCode::INVALID_TOKEN,
         DisconnectCode::BAD_REQUEST,
         DisconnectCode::STALE,
@@ -184,10 +187,10 @@ mod tests {
     }
 
     #[test]
-    fn reconnect_codes_3000_to_3012_reconnect() {
+    fn reconnect_codes_3000_to_3013_reconnect() {
         for d in &ByRange::RECONNECT {
             assert!(d.reconnect(), "{d:?}");
-            assert!((3000..=3012).contains(&d.code));
+            assert!((3000..=3013).contains(&d.code));
         }
     }
 
@@ -202,7 +205,7 @@ mod tests {
     /// The split of [`DisconnectCode::ALL`] by the documented ranges.
     struct ByRange;
     impl ByRange {
-        const RECONNECT: [DisconnectCode; 10] = [
+        const RECONNECT: [DisconnectCode; 11] = [
             DisconnectCode::CONNECTION_CLOSED,
             DisconnectCode::SHUTDOWN,
             DisconnectCode::SERVER_ERROR,
@@ -213,6 +216,7 @@ mod tests {
             DisconnectCode::INSUFFICIENT_STATE,
             DisconnectCode::FORCE_RECONNECT,
             DisconnectCode::NO_PONG,
+            DisconnectCode::TOO_MANY_REQUESTS,
         ];
         const TERMINAL: [DisconnectCode; 6] = [
             DisconnectCode::INVALID_TOKEN,
@@ -257,6 +261,7 @@ mod tests {
             (3010, "insufficient state"),
             (3011, "force reconnect"),
             (3012, "no pong"),
+            (3013, "too many requests"),
             (3500, "invalid token"),
             (3501, "bad request"),
             (3502, "stale"),

@@ -33,6 +33,7 @@ pub const HANDSHAKE_FAILURES_TOTAL: &str = "ringcast_handshake_failures_total";
 pub const WS_PROTOCOL_ERRORS_TOTAL: &str = "ringcast_ws_protocol_errors_total";
 pub const WS_TIMEOUTS_TOTAL: &str = "ringcast_ws_timeouts_total";
 pub const IO_ERRORS_TOTAL: &str = "ringcast_io_errors_total";
+pub const ADMISSION_REFUSALS_TOTAL: &str = "ringcast_admission_refusals_total";
 // Pub/sub (emitted by the hub and client sessions).
 pub const SUBSCRIPTIONS: &str = "ringcast_subscriptions";
 pub const MESSAGES_IN_TOTAL: &str = "ringcast_messages_in_total";
@@ -167,6 +168,11 @@ fn describe() {
     describe_counter!(TCP_ACCEPTED_TOTAL, Unit::Count, "TCP connections accepted.");
     describe_counter!(TCP_ACCEPT_ERRORS_TOTAL, Unit::Count, "accept() failures (EMFILE, ECONNABORTED, ...).");
     describe_counter!(HANDSHAKE_FAILURES_TOTAL, Unit::Count, "Upgrade requests refused, by `reason`.");
+    describe_counter!(
+        ADMISSION_REFUSALS_TOTAL,
+        Unit::Count,
+        "Valid upgrade requests refused by admission control, by `reason` (max_connections and max_connections_per_ip: 503; connect_rate: 429)."
+    );
     describe_counter!(
         WS_PROTOCOL_ERRORS_TOTAL,
         Unit::Count,

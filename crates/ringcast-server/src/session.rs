@@ -233,9 +233,96 @@ impl Subs {
 }
 
 /// Who the token said the client is (anonymous clients have none).
+/// What only some sessions need, boxed: who the client is (a token's user and info; absent for an
+/// anonymous client) and, while it matters, its command bucket. An anonymous client under
+/// `client_command_rate` gets one of these (with an empty user) once it sends commands, and gives it back
+/// at a pong that finds its bucket full again.
+#[derive(Default)]
 struct Identity {
     user: String,
     conn_info: Bytes,
+    /// Boxed once more: 16 bytes only while the client has spent tokens, and this struct stays 64.
+    commands: Option<Box<CommandBucket>>,
+}
+
+/// `client_command_rate`, `client_command_burst` and `client_flood_disconnect_after`, as a GCRA's
+/// parameters (microseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandQuota {
+    /// Time one token takes to come back.
+    interval_us: u64,
+    /// How far ahead of now the bucket may run: (burst − 1) intervals.
+    tolerance_us: u64,
+    /// A client refused this long without its bucket filling up again is disconnected; 0: never.
+    flood_after_us: u64,
+}
+
+impl CommandQuota {
+    /// `None` when `rate` is 0 (unlimited). `burst` 0 means the rate.
+    pub fn new(rate: u32, burst: u32, flood_after: std::time::Duration) -> Option<CommandQuota> {
+        if rate == 0 {
+            return None;
+        }
+        let burst = if burst == 0 { rate } else { burst };
+        let interval_us = (1_000_000 / u64::from(rate)).max(1);
+        Some(CommandQuota {
+            interval_us,
+            tolerance_us: interval_us.saturating_mul(u64::from(burst) - 1),
+            flood_after_us: u64::try_from(flood_after.as_micros()).unwrap_or(u64::MAX),
+        })
+    }
+}
+
+/// One client's command bucket, as a GCRA (the governor crate's algorithm, in 16 bytes rather than a
+/// limiter per connection): the theoretical arrival time of the next command. A bucket whose time is
+/// not ahead of now is full, the same as no bucket at all.
+#[derive(Debug, Default, Clone, Copy)]
+struct CommandBucket {
+    tat_us: u64,
+    /// Since when its commands have been refused (0: they are not), for the flood disconnect.
+    refused_since_us: u64,
+}
+
+/// What the bucket says of one command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Throttle {
+    Run,
+    /// Answer 111; `first` when this starts a run of refusals (logged once).
+    Refuse {
+        first: bool,
+    },
+    /// Refused for `client_flood_disconnect_after`: disconnect 3013.
+    Flood,
+}
+
+impl CommandBucket {
+    fn check(&mut self, q: &CommandQuota, now_us: u64) -> Throttle {
+        let tat = self.tat_us.max(now_us);
+        if tat - now_us <= q.tolerance_us {
+            // The run of refusals ends once the bucket was full again, not at the first token a flooding
+            // client gets back (a flood at twice the rate gets every other token).
+            if self.tat_us <= now_us {
+                self.refused_since_us = 0;
+            }
+            self.tat_us = tat + q.interval_us;
+            return Throttle::Run;
+        }
+        if self.refused_since_us == 0 {
+            self.refused_since_us = now_us;
+            return Throttle::Refuse { first: true };
+        }
+        if q.flood_after_us > 0 && now_us - self.refused_since_us >= q.flood_after_us {
+            return Throttle::Flood;
+        }
+        Throttle::Refuse { first: false }
+    }
+}
+
+/// Microseconds since the first call, plus one (so 0 never is a time): the command buckets' clock.
+fn now_us() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1) + 1
 }
 
 pub struct Session {
@@ -359,6 +446,8 @@ impl Session {
         let mut pos = 0;
         let mut over_cap = false;
         let mut ponged = false;
+        // One clock read per frame, and only with a command rate configured.
+        let now = self.node.client_limits.commands.map(|_| now_us());
         loop {
             decode_commands_from(self.format(), payload, &mut pos, MAX_COMMANDS_PER_FRAME, commands).map_err(|e| {
                 metrics::counter!("ringcast_client_protocol_errors_total", "reason" => e.label()).increment(1);
@@ -368,7 +457,8 @@ impl Session {
             metrics::counter!("ringcast_messages_in_total").increment(commands.len() as u64);
             for cmd in commands.iter_mut() {
                 ponged |= cmd.id == 0 && cmd.send.is_none();
-                let reply = if over_cap {
+                // Commands past the per-frame cap are not counted against the rate (short circuit).
+                let reply = if over_cap || self.throttled(cmd, now)? {
                     self.refuse_over_cap(cmd)
                 } else {
                     self.cap_request(cmd);
@@ -403,6 +493,9 @@ impl Session {
             }
             over_cap = true;
         }
+        if let (true, Some(now)) = (ponged, now) {
+            self.drop_full_bucket(now);
+        }
         // Every live client answers our ping once per ping interval: the moment to end subscriptions whose
         // token expired (an exact timer needs the connection to arm one at `sub_expires_in`).
         if ponged && self.expiring_subs {
@@ -415,7 +508,46 @@ impl Session {
         Ok(())
     }
 
-    /// A command past [`MAX_COMMANDS_PER_FRAME`]: not run; answered "too many requests" if it expects a reply.
+    /// Whether `client_command_rate` refuses this command (pongs are never counted); a client refused for
+    /// `client_flood_disconnect_after` is disconnected 3013.
+    fn throttled(&mut self, cmd: &Command, now: Option<u64>) -> Result<bool, DisconnectCode> {
+        let (Some(quota), Some(now)) = (self.node.client_limits.commands, now) else { return Ok(false) };
+        if cmd.request().is_none() {
+            return Ok(false);
+        }
+        let identity = self.identity.get_or_insert_with(Box::default);
+        let bucket = identity.commands.get_or_insert_with(Box::default);
+        match bucket.check(&quota, now) {
+            Throttle::Run => Ok(false),
+            Throttle::Refuse { first } => {
+                metrics::counter!("ringcast_client_protocol_errors_total", "reason" => "command_rate").increment(1);
+                if first {
+                    tracing::info!(client = %self.shared.id, "commands over client_command_rate answered 111");
+                }
+                Ok(true)
+            }
+            Throttle::Flood => {
+                metrics::counter!("ringcast_client_protocol_errors_total", "reason" => "command_flood").increment(1);
+                tracing::info!(client = %self.shared.id, "disconnecting: over client_command_rate for client_flood_disconnect_after");
+                Err(DisconnectCode::TOO_MANY_REQUESTS)
+            }
+        }
+    }
+
+    /// Gives back a command bucket that is full again (and the box that held it, for an anonymous client):
+    /// a quiet client holds no limiter state.
+    fn drop_full_bucket(&mut self, now: u64) {
+        let Some(identity) = self.identity.as_deref_mut() else { return };
+        if identity.commands.as_ref().is_some_and(|b| b.tat_us <= now) {
+            identity.commands = None;
+            if identity.user.is_empty() && identity.conn_info.is_empty() {
+                self.identity = None;
+            }
+        }
+    }
+
+    /// A command past [`MAX_COMMANDS_PER_FRAME`], or over `client_command_rate`: not run; answered "too many
+    /// requests" if it expects a reply.
     fn refuse_over_cap(&mut self, cmd: &Command) -> Option<Reply> {
         match cmd.request() {
             None => {
@@ -526,7 +658,10 @@ impl Session {
             match verifier.verify_connect(&req.token, now_unix()) {
                 Ok(claims) => {
                     if !claims.user.is_empty() || !claims.info.is_empty() {
-                        self.identity = Some(Box::new(Identity { user: claims.user, conn_info: claims.info }));
+                        // Kept if there is one already: it may hold the command bucket.
+                        let identity = self.identity.get_or_insert_with(Box::default);
+                        identity.user = claims.user;
+                        identity.conn_info = claims.info;
                     }
                     self.expires_at = expiry(claims.expires_at);
                     channels = claims.channels;
@@ -1176,5 +1311,43 @@ mod tests {
         assert_eq!(n.hub.num_subscribers("c010"), 0);
         drop(s);
         assert_eq!(n.hub.num_subscribers("more"), 0, "every subscription is left on drop");
+    }
+
+    #[test]
+    fn command_bucket_runs_the_burst_refuses_then_floods_only_while_never_full_again() {
+        use super::{CommandBucket, CommandQuota, Throttle};
+        let q = CommandQuota::new(10, 3, std::time::Duration::from_secs(1)).expect("a quota");
+        let mut b = CommandBucket::default();
+        let t0 = 1_000_000;
+        for _ in 0..3 {
+            assert_eq!(b.check(&q, t0), Throttle::Run);
+        }
+        assert_eq!(b.check(&q, t0), Throttle::Refuse { first: true });
+        assert_eq!(b.check(&q, t0), Throttle::Refuse { first: false });
+        // A token back after 100 ms: one command runs, the run of refusals goes on.
+        assert_eq!(b.check(&q, t0 + 100_000), Throttle::Run);
+        assert_eq!(b.check(&q, t0 + 100_000), Throttle::Refuse { first: false });
+        // Flooding at six times the rate: the bucket is never full again, and a second after the first
+        // refusal the client is disconnected.
+        let mut flooded_at = None;
+        for step in 2..=40u64 {
+            let now = t0 + step * 50_000;
+            if (0..3).any(|_| b.check(&q, now) == Throttle::Flood) {
+                flooded_at = Some(now);
+                break;
+            }
+        }
+        assert_eq!(flooded_at, Some(t0 + 1_000_000));
+        // Once the bucket is full again, the client starts afresh.
+        let mut b = CommandBucket::default();
+        for _ in 0..4 {
+            b.check(&q, t0);
+        }
+        assert_eq!(b.check(&q, t0 + 5_000_000), Throttle::Run);
+        assert_eq!(b.check(&q, t0 + 5_000_000), Throttle::Run);
+        assert_eq!(b.check(&q, t0 + 5_000_000), Throttle::Run);
+        assert_eq!(b.check(&q, t0 + 5_000_000), Throttle::Refuse { first: true });
+        assert_eq!(CommandQuota::new(0, 5, std::time::Duration::ZERO), None, "0: unlimited");
+        assert_eq!(std::mem::size_of::<super::Identity>(), 64, "a size class");
     }
 }

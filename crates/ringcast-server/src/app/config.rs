@@ -76,6 +76,13 @@ pub const KEYS: &[Key] = &[
     key("api_key", Kind::Str, "Key the server HTTP API requires (X-API-Key or Authorization: apikey). Empty: the API refuses every call."),
     key("channel_max_length", Kind::Int, "Longest channel name in bytes (Centrifugo's channel_max_length); longer names are answered 107."),
     key("client_channel_limit", Kind::Int, "Subscriptions one connection may hold (Centrifugo's client_channel_limit); one more is answered 106. 0: no limit."),
+    key("max_connections", Kind::Int, "Admission: WebSocket connections this node holds at once; one more upgrade request is answered 503 with Retry-After. 0: unlimited."),
+    key("client_connect_rate", Kind::Int, "Admission: WebSocket upgrades per second one source address (IPv4 /32, IPv6 /64) may make, a token bucket; over it the request is answered 429 with Retry-After. 0: unlimited."),
+    key("client_connect_burst", Kind::Int, "Admission: upgrades one source address may make at once before client_connect_rate applies (the bucket's size). 0: the rate (one second's worth)."),
+    key("client_max_connections_per_ip", Kind::Int, "Admission: WebSocket connections one source address (IPv4 /32, IPv6 /64) may hold at once; one more upgrade request is answered 503 with Retry-After. 0: unlimited."),
+    key("client_command_rate", Kind::Int, "Client protocol: commands per second one connection may send (a token bucket; pongs are not counted); a command over it is answered error 111 (too many requests, temporary). 0: unlimited."),
+    key("client_command_burst", Kind::Int, "Client protocol: commands one connection may send at once before client_command_rate applies (the bucket's size). 0: the rate (one second's worth)."),
+    key("client_flood_disconnect_after", Kind::Str, "Client protocol: a connection whose commands are still refused this long after its first refusal is disconnected with 3013 (too many requests; SDKs reconnect with backoff). \"0s\": never."),
     key("channels", Kind::Table, "Options of channels outside any namespace ([channels] table: allow_subscribe_for_client, presence, history_size, ...)."),
     key("namespaces", Kind::Table, "Channel namespaces ([[namespaces]] with name = \"ns\" and the channel options); channel \"ns:x\" uses namespace \"ns\"."),
 ];
@@ -127,6 +134,14 @@ pub struct Config {
     pub api_key: String,
     pub channel_max_length: usize,
     pub client_channel_limit: usize,
+    pub max_connections: usize,
+    pub client_connect_rate: u32,
+    pub client_connect_burst: u32,
+    pub client_max_connections_per_ip: u32,
+    pub client_command_rate: u32,
+    pub client_command_burst: u32,
+    #[serde(with = "humantime_serde")]
+    pub client_flood_disconnect_after: Duration,
     #[serde(deserialize_with = "crate::policy::namespace::deserialize_options")]
     pub channels: crate::policy::namespace::ChannelOptions,
     pub namespaces: Vec<crate::policy::namespace::NamespaceConfig>,
@@ -169,6 +184,13 @@ impl Default for Config {
             api_key: String::new(),
             channel_max_length: crate::policy::namespace::DEFAULT_CHANNEL_MAX_LENGTH,
             client_channel_limit: crate::pubsub::node::DEFAULT_CLIENT_CHANNEL_LIMIT,
+            max_connections: 0,
+            client_connect_rate: 0,
+            client_connect_burst: 0,
+            client_max_connections_per_ip: 0,
+            client_command_rate: 0,
+            client_command_burst: 0,
+            client_flood_disconnect_after: Duration::from_secs(10),
             channels: crate::policy::namespace::ChannelOptions::default(),
             namespaces: Vec::new(),
         }
@@ -327,6 +349,7 @@ impl Config {
             ("write_timeout", self.write_timeout),
             ("close_timeout", self.close_timeout),
             ("client_stale_close_delay", self.client_stale_close_delay),
+            ("client_flood_disconnect_after", self.client_flood_disconnect_after),
         ] {
             if d > Duration::from_secs(86_400) {
                 return Err(invalid(name, "must be at most 24h"));

@@ -34,6 +34,8 @@ pub struct Context {
     pub internal_router: Option<axum::Router>,
     /// Connection tasks alive; shutdown waits for them.
     pub live: Live,
+    /// Which upgrade requests are let in (`max_connections`, per-address limits and connect rate).
+    pub admission: crate::app::admission::Admission,
     /// Socket byte counters (handles registered once: an increment is one atomic add).
     pub bytes_in: metrics::Counter,
     pub bytes_out: metrics::Counter,
@@ -132,6 +134,11 @@ impl Context {
         let client_limits = crate::pubsub::node::ClientLimits {
             user_connection_limit: config.client_user_connection_limit,
             history_max_publication_limit: config.history_max_publication_limit,
+            commands: crate::session::CommandQuota::new(
+                config.client_command_rate,
+                config.client_command_burst,
+                config.client_flood_disconnect_after,
+            ),
         };
         let node = Arc::new(
             Node::new(Arc::new(MemoryBroker::new()), namespaces, tokens, config.allow_anonymous || config.dev)
@@ -155,6 +162,7 @@ impl Context {
         // After `install`: a handle taken before a recorder exists stays a no-op.
         let bytes_in = metrics::counter!(crate::metrics::BYTES_IN_TOTAL);
         let bytes_out = metrics::counter!(crate::metrics::BYTES_OUT_TOTAL);
+        let admission = crate::app::admission::Admission::new(&config);
         Ok(Context {
             config,
             settings,
@@ -166,6 +174,7 @@ impl Context {
             router,
             internal_router,
             live: Live::default(),
+            admission,
             bytes_in,
             bytes_out,
         })

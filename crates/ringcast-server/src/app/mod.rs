@@ -4,6 +4,7 @@
 //! [`server::Server`] binds the listeners and spawns the tasks. Connections depend on the context, never
 //! on the server, so there is no import cycle between the two.
 
+pub mod admission;
 pub mod config;
 pub mod context;
 pub mod error;

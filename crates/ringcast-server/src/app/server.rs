@@ -53,6 +53,7 @@ impl Server {
     /// `shutdown_timeout`.
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<(), ServerError> {
         tokio::spawn(self.ctx.deadlines.clone().run_sweeper());
+        let pruner = tokio::spawn(prune_admission(self.ctx.clone()));
         let internal = match (self.internal, self.ctx.internal_router.clone()) {
             (Some(listener), Some(router)) => Some(tokio::spawn(serve_internal(listener, router, self.ctx.clone()))),
             _ => None,
@@ -85,6 +86,7 @@ impl Server {
         if let Some(task) = internal {
             task.abort();
         }
+        pruner.abort();
         tracing::info!(connections = self.ctx.live.len(), "shutting down: closing connections with 1001");
         self.ctx.deadlines.shutdown();
         if tokio::time::timeout(self.ctx.config.shutdown_timeout, self.ctx.live.wait_empty()).await.is_err() {
@@ -116,6 +118,16 @@ async fn serve_internal(listener: TcpListener, router: axum::Router, ctx: Arc<Co
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+    }
+}
+
+/// Now and then forgets the connect-rate state of addresses that have not connected lately.
+async fn prune_admission(ctx: Arc<Context>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        ctx.admission.prune();
     }
 }
 

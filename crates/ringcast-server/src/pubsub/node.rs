@@ -26,12 +26,15 @@ pub struct ClientLimits {
     pub user_connection_limit: usize,
     /// `history_max_publication_limit`: most publications in one client history reply; 0: no cap.
     pub history_max_publication_limit: usize,
+    /// `client_command_rate` / `client_command_burst` / `client_flood_disconnect_after`: the command
+    /// bucket every client session has (see `session::CommandBucket`); `None`: unlimited.
+    pub commands: Option<crate::session::CommandQuota>,
 }
 
 impl Default for ClientLimits {
     /// Centrifugo's defaults: no connection limit, 300 publications per history reply.
     fn default() -> Self {
-        ClientLimits { user_connection_limit: 0, history_max_publication_limit: 300 }
+        ClientLimits { user_connection_limit: 0, history_max_publication_limit: 300, commands: None }
     }
 }
 

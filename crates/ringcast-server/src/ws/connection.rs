@@ -49,6 +49,7 @@ use ringcast_wire::frame::{encode_header, MAX_HEADER_LEN};
 use ringcast_wire::{CloseCode, Event, OpCode, Payload, Reader, Role, Strategy};
 use tokio::net::TcpStream;
 
+use crate::app::admission::IpKey;
 use crate::app::context::Context;
 use crate::transport::deadline::{reached, Key};
 use crate::transport::outbound::Outbound;
@@ -170,6 +171,9 @@ impl Drop for Conn {
     fn drop(&mut self) {
         self.ctx.live.leave();
         self.ctx.deadlines.remove(self.key);
+        if let Some(ip) = self.admitted {
+            self.ctx.admission.release(ip);
+        }
         if self.endpoint != Endpoint::None {
             metrics::gauge!("ringcast_ws_connections").decrement(1.0);
         }
@@ -197,6 +201,8 @@ struct Conn {
     reader: Reader,
     out: Outbound,
     client: Option<Box<ClientState>>,
+    /// Once admission let the upgrade in: the source address it counted, given back on drop.
+    admitted: Option<IpKey>,
     /// The peer sent EOF: nothing more to read.
     read_closed: bool,
     fin_sent: bool,
@@ -236,6 +242,7 @@ impl Conn {
             reader,
             out: Outbound::new(),
             client: None,
+            admitted: None,
             read_closed: false,
             fin_sent: false,
             shutdown_seen: false,

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 
 use super::client::ClientState;
 use super::{ms, stamp, Conn, Endpoint, Phase, SCRATCH, SCRATCH_KEEP};
+use crate::app::admission::{IpKey, Refusal};
 use crate::pubsub::client::{ClientId, ClientShared};
 use crate::session::Session;
 use crate::transport::Encoding;
@@ -98,6 +99,23 @@ impl Conn {
                 let endpoint = if self.ctx.settings.echo && req.path == self.ctx.config.echo_path {
                     Endpoint::Echo
                 } else if req.path == CLIENT_PATH {
+                    Endpoint::Client
+                } else {
+                    self.reject(HandshakeError::NotFound);
+                    return Ok(Some(n));
+                };
+                if !handshake::origin_allowed(req.origin, req.host, &self.ctx.allowed_origins) {
+                    self.reject(HandshakeError::OriginNotAllowed);
+                    return Ok(Some(n));
+                }
+                // Admission last: only a request we would upgrade is counted (or spends a token).
+                let ip = IpKey::of(self.stream.peer_addr()?.ip());
+                if let Err(refusal) = self.ctx.admission.admit(ip, self.ctx.deadlines.now_ms()) {
+                    self.refuse(refusal);
+                    return Ok(Some(n));
+                }
+                self.admitted = Some(ip);
+                if endpoint == Endpoint::Client {
                     let format =
                         if req.protocol == Some(PROTOBUF_SUBPROTOCOL) { Format::Protobuf } else { Format::Json };
                     let shared = ClientShared::new(
@@ -113,14 +131,6 @@ impl Conn {
                         ping_at: (!stale.is_zero()).then(|| stamp(now.wrapping_add(ms(stale)))),
                         pong_due: None,
                     }));
-                    Endpoint::Client
-                } else {
-                    self.reject(HandshakeError::NotFound);
-                    return Ok(Some(n));
-                };
-                if !handshake::origin_allowed(req.origin, req.host, &self.ctx.allowed_origins) {
-                    self.reject(HandshakeError::OriginNotAllowed);
-                    return Ok(Some(n));
                 }
                 // The 101 goes out through the reply batch: written straight away, copied only if the
                 // kernel does not take it all.
@@ -175,6 +185,14 @@ impl Conn {
             }
             Err(e) => tracing::warn!(error = %e, "cannot hand a connection to the HTTP server"),
         }
+    }
+
+    /// Answers an upgrade request admission refused (429/503 with Retry-After), then drains.
+    pub(super) fn refuse(&mut self, refusal: Refusal) {
+        self.head = None;
+        self.out.push(refusal.response());
+        self.phase = Phase::Draining;
+        self.closing_since = Some(stamp(self.ctx.deadlines.now_ms()));
     }
 
     /// Answers a bad upgrade request with its HTTP status, then drains.

@@ -9,13 +9,14 @@ use bytes::Bytes;
 use ringcast_protocol::{Format, PROTOBUF_SUBPROTOCOL};
 use ringcast_wire::buffer::fill_from;
 use ringcast_wire::handshake::{self, HandshakeError};
+use ringcast_wire::{DeflateConfig, DeflateParams, Deflater};
 use tokio::net::TcpStream;
 
 use super::client::ClientState;
 use super::{ms, stamp, Conn, Endpoint, Phase, SCRATCH, SCRATCH_KEEP};
 use crate::pubsub::client::{ClientId, ClientShared};
 use crate::session::Session;
-use crate::transport::Encoding;
+use crate::transport::{DeflateFraming, Encoding, Framing};
 
 thread_local! {
     /// Upgrade requests are read here first (see `Conn::read_handshake`). Per worker thread.
@@ -74,7 +75,8 @@ impl Conn {
 
     /// Acts on the head bytes received so far (`n` of them just now).
     pub(super) fn on_head(&mut self, head: &[u8], n: usize, max: usize) -> io::Result<Option<usize>> {
-        let parsed = handshake::parse_request(head, max, CLIENT_PROTOCOLS);
+        let deflate = self.deflate_config(head);
+        let parsed = handshake::parse_request_with(head, max, CLIENT_PROTOCOLS, &deflate);
         let (endpoint, head_len) = match parsed {
             Ok(None) => return Ok(Some(n)),
             // Not a WebSocket upgrade: for our WebSocket paths that is a bad handshake (400/405); any
@@ -100,11 +102,8 @@ impl Conn {
                 } else if req.path == CLIENT_PATH {
                     let format =
                         if req.protocol == Some(PROTOBUF_SUBPROTOCOL) { Format::Protobuf } else { Format::Json };
-                    let shared = ClientShared::new(
-                        ClientId::random(),
-                        Encoding::websocket(format),
-                        self.ctx.config.client_queue_max_size,
-                    );
+                    let encoding = push_encoding(format, req.deflate.as_ref(), &deflate);
+                    let shared = ClientShared::new(ClientId::random(), encoding, self.ctx.config.client_queue_max_size);
                     let ping = self.ctx.config.ping_interval.as_secs() as u32;
                     let stale = self.ctx.config.client_stale_close_delay;
                     let now = self.ctx.deadlines.now_ms();
@@ -121,6 +120,11 @@ impl Conn {
                 if !handshake::origin_allowed(req.origin, req.host, &self.ctx.allowed_origins) {
                     self.reject(HandshakeError::OriginNotAllowed);
                     return Ok(Some(n));
+                }
+                if let Some(params) = &req.deflate {
+                    self.reader.enable_deflate(params);
+                    self.deflate = Some(Box::new(Deflater::new(params, &deflate)));
+                    metrics::counter!("ringcast_ws_deflate_connections_total").increment(1);
                 }
                 // The 101 goes out through the reply batch: written straight away, copied only if the
                 // kernel does not take it all.
@@ -147,6 +151,19 @@ impl Conn {
             self.process_and_reply()?;
         }
         Ok(Some(n))
+    }
+
+    /// The permessage-deflate settings this request is negotiated under: the configured ones, except
+    /// that the client protocol never gets server context takeover. Its publications are compressed
+    /// once and shared by every subscriber (`Framing::WebSocketDeflate`), which only a connection whose
+    /// compressor forgets everything between messages can receive; a per-connection compressor would
+    /// also cost ~370 KiB and a compression per delivery. The echo endpoint gets what is configured.
+    fn deflate_config(&self, head: &[u8]) -> DeflateConfig {
+        let mut config = self.ctx.settings.deflate;
+        if config.enabled && config.server_context_takeover && request_path(head) == Some(CLIENT_PATH) {
+            config.server_context_takeover = false;
+        }
+        config
     }
 
     /// Gives the socket, and the bytes read so far, to the HTTP server (a task of its own). The socket is
@@ -185,6 +202,25 @@ impl Conn {
         self.out.push(Bytes::from_static(e.response()));
         self.phase = Phase::Draining;
         self.closing_since = Some(stamp(self.ctx.deadlines.now_ms()));
+    }
+}
+
+/// What a client's publications are framed as: compressed once and shared when it negotiated
+/// permessage-deflate without server context takeover and with the configured window (a frame made
+/// with a larger window than the client allows could refer past it); uncompressed otherwise, which the
+/// extension allows for any message. Its replies are compressed by its own [`Deflater`] either way.
+fn push_encoding(format: Format, params: Option<&DeflateParams>, config: &DeflateConfig) -> Encoding {
+    let window_bits = config.server_max_window_bits.clamp(9, 15);
+    match params {
+        Some(p) if p.server_no_context_takeover() && p.server_max_window_bits() >= window_bits => Encoding {
+            format,
+            framing: Framing::WebSocketDeflate(DeflateFraming {
+                level: config.level.min(9) as u8,
+                window_bits,
+                min_size: u16::try_from(config.min_size).unwrap_or(u16::MAX),
+            }),
+        },
+        _ => Encoding::websocket(format),
     }
 }
 

@@ -116,7 +116,6 @@ impl DeflateClient {
         raw.resize(start + len as usize, 0);
         self.stream.read_exact(&mut raw[start..]).await.expect("payload");
         // Decode it as a client of this connection would.
-        use ringcast_wire::ReadBuffer;
         self.reader.settle(&mut self.buf);
         let n = fill_from(&mut self.buf, &raw);
         assert_eq!(n, raw.len());

@@ -24,9 +24,10 @@ function freePort() {
   });
 }
 
-async function startServer() {
+async function startServer(extraArgs = []) {
   const port = await freePort();
-  const proc = spawn(BIN, ['serve', '--dev', '--listen', `127.0.0.1:${port}`, '--api-key', API_KEY, '--log-level', 'warn'], {
+  const args = ['serve', '--dev', '--listen', `127.0.0.1:${port}`, '--api-key', API_KEY, '--log-level', 'warn', ...extraArgs];
+  const proc = spawn(BIN, args, {
     stdio: ['ignore', 'inherit', 'inherit'],
   });
   for (let i = 0; i < 100; i++) {
@@ -66,10 +67,21 @@ function waitFor(pred, what, ms = 5000) {
   });
 }
 
-test('the official JS SDK connects, subscribes, receives and recovers', async () => {
-  const { port, proc } = await startServer();
+// The SDK's sockets, so a test can see what each one negotiated.
+const sockets = [];
+class TrackedWebSocket extends WebSocket {
+  constructor(...args) {
+    super(...args);
+    sockets.push(this);
+  }
+}
+
+// `pad`: a string carried by every publication (long enough, it is sent compressed when negotiated).
+async function connectSubscribeReceiveRecover(serverArgs, pad) {
+  const { port, proc } = await startServer(serverArgs);
+  sockets.length = 0;
   const client = new Centrifuge(`ws://127.0.0.1:${port}/connection/websocket`, {
-    websocket: WebSocket,
+    websocket: TrackedWebSocket,
     minReconnectDelay: 200,
     maxReconnectDelay: 400,
   });
@@ -87,31 +99,45 @@ test('the official JS SDK connects, subscribes, receives and recovers', async ()
     assert.equal(subscribedEvents[0].recoverable, true);
 
     // A publication made through the server HTTP API reaches the SDK subscriber.
-    const r = await api(port, 'publish', { channel: 'news', data: { n: 1 } });
+    const r = await api(port, 'publish', { channel: 'news', data: { n: 1, pad } });
     assert.ok(r.offset >= 1, JSON.stringify(r));
     await waitFor(() => received.length === 1, 'first publication');
-    assert.deepEqual(received[0], { n: 1 });
+    assert.deepEqual(received[0], { n: 1, pad });
 
     // Force a reconnect, publish while the client is away, and expect exact recovery.
     const disconnected = new Promise((resolve) => client.once('connecting', resolve));
     await api(port, 'disconnect', { user: '', disconnect: { code: 3011, reason: 'force reconnect' } });
     await disconnected;
-    await api(port, 'publish', { channel: 'news', data: { n: 2 } });
-    await api(port, 'publish', { channel: 'news', data: { n: 3 } });
+    await api(port, 'publish', { channel: 'news', data: { n: 2, pad } });
+    await api(port, 'publish', { channel: 'news', data: { n: 3, pad } });
     await waitFor(() => subscribedEvents.length === 2, 're-subscribed after reconnect');
     const again = subscribedEvents[1];
     assert.equal(again.wasRecovering, true);
     assert.equal(again.recovered, true);
     await waitFor(() => received.length === 3, 'recovered publications');
-    assert.deepEqual(received, [{ n: 1 }, { n: 2 }, { n: 3 }]);
+    assert.deepEqual(received, [{ n: 1, pad }, { n: 2, pad }, { n: 3, pad }]);
     assert.equal(connects, 2);
 
     // Live publications continue after recovery.
-    await api(port, 'publish', { channel: 'news', data: { n: 4 } });
+    await api(port, 'publish', { channel: 'news', data: { n: 4, pad } });
     await waitFor(() => received.length === 4, 'live publication after recovery');
-    assert.deepEqual(received[3], { n: 4 });
+    assert.deepEqual(received[3], { n: 4, pad });
+    return sockets.map((s) => s.extensions);
   } finally {
     client.disconnect();
     proc.kill('SIGTERM');
   }
+}
+
+test('the official JS SDK connects, subscribes, receives and recovers', async () => {
+  const extensions = await connectSubscribeReceiveRecover([], 'p');
+  assert.ok(extensions.length >= 2, 'a socket per connect');
+  assert.ok(extensions.every((e) => e === ''), `compression is off by default: ${extensions}`);
+});
+
+test('the same with permessage-deflate negotiated (ws offers it; --compression)', async () => {
+  // 300 bytes of padding: above compression_min_size, so every publication is sent compressed.
+  const extensions = await connectSubscribeReceiveRecover(['--compression'], 'x'.repeat(300));
+  assert.ok(extensions.length >= 2, 'a socket per connect');
+  assert.ok(extensions.every((e) => e === 'permessage-deflate'), `negotiated on every socket: ${extensions}`);
 });

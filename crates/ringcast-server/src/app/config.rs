@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use ringcast_wire::Strategy;
+use ringcast_wire::{DeflateConfig, Strategy};
 
 /// What kind of value a key takes (how a flag or environment string is turned into TOML).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +61,12 @@ pub const KEYS: &[Key] = &[
     key("shutdown_timeout", Kind::Str, "On SIGINT/SIGTERM, how long connections get to close before the process exits."),
     key("echo", Kind::Bool, "Serve the echo endpoint (default: on with --dev, off otherwise)."),
     key("echo_path", Kind::Str, "Path of the echo endpoint; \"/\" works for load tools that always request /."),
+    key("compression", Kind::Bool, "Accept permessage-deflate (RFC 7692) offers: messages both ways may be compressed. Publications are compressed once for every subscriber that shares the parameters."),
+    key("compression_level", Kind::Int, "permessage-deflate: zlib level, 0 (store) to 9 (smallest, slowest)."),
+    key("compression_min_size", Kind::Int, "permessage-deflate: messages shorter than this many bytes are sent uncompressed (at most 65535)."),
+    key("compression_context_takeover", Kind::Bool, "permessage-deflate: let the server keep its compressor between messages on the echo endpoint (better ratio, ~370 KiB per connection that uses it). Client-protocol connections never get it, so publications stay compressed once and shared."),
+    key("compression_server_max_window_bits", Kind::Int, "permessage-deflate: largest window (base-2 log, 9-15) the server compresses with; a client may ask for less."),
+    key("compression_client_max_window_bits", Kind::Int, "permessage-deflate: largest window (base-2 log, 8-15) a client may compress with, when its offer lets us limit it (smaller: less inflater memory)."),
     key("allowed_origins", Kind::List, "Origins allowed to open WebSockets (\"*\" for any). Empty: requests without Origin and same-origin requests only."),
     key("log_level", Kind::Str, "Log filter (tracing EnvFilter syntax), e.g. \"info\" or \"ringcast_server=debug\"."),
     key("ping_interval", Kind::Str, "Client protocol: how often the server pings a connected client (it must answer)."),
@@ -116,6 +122,12 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub echo: Option<bool>,
     pub echo_path: String,
+    pub compression: bool,
+    pub compression_level: u32,
+    pub compression_min_size: usize,
+    pub compression_context_takeover: bool,
+    pub compression_server_max_window_bits: u8,
+    pub compression_client_max_window_bits: u8,
     pub allowed_origins: Vec<String>,
     pub log_level: String,
     #[serde(with = "humantime_serde")]
@@ -169,6 +181,12 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             echo: None,
             echo_path: "/echo".into(),
+            compression: false,
+            compression_level: 6,
+            compression_min_size: 64,
+            compression_context_takeover: false,
+            compression_server_max_window_bits: 15,
+            compression_client_max_window_bits: 15,
             allowed_origins: Vec::new(),
             log_level: "info".into(),
             ping_interval: Duration::from_secs(25),
@@ -246,6 +264,8 @@ pub struct Settings {
     pub internal_listen: Option<SocketAddr>,
     pub strategy: Strategy,
     pub echo: bool,
+    /// permessage-deflate as configured (`compression*`; `enabled: false` when off).
+    pub deflate: DeflateConfig,
 }
 
 impl Config {
@@ -376,7 +396,29 @@ impl Config {
         if internal_listen.is_some_and(|a| a == listen && a.port() != 0) {
             return Err(invalid("internal_listen", "must differ from `listen`"));
         }
-        Ok(Settings { listen, internal_listen, strategy, echo: self.echo.unwrap_or(self.dev) })
+        if self.compression_level > 9 {
+            return Err(invalid("compression_level", "must be between 0 and 9"));
+        }
+        if self.compression_min_size > usize::from(u16::MAX) {
+            return Err(invalid("compression_min_size", "must be at most 65535 bytes"));
+        }
+        if !(9..=15).contains(&self.compression_server_max_window_bits) {
+            // zlib cannot compress a raw stream with an 8-bit window.
+            return Err(invalid("compression_server_max_window_bits", "must be between 9 and 15"));
+        }
+        if !(8..=15).contains(&self.compression_client_max_window_bits) {
+            return Err(invalid("compression_client_max_window_bits", "must be between 8 and 15"));
+        }
+        let deflate = DeflateConfig {
+            enabled: self.compression,
+            server_context_takeover: self.compression_context_takeover,
+            client_context_takeover: false,
+            server_max_window_bits: self.compression_server_max_window_bits,
+            client_max_window_bits: self.compression_client_max_window_bits,
+            level: self.compression_level,
+            min_size: self.compression_min_size,
+        };
+        Ok(Settings { listen, internal_listen, strategy, echo: self.echo.unwrap_or(self.dev), deflate })
     }
 
     /// A documented TOML file with every key at its default.
@@ -510,6 +552,24 @@ mod tests {
         let (_, s) =
             Config::load(None, no_env, &[("dev".into(), "true".into()), ("echo".into(), "false".into())]).unwrap();
         assert!(!s.echo);
+    }
+
+    #[test]
+    fn compression_is_off_by_default_and_checked() {
+        let (_, s) = Config::load(None, no_env, &[]).unwrap();
+        assert!(!s.deflate.enabled);
+        assert!(!s.deflate.server_context_takeover, "defaults suit many connections");
+        let (_, s) = Config::load(None, no_env, &[("compression".into(), "".into())]).unwrap();
+        assert!(s.deflate.enabled, "`--compression` alone turns it on");
+        for (key, bad) in [
+            ("compression_level", "10"),
+            ("compression_min_size", "70000"),
+            ("compression_server_max_window_bits", "8"),
+            ("compression_client_max_window_bits", "16"),
+        ] {
+            let e = Config::load(None, no_env, &[(key.into(), bad.into())]).unwrap_err();
+            assert!(e.to_string().contains(&format!("`{key}`")), "{e}");
+        }
     }
 
     #[test]

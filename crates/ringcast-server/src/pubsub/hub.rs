@@ -445,6 +445,29 @@ mod tests {
     }
 
     #[test]
+    fn a_publication_is_compressed_once_for_every_deflate_subscriber() {
+        use crate::transport::{DeflateFraming, Framing};
+        let hub = Hub::new();
+        let deflate = Framing::WebSocketDeflate(DeflateFraming { level: 6, window_bits: 15, min_size: 16 });
+        let compressed =
+            |id| ClientShared::new(ClientId(id), Encoding { format: Format::Json, framing: deflate }, 1 << 20);
+        let (a, b, plain) = (compressed(1), compressed(2), client(3, Format::Json, 1 << 20));
+        for cl in [&a, &b, &plain] {
+            subscribe(&hub, "news", cl);
+        }
+        let body = Bytes::from("{\"text\":\"".to_string() + &"abc".repeat(200) + "\"}");
+        let ((), fan) = hub.publish_with("news", || (), |_, _| Some(body.clone()));
+        assert_eq!(fan.delivered, 3);
+        let (fa, fb, fp) = (taken(&a).pop_front(), taken(&b).pop_front(), taken(&plain).pop_front());
+        let (fa, fb, fp) = (fa.expect("a got it"), fb.expect("b got it"), fp.expect("plain got it"));
+        // One compressed frame, the same allocation for both deflate subscribers.
+        assert_eq!(fa.as_ptr(), fb.as_ptr(), "compressed once and shared");
+        assert_eq!(fa[0], 0xC1, "FIN + RSV1, text");
+        assert!(fa.len() < body.len() / 4, "{} of {}", fa.len(), body.len());
+        assert_eq!(fp[0], 0x81, "the plain subscriber gets its own uncompressed frame");
+    }
+
+    #[test]
     fn unsubscribe_removes_and_forgets_empty_channels() {
         let hub = Hub::new();
         let a = client(1, Format::Json, 1 << 20);

@@ -15,6 +15,7 @@ pub mod outbound;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use ringcast_protocol::Format;
+use ringcast_wire::deflate::compressed_frame;
 use ringcast_wire::frame::{encode_header, OpCode, MAX_HEADER_LEN};
 
 /// How a transport delimits messages on its byte stream.
@@ -22,10 +23,41 @@ use ringcast_wire::frame::{encode_header, OpCode, MAX_HEADER_LEN};
 pub enum Framing {
     /// One unmasked, unfragmented RFC 6455 frame per message (text for JSON, binary for Protobuf).
     WebSocket,
+    /// The same, compressed with permessage-deflate without server context takeover (RSV1 set), so
+    /// one frame serves every subscriber that negotiated it: a publication is compressed once.
+    /// Messages shorter than `min_size` are framed as [`Framing::WebSocket`] (RSV1 clear).
+    ///
+    /// The parameters are the server's (`compression_*`), the same for every subscriber of a node,
+    /// which is why all values share one cache slot. Only subscribers whose negotiated
+    /// `server_max_window_bits` is the configured one get this framing; one that asked for a smaller
+    /// window receives publications uncompressed (a frame made with a larger window could refer past
+    /// its window), and no client-protocol connection is granted server context takeover.
+    WebSocketDeflate(DeflateFraming),
+}
+
+/// How [`Framing::WebSocketDeflate`] compresses: small, so an [`Encoding`] stays a few bytes in every
+/// subscriber's shared state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeflateFraming {
+    /// zlib level, 0–9.
+    pub level: u8,
+    /// Compressor window, 9–15.
+    pub window_bits: u8,
+    /// Shorter payloads go uncompressed (`compression_min_size`, validated to fit).
+    pub min_size: u16,
 }
 
 impl Framing {
-    const ALL: [Framing; 1] = [Framing::WebSocket];
+    /// One of each kind (the cache is indexed by kind, not by parameters).
+    const ALL: [Framing; 2] =
+        [Framing::WebSocket, Framing::WebSocketDeflate(DeflateFraming { level: 6, window_bits: 15, min_size: 64 })];
+
+    fn index(self) -> usize {
+        match self {
+            Framing::WebSocket => 0,
+            Framing::WebSocketDeflate(_) => 1,
+        }
+    }
 }
 
 /// What a subscriber receives: payloads in `format`, framed by `framing`.
@@ -49,23 +81,32 @@ impl Encoding {
             Format::Json => 0,
             Format::Protobuf => 1,
         };
-        let framing = match self.framing {
-            Framing::WebSocket => 0,
-        };
-        framing * 2 + format
+        self.framing.index() * 2 + format
     }
 
     /// Frames one payload for this encoding.
     pub fn frame(self, payload: &[u8]) -> Bytes {
         match self.framing {
             Framing::WebSocket => ws_frame(self.format, payload),
+            Framing::WebSocketDeflate(d) if payload.len() >= usize::from(d.min_size) => {
+                compressed_frame(opcode(self.format), payload, u32::from(d.level), d.window_bits)
+            }
+            Framing::WebSocketDeflate(_) => ws_frame(self.format, payload),
         }
+    }
+}
+
+fn opcode(format: Format) -> OpCode {
+    if format.is_binary() {
+        OpCode::Binary
+    } else {
+        OpCode::Text
     }
 }
 
 /// Wraps a protocol payload in one unmasked WebSocket frame (text for JSON, binary for Protobuf).
 pub fn ws_frame(format: Format, payload: &[u8]) -> Bytes {
-    let opcode = if format.is_binary() { OpCode::Binary } else { OpCode::Text };
+    let opcode = opcode(format);
     let mut hdr = [0u8; MAX_HEADER_LEN];
     let h = encode_header(&mut hdr, true, opcode, payload.len() as u64, None);
     let mut out = BytesMut::with_capacity(h + payload.len());
@@ -95,5 +136,16 @@ mod tests {
     fn websocket_framing_picks_text_or_binary_by_format() {
         assert_eq!(&Encoding::websocket(Format::Json).frame(b"{}")[..], &[0x81, 2, b'{', b'}']);
         assert_eq!(&Encoding::websocket(Format::Protobuf).frame(b"\x01")[..], &[0x82, 1, 1]);
+    }
+
+    #[test]
+    fn deflate_framing_sets_rsv1_only_from_min_size() {
+        let d = DeflateFraming { level: 6, window_bits: 15, min_size: 16 };
+        let enc = Encoding { format: Format::Json, framing: Framing::WebSocketDeflate(d) };
+        assert_eq!(&enc.frame(b"{}")[..], &[0x81, 2, b'{', b'}'], "short: plain, RSV1 clear");
+        let long = br#"{"text":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#;
+        let frame = enc.frame(long);
+        assert_eq!(frame[0], 0xC1, "compressed text: FIN + RSV1");
+        assert!(frame.len() < long.len(), "{} >= {}", frame.len(), long.len());
     }
 }

@@ -46,7 +46,7 @@ use ringcast_protocol::DisconnectCode;
 use ringcast_wire::buffer::{AnyBuffer, GrowableBuffer, PooledBuffer, ReadBuffer, RingBuffer};
 use ringcast_wire::close::encode_close_payload;
 use ringcast_wire::frame::{encode_header, MAX_HEADER_LEN};
-use ringcast_wire::{CloseCode, Event, OpCode, Payload, Reader, Role, Strategy};
+use ringcast_wire::{CloseCode, Deflater, Event, OpCode, Payload, Reader, Role, Strategy};
 use tokio::net::TcpStream;
 
 use crate::app::admission::IpKey;
@@ -188,15 +188,24 @@ enum Step {
     Finished,
 }
 
+/// What a connection keeps in its one boxed slot, depending on where it stands.
+enum Stage {
+    /// The upgrade request as received so far (only a head that arrives in pieces, or one handed to the
+    /// HTTP server, is kept; see `Conn::read_handshake`).
+    Head(Vec<u8>),
+    /// permessage-deflate's sending half, when negotiated (without server context takeover it holds no
+    /// zlib state, only its parameters).
+    Deflate(Deflater),
+}
+
 struct Conn {
     stream: TcpStream,
     ctx: Arc<Context>,
     phase: Phase,
     endpoint: Endpoint,
-    /// The upgrade request as received so far; `None` once upgraded (boxed: 8 bytes, not 24, in every
-    /// connection's future for a buffer that only lives during the handshake).
-    #[allow(clippy::box_collection)]
-    head: Option<Box<Vec<u8>>>,
+    /// The upgrade request as received so far, then (once upgraded) permessage-deflate's sending half:
+    /// one boxed slot, 8 bytes in every connection's future, since the two never live at once.
+    stage: Option<Box<Stage>>,
     buf: AnyBuffer,
     reader: Reader,
     out: Outbound,
@@ -237,7 +246,7 @@ impl Conn {
             ctx,
             phase: Phase::Handshake,
             endpoint: Endpoint::None,
-            head: None,
+            stage: None,
             buf,
             reader,
             out: Outbound::new(),
@@ -421,7 +430,11 @@ impl Conn {
     fn process(&mut self, scratch: &mut Vec<u8>) {
         // Every caller has just set `last_read` from the deadline clock: no second clock read per pass.
         let now = self.last_read;
-        let Conn { reader, buf, out, phase, endpoint, closing_since, client, ctx, .. } = self;
+        let Conn { reader, buf, out, phase, endpoint, closing_since, client, ctx, stage, .. } = self;
+        let mut deflate = match stage.as_deref_mut() {
+            Some(Stage::Deflate(d)) => Some(d),
+            _ => None,
+        };
         loop {
             if !matches!(*phase, Phase::Open | Phase::Closing) {
                 return;
@@ -434,9 +447,11 @@ impl Conn {
                             continue;
                         }
                         match (*endpoint, client.as_deref_mut()) {
-                            (Endpoint::Echo, _) => echo::echo(scratch, out, opcode, payload),
+                            (Endpoint::Echo, _) => echo::echo(scratch, out, deflate.as_deref_mut(), opcode, payload),
                             (Endpoint::Client, Some(state)) => {
-                                if let Err(d) = client_message(state, payload, scratch, out, now, &ctx.config) {
+                                let deflate = deflate.as_deref_mut();
+                                if let Err(d) = client_message(state, payload, scratch, out, deflate, now, &ctx.config)
+                                {
                                     tracing::info!(code = d.code, reason = d.reason, "disconnecting client");
                                     if d == DisconnectCode::SLOW {
                                         // Replies passed the queue limit: the close must not wait behind a
@@ -682,6 +697,34 @@ fn emit(scratch: &mut Vec<u8>, out: &mut Outbound, opcode: OpCode, payload: Payl
         frame.extend_from_slice(&hdr[..h]);
         payload.copy_to(&mut frame);
         out.push(Bytes::from(frame));
+    }
+}
+
+/// Encodes one data message into the batch (or behind the queue), compressed when the connection
+/// negotiated permessage-deflate and the message is long enough. Control frames never go through here.
+fn emit_data(
+    scratch: &mut Vec<u8>,
+    out: &mut Outbound,
+    deflate: Option<&mut Deflater>,
+    opcode: OpCode,
+    payload: Payload<'_>,
+) {
+    let Some(d) = deflate.filter(|d| d.compresses(payload.len())) else {
+        return emit(scratch, out, opcode, payload);
+    };
+    // The compressor wants one slice; a message split by a ring buffer's wrap is copied (rare).
+    let joined;
+    let bytes = match payload.contiguous() {
+        Some(p) => p,
+        None => {
+            joined = payload.to_vec();
+            &joined
+        }
+    };
+    if out.is_empty() {
+        d.encode_frame_into(opcode, bytes, scratch);
+    } else {
+        out.push(d.encode_frame(opcode, bytes));
     }
 }
 

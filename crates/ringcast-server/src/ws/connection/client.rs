@@ -4,9 +4,9 @@
 //! (server-side subscribe, …) run here on the connection's deadlines.
 
 use ringcast_protocol::DisconnectCode;
-use ringcast_wire::{OpCode, Payload};
+use ringcast_wire::{Deflater, OpCode, Payload};
 
-use super::{emit, ms, stamp, Conn, Phase, Stamp};
+use super::{emit_data, ms, stamp, Conn, Phase, Stamp};
 use crate::session::Session;
 use crate::transport::deadline::reached;
 use crate::transport::outbound::Outbound;
@@ -89,6 +89,7 @@ pub(super) fn client_message(
     payload: Payload<'_>,
     scratch: &mut Vec<u8>,
     out: &mut Outbound,
+    deflate: Option<&mut Deflater>,
     now: u32,
     cfg: &crate::app::config::Config,
 ) -> Result<(), DisconnectCode> {
@@ -106,7 +107,7 @@ pub(super) fn client_message(
     }
     if !replies.is_empty() {
         let opcode = if state.session.format().is_binary() { OpCode::Binary } else { OpCode::Text };
-        emit(scratch, out, opcode, Payload { first: &replies, second: &[] });
+        emit_data(scratch, out, deflate, opcode, Payload { first: &replies, second: &[] });
     }
     Ok(())
 }

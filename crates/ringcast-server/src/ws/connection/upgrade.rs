@@ -9,14 +9,15 @@ use bytes::Bytes;
 use ringcast_protocol::{Format, PROTOBUF_SUBPROTOCOL};
 use ringcast_wire::buffer::fill_from;
 use ringcast_wire::handshake::{self, HandshakeError};
+use ringcast_wire::{DeflateConfig, DeflateParams, Deflater};
 use tokio::net::TcpStream;
 
 use super::client::ClientState;
-use super::{ms, stamp, Conn, Endpoint, Phase, SCRATCH, SCRATCH_KEEP};
+use super::{ms, stamp, Conn, Endpoint, Phase, Stage, SCRATCH, SCRATCH_KEEP};
 use crate::app::admission::{IpKey, Refusal};
 use crate::pubsub::client::{ClientId, ClientShared};
 use crate::session::Session;
-use crate::transport::Encoding;
+use crate::transport::{DeflateFraming, Encoding, Framing};
 
 thread_local! {
     /// Upgrade requests are read here first (see `Conn::read_handshake`). Per worker thread.
@@ -30,6 +31,17 @@ pub const CLIENT_PATH: &str = "/connection/websocket";
 const CLIENT_PROTOCOLS: &[&str] = &[PROTOBUF_SUBPROTOCOL, "centrifuge-json"];
 
 impl Conn {
+    /// The head bytes kept from earlier reads, if any.
+    fn take_head(&mut self) -> Option<Vec<u8>> {
+        match self.stage.take().map(|b| *b) {
+            Some(Stage::Head(h)) => Some(h),
+            other => {
+                self.stage = other.map(Box::new);
+                None
+            }
+        }
+    }
+
     /// One read of the upgrade request; answers it once complete.
     ///
     /// The request is read into a per-thread buffer; only a head that arrives in pieces (or goes to the
@@ -37,10 +49,10 @@ impl Conn {
     /// per-connection head buffer, which the allocator would otherwise keep around as resident memory.
     pub(super) fn read_handshake(&mut self) -> io::Result<Option<usize>> {
         let max = self.ctx.config.max_request_head;
-        let own = self.head.take();
+        let own = self.take_head();
         let from_scratch = own.is_none();
         let mut buf = match own {
-            Some(b) => *b,
+            Some(b) => b,
             None => HEAD_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut())),
         };
         // Room for one byte past the limit, so "too large" is detected rather than read forever.
@@ -61,21 +73,22 @@ impl Conn {
         let keep = matches!(self.phase, Phase::Handshake | Phase::Http) && !buf.is_empty();
         if from_scratch {
             if keep {
-                self.head = Some(Box::new(buf.clone()));
+                self.stage = Some(Box::new(Stage::Head(buf.clone())));
             }
             buf.clear();
             if buf.capacity() <= SCRATCH_KEEP {
                 HEAD_SCRATCH.with(|s| *s.borrow_mut() = buf);
             }
         } else if keep {
-            self.head = Some(Box::new(buf));
+            self.stage = Some(Box::new(Stage::Head(buf)));
         }
         outcome
     }
 
     /// Acts on the head bytes received so far (`n` of them just now).
     pub(super) fn on_head(&mut self, head: &[u8], n: usize, max: usize) -> io::Result<Option<usize>> {
-        let parsed = handshake::parse_request(head, max, CLIENT_PROTOCOLS);
+        let deflate = self.deflate_config(head);
+        let parsed = handshake::parse_request_with(head, max, CLIENT_PROTOCOLS, &deflate);
         let (endpoint, head_len) = match parsed {
             Ok(None) => return Ok(Some(n)),
             // Not a WebSocket upgrade: for our WebSocket paths that is a bad handshake (400/405); any
@@ -118,11 +131,8 @@ impl Conn {
                 if endpoint == Endpoint::Client {
                     let format =
                         if req.protocol == Some(PROTOBUF_SUBPROTOCOL) { Format::Protobuf } else { Format::Json };
-                    let shared = ClientShared::new(
-                        ClientId::random(),
-                        Encoding::websocket(format),
-                        self.ctx.config.client_queue_max_size,
-                    );
+                    let encoding = push_encoding(format, req.deflate.as_ref(), &deflate);
+                    let shared = ClientShared::new(ClientId::random(), encoding, self.ctx.config.client_queue_max_size);
                     let ping = self.ctx.config.ping_interval.as_secs() as u32;
                     let stale = self.ctx.config.client_stale_close_delay;
                     let now = self.ctx.deadlines.now_ms();
@@ -131,6 +141,11 @@ impl Conn {
                         ping_at: (!stale.is_zero()).then(|| stamp(now.wrapping_add(ms(stale)))),
                         pong_due: None,
                     }));
+                }
+                if let Some(params) = &req.deflate {
+                    self.reader.enable_deflate(params);
+                    self.stage = Some(Box::new(Stage::Deflate(Deflater::new(params, &deflate))));
+                    metrics::counter!("ringcast_ws_deflate_connections_total").increment(1);
                 }
                 // The 101 goes out through the reply batch: written straight away, copied only if the
                 // kernel does not take it all.
@@ -159,11 +174,24 @@ impl Conn {
         Ok(Some(n))
     }
 
+    /// The permessage-deflate settings this request is negotiated under: the configured ones, except
+    /// that the client protocol never gets server context takeover. Its publications are compressed
+    /// once and shared by every subscriber (`Framing::WebSocketDeflate`), which only a connection whose
+    /// compressor forgets everything between messages can receive; a per-connection compressor would
+    /// also cost ~370 KiB and a compression per delivery. The echo endpoint gets what is configured.
+    fn deflate_config(&self, head: &[u8]) -> DeflateConfig {
+        let mut config = self.ctx.settings.deflate;
+        if config.enabled && config.server_context_takeover && request_path(head) == Some(CLIENT_PATH) {
+            config.server_context_takeover = false;
+        }
+        config
+    }
+
     /// Gives the socket, and the bytes read so far, to the HTTP server (a task of its own). The socket is
     /// duplicated rather than moved out: this connection then ends, closing only its own descriptor.
     pub(super) fn hand_off_to_http(&mut self) {
         use std::os::fd::AsFd;
-        let head = self.head.take().map(|b| *b).unwrap_or_default();
+        let head = self.take_head().unwrap_or_default();
         let dup = self
             .stream
             .as_fd()
@@ -189,7 +217,7 @@ impl Conn {
 
     /// Answers an upgrade request admission refused (429/503 with Retry-After), then drains.
     pub(super) fn refuse(&mut self, refusal: Refusal) {
-        self.head = None;
+        self.stage = None;
         self.out.push(refusal.response());
         self.phase = Phase::Draining;
         self.closing_since = Some(stamp(self.ctx.deadlines.now_ms()));
@@ -199,10 +227,29 @@ impl Conn {
     pub(super) fn reject(&mut self, e: HandshakeError) {
         metrics::counter!("ringcast_handshake_failures_total", "reason" => e.label()).increment(1);
         tracing::info!(status = e.status(), error = %e, "handshake rejected");
-        self.head = None;
+        self.stage = None;
         self.out.push(Bytes::from_static(e.response()));
         self.phase = Phase::Draining;
         self.closing_since = Some(stamp(self.ctx.deadlines.now_ms()));
+    }
+}
+
+/// What a client's publications are framed as: compressed once and shared when it negotiated
+/// permessage-deflate without server context takeover and with the configured window (a frame made
+/// with a larger window than the client allows could refer past it); uncompressed otherwise, which the
+/// extension allows for any message. Its replies are compressed by its own [`Deflater`] either way.
+fn push_encoding(format: Format, params: Option<&DeflateParams>, config: &DeflateConfig) -> Encoding {
+    let window_bits = config.server_max_window_bits.clamp(9, 15);
+    match params {
+        Some(p) if p.server_no_context_takeover() && p.server_max_window_bits() >= window_bits => Encoding {
+            format,
+            framing: Framing::WebSocketDeflate(DeflateFraming {
+                level: config.level.min(9) as u8,
+                window_bits,
+                min_size: u16::try_from(config.min_size).unwrap_or(u16::MAX),
+            }),
+        },
+        _ => Encoding::websocket(format),
     }
 }
 

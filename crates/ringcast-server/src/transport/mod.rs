@@ -3,8 +3,14 @@
 //! The pub/sub layer ([`crate::pubsub::hub`], [`crate::pubsub::node`]) fans out *payloads*: a push encoded once per wire
 //! format (JSON, Protobuf). It does not know how a transport frames them. Each subscriber names its
 //! [`Encoding`] — format and framing — and a publication is framed once per encoding in use and that one
-//! `Bytes` is shared by every subscriber with the same encoding. A new transport (raw TCP frames, a
-//! compressed WebSocket variant) is a new [`Framing`] here; the fan-out does not change.
+//! `Bytes` is shared by every subscriber with the same encoding. A new transport (a compressed
+//! WebSocket variant) is a new [`Framing`] here; the fan-out does not change.
+//!
+//! [`Framing::Tcp`] (the binary protocol of docs/tcp-protocol.md) is the one framing that does not wrap
+//! a Centrifugo push: its MESSAGE frame carries the channel, the offset and the publication's raw data.
+//! So a fan-out hands the hub two builders ([`crate::pubsub::hub::Frames`]): the push payload per format
+//! for WebSocket framings, and the MESSAGE frame for TCP, each called at most once per publication.
+//! Pushes that have no TCP form (join/leave) have no MESSAGE builder and skip TCP subscribers.
 //!
 //! Also here, because every transport's connection task uses them: [`outbound`], the queue of shared,
 //! pre-encoded frames flushed with `writev`, and [`deadline`], every connection's deadlines in one swept
@@ -22,10 +28,13 @@ use ringcast_wire::frame::{encode_header, OpCode, MAX_HEADER_LEN};
 pub enum Framing {
     /// One unmasked, unfragmented RFC 6455 frame per message (text for JSON, binary for Protobuf).
     WebSocket,
+    /// The raw TCP binary protocol: a publication is one MESSAGE frame (`ringcast_wire::tcp`); the
+    /// format is irrelevant (its data is sent as published).
+    Tcp,
 }
 
 impl Framing {
-    const ALL: [Framing; 1] = [Framing::WebSocket];
+    const ALL: [Framing; 2] = [Framing::WebSocket, Framing::Tcp];
 }
 
 /// What a subscriber receives: payloads in `format`, framed by `framing`.
@@ -43,6 +52,11 @@ impl Encoding {
         Encoding { format, framing: Framing::WebSocket }
     }
 
+    /// A TCP subscriber. Its format is fixed (JSON) so that every TCP subscriber shares one cache slot.
+    pub const fn tcp() -> Encoding {
+        Encoding { format: Format::Json, framing: Framing::Tcp }
+    }
+
     /// A dense index in `0..COUNT`, for caches.
     pub fn index(self) -> usize {
         let format = match self.format {
@@ -51,14 +65,23 @@ impl Encoding {
         };
         let framing = match self.framing {
             Framing::WebSocket => 0,
+            Framing::Tcp => 1,
         };
         framing * 2 + format
     }
 
-    /// Frames one payload for this encoding.
-    pub fn frame(self, payload: &[u8]) -> Bytes {
+    /// Whether this encoding's frames are built from the publication itself (channel, offset, raw data)
+    /// rather than from a Centrifugo push payload: TCP.
+    pub fn is_raw(self) -> bool {
+        self.framing == Framing::Tcp
+    }
+
+    /// Frames one Centrifugo push payload for this encoding; `None` for framings that do not carry
+    /// Centrifugo pushes (TCP: its frames are built from the publication itself).
+    pub fn frame(self, payload: &[u8]) -> Option<Bytes> {
         match self.framing {
-            Framing::WebSocket => ws_frame(self.format, payload),
+            Framing::WebSocket => Some(ws_frame(self.format, payload)),
+            Framing::Tcp => None,
         }
     }
 }
@@ -93,7 +116,8 @@ mod tests {
 
     #[test]
     fn websocket_framing_picks_text_or_binary_by_format() {
-        assert_eq!(&Encoding::websocket(Format::Json).frame(b"{}")[..], &[0x81, 2, b'{', b'}']);
-        assert_eq!(&Encoding::websocket(Format::Protobuf).frame(b"\x01")[..], &[0x82, 1, 1]);
+        assert_eq!(Encoding::websocket(Format::Json).frame(b"{}").as_deref(), Some(&[0x81, 2, b'{', b'}'][..]));
+        assert_eq!(Encoding::websocket(Format::Protobuf).frame(b"\x01").as_deref(), Some(&[0x82, 1, 1][..]));
+        assert_eq!(Encoding::tcp().frame(b"{}"), None, "TCP frames are not Centrifugo pushes");
     }
 }

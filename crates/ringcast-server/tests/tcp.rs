@@ -165,7 +165,7 @@ async fn connect_subscribe_publish_and_the_message_is_the_documented_frame() {
     }
     assert_eq!(c.call(Command::Subscribe { channel: "news" }).await, Got::Subscribed("news".into()));
     c.send(Command::Publish { channel: "news", data: br#"{"x":1}"# }).await;
-    let mut got = vec![c.recv().await, c.recv().await];
+    let mut got = [c.recv().await, c.recv().await];
     got.sort_by_key(|g| matches!(g, Got::Message { .. }));
     assert_eq!(got[0], Got::Published(1), "--dev keeps history: the first offset is 1");
     let Got::Message { channel, offset, data } = &got[1] else { panic!("expected MESSAGE, got {:?}", got[1]) };
@@ -315,7 +315,7 @@ async fn namespace_permissions_apply_and_a_denial_is_error_8() {
     );
     assert_eq!(c.call(Command::Subscribe { channel: "open:x" }).await, Got::Subscribed("open:x".into()));
     c.send(Command::Publish { channel: "open:x", data: b"1" }).await;
-    let mut got = vec![c.recv().await, c.recv().await];
+    let mut got = [c.recv().await, c.recv().await];
     got.sort_by_key(|g| matches!(g, Got::Message { .. }));
     assert_eq!(got[0], Got::Published(1));
     assert_eq!(got[1], Got::Message { channel: "open:x".into(), offset: 1, data: b"1".to_vec() });
@@ -366,7 +366,7 @@ async fn one_byte_at_a_time_over_every_buffer_strategy() {
         }
         assert!(matches!(c.recv().await, Got::Connected(_)), "{flags:?}");
         assert_eq!(c.recv().await, Got::Subscribed("split".into()), "{flags:?}");
-        let mut got = vec![c.recv().await, c.recv().await];
+        let mut got = [c.recv().await, c.recv().await];
         got.sort_by_key(|g| matches!(g, Got::Message { .. }));
         assert_eq!(got[0], Got::Published(1), "{flags:?}");
         assert_eq!(got[1], Got::Message { channel: "split".into(), offset: 1, data: vec![7u8; 300] }, "{flags:?}");
@@ -389,7 +389,7 @@ async fn a_one_mib_body_over_every_buffer_strategy() {
         // PUBLISH body: 2 + 3 + data = exactly the default limit of 1 MiB.
         let data: Vec<u8> = (0..(1usize << 20) - 5).map(|i| (i % 251) as u8).collect();
         c.send(Command::Publish { channel: "big", data: &data }).await;
-        let mut got = vec![c.recv().await, c.recv().await];
+        let mut got = [c.recv().await, c.recv().await];
         got.sort_by_key(|g| matches!(g, Got::Message { .. }));
         assert_eq!(got[0], Got::Published(1), "{flags:?}");
         let Got::Message { data: received, .. } = &got[1] else { panic!("{flags:?}: {:?}", got[1]) };

@@ -551,3 +551,47 @@ async fn a_websocket_publication_reaches_tcp_subscribers_with_the_same_offset() 
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_tcp_subscriber_that_does_not_read_is_disconnected_and_a_reading_one_gets_everything() {
+    const N: u64 = 400;
+    let server = dev(&[("client_queue_max_size", "65536")]).await;
+    let mut slow = Tcp::to(&server).await;
+    assert!(matches!(slow.connect("").await, Got::Connected(_)));
+    assert_eq!(slow.call(Command::Subscribe { channel: "flood" }).await, Got::Subscribed("flood".into()));
+    let mut fast = Tcp::to(&server).await;
+    assert!(matches!(fast.connect("").await, Got::Connected(_)));
+    assert_eq!(fast.call(Command::Subscribe { channel: "flood" }).await, Got::Subscribed("flood".into()));
+    let reader = tokio::spawn(async move {
+        let mut offsets = Vec::new();
+        while (offsets.len() as u64) < N {
+            match fast.message().await {
+                Got::Message { offset, .. } => offsets.push(offset),
+                other => panic!("the reading subscriber lost its connection: {other:?}"),
+            }
+        }
+        offsets
+    });
+    let mut publisher = Tcp::to(&server).await;
+    assert!(matches!(publisher.connect("").await, Got::Connected(_)));
+    // 400 × 16 KiB: far more than the kernel's loopback buffers and the 64 KiB queue limit.
+    let data = vec![b'x'; 16 * 1024];
+    for n in 1..=N {
+        assert_eq!(publisher.call(Command::Publish { channel: "flood", data: &data }).await, Got::Published(n));
+    }
+    assert_eq!(reader.await.expect("reader"), (1..=N).collect::<Vec<_>>(), "every publication, in order");
+    // The one that did not read: what it finds is a prefix of the stream, then the end.
+    let mut received = 0u64;
+    loop {
+        match slow.recv().await {
+            Got::Message { offset, .. } => {
+                received += 1;
+                assert_eq!(offset, received, "no gap before the disconnect");
+            }
+            Got::Eof => break,
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(received < N, "the slow subscriber was never disconnected");
+    }
+    server.stop().await;
+}

@@ -15,7 +15,7 @@
 //! * [`params`]: what a run is asked to do; [`report`]: what it found (table, JSON); [`plot`]: SVG.
 //! * [`scenario`]: echo, fanout, connect, idle, and the phases and splitting they share.
 //! * [`client`]: one client connection over tokio; [`centrifuge`]: Centrifugo protocol v2 client bits;
-//!   [`payload`]: what a message carries.
+//!   [`payload`]: what a message carries; [`tcp`]: a client of ringcast's TCP binary protocol.
 //! * [`meter`], [`histogram`]: recording; [`proc`]: CPU and memory from /proc and getrusage;
 //!   [`clock`]: the monotonic clock shared by all processes; [`failure`]: failure kinds.
 //! * `conductor`, `worker`, `progress`: coordination of one or many processes, and the live line.
@@ -48,6 +48,7 @@ pub mod proc;
 mod progress;
 pub mod report;
 pub mod scenario;
+pub mod tcp;
 mod worker;
 
 pub use cli::{command, main, params_from};

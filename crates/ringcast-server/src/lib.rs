@@ -8,6 +8,8 @@
 //!   shutdown.
 //! * [`ws`]: one task per WebSocket connection: upgrade and routing, the connection state machine, the
 //!   echo endpoint and the client-protocol driver.
+//! * [`tcp`]: one task per raw TCP binary-protocol connection (docs/tcp-protocol.md): the driver, its
+//!   session on the node, the adaptive pong deadline.
 //! * [`session`]: one client's Centrifugo protocol session: commands in, replies and node operations out.
 //! * [`pubsub`]: the node (channels, publish, presence, history calls), the hub (per-channel sequencer
 //!   and fan-out) and the part of a client other tasks can reach (its shared queue). It fans out
@@ -27,6 +29,7 @@ pub mod metrics;
 pub mod policy;
 pub mod pubsub;
 pub mod session;
+pub mod tcp;
 pub mod transport;
 pub mod ws;
 

@@ -79,6 +79,11 @@ pub const KEYS: &[Key] = &[
     key("token_rsa_public_key", Kind::Str, "PEM public key for RS256/384/512 tokens."),
     key("token_ecdsa_public_key", Kind::Str, "PEM public key for ES256/384 tokens."),
     key("internal_listen", Kind::Str, "Address (HOST:PORT) serving /api, /metrics and /health on their own; when set, the public listener serves only WebSockets and /health. Empty: all on `listen`."),
+    key("tcp_listen", Kind::Str, "Address (HOST:PORT) of the raw TCP binary protocol (docs/tcp-protocol.md). Empty: off, except with --dev, where it is `listen`'s host on port 7070 (an ephemeral port when `listen`'s port is 0). \"off\": off even with --dev."),
+    key("tcp_max_body_size", Kind::Int, "TCP protocol: largest accepted frame body in bytes; a larger body_len is answered ERROR 4 and the connection closed."),
+    key("tcp_ping_interval", Kind::Str, "TCP protocol: the server pings a client silent for this long; \"0s\" disables server pings."),
+    key("tcp_pong_timeout_min", Kind::Str, "TCP protocol: the shortest time a client has to answer a ping (the deadline is 1.5 x the median of its last round trips, within these bounds)."),
+    key("tcp_pong_timeout_max", Kind::Str, "TCP protocol: the longest time a client has to answer a ping (also the deadline before any round trip was measured); late: ERROR 11 and close."),
     key("api_key", Kind::Str, "Key the server HTTP API requires (X-API-Key or Authorization: apikey). Empty: the API refuses every call."),
     key("channel_max_length", Kind::Int, "Longest channel name in bytes (Centrifugo's channel_max_length); longer names are answered 107."),
     key("client_channel_limit", Kind::Int, "Subscriptions one connection may hold (Centrifugo's client_channel_limit); one more is answered 106. 0: no limit."),
@@ -143,6 +148,14 @@ pub struct Config {
     pub token_rsa_public_key: String,
     pub token_ecdsa_public_key: String,
     pub internal_listen: String,
+    pub tcp_listen: String,
+    pub tcp_max_body_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub tcp_ping_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub tcp_pong_timeout_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub tcp_pong_timeout_max: Duration,
     pub api_key: String,
     pub channel_max_length: usize,
     pub client_channel_limit: usize,
@@ -199,6 +212,11 @@ impl Default for Config {
             token_rsa_public_key: String::new(),
             token_ecdsa_public_key: String::new(),
             internal_listen: String::new(),
+            tcp_listen: String::new(),
+            tcp_max_body_size: ringcast_wire::tcp::DEFAULT_MAX_BODY,
+            tcp_ping_interval: Duration::from_secs(25),
+            tcp_pong_timeout_min: Duration::from_secs(2),
+            tcp_pong_timeout_max: Duration::from_secs(10),
             api_key: String::new(),
             channel_max_length: crate::policy::namespace::DEFAULT_CHANNEL_MAX_LENGTH,
             client_channel_limit: crate::pubsub::node::DEFAULT_CLIENT_CHANNEL_LIMIT,
@@ -256,12 +274,17 @@ pub fn env_var(key: &str) -> String {
     format!("RINGCAST_{}", key.to_ascii_uppercase())
 }
 
+/// The TCP protocol's port under `--dev` when `tcp_listen` is not set (issue 11).
+pub const DEV_TCP_PORT: u16 = 7070;
+
 /// The effective settings derived from a validated [`Config`].
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
     /// `internal_listen`, when set.
     pub internal_listen: Option<SocketAddr>,
+    /// Where the TCP binary protocol listens, when on (`tcp_listen`, or the `--dev` default).
+    pub tcp_listen: Option<SocketAddr>,
     pub strategy: Strategy,
     pub echo: bool,
     /// permessage-deflate as configured (`compression*`; `enabled: false` when off).
@@ -418,7 +441,38 @@ impl Config {
             level: self.compression_level,
             min_size: self.compression_min_size,
         };
-        Ok(Settings { listen, internal_listen, strategy, echo: self.echo.unwrap_or(self.dev), deflate })
+        let tcp_listen = match self.tcp_listen.as_str() {
+            "off" => None,
+            // `--dev` turns it on next to `listen`; a test server on port 0 gets an ephemeral port too.
+            "" if self.dev => Some(SocketAddr::new(listen.ip(), if listen.port() == 0 { 0 } else { DEV_TCP_PORT })),
+            "" => None,
+            s => Some(
+                s.parse::<SocketAddr>()
+                    .map_err(|e| invalid("tcp_listen", format!("{e} (expected HOST:PORT, \"off\" or empty)")))?,
+            ),
+        };
+        if tcp_listen.is_some_and(|a| a.port() != 0 && (a == listen || Some(a) == internal_listen)) {
+            return Err(invalid("tcp_listen", "must differ from `listen` and `internal_listen`"));
+        }
+        if self.tcp_max_body_size == 0 || self.tcp_max_body_size > 1 << 30 {
+            return Err(invalid("tcp_max_body_size", "must be between 1 byte and 1 GiB"));
+        }
+        for (name, d) in [
+            ("tcp_ping_interval", self.tcp_ping_interval),
+            ("tcp_pong_timeout_min", self.tcp_pong_timeout_min),
+            ("tcp_pong_timeout_max", self.tcp_pong_timeout_max),
+        ] {
+            if d > Duration::from_secs(3600) {
+                return Err(invalid(name, "must be at most 1h"));
+            }
+        }
+        if self.tcp_pong_timeout_min.is_zero() {
+            return Err(invalid("tcp_pong_timeout_min", "must be positive"));
+        }
+        if self.tcp_pong_timeout_max < self.tcp_pong_timeout_min {
+            return Err(invalid("tcp_pong_timeout_max", "must be at least tcp_pong_timeout_min"));
+        }
+        Ok(Settings { listen, internal_listen, tcp_listen, strategy, echo: self.echo.unwrap_or(self.dev), deflate })
     }
 
     /// A documented TOML file with every key at its default.
@@ -543,6 +597,28 @@ mod tests {
         let e = Config::load(Some(&file), no_env, &[]).unwrap_err();
         assert!(e.to_string().contains("read_bufer"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn tcp_listen_is_off_unless_configured_or_dev() {
+        let (_, s) = Config::load(None, no_env, &[]).unwrap();
+        assert_eq!(s.tcp_listen, None, "off by default");
+        let (_, s) = Config::load(None, no_env, &[("dev".into(), "true".into())]).unwrap();
+        assert_eq!(s.tcp_listen.map(|a| a.to_string()), Some("127.0.0.1:7070".into()));
+        let dev_ephemeral = [("dev".into(), "true".into()), ("listen".into(), "127.0.0.1:0".into())];
+        let (_, s) = Config::load(None, no_env, &dev_ephemeral).unwrap();
+        assert_eq!(s.tcp_listen.map(|a| a.port()), Some(0), "a test server on port 0 gets an ephemeral TCP port");
+        let off = [("dev".into(), "true".into()), ("tcp_listen".into(), "off".into())];
+        assert_eq!(Config::load(None, no_env, &off).unwrap().1.tcp_listen, None);
+        let (_, s) = Config::load(None, no_env, &[("tcp_listen".into(), "127.0.0.1:7071".into())]).unwrap();
+        assert_eq!(s.tcp_listen.map(|a| a.port()), Some(7071));
+        let e = Config::load(None, no_env, &[("tcp_listen".into(), "nowhere".into())]).unwrap_err();
+        assert!(e.to_string().contains("`tcp_listen`"), "{e}");
+        let e = Config::load(None, no_env, &[("tcp_listen".into(), "127.0.0.1:8000".into())]).unwrap_err();
+        assert!(e.to_string().contains("`tcp_listen`"), "cannot share the public port: {e}");
+        let bounds = [("tcp_pong_timeout_min".into(), "5s".into()), ("tcp_pong_timeout_max".into(), "1s".into())];
+        let e = Config::load(None, no_env, &bounds).unwrap_err();
+        assert!(e.to_string().contains("`tcp_pong_timeout_max`"), "{e}");
     }
 
     #[test]

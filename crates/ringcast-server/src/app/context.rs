@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use ringcast_wire::{BufferPool, Limits};
+use ringcast_wire::buffer::{AnyBuffer, GrowableBuffer, PooledBuffer, RingBuffer};
+use ringcast_wire::{BufferPool, Limits, Strategy};
 
 use crate::app::config::{Config, ConfigError, Settings};
 use crate::app::error::ServerError;
@@ -95,6 +96,19 @@ fn random_hex(bytes: usize) -> String {
 }
 
 impl Context {
+    /// A new connection's read buffer, of the configured strategy (every transport reads through one).
+    pub fn read_buffer(&self) -> AnyBuffer {
+        let cfg = &self.config;
+        match self.settings.strategy {
+            Strategy::Ring => AnyBuffer::Ring(RingBuffer::new(cfg.ring_buffer_size)),
+            Strategy::Pool => AnyBuffer::Pool(PooledBuffer::new(self.pool.clone())),
+            Strategy::Growable => AnyBuffer::Growable(GrowableBuffer::new(
+                cfg.growable_initial_size,
+                usize::try_from(cfg.max_frame_size).unwrap_or(usize::MAX),
+            )),
+        }
+    }
+
     pub fn new(mut config: Config, settings: Settings) -> Result<Self, ServerError> {
         if config.dev {
             // Development mode works out of the box: an API key and a token secret to try things with.

@@ -17,6 +17,8 @@ pub struct Server {
     listener: TcpListener,
     /// The `internal_listen` listener (plain HTTP: API, metrics, health), when configured.
     internal: Option<TcpListener>,
+    /// The `tcp_listen` listener (the raw TCP binary protocol), when on.
+    tcp: Option<TcpListener>,
     ctx: Arc<Context>,
 }
 
@@ -37,7 +39,11 @@ impl Server {
             Some(addr) => Some(bind(addr).map_err(|source| ServerError::Bind { addr, source })?),
             None => None,
         };
-        Ok(Server { listener, internal, ctx: Arc::new(Context::new(config, settings)?) })
+        let tcp = match settings.tcp_listen {
+            Some(addr) => Some(bind(addr).map_err(|source| ServerError::Bind { addr, source })?),
+            None => None,
+        };
+        Ok(Server { listener, internal, tcp, ctx: Arc::new(Context::new(config, settings)?) })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -49,6 +55,11 @@ impl Server {
         self.internal.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// The bound `tcp_listen` address (the TCP binary protocol), when on.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves until `signal` resolves, then closes every connection with 1001 and waits for them, up to
     /// `shutdown_timeout`.
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<(), ServerError> {
@@ -58,6 +69,7 @@ impl Server {
             (Some(listener), Some(router)) => Some(tokio::spawn(serve_internal(listener, router, self.ctx.clone()))),
             _ => None,
         };
+        let tcp = self.tcp.map(|listener| tokio::spawn(serve_tcp(listener, self.ctx.clone())));
         let mut accepted_count = 0usize;
         tokio::pin!(signal);
         loop {
@@ -87,6 +99,10 @@ impl Server {
             task.abort();
         }
         pruner.abort();
+        // Accepting stops; open TCP connections are counted in `live` and close on the shutdown flag.
+        if let Some(task) = tcp {
+            task.abort();
+        }
         tracing::info!(connections = self.ctx.live.len(), "shutting down: closing connections with 1001");
         self.ctx.deadlines.shutdown();
         if tokio::time::timeout(self.ctx.config.shutdown_timeout, self.ctx.live.wait_empty()).await.is_err() {
@@ -131,6 +147,32 @@ async fn prune_admission(ctx: Arc<Context>) {
     }
 }
 
+/// Accepts TCP binary-protocol connections on `tcp_listen`, one task each, until the server shuts down
+/// (the task is aborted; the connections themselves see the shutdown flag).
+async fn serve_tcp(listener: TcpListener, ctx: Arc<Context>) {
+    let mut accepted = 0usize;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tracing::trace!(%peer, "tcp protocol: accepted");
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(%peer, error = %e, "set_nodelay failed");
+                }
+                accepted = accepted.wrapping_add(1);
+                if ctx.deadlines.is_shutdown() {
+                    continue;
+                }
+                tokio::spawn(crate::tcp::Connection::new(stream, ctx.clone(), accepted).run());
+            }
+            Err(e) => {
+                metrics::counter!("ringcast_tcp_accept_errors_total").increment(1);
+                tracing::warn!(error = %e, "tcp protocol listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn termination_signal() {
     #[cfg(unix)]
@@ -165,6 +207,9 @@ pub fn run_blocking(config: Config, settings: Settings) -> Result<(), ServerErro
         let server = Server::bind(config, settings)?;
         let addr = server.local_addr().map_err(ServerError::Runtime)?;
         tracing::info!(%addr, strategy = server.ctx.settings.strategy.name(), echo = server.ctx.settings.echo, "ringcast listening");
+        if let Some(tcp) = server.tcp_addr() {
+            tracing::info!(%tcp, "TCP binary protocol listening");
+        }
         if let Some(internal) = server.internal_addr() {
             tracing::info!(%internal, "internal listener: /api, /metrics, /health");
         }

@@ -89,26 +89,36 @@ fn relock<G>(r: Result<G, std::sync::PoisonError<G>>) -> G {
 }
 
 /// A publication's frames, made on first use: the payload once per format, the frame once per encoding.
+///
+/// Two builders: `payload` makes the Centrifugo push payload of a format (framed per encoding by
+/// [`Encoding::frame`]); `message` makes the whole frame of a raw encoding ([`Encoding::is_raw`]: the
+/// TCP MESSAGE, built from the channel, offset and data rather than from a push). Each is called at
+/// most once per fan-out; `message` returning `None` (join/leave have no TCP form) skips those
+/// subscribers.
 pub struct Frames<'a> {
     payload: &'a dyn Fn(Format) -> Option<Bytes>,
+    message: &'a dyn Fn() -> Option<Bytes>,
     payloads: [Option<Option<Bytes>>; 2],
     frames: [Option<Option<Bytes>>; Encoding::COUNT],
 }
 
 impl<'a> Frames<'a> {
-    pub fn new(payload: &'a dyn Fn(Format) -> Option<Bytes>) -> Self {
-        Frames { payload, payloads: Default::default(), frames: Default::default() }
+    pub fn new(payload: &'a dyn Fn(Format) -> Option<Bytes>, message: &'a dyn Fn() -> Option<Bytes>) -> Self {
+        Frames { payload, message, payloads: Default::default(), frames: Default::default() }
     }
 
     pub fn get(&mut self, encoding: Encoding) -> Option<&Bytes> {
-        let Frames { payload, payloads, frames } = self;
+        let Frames { payload, message, payloads, frames } = self;
         frames[encoding.index()]
             .get_or_insert_with(|| {
+                if encoding.is_raw() {
+                    return message();
+                }
                 let slot = match encoding.format {
                     Format::Json => &mut payloads[0],
                     Format::Protobuf => &mut payloads[1],
                 };
-                slot.get_or_insert_with(|| payload(encoding.format)).as_ref().map(|p| encoding.frame(p))
+                slot.get_or_insert_with(|| payload(encoding.format)).as_ref().and_then(|p| encoding.frame(p))
             })
             .as_ref()
     }
@@ -189,15 +199,17 @@ impl Hub {
         }
     }
 
-    /// Runs `during` (assign the position: append to history) and queues the frames `payload` makes of
-    /// its result on every subscriber, in one section of the channel's sequencer (see the module docs).
+    /// Runs `during` (assign the position: append to history) and queues the frames `payload` (a push
+    /// per format) and `message` (a raw encoding's frame: TCP) make of its result on every subscriber, in
+    /// one section of the channel's sequencer (see the module docs).
     pub fn publish_with<T>(
         &self,
         channel: &str,
         during: impl FnOnce() -> T,
         payload: impl Fn(&T, Format) -> Option<Bytes>,
+        message: impl Fn(&T) -> Option<Bytes>,
     ) -> (T, FanOut) {
-        self.sequenced(channel, None, during, payload)
+        self.sequenced_to(Audience::Subscribers, channel, None, during, payload, message)
     }
 
     /// Fans a frame out to every subscriber of `channel` except `skip` (join/leave pushes), in the
@@ -208,7 +220,7 @@ impl Hub {
         skip: Option<&Arc<ClientShared>>,
         payload: &dyn Fn(Format) -> Option<Bytes>,
     ) -> FanOut {
-        self.sequenced(channel, skip, || (), |(), f| payload(f)).1
+        self.sequenced_to(Audience::Subscribers, channel, skip, || (), |(), f| payload(f), |()| None).1
     }
 
     /// Fans a join/leave push out to the channel's join/leave listeners except `skip`, in the channel's
@@ -219,7 +231,7 @@ impl Hub {
         skip: Option<&Arc<ClientShared>>,
         payload: &dyn Fn(Format) -> Option<Bytes>,
     ) -> FanOut {
-        self.sequenced_to(Audience::JoinLeave, channel, skip, || (), |(), f| payload(f)).1
+        self.sequenced_to(Audience::JoinLeave, channel, skip, || (), |(), f| payload(f), |()| None).1
     }
 
     /// `client`, subscribed to `channel`, receives its join/leave pushes from now on (until it
@@ -235,16 +247,6 @@ impl Hub {
         true
     }
 
-    fn sequenced<T>(
-        &self,
-        channel: &str,
-        skip: Option<&Arc<ClientShared>>,
-        during: impl FnOnce() -> T,
-        payload: impl Fn(&T, Format) -> Option<Bytes>,
-    ) -> (T, FanOut) {
-        self.sequenced_to(Audience::Subscribers, channel, skip, during, payload)
-    }
-
     fn sequenced_to<T>(
         &self,
         audience: Audience,
@@ -252,6 +254,7 @@ impl Hub {
         skip: Option<&Arc<ClientShared>>,
         during: impl FnOnce() -> T,
         payload: impl Fn(&T, Format) -> Option<Bytes>,
+        message: impl Fn(&T) -> Option<Bytes>,
     ) -> (T, FanOut) {
         loop {
             let ch = match self.section(channel) {
@@ -265,11 +268,12 @@ impl Hub {
             }
             let value = during();
             let encode = |f: Format| payload(&value, f);
+            let raw = || message(&value);
             let to = match audience {
                 Audience::Subscribers => &state.subs,
                 Audience::JoinLeave => &state.join_leave,
             };
-            let fan = deliver_all(to, skip, &encode);
+            let fan = deliver_all(to, skip, &encode, &raw);
             drop(state);
             fan.record();
             return (value, fan);
@@ -370,8 +374,13 @@ impl Hub {
 
 /// Queues the frame for each subscriber's encoding on every subscriber but `skip` (framing each
 /// encoding at most once).
-fn deliver_all(to: &ClientSet, skip: Option<&Arc<ClientShared>>, payload: &dyn Fn(Format) -> Option<Bytes>) -> FanOut {
-    let mut frames = Frames::new(payload);
+fn deliver_all(
+    to: &ClientSet,
+    skip: Option<&Arc<ClientShared>>,
+    payload: &dyn Fn(Format) -> Option<Bytes>,
+    message: &dyn Fn() -> Option<Bytes>,
+) -> FanOut {
+    let mut frames = Frames::new(payload, message);
     let mut fan = FanOut::default();
     let now = crate::metrics::clock_us();
     for client in to.iter() {
@@ -435,6 +444,7 @@ mod tests {
                 calls.set(calls.get() + 1);
                 payload_for(f)
             },
+            |_| None,
         );
         assert_eq!(fan, FanOut { delivered: 3, slow: 0, dropped: 0 });
         assert_eq!(calls.get(), 2, "one encoding per format, not per subscriber");
@@ -456,7 +466,7 @@ mod tests {
             subscribe(&hub, "news", cl);
         }
         let body = Bytes::from("{\"text\":\"".to_string() + &"abc".repeat(200) + "\"}");
-        let ((), fan) = hub.publish_with("news", || (), |_, _| Some(body.clone()));
+        let ((), fan) = hub.publish_with("news", || (), |_, _| Some(body.clone()), |_| None);
         assert_eq!(fan.delivered, 3);
         let (fa, fb, fp) = (taken(&a).pop_front(), taken(&b).pop_front(), taken(&plain).pop_front());
         let (fa, fb, fp) = (fa.expect("a got it"), fb.expect("b got it"), fp.expect("plain got it"));
@@ -465,6 +475,36 @@ mod tests {
         assert_eq!(fa[0], 0xC1, "FIN + RSV1, text");
         assert!(fa.len() < body.len() / 4, "{} of {}", fa.len(), body.len());
         assert_eq!(fp[0], 0x81, "the plain subscriber gets its own uncompressed frame");
+    }
+
+    #[test]
+    fn tcp_subscribers_share_one_message_frame_built_from_the_publication() {
+        let hub = Hub::new();
+        let ws = client(1, Format::Json, 1 << 20);
+        let tcp: Vec<_> = (2..5).map(|i| ClientShared::new(ClientId(i), Encoding::tcp(), 1 << 20)).collect();
+        subscribe(&hub, "news", &ws);
+        for c in &tcp {
+            subscribe(&hub, "news", c);
+        }
+        let messages = std::cell::Cell::new(0);
+        let ((), fan) = hub.publish_with(
+            "news",
+            || (),
+            |_, f| payload_for(f),
+            |_| {
+                messages.set(messages.get() + 1);
+                ringcast_wire::tcp::encode_message("news", 1, b"{\"x\":1}").ok()
+            },
+        );
+        assert_eq!(fan.delivered, 4);
+        assert_eq!(messages.get(), 1, "one MESSAGE frame for every TCP subscriber");
+        let frames: Vec<Bytes> = tcp.iter().map(|c| taken(c).pop_front().expect("a frame")).collect();
+        // The known-answer MESSAGE of docs/tcp-protocol.md, the very same buffer on every subscriber.
+        assert_eq!(frames[0][..9], [0x42, 0x4d, 1, 0x80, 0x10, 0, 0, 0, 0x15]);
+        assert!(frames.iter().all(|f| f.as_ptr() == frames[0].as_ptr()), "shared, not copied");
+        assert_eq!(taken(&ws).queued_bytes(), 6, "the WebSocket subscriber gets the push");
+        // Join/leave pushes have no TCP form: TCP subscribers are skipped.
+        assert_eq!(hub.broadcast("news", None, &payload_for).delivered, 1);
     }
 
     #[test]
@@ -578,6 +618,7 @@ mod tests {
                                 n
                             },
                             |n, _| Some(Bytes::copy_from_slice(&n.to_be_bytes())),
+                            |_| None,
                         );
                     }
                 })

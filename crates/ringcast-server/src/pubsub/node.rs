@@ -231,6 +231,8 @@ impl Node {
                 (publication, pos)
             },
             |(publication, _), format| publication_push_bytes(format, channel, publication).ok(),
+            // TCP subscribers' MESSAGE: the channel, the offset and the data as published.
+            |(publication, pos)| ringcast_wire::tcp::encode_message(channel, pos.offset, &publication.data).ok(),
         );
         // Delivery counts are recorded by the hub; the publish-to-delivery histogram is recorded by each subscriber's connection, when it takes
         // the frames to write them (`ClientShared::take`).

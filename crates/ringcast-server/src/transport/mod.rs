@@ -3,8 +3,14 @@
 //! The pub/sub layer ([`crate::pubsub::hub`], [`crate::pubsub::node`]) fans out *payloads*: a push encoded once per wire
 //! format (JSON, Protobuf). It does not know how a transport frames them. Each subscriber names its
 //! [`Encoding`] — format and framing — and a publication is framed once per encoding in use and that one
-//! `Bytes` is shared by every subscriber with the same encoding. A new transport (raw TCP frames, a
-//! compressed WebSocket variant) is a new [`Framing`] here; the fan-out does not change.
+//! `Bytes` is shared by every subscriber with the same encoding. A new transport (a compressed
+//! WebSocket variant) is a new [`Framing`] here; the fan-out does not change.
+//!
+//! [`Framing::Tcp`] (the binary protocol of docs/tcp-protocol.md) is the one framing that does not wrap
+//! a Centrifugo push: its MESSAGE frame carries the channel, the offset and the publication's raw data.
+//! So a fan-out hands the hub two builders ([`crate::pubsub::hub::Frames`]): the push payload per format
+//! for WebSocket framings, and the MESSAGE frame for TCP, each called at most once per publication.
+//! Pushes that have no TCP form (join/leave) have no MESSAGE builder and skip TCP subscribers.
 //!
 //! Also here, because every transport's connection task uses them: [`outbound`], the queue of shared,
 //! pre-encoded frames flushed with `writev`, and [`deadline`], every connection's deadlines in one swept
@@ -33,6 +39,9 @@ pub enum Framing {
     /// window receives publications uncompressed (a frame made with a larger window could refer past
     /// its window), and no client-protocol connection is granted server context takeover.
     WebSocketDeflate(DeflateFraming),
+    /// The raw TCP binary protocol: a publication is one MESSAGE frame (`ringcast_wire::tcp`); the
+    /// format is irrelevant (its data is sent as published).
+    Tcp,
 }
 
 /// How [`Framing::WebSocketDeflate`] compresses: small, so an [`Encoding`] stays a few bytes in every
@@ -49,13 +58,17 @@ pub struct DeflateFraming {
 
 impl Framing {
     /// One of each kind (the cache is indexed by kind, not by parameters).
-    const ALL: [Framing; 2] =
-        [Framing::WebSocket, Framing::WebSocketDeflate(DeflateFraming { level: 6, window_bits: 15, min_size: 64 })];
+    const ALL: [Framing; 3] = [
+        Framing::WebSocket,
+        Framing::WebSocketDeflate(DeflateFraming { level: 6, window_bits: 15, min_size: 64 }),
+        Framing::Tcp,
+    ];
 
     fn index(self) -> usize {
         match self {
             Framing::WebSocket => 0,
             Framing::WebSocketDeflate(_) => 1,
+            Framing::Tcp => 2,
         }
     }
 }
@@ -75,6 +88,11 @@ impl Encoding {
         Encoding { format, framing: Framing::WebSocket }
     }
 
+    /// A TCP subscriber. Its format is fixed (JSON) so that every TCP subscriber shares one cache slot.
+    pub const fn tcp() -> Encoding {
+        Encoding { format: Format::Json, framing: Framing::Tcp }
+    }
+
     /// A dense index in `0..COUNT`, for caches.
     pub fn index(self) -> usize {
         let format = match self.format {
@@ -84,14 +102,22 @@ impl Encoding {
         self.framing.index() * 2 + format
     }
 
-    /// Frames one payload for this encoding.
-    pub fn frame(self, payload: &[u8]) -> Bytes {
+    /// Whether this encoding's frames are built from the publication itself (channel, offset, raw data)
+    /// rather than from a Centrifugo push payload: TCP.
+    pub fn is_raw(self) -> bool {
+        self.framing == Framing::Tcp
+    }
+
+    /// Frames one Centrifugo push payload for this encoding; `None` for framings that do not carry
+    /// Centrifugo pushes (TCP: its frames are built from the publication itself).
+    pub fn frame(self, payload: &[u8]) -> Option<Bytes> {
         match self.framing {
-            Framing::WebSocket => ws_frame(self.format, payload),
+            Framing::WebSocket => Some(ws_frame(self.format, payload)),
             Framing::WebSocketDeflate(d) if payload.len() >= usize::from(d.min_size) => {
-                compressed_frame(opcode(self.format), payload, u32::from(d.level), d.window_bits)
+                Some(compressed_frame(opcode(self.format), payload, u32::from(d.level), d.window_bits))
             }
-            Framing::WebSocketDeflate(_) => ws_frame(self.format, payload),
+            Framing::WebSocketDeflate(_) => Some(ws_frame(self.format, payload)),
+            Framing::Tcp => None,
         }
     }
 }
@@ -134,17 +160,18 @@ mod tests {
 
     #[test]
     fn websocket_framing_picks_text_or_binary_by_format() {
-        assert_eq!(&Encoding::websocket(Format::Json).frame(b"{}")[..], &[0x81, 2, b'{', b'}']);
-        assert_eq!(&Encoding::websocket(Format::Protobuf).frame(b"\x01")[..], &[0x82, 1, 1]);
+        assert_eq!(Encoding::websocket(Format::Json).frame(b"{}").as_deref(), Some(&[0x81, 2, b'{', b'}'][..]));
+        assert_eq!(Encoding::websocket(Format::Protobuf).frame(b"\x01").as_deref(), Some(&[0x82, 1, 1][..]));
+        assert_eq!(Encoding::tcp().frame(b"{}"), None, "TCP frames are not Centrifugo pushes");
     }
 
     #[test]
     fn deflate_framing_sets_rsv1_only_from_min_size() {
         let d = DeflateFraming { level: 6, window_bits: 15, min_size: 16 };
         let enc = Encoding { format: Format::Json, framing: Framing::WebSocketDeflate(d) };
-        assert_eq!(&enc.frame(b"{}")[..], &[0x81, 2, b'{', b'}'], "short: plain, RSV1 clear");
+        assert_eq!(&enc.frame(b"{}").expect("a frame")[..], &[0x81, 2, b'{', b'}'], "short: plain, RSV1 clear");
         let long = br#"{"text":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#;
-        let frame = enc.frame(long);
+        let frame = enc.frame(long).expect("a frame");
         assert_eq!(frame[0], 0xC1, "compressed text: FIN + RSV1");
         assert!(frame.len() < long.len(), "{} >= {}", frame.len(), long.len());
     }

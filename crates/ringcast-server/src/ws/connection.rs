@@ -43,10 +43,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ringcast_protocol::DisconnectCode;
-use ringcast_wire::buffer::{AnyBuffer, GrowableBuffer, PooledBuffer, ReadBuffer, RingBuffer};
+use ringcast_wire::buffer::{AnyBuffer, ReadBuffer};
 use ringcast_wire::close::encode_close_payload;
 use ringcast_wire::frame::{encode_header, MAX_HEADER_LEN};
-use ringcast_wire::{CloseCode, Deflater, Event, OpCode, Payload, Reader, Role, Strategy};
+use ringcast_wire::{CloseCode, Deflater, Event, OpCode, Payload, Reader, Role};
 use tokio::net::TcpStream;
 
 use crate::app::admission::IpKey;
@@ -228,15 +228,7 @@ struct Conn {
 
 impl Conn {
     fn new(stream: TcpStream, ctx: Arc<Context>, spread: usize) -> Self {
-        let cfg = &ctx.config;
-        let buf = match ctx.settings.strategy {
-            Strategy::Ring => AnyBuffer::Ring(RingBuffer::new(cfg.ring_buffer_size)),
-            Strategy::Pool => AnyBuffer::Pool(PooledBuffer::new(ctx.pool.clone())),
-            Strategy::Growable => AnyBuffer::Growable(GrowableBuffer::new(
-                cfg.growable_initial_size,
-                usize::try_from(cfg.max_frame_size).unwrap_or(usize::MAX),
-            )),
-        };
+        let buf = ctx.read_buffer();
         let reader = Reader::new(Role::Server, ctx.limits);
         ctx.live.enter();
         let key = ctx.deadlines.register(spread);

@@ -14,6 +14,8 @@ use tokio::task::JoinHandle;
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The TCP binary protocol's address, when on (every `--dev` test server has one).
+    pub tcp: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     pub handle: JoinHandle<Result<(), ringcast_server::ServerError>>,
 }
@@ -39,11 +41,12 @@ impl TestServer {
         let (config, settings) = Config::load(file, |_| None, &all).expect("test config");
         let server = Server::bind(config, settings).expect("bind");
         let addr = server.local_addr().expect("addr");
+        let tcp = server.tcp_addr();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(server.run(async move {
             let _ = rx.await;
         }));
-        TestServer { addr, stop: Some(tx), handle }
+        TestServer { addr, tcp, stop: Some(tx), handle }
     }
 
     pub fn url(&self, path: &str) -> String {

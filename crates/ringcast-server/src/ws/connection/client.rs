@@ -38,7 +38,10 @@ impl Conn {
                 .server_command(command)
                 .and_then(|push| crate::pubsub::node::push_payload(encoding.format, push))
             {
-                self.out.push(encoding.frame(&payload));
+                // A WebSocket encoding always frames a push.
+                if let Some(frame) = encoding.frame(&payload) {
+                    self.out.push(frame);
+                }
             }
         }
     }
@@ -69,7 +72,7 @@ impl Conn {
                     self.out.shrink_if_empty();
                     c.session.shared.shrink_if_empty();
                 }
-                let frame = c.session.shared.encoding.frame(&c.session.ping_payload());
+                let frame = c.session.shared.encoding.frame(&c.session.ping_payload()).unwrap_or_default();
                 c.session.pong_received = false;
                 c.pong_due = Some(stamp(now.wrapping_add(ms(cfg.pong_timeout))));
                 c.ping_at = Some(stamp(now.wrapping_add(ms(cfg.ping_interval))));

@@ -1,0 +1,208 @@
+//! A client of ringcast's raw TCP binary protocol (docs/tcp-protocol.md), over tokio.
+//!
+//! Why here and not in ringcast-server: it is the client side of a codec that lives in ringcast-wire,
+//! exactly as this crate's WebSocket client is, and its first user is the load generator; putting it in
+//! the server crate would make every device or backend that wants a client depend on the whole server
+//! (axum, the broker, the policy). It needs only ringcast-wire and tokio.
+//!
+//! The protocol answers commands in order and may push MESSAGEs between the replies, so a call waits
+//! for its reply and keeps the pushes that came first, in order, for [`TcpClient::next_message`]. A
+//! server PING is answered at once with a PONG carrying the same bytes, whatever the client is waiting
+//! for — so a client that is reading never times out.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+
+use ringcast_wire::buffer::{fill_from, GrowableBuffer};
+use ringcast_wire::tcp::{Command, Decoder, ErrorCode, TcpError, DEFAULT_MAX_BODY};
+use ringcast_wire::Role;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A publication pushed to a subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub channel: String,
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// What can go wrong for a client.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpClientError {
+    #[error("io: {0}")]
+    Io(#[from] io::Error),
+    /// The server's bytes broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(#[from] TcpError),
+    /// The server answered ERROR with this code.
+    #[error("server error {} ({})", .0 .0, .0.message())]
+    Refused(ErrorCode),
+    #[error("the server closed the connection")]
+    Closed,
+    #[error("unexpected reply {0:?}")]
+    Unexpected(String),
+}
+
+/// One reply, owned.
+#[derive(Debug)]
+enum Reply {
+    Connected(String),
+    Subscribed,
+    Unsubscribed,
+    Published(u64),
+    Pong(Vec<u8>),
+}
+
+/// A connection speaking the TCP binary protocol.
+pub struct TcpClient {
+    stream: TcpStream,
+    buf: GrowableBuffer,
+    decoder: Decoder,
+    /// Read from the socket, not yet moved into `buf`.
+    pending: Vec<u8>,
+    /// Pushes received while waiting for a reply.
+    messages: VecDeque<Message>,
+    client_id: String,
+}
+
+impl TcpClient {
+    /// Opens a connection and sends CONNECT with `token` (empty: anonymous, if the server allows it).
+    pub async fn connect(addr: SocketAddr, token: &str) -> Result<TcpClient, TcpClientError> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Self::over(stream, token).await
+    }
+
+    /// Speaks the protocol over an already connected stream (a bound source address, say).
+    pub async fn over(stream: TcpStream, token: &str) -> Result<TcpClient, TcpClientError> {
+        let max = DEFAULT_MAX_BODY as usize + 64;
+        let mut c = TcpClient {
+            stream,
+            buf: GrowableBuffer::new(4096, max),
+            decoder: Decoder::new(DEFAULT_MAX_BODY + 64),
+            pending: Vec::new(),
+            messages: VecDeque::new(),
+            client_id: String::new(),
+        };
+        match c.call(Command::Connect { token }).await? {
+            Reply::Connected(id) => c.client_id = id,
+            other => return Err(TcpClientError::Unexpected(format!("{other:?}"))),
+        }
+        Ok(c)
+    }
+
+    /// The client id the server assigned.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    pub async fn subscribe(&mut self, channel: &str) -> Result<(), TcpClientError> {
+        match self.call(Command::Subscribe { channel }).await? {
+            Reply::Subscribed => Ok(()),
+            other => Err(TcpClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn unsubscribe(&mut self, channel: &str) -> Result<(), TcpClientError> {
+        match self.call(Command::Unsubscribe { channel }).await? {
+            Reply::Unsubscribed => Ok(()),
+            other => Err(TcpClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Publishes and returns the publication's offset (0 when the channel keeps no history).
+    pub async fn publish(&mut self, channel: &str, data: &[u8]) -> Result<u64, TcpClientError> {
+        match self.call(Command::Publish { channel, data }).await? {
+            Reply::Published(offset) => Ok(offset),
+            other => Err(TcpClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends PING with `body` (≤ 125 bytes) and waits for its PONG.
+    pub async fn ping(&mut self, body: &[u8]) -> Result<(), TcpClientError> {
+        match self.call(Command::Ping(body)).await? {
+            Reply::Pong(b) if b == body => Ok(()),
+            other => Err(TcpClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends PUBLISH without waiting for PUBLISHED (a load generator's publisher). The reply is
+    /// consumed by a later call, or discarded by [`Self::next_message`].
+    pub async fn publish_nowait(&mut self, channel: &str, data: &[u8]) -> Result<(), TcpClientError> {
+        self.send(Command::Publish { channel, data }).await
+    }
+
+    /// The next publication pushed to this client (ones received during calls first).
+    pub async fn next_message(&mut self) -> Result<Message, TcpClientError> {
+        loop {
+            if let Some(m) = self.messages.pop_front() {
+                return Ok(m);
+            }
+            // Replies to un-awaited publishes are dropped here; errors are reported.
+            self.read_one().await?;
+        }
+    }
+
+    async fn send(&mut self, cmd: Command<'_>) -> Result<(), TcpClientError> {
+        let mut frame = Vec::with_capacity(cmd.encoded_len());
+        cmd.encode(&mut frame).map_err(|e| TcpClientError::Unexpected(e.to_string()))?;
+        self.stream.write_all(&frame).await?;
+        Ok(())
+    }
+
+    async fn call(&mut self, cmd: Command<'_>) -> Result<Reply, TcpClientError> {
+        self.send(cmd).await?;
+        loop {
+            if let Some(reply) = self.read_one().await? {
+                return Ok(reply);
+            }
+        }
+    }
+
+    /// Reads until one frame is decoded: a reply is returned, a push queued, a ping answered (`None`).
+    async fn read_one(&mut self) -> Result<Option<Reply>, TcpClientError> {
+        loop {
+            let n = fill_from(&mut self.buf, &self.pending);
+            self.pending.drain(..n);
+            let mut pong = None;
+            let decoded = match self.decoder.next(&mut self.buf)? {
+                None => None,
+                Some(frame) => Some(match frame.command(Role::Client)? {
+                    Command::Connected { client } => Some(Reply::Connected(client.to_string())),
+                    Command::Subscribed { .. } => Some(Reply::Subscribed),
+                    Command::Unsubscribed { .. } => Some(Reply::Unsubscribed),
+                    Command::Published { offset } => Some(Reply::Published(offset)),
+                    Command::Pong(b) => Some(Reply::Pong(b.to_vec())),
+                    Command::Ping(b) => {
+                        pong = Some(b.to_vec());
+                        None
+                    }
+                    Command::Message { channel, offset, data } => {
+                        self.messages.push_back(Message { channel: channel.to_string(), offset, data: data.to_vec() });
+                        None
+                    }
+                    Command::Error { code, .. } => return Err(TcpClientError::Refused(code)),
+                    other => return Err(TcpClientError::Unexpected(format!("{other:?}"))),
+                }),
+            };
+            if let Some(body) = pong {
+                self.send(Command::Pong(&body)).await?;
+            }
+            if let Some(frame) = decoded {
+                return Ok(frame);
+            }
+            if !self.pending.is_empty() {
+                // The buffer had no whole frame yet but bytes are waiting: move them in first.
+                continue;
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(TcpClientError::Closed);
+            }
+            self.pending.extend_from_slice(&chunk[..n]);
+        }
+    }
+}

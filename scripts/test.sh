@@ -6,8 +6,9 @@
 #   3. the Autobahn|Testsuite server cases (groups 1-7, 9, 10) against a release build, once per
 #      read-buffer strategy, and the compression groups 12, 13 with --compression (pool; more with
 #      AUTOBAHN_COMPRESSION_STRATEGIES), failing on anything that is not OK;
-#   4. the official Centrifugo JavaScript SDK (npm centrifuge + ws) against the release build;
-#   5. a short libFuzzer smoke run of the frame decoder and the handshake parser (stable toolchain).
+#   4. the official Centrifugo JavaScript SDK (npm centrifuge + ws, with and without compression) and
+#      Python SDKs (centrifuge-python, cent) against the release build;
+#   5. a short libFuzzer smoke run of the frame decoder, the handshake parser and the TCP decoder.
 # Ends with one line: "total: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -145,10 +146,10 @@ if [ $py_rc -ne 0 ] || [ -z "$ran" ]; then
     failed=$((failed + (bad > 0 ? bad : 1)))
 fi
 
-step "fuzz smoke run: frame decoder (differential over the three strategies) and handshake parser"
+step "fuzz smoke run: frame decoder (differential over the three strategies), handshake parser, TCP decoder"
 if FUZZ_SECONDS="${FUZZ_SECONDS:-15}" scripts/fuzz-smoke.sh >"$log_dir/fuzz.log" 2>&1; then
     tail -n 5 "$log_dir/fuzz.log"
-    passed=$((passed + 2))
+    passed=$((passed + 3))
 else
     tail -n 30 "$log_dir/fuzz.log"
     failed=$((failed + 1))

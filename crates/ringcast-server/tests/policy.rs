@@ -415,16 +415,7 @@ async fn recovering_onto_a_channel_without_a_stream_learns_the_epoch_later_publi
 }
 
 async fn api(server: &TestServer, method: &str, body: Value) -> Value {
-    let (status, text) = support::http_request(
-        server.addr,
-        "POST",
-        &format!("/api/{method}"),
-        &[("X-API-Key", "policy-key")],
-        &body.to_string(),
-    )
-    .await;
-    assert_eq!(status, 200, "{method}: {text}");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method}: {e}: {text}"))
+    support::api_json(server.addr, "policy-key", method, &body).await
 }
 
 #[tokio::test]

@@ -347,16 +347,7 @@ async fn slow_subscriber_is_disconnected_3008_and_a_fast_one_gets_everything() {
 }
 
 async fn api(server: &TestServer, method: &str, body: Value) -> Value {
-    let (status, text) = support::http_request(
-        server.addr,
-        "POST",
-        &format!("/api/{method}"),
-        &[("X-API-Key", "test-key")],
-        &body.to_string(),
-    )
-    .await;
-    assert_eq!(status, 200, "{method}: {text}");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method}: {e}: {text}"))
+    support::api_json(server.addr, "test-key", method, &body).await
 }
 
 #[tokio::test]

@@ -211,3 +211,11 @@ pub async fn http_request(
     };
     (status, body)
 }
+
+/// A server API call (`POST /api/METHOD` with `X-API-Key: key`) that must answer 200; returns its JSON.
+pub async fn api_json(addr: SocketAddr, key: &str, method: &str, body: &serde_json::Value) -> serde_json::Value {
+    let (status, text) =
+        http_request(addr, "POST", &format!("/api/{method}"), &[("X-API-Key", key)], &body.to_string()).await;
+    assert_eq!(status, 200, "{method}: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method}: {e}: {text}"))
+}

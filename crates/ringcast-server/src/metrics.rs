@@ -219,7 +219,11 @@ fn describe() {
         Unit::Count,
         "Server API requests refused with an HTTP status (401, 400, 404), by `status`."
     );
-    describe_counter!(ADMIN_LOGIN_FAILURES_TOTAL, Unit::Count, "Admin dashboard logins refused (wrong password).");
+    describe_counter!(
+        ADMIN_LOGIN_FAILURES_TOTAL,
+        Unit::Count,
+        "Admin dashboard logins refused (a wrong password, or over the login rate: 429)."
+    );
 }
 
 #[cfg(test)]

@@ -200,6 +200,20 @@ async fn a_wrong_password_is_refused_and_the_right_one_opens_the_dashboard() {
 }
 
 #[tokio::test]
+async fn password_guessing_is_rate_limited() {
+    let server = Running::start(&[("admin", "true"), ("admin_password", PASSWORD)]).await;
+    // Ten attempts at once, then 429 for right and wrong passwords alike (one more every 6 s).
+    for i in 0..10 {
+        assert_eq!(status(&login(server.addr, "guess").await), 401, "attempt {i}");
+    }
+    let r = login(server.addr, "guess").await;
+    assert_eq!(status(&r), 429, "{r}");
+    assert!(header(&r, "retry-after").is_some(), "{r}");
+    assert_eq!(status(&login(server.addr, PASSWORD).await), 429, "the limit is spent, whatever the password");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn on_the_internal_listener_when_there_is_one() {
     let server = Running::start(&[
         ("admin", "true"),

@@ -67,7 +67,15 @@ pub struct Admin {
     /// When `/admin/snapshot` was last asked (ms since start of the process clock).
     polled_at: AtomicU64,
     started: std::time::Instant,
+    /// Login attempts, right or wrong, for the whole node: [`LOGIN_BURST`] at once, then one every
+    /// [`LOGIN_EVERY`]; over it 429. Guessing the password is bounded to that rate.
+    logins: governor::DefaultDirectRateLimiter,
 }
+
+/// Login attempts allowed at once.
+const LOGIN_BURST: u32 = 10;
+/// One more login attempt is allowed after this long.
+const LOGIN_EVERY: Duration = Duration::from_secs(6);
 
 impl std::fmt::Debug for Admin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -86,6 +94,11 @@ pub enum Feed {
     Closed,
 }
 
+fn login_quota() -> governor::Quota {
+    let burst = std::num::NonZeroU32::new(LOGIN_BURST).unwrap_or(std::num::NonZeroU32::MIN);
+    governor::Quota::with_period(LOGIN_EVERY).map_or(governor::Quota::per_minute(burst), |q| q.allow_burst(burst))
+}
+
 fn relock<G>(r: Result<G, std::sync::PoisonError<G>>) -> G {
     r.unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -100,6 +113,7 @@ impl Admin {
             latest: Mutex::new(Bytes::new()),
             polled_at: AtomicU64::new(0),
             started: std::time::Instant::now(),
+            logins: governor::RateLimiter::direct(login_quota()),
         })
     }
 
@@ -202,6 +216,13 @@ fn session_cookie(value: &str, max_age: u64) -> HeaderValue {
 }
 
 async fn login(State(admin): State<Arc<Admin>>, body: Body) -> Response {
+    if admin.logins.check().is_err() {
+        metrics::counter!(crate::metrics::ADMIN_LOGIN_FAILURES_TOTAL).increment(1);
+        tracing::warn!("admin: login attempts over the limit; answered 429");
+        let retry = LOGIN_EVERY.as_secs().to_string();
+        return (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, retry)], "too many login attempts\n")
+            .into_response();
+    }
     let password = form_value(&body, "password").unwrap_or_default();
     if !admin.sessions.password_matches(&password) {
         metrics::counter!(crate::metrics::ADMIN_LOGIN_FAILURES_TOTAL).increment(1);

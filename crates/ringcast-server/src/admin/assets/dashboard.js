@@ -58,6 +58,9 @@ function draw(c) {
   g.strokeStyle = "#2a3442";
   g.lineWidth = 1;
   for (let i = 1; i < 4; i++) { const y = Math.round((h * i) / 4) + 0.5; g.beginPath(); g.moveTo(0, y); g.lineTo(w, y); g.stroke(); }
+  // The x scale widens with the history, from 30 points to POINTS, so a fresh page is readable.
+  const span = Math.min(POINTS, Math.max(30, ...all.map((p) => p.length)));
+  const step = w / (span - 1);
   c.series.forEach(([, color], k) => {
     const points = all[k];
     g.strokeStyle = color;
@@ -65,7 +68,7 @@ function draw(c) {
     g.beginPath();
     let pen = false;
     points.forEach((v, i) => {
-      const x = w - (points.length - 1 - i) * (w / (POINTS - 1));
+      const x = w - (points.length - 1 - i) * step;
       if (v == null) { pen = false; return; }
       const y = h - 2 - (v / top) * (h - 4);
       if (pen) g.lineTo(x, y); else g.moveTo(x, y);

@@ -6,8 +6,10 @@
 #   3. the Autobahn|Testsuite server cases (groups 1-7, 9, 10) against a release build, once per
 #      read-buffer strategy, and the compression groups 12, 13 with --compression (pool; more with
 #      AUTOBAHN_COMPRESSION_STRATEGIES), failing on anything that is not OK;
-#   4. the official Centrifugo JavaScript SDK (npm centrifuge + ws, with and without compression) and
-#      Python SDKs (centrifuge-python, cent) against the release build;
+#   4. the official Centrifugo JavaScript SDK (npm centrifuge + ws, with and without compression), the
+#      admin dashboard in headless Chromium (Debian's chromium, installed when missing; npm
+#      playwright-core) under a bounded `ringcast bench fanout`, and the Python SDKs (centrifuge-python,
+#      cent) against the release build;
 #   5. a short libFuzzer smoke run of the frame decoder, the handshake parser and the TCP decoder.
 # Ends with one line: "total: N passed, N failed".
 set -euo pipefail
@@ -123,6 +125,26 @@ if [ $sdk_rc -ne 0 ] || [ -z "$p" ]; then
     f=${f:-0}
     failed=$((failed + (f > 0 ? f : 1)))
 fi
+
+step "admin dashboard in headless Chromium (Debian chromium, npm playwright-core) under ringcast bench"
+admin_start=$(date +%s)
+[ -x /usr/bin/chromium ] || apt_install chromium
+(cd tests/admin-ui && npm ci --no-audit --no-fund --loglevel=error >"$log_dir/npm-admin-ui.log" 2>&1)
+set +e
+(cd tests/admin-ui && RINGCAST_BIN="$root/target/release/ringcast" ADMIN_SCREENSHOT="$log_dir/admin-dashboard.png" \
+    timeout 180 node --test admin.test.mjs) >"$log_dir/admin-ui.log" 2>&1
+admin_rc=$?
+set -e
+grep -E '^# (admin:|pass|fail)' "$log_dir/admin-ui.log" || true
+p=$(sed -nE 's/^# pass ([0-9]+)$/\1/p' "$log_dir/admin-ui.log")
+f=$(sed -nE 's/^# fail ([0-9]+)$/\1/p' "$log_dir/admin-ui.log")
+passed=$((passed + ${p:-0}))
+if [ $admin_rc -ne 0 ] || [ -z "$p" ]; then
+    tail -n 40 "$log_dir/admin-ui.log"
+    f=${f:-0}
+    failed=$((failed + (f > 0 ? f : 1)))
+fi
+echo "admin dashboard step: $(($(date +%s) - admin_start)) s (screenshot: $log_dir/admin-dashboard.png)"
 
 step "official Python SDKs (PyPI centrifuge-python, cent) against the release build"
 command -v python3 >/dev/null || apt_install python3 python3-venv

@@ -21,7 +21,9 @@
 //!   queue flushed with `writev`, and the deadline table.
 //! * [`api`]: the server HTTP API, and the HTTP server behind the listener's non-upgrade requests.
 //! * [`metrics`]: Prometheus metrics and the publish-to-delivery histogram.
+//! * [`admin`]: the live admin dashboard (`/admin`), its login and its WebSocket feed.
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod broker;

@@ -49,6 +49,8 @@ pub const HTTP_ERRORS_TOTAL: &str = "ringcast_http_errors_total";
 pub const API_REQUESTS_TOTAL: &str = "ringcast_api_requests_total";
 pub const API_ERRORS_TOTAL: &str = "ringcast_api_errors_total";
 pub const API_REJECTED_TOTAL: &str = "ringcast_api_rejected_total";
+// The admin dashboard (emitted by `admin`).
+pub const ADMIN_LOGIN_FAILURES_TOTAL: &str = "ringcast_admin_login_failures_total";
 
 /// Upper bounds of the publish-to-delivery latency histogram, in seconds: half a millisecond (a local
 /// fan-out) up to 2.5 s (a subscriber far behind), roughly ×2.5 per step.
@@ -113,6 +115,15 @@ pub fn clock_us() -> u32 {
 /// Records one publish-to-delivery latency. No allocation, no lock: three relaxed atomic adds.
 pub fn record_delivery(micros: u32) {
     DELIVERY.record(micros);
+}
+
+/// Buckets of [`delivery_counts`]: one per bound in [`PUBLISH_DELIVERY_BUCKETS`], then +Inf.
+pub const DELIVERY_BUCKET_COUNT: usize = DELIVERY_BOUNDS_US.len() + 1;
+
+/// The publish-to-delivery histogram's samples so far, per bucket (not cumulative), read with relaxed
+/// loads: what the admin dashboard turns into percentiles of the last second.
+pub fn delivery_counts() -> [u64; DELIVERY_BUCKET_COUNT] {
+    std::array::from_fn(|i| DELIVERY.buckets[i].load(Ordering::Relaxed))
 }
 
 /// Appends the publish-to-delivery histogram in the Prometheus text format (cumulative buckets).
@@ -207,6 +218,11 @@ fn describe() {
         API_REJECTED_TOTAL,
         Unit::Count,
         "Server API requests refused with an HTTP status (401, 400, 404), by `status`."
+    );
+    describe_counter!(
+        ADMIN_LOGIN_FAILURES_TOTAL,
+        Unit::Count,
+        "Admin dashboard logins refused (a wrong password, or over the login rate: 429)."
     );
 }
 

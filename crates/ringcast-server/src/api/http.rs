@@ -104,7 +104,8 @@ async fn run<S: Future<Output = ()>>(
     let io = TokioIo::new(Rewind::new(already_read, stream));
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout).keep_alive(options.keep_alive);
-    let connection = builder.serve_connection(io, service);
+    // Upgrades: the admin dashboard's WebSocket feed (`admin::WS_PATH`) is answered 101 by its handler.
+    let connection = builder.serve_connection(io, service).with_upgrades();
     tokio::pin!(connection);
     tokio::pin!(shutdown);
     let mut shutting_down = false;

@@ -85,6 +85,9 @@ pub const KEYS: &[Key] = &[
     key("tcp_pong_timeout_min", Kind::Str, "TCP protocol: the shortest time a client has to answer a ping (the deadline is 1.5 x the median of its last round trips, within these bounds)."),
     key("tcp_pong_timeout_max", Kind::Str, "TCP protocol: the longest time a client has to answer a ping (also the deadline before any round trip was measured); late: ERROR 11 and close."),
     key("api_key", Kind::Str, "Key the server HTTP API requires (X-API-Key or Authorization: apikey). Empty: the API refuses every call."),
+    key("admin", Kind::Bool, "Serve the live admin dashboard at /admin (on `internal_listen` when set, else on `listen`). Default: on with --dev, off otherwise."),
+    key("admin_password", Kind::Str, "Password of the admin dashboard's login form; required when `admin` is on (with --dev and none set, one is generated and logged)."),
+    key("admin_secret", Kind::Str, "Key that signs admin session tokens (HMAC-SHA256; the login cookie, or `Authorization: token ...`). Empty: a random key per process (sessions end at restart)."),
     key("channel_max_length", Kind::Int, "Longest channel name in bytes (Centrifugo's channel_max_length); longer names are answered 107."),
     key("client_channel_limit", Kind::Int, "Subscriptions one connection may hold (Centrifugo's client_channel_limit); one more is answered 106. 0: no limit."),
     key("max_connections", Kind::Int, "Admission: WebSocket connections this node holds at once; one more upgrade request is answered 503 with Retry-After. 0: unlimited."),
@@ -157,6 +160,10 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub tcp_pong_timeout_max: Duration,
     pub api_key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin: Option<bool>,
+    pub admin_password: String,
+    pub admin_secret: String,
     pub channel_max_length: usize,
     pub client_channel_limit: usize,
     pub max_connections: usize,
@@ -218,6 +225,9 @@ impl Default for Config {
             tcp_pong_timeout_min: Duration::from_secs(2),
             tcp_pong_timeout_max: Duration::from_secs(10),
             api_key: String::new(),
+            admin: None,
+            admin_password: String::new(),
+            admin_secret: String::new(),
             channel_max_length: crate::policy::namespace::DEFAULT_CHANNEL_MAX_LENGTH,
             client_channel_limit: crate::pubsub::node::DEFAULT_CLIENT_CHANNEL_LIMIT,
             max_connections: 0,
@@ -289,6 +299,8 @@ pub struct Settings {
     pub echo: bool,
     /// permessage-deflate as configured (`compression*`; `enabled: false` when off).
     pub deflate: DeflateConfig,
+    /// The admin dashboard is served (`admin`, or `--dev`).
+    pub admin: bool,
 }
 
 impl Config {
@@ -472,7 +484,19 @@ impl Config {
         if self.tcp_pong_timeout_max < self.tcp_pong_timeout_min {
             return Err(invalid("tcp_pong_timeout_max", "must be at least tcp_pong_timeout_min"));
         }
-        Ok(Settings { listen, internal_listen, tcp_listen, strategy, echo: self.echo.unwrap_or(self.dev), deflate })
+        let admin = self.admin.unwrap_or(self.dev);
+        if admin && self.admin_password.is_empty() && !self.dev {
+            return Err(invalid("admin_password", "must be set when `admin` is on"));
+        }
+        Ok(Settings {
+            listen,
+            internal_listen,
+            tcp_listen,
+            strategy,
+            echo: self.echo.unwrap_or(self.dev),
+            deflate,
+            admin,
+        })
     }
 
     /// A documented TOML file with every key at its default.
@@ -628,6 +652,18 @@ mod tests {
         let (_, s) =
             Config::load(None, no_env, &[("dev".into(), "true".into()), ("echo".into(), "false".into())]).unwrap();
         assert!(!s.echo);
+    }
+
+    #[test]
+    fn admin_is_off_unless_configured_or_dev_and_needs_a_password() {
+        assert!(!Config::load(None, no_env, &[]).unwrap().1.admin, "off by default");
+        assert!(Config::load(None, no_env, &[("dev".into(), "true".into())]).unwrap().1.admin, "on with --dev");
+        let e = Config::load(None, no_env, &[("admin".into(), "true".into())]).unwrap_err();
+        assert!(e.to_string().contains("`admin_password`"), "{e}");
+        let on = [("admin".into(), "true".into()), ("admin_password".into(), "pw".into())];
+        assert!(Config::load(None, no_env, &on).unwrap().1.admin);
+        let dev_off = [("dev".into(), "true".into()), ("admin".into(), "false".into())];
+        assert!(!Config::load(None, no_env, &dev_off).unwrap().1.admin);
     }
 
     #[test]

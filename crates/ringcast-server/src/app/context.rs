@@ -37,6 +37,8 @@ pub struct Context {
     pub live: Live,
     /// Which upgrade requests are let in (`max_connections`, per-address limits and connect rate).
     pub admission: crate::app::admission::Admission,
+    /// The admin dashboard, when `admin` is on (its routes are in `router` or `internal_router`).
+    pub admin: Option<Arc<crate::admin::Admin>>,
     /// Socket byte counters (handles registered once: an increment is one atomic add).
     pub bytes_in: metrics::Counter,
     pub bytes_out: metrics::Counter,
@@ -167,8 +169,19 @@ impl Context {
             config.allowed_origins.clone()
         };
         let api = crate::api::ApiConfig { api_key: config.api_key.clone(), insecure: false };
-        let full = crate::api::router(node.clone(), api, crate::metrics::install());
-        // Centrifugo's internal port: operators keep the API and metrics off the port clients reach.
+        let mut full = crate::api::router(node.clone(), api, crate::metrics::install());
+        let admin = settings.admin.then(|| {
+            if config.admin_password.is_empty() {
+                // Only reachable with --dev (validation refuses `admin` without a password otherwise).
+                config.admin_password = random_hex(12);
+                tracing::warn!(admin_password = %config.admin_password, "dev mode: generated admin password (set admin_password to choose one)");
+            }
+            crate::admin::Admin::new(&config.admin_password, &config.admin_secret, node.clone())
+        });
+        if let Some(admin) = &admin {
+            full = full.merge(crate::admin::router(admin.clone()));
+        }
+        // Centrifugo's internal port: operators keep the API, metrics and dashboard off the port clients reach.
         let (router, internal_router) = match settings.internal_listen {
             Some(_) => (crate::api::health_router(), Some(full)),
             None => (full, None),
@@ -189,6 +202,7 @@ impl Context {
             internal_router,
             live: Live::default(),
             admission,
+            admin,
             bytes_in,
             bytes_out,
         })

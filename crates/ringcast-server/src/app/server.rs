@@ -65,6 +65,10 @@ impl Server {
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<(), ServerError> {
         tokio::spawn(self.ctx.deadlines.clone().run_sweeper());
         let pruner = tokio::spawn(prune_admission(self.ctx.clone()));
+        if let Some(admin) = self.ctx.admin.clone() {
+            let deadlines = self.ctx.deadlines.clone();
+            tokio::spawn(admin.run(async move { deadlines.wait_shutdown().await }));
+        }
         let internal = match (self.internal, self.ctx.internal_router.clone()) {
             (Some(listener), Some(router)) => Some(tokio::spawn(serve_internal(listener, router, self.ctx.clone()))),
             _ => None,
@@ -212,6 +216,10 @@ pub fn run_blocking(config: Config, settings: Settings) -> Result<(), ServerErro
         }
         if let Some(internal) = server.internal_addr() {
             tracing::info!(%internal, "internal listener: /api, /metrics, /health");
+        }
+        if server.ctx.admin.is_some() {
+            let at = server.internal_addr().unwrap_or(addr);
+            tracing::info!("admin dashboard: http://{at}/admin");
         }
         if server.ctx.settings.echo {
             tracing::info!("echo endpoint: ws://{}{}", addr, server.ctx.config.echo_path);

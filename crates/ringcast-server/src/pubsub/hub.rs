@@ -39,6 +39,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
@@ -61,6 +62,10 @@ pub struct Hub {
 #[derive(Debug)]
 struct Channel {
     state: Mutex<ChannelState>,
+    /// `state.subs.len()`, kept beside the mutex (written under it) so that the admin dashboard's
+    /// top-channels scan ([`Hub::top_channels`]) reads it without taking the channel's mutex, which
+    /// every publication on the channel takes.
+    subscribers: AtomicU32,
 }
 
 #[derive(Debug, Default)]
@@ -304,7 +309,9 @@ impl Hub {
                         continue;
                     }
                     let out = before()?;
-                    state.subs.insert(client);
+                    if state.subs.insert(client) {
+                        ch.subscribers.store(state.subs.len() as u32, Ordering::Relaxed);
+                    }
                     return Ok((out, name));
                 }
             }
@@ -319,7 +326,8 @@ impl Hub {
             let name: Arc<str> = Arc::from(channel);
             let mut state = ChannelState::default();
             state.subs.insert(client);
-            shard.insert(name.clone(), Arc::new(Channel { state: Mutex::new(state) }));
+            let channel = Channel { state: Mutex::new(state), subscribers: AtomicU32::new(1) };
+            shard.insert(name.clone(), Arc::new(channel));
             return Ok((out, name));
         }
     }
@@ -338,6 +346,7 @@ impl Hub {
             if !state.subs.remove(client) {
                 return false;
             }
+            ch.subscribers.store(state.subs.len() as u32, Ordering::Relaxed);
             state.join_leave.remove(client);
             if !state.subs.is_empty() {
                 return true;
@@ -359,6 +368,32 @@ impl Hub {
     pub fn num_subscribers(&self, channel: &str) -> usize {
         let ch = self.read(self.shard_of(channel)).get(channel).cloned();
         ch.map_or(0, |ch| ch.lock().subs.len())
+    }
+
+    /// The `n` channels with the most local subscribers (most first), the number of channels looked
+    /// at, and whether the scan stopped at `max_scan` before seeing every channel. Takes each shard's
+    /// read lock in turn (never a channel's mutex: counts are read from an atomic), so its cost is
+    /// bounded by `max_scan` and it delays no publication; for the admin dashboard, once a second.
+    pub fn top_channels(&self, n: usize, max_scan: usize) -> (Vec<(Arc<str>, u32)>, usize, bool) {
+        let mut top: Vec<(Arc<str>, u32)> = Vec::with_capacity(n + 1);
+        let mut scanned = 0usize;
+        for i in 0..SHARDS {
+            let shard = self.read(i);
+            for (name, ch) in shard.iter() {
+                if scanned == max_scan {
+                    return (top, scanned, true);
+                }
+                scanned += 1;
+                let count = ch.subscribers.load(Ordering::Relaxed);
+                if n == 0 || (top.len() == n && top.last().is_some_and(|&(_, c)| c >= count)) {
+                    continue;
+                }
+                let at = top.partition_point(|&(_, c)| c >= count);
+                top.insert(at, (name.clone(), count));
+                top.truncate(n);
+            }
+        }
+        (top, scanned, false)
     }
 
     /// Every channel with at least one local subscriber, with its subscriber count.
@@ -425,6 +460,30 @@ mod tests {
         let mut out = Outbound::new();
         c.take(&mut out, std::task::Waker::noop());
         out
+    }
+
+    #[test]
+    fn top_channels_ranks_by_subscribers_and_stops_at_the_scan_bound() {
+        let hub = Hub::new();
+        let clients: Vec<_> = (0..6).map(|i| client(i, Format::Json, 1 << 20)).collect();
+        // "c3" gets 3 subscribers, "c2" 2, "c1" 1; then one leaves "c3".
+        for (name, n) in [("c1", 1), ("c2", 2), ("c3", 4)] {
+            for c in &clients[..n] {
+                subscribe(&hub, name, c);
+            }
+        }
+        hub.unsubscribe("c3", &clients[0], || {});
+        let (top, scanned, truncated) = hub.top_channels(2, 1000);
+        let top: Vec<_> = top.iter().map(|(n, c)| (n.to_string(), *c)).collect();
+        assert_eq!(top, [("c3".to_string(), 3), ("c2".to_string(), 2)]);
+        assert_eq!((scanned, truncated), (3, false));
+        let (top, scanned, truncated) = hub.top_channels(5, 2);
+        assert_eq!((top.len(), scanned, truncated), (2, 2, true), "looks at no more than max_scan channels");
+        for c in &clients[..2] {
+            hub.unsubscribe("c2", c, || {});
+        }
+        let (top, _, _) = hub.top_channels(5, 1000);
+        assert!(top.iter().all(|(n, _)| &**n != "c2"), "a channel whose last subscriber left is gone");
     }
 
     #[test]

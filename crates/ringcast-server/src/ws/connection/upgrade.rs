@@ -109,6 +109,15 @@ impl Conn {
                 return Ok(Some(n));
             }
             Ok(Some(req)) => {
+                // The admin dashboard's feed is the HTTP server's (it answers the upgrade itself), when
+                // the dashboard is served on this listener.
+                if req.path == crate::admin::WS_PATH
+                    && self.ctx.admin.is_some()
+                    && self.ctx.settings.internal_listen.is_none()
+                {
+                    self.phase = Phase::Http;
+                    return Ok(Some(n));
+                }
                 let endpoint = if self.ctx.settings.echo && req.path == self.ctx.config.echo_path {
                     Endpoint::Echo
                 } else if req.path == CLIENT_PATH {

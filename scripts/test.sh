@@ -64,7 +64,8 @@ count_cargo "$log_dir/cargo-test.log"
 # The Autobahn part, all at once (scripts/autobahn/suite.sh): for every read-buffer strategy, groups
 # 1-7, 9, 10 against a plain server and the compression groups 12, 13 against one with --compression,
 # the slow compression cases split into chunks that run in concurrent wstest processes. Each run's
-# merged report is judged here by check.py. ~12 minutes on 2 busy cores (BENCHMARKS.md, "Autobahn").
+# merged report is judged here by check.py. ~1,950 CPU-seconds: 29 minutes measured on 2 cores shared
+# with other load, ~17 estimated on 2 idle ones (BENCHMARKS.md, "Autobahn in the test command").
 step "autobahn|testsuite, every read-buffer strategy: groups 1-7, 9, 10, and 12, 13 with --compression"
 cargo build --release -p ringcast
 strategies=${AUTOBAHN_STRATEGIES-pool ring growable}

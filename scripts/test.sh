@@ -3,9 +3,9 @@
 #   1. starts Redis (127.0.0.1:6379) and NATS (127.0.0.1:4222) if they are not running, installing
 #      them with apt-get only when missing;
 #   2. cargo test for every crate (unit, property and real-socket integration tests);
-#   3. the Autobahn|Testsuite server cases (groups 1-7, 9, 10) against a release build, once per
-#      read-buffer strategy, and the compression groups 12, 13 with --compression (pool; more with
-#      AUTOBAHN_COMPRESSION_STRATEGIES), failing on anything that is not OK;
+#   3. the Autobahn|Testsuite server cases against a release build, on every read-buffer strategy:
+#      groups 1-7, 9, 10, and the compression groups 12, 13 with --compression, concurrently
+#      (scripts/autobahn/suite.sh), failing on anything that is not OK;
 #   4. the official Centrifugo JavaScript SDK (npm centrifuge + ws, with and without compression), the
 #      admin dashboard in headless Chromium (Debian's chromium, installed when missing; npm
 #      playwright-core) under a bounded `ringcast bench fanout`, and the Python SDKs (centrifuge-python,
@@ -63,50 +63,37 @@ step "cargo test --workspace"
 cargo test --workspace 2>&1 | tee "$log_dir/cargo-test.log"
 count_cargo "$log_dir/cargo-test.log"
 
-# One Autobahn run against a release server on the echo endpoint: autobahn NAME STRATEGY [server flags...]
-# (the cases are AUTOBAHN_CASES, or run.sh's default groups).
-autobahn() {
-    local name=$1 strategy=$2
-    shift 2
-    port=$((9100 + RANDOM % 800))
-    ./target/release/ringcast serve --dev --echo-path / --listen "127.0.0.1:$port" --read-buffer "$strategy" \
-        --max-message-size 16777216 --max-frame-size 16777216 --log-level warn "$@" >"$log_dir/autobahn-$name-server.log" 2>&1 &
-    server=$!
-    wait_port "$port" || { echo "server did not start" >&2; kill $server; exit 1; }
+# The Autobahn part, all at once (scripts/autobahn/suite.sh): for every read-buffer strategy, groups
+# 1-7, 9, 10 against a plain server and the compression groups 12, 13 against one with --compression,
+# the slow compression cases split into chunks that run in concurrent wstest processes. Each run's
+# merged report is judged here by check.py. ~1,950 CPU-seconds: 29 minutes measured on 2 cores shared
+# with other load, ~17 estimated on 2 idle ones (BENCHMARKS.md, "Autobahn in the test command").
+step "autobahn|testsuite, every read-buffer strategy: groups 1-7, 9, 10, and 12, 13 with --compression"
+cargo build --release -p ringcast
+strategies=${AUTOBAHN_STRATEGIES-pool ring growable}
+deflate_strategies=${AUTOBAHN_COMPRESSION_STRATEGIES-pool ring growable}
+set +e
+AUTOBAHN_STRATEGIES="$strategies" AUTOBAHN_COMPRESSION_STRATEGIES="$deflate_strategies" AUTOBAHN_LOG_DIR="$log_dir" \
+    scripts/autobahn/suite.sh ./target/release/ringcast >"$log_dir/autobahn.log" 2>&1
+suite_rc=$?
+set -e
+tail -n 1 "$log_dir/autobahn.log"
+for name in $strategies $(for s in $deflate_strategies; do echo "deflate-$s"; done); do
     set +e
-    scripts/autobahn/run.sh "127.0.0.1:$port" "$name" >"$log_dir/autobahn-$name.log" 2>&1
-    rc=$?
     result=$(python3 scripts/autobahn/check.py "target/autobahn/$name")
     check_rc=$?
     set -e
-    kill -INT $server 2>/dev/null || true
-    wait $server 2>/dev/null || true
-    echo "$result" | tail -n 5
+    echo "$name: $(echo "$result" | tail -n 1)"
+    echo "$result" | grep -E '^(FAIL|ERROR)' | head -n 5 || true
     line=$(echo "$result" | tail -n 1)
     p=$(echo "$line" | sed -nE 's/^([0-9]+) passed, ([0-9]+) failed$/\1/p')
     f=$(echo "$line" | sed -nE 's/^([0-9]+) passed, ([0-9]+) failed$/\2/p')
-    if [ $rc -ne 0 ] || [ $check_rc -ne 0 ] || [ -z "$p" ]; then
-        echo "autobahn ($name) failed: run.sh exit $rc, check exit $check_rc; see $log_dir/autobahn-$name.log" >&2
+    if [ $suite_rc -ne 0 ] || [ $check_rc -ne 0 ] || [ -z "$p" ]; then
+        echo "autobahn ($name) failed: suite exit $suite_rc, check exit $check_rc; see $log_dir/autobahn.log" >&2
         f=${f:-0}
         failed=$((failed + (f > 0 ? f : 1)))
     fi
     passed=$((passed + ${p:-0}))
-}
-
-step "autobahn|testsuite, groups 1-7, 9, 10, every read-buffer strategy"
-cargo build --release -p ringcast
-for strategy in pool ring growable; do
-    autobahn "$strategy" "$strategy"
-done
-
-# 216 cases of up to 1,000 messages each: ~10 minutes per strategy on a busy 2-core machine, so by
-# default one strategy (the default one); the read path under compression is tested on all three
-# by `cargo test` (tests/deflate.rs, tests/deflate_alloc.rs). AUTOBAHN_COMPRESSION_STRATEGIES="pool
-# ring growable" runs them all.
-step "autobahn|testsuite, compression groups 12, 13 (permessage-deflate on the echo endpoint)"
-for strategy in ${AUTOBAHN_COMPRESSION_STRATEGIES:-pool}; do
-    AUTOBAHN_CASES='["12.*","13.*"]' AUTOBAHN_TIMEOUT="${AUTOBAHN_TIMEOUT:-1500}" \
-        autobahn "deflate-$strategy" "$strategy" --compression
 done
 
 step "official JavaScript SDK (npm centrifuge) against the release build"

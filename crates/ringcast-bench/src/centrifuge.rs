@@ -9,7 +9,8 @@
 //!   `X-API-Key` and `{"channel":"bench","data":{...}}`.
 //!
 //! The data is `{"t":<send ns>,"p":<publisher>,"s":<seq>,"x":"<padding to --size>"}`. Servers pass it
-//! through verbatim, so subscribers find the three numbers with a byte scan after `"data":` instead of a
+//! through verbatim (with `--payload json` the padding is `"x":[...]`, an array of realistic records, see
+//! [`write_json_data`]), so subscribers find the three numbers with a byte scan after `"data":` instead of a
 //! JSON parse: no allocation per publication. This module does no load logic; scenario::fanout does.
 
 use std::io::Write as _;
@@ -96,6 +97,63 @@ pub fn write_data(out: &mut Vec<u8>, ts: u64, publisher: u32, seq: u32, size: us
     let pad = size.saturating_sub(out.len() - start + 2);
     out.resize(out.len() + pad, b'x');
     out.extend_from_slice(b"\"}");
+}
+
+const SYMBOLS: [&str; 12] =
+    ["EURUSD", "GBPUSD", "USDJPY", "AUDUSD", "BTC-USD", "ETH-USD", "AAPL", "MSFT", "NVDA", "TSLA", "XAU", "BRENT"];
+const VENUES: [&str; 6] = ["LMAX", "CME", "NASDAQ", "NYSE", "Coinbase", "Kraken"];
+const STATES: [&str; 4] = ["open", "halted", "auction", "closed"];
+
+/// [`write_data`] with realistic JSON as the padding: `"x":[{record}, ...]`, records of a market-data
+/// feed (symbols, venues, prices, volumes, timestamps) whose numbers change with every message, as many
+/// as fit in `size` bytes (at least one). It compresses about as such feeds do (a few times, not the
+/// hundreds of times of a repeated letter), which is what a compression figure needs.
+pub fn write_json_data(out: &mut Vec<u8>, ts: u64, publisher: u32, seq: u32, size: usize) {
+    let start = out.len();
+    let _ = write!(out, "{{\"t\":{ts},\"p\":{publisher},\"s\":{seq},\"x\":[");
+    // A small xorshift seeded per message: varied digits, reproducible runs.
+    let mut state = (u64::from(seq) << 32 | u64::from(publisher)) ^ 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut record = Vec::with_capacity(256);
+    let mut first = true;
+    for i in 0u64.. {
+        record.clear();
+        let r = next();
+        let price = 100 + r % 90_000;
+        let spread = 1 + (r >> 20) % 40;
+        let _ = write!(
+            record,
+            "{}{{\"id\":{},\"symbol\":\"{}\",\"venue\":\"{}\",\"bid\":{}.{:02},\"ask\":{}.{:02},\"volume\":{},\"change\":{}{}.{:02},\"state\":\"{}\",\"updated\":\"2026-12-01T23:{:02}:{:02}.{:03}Z\",\"tags\":[\"live\",\"level{}\"]}}",
+            if first { "" } else { "," },
+            seq as u64 * 16 + i,
+            SYMBOLS[(r % 12) as usize],
+            VENUES[((r >> 8) % 6) as usize],
+            price / 100,
+            price % 100,
+            (price + spread) / 100,
+            (price + spread) % 100,
+            (r >> 24) % 1_000_000,
+            if r & (1 << 40) != 0 { "-" } else { "" },
+            (r >> 41) % 5,
+            (r >> 44) % 100,
+            STATES[((r >> 52) % 4) as usize],
+            (r >> 30) % 60,
+            (r >> 36) % 60,
+            (r >> 46) % 1000,
+            1 + (r >> 58) % 3,
+        );
+        if !first && out.len() - start + record.len() + 2 > size {
+            break;
+        }
+        out.extend_from_slice(&record);
+        first = false;
+    }
+    out.extend_from_slice(b"]}");
 }
 
 /// Appends a publish command carrying `data`.
@@ -327,6 +385,30 @@ mod tests {
         let mut small = Vec::new();
         write_data(&mut small, 1, 0, 0, 5);
         assert_eq!(small, br#"{"t":1,"p":0,"s":0,"x":""}"#);
+    }
+
+    #[test]
+    fn json_data_is_valid_json_within_size_read_back_and_compresses_like_json() {
+        for (seq, size) in [(0u32, 1500usize), (7, 1024), (123_456, 2000), (9, 10)] {
+            let mut data = Vec::new();
+            write_json_data(&mut data, 987_654_321, 2, seq, size);
+            let v: serde_json::Value = serde_json::from_slice(&data).expect("valid JSON");
+            assert!(v["x"].as_array().is_some_and(|a| !a.is_empty()));
+            if size >= 1000 {
+                assert!(data.len() <= size && data.len() > size - 300, "{} for {size}", data.len());
+                // Realistic, not a repeated letter: deflate shrinks it a few times, not a hundred.
+                let z = ringcast_wire::deflate::compressed_frame(OpCode::Text, &data, 6, 15);
+                let ratio = data.len() as f64 / z.len() as f64;
+                assert!((1.5..10.0).contains(&ratio), "ratio {ratio}");
+            }
+            let push =
+                format!(r#"{{"push":{{"channel":"bench","pub":{{"data":{}}}}}}}"#, String::from_utf8(data).unwrap());
+            assert_eq!(parse_line(push.as_bytes()), Line::Push(Some((987_654_321, 2, seq))));
+        }
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        write_json_data(&mut a, 1, 0, 1, 1500);
+        write_json_data(&mut b, 1, 0, 2, 1500);
+        assert_ne!(a, b, "every message differs");
     }
 
     #[test]

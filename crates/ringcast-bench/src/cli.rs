@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
 
 use crate::error::BenchError;
-use crate::params::{parse_duration, parse_source_ips, Params, Protocol, Scenario};
+use crate::params::{parse_duration, parse_source_ips, Params, PayloadKind, Protocol, Scenario};
 use crate::proc::raise_nofile_limit;
 
 const DEFAULT_URL: &str = "ws://127.0.0.1:8000/echo";
@@ -67,6 +67,12 @@ fn scenario(s: Scenario, about: &'static str) -> Command {
                         .long("protocol")
                         .value_parser(["raw", "centrifuge"])
                         .help("raw: every message sent on a publisher connection reaches every subscriber; centrifuge: Centrifugo client protocol v2 (JSON), channel \"bench\" [default: centrifuge when the URL path is /connection/websocket, else raw]"),
+                )
+                .arg(
+                    Arg::new("payload")
+                        .long("payload")
+                        .value_parser(["filler", "json"])
+                        .help("centrifuge: what pads a publication to --size; json: a realistic JSON document that changes per message (for --compression) [default: filler]"),
                 )
                 .arg(Arg::new("api-key").long("api-key").value_name("KEY").help("Centrifugo: publish through POST /api/publish with this X-API-Key instead of over WebSocket"))
         }
@@ -186,6 +192,11 @@ fn scenario(s: Scenario, about: &'static str) -> Command {
             .help("Draw throughput and p50/p99 per second as SVG"),
     )
     .arg(Arg::new("quiet").long("quiet").short('q').action(ArgAction::SetTrue).help("No progress line"))
+    .arg(
+        Arg::new("compression").long("compression").action(ArgAction::SetTrue).help(
+            "Offer permessage-deflate (as browsers do); compressed messages are inflated before they are checked",
+        ),
+    )
 }
 
 /// The parameters a scenario's matches describe.
@@ -252,6 +263,13 @@ pub fn params_from(scenario: Scenario, m: &ArgMatches) -> Result<Params, BenchEr
     }
     if let Some(n) = m.get_one::<usize>("processes") {
         p.processes = *n;
+    }
+    p.compression = m.get_flag("compression");
+    if has("payload") {
+        p.payload = match m.get_one::<String>("payload").map(String::as_str) {
+            Some("json") => PayloadKind::Json,
+            _ => PayloadKind::Filler,
+        };
     }
     p.progress = !m.get_flag("quiet");
     p.validate()?;

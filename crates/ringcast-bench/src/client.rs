@@ -22,7 +22,7 @@ use base64::Engine;
 use ringcast_wire::buffer::{fill_from, AnyBuffer, BufferPool, GrowableBuffer, PooledBuffer, ReadBuffer};
 use ringcast_wire::close::encode_close_payload;
 use ringcast_wire::frame::encode_client_frame;
-use ringcast_wire::handshake::{parse_response, write_client_request, ClientHandshakeError};
+use ringcast_wire::handshake::{parse_response, write_client_request_with, ClientHandshakeError};
 use ringcast_wire::{CloseCode, Event, Limits, OpCode, Reader, Role, WireError};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpStream;
@@ -38,7 +38,13 @@ pub struct Endpoint {
     pub host: String,
     /// Request target: path and query.
     pub path: String,
+    /// Offer permessage-deflate (RFC 7692) as browsers do; when the server accepts, what it sends
+    /// compressed is inflated by the reader, so handlers see the same messages either way.
+    pub deflate: bool,
 }
+
+/// The offer browsers send (no parameters the server must honour beyond letting it cap our window).
+pub const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
 
 /// Which read buffer a connection uses. Busy connections keep their own; idle ones borrow from a pool
 /// only while they hold unparsed bytes (so 10,000 idle connections cost the generator no buffers).
@@ -138,11 +144,11 @@ async fn open_inner(ep: &Endpoint, source: Option<IpAddr>, buffers: &Buffers, st
 
     let key = BASE64.encode(fastrand::u128(..).to_ne_bytes());
     let mut request = Vec::with_capacity(256);
-    write_client_request(&mut request, &ep.host, &ep.path, &key, &[]);
+    write_client_request_with(&mut request, &ep.host, &ep.path, &key, &[], ep.deflate.then_some(DEFLATE_OFFER));
     write_all(&stream, &request).await?;
 
     let mut head: Vec<u8> = Vec::with_capacity(1024);
-    let head_len = loop {
+    let (head_len, deflate) = loop {
         stream.readable().await?;
         if head.len() == head.capacity() {
             head.reserve(head.capacity());
@@ -159,7 +165,7 @@ async fn open_inner(ep: &Endpoint, source: Option<IpAddr>, buffers: &Buffers, st
             Err(e) => return Err(classify(&e)),
         }
         match parse_response(&head, key.as_bytes()) {
-            Ok(Some(resp)) => break resp.head_len,
+            Ok(Some(resp)) => break (resp.head_len, resp.deflate),
             Ok(None) if head.len() > MAX_RESPONSE_HEAD => {
                 return Err(Failure::Protocol("upgrade response head larger than 16 KiB".into()))
             }
@@ -170,6 +176,11 @@ async fn open_inner(ep: &Endpoint, source: Option<IpAddr>, buffers: &Buffers, st
     };
     let handshake_ns = now_ns().saturating_sub(start);
     let mut conn = Conn::new(stream, buffers.make());
+    if let Some(params) = &deflate {
+        // We never compress what we send (the extension allows that); we inflate what the server does.
+        conn.rx.reader.enable_deflate(params);
+        conn.rx.deflate = true;
+    }
     // Frames the server sent right behind its 101 are parsed before anything read from the socket.
     // (Usually there are none; then the head's buffer is freed rather than kept for the connection's life.)
     if head.len() > head_len {
@@ -203,6 +214,22 @@ pub struct Rx {
     /// Copy of a message that a ring buffer split in two (never happens with our buffers, kept for
     /// correctness with any `ReadBuffer`).
     scratch: Vec<u8>,
+    /// Bytes read from the socket (and the upgrade's leftovers): what the wire carried to us.
+    wire_bytes: u64,
+    /// permessage-deflate was negotiated.
+    deflate: bool,
+}
+
+impl Rx {
+    /// Bytes received since the upgrade: frames as they were on the wire (compressed, if they were).
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire_bytes
+    }
+
+    /// Whether the server accepted our permessage-deflate offer.
+    pub fn deflate(&self) -> bool {
+        self.deflate
+    }
 }
 
 /// What one read brought.
@@ -303,6 +330,8 @@ impl Conn {
                 backlog: Vec::new(),
                 backlog_pos: 0,
                 scratch: Vec::new(),
+                wire_bytes: 0,
+                deflate: false,
             },
             tx: Tx { out: Vec::new(), written: 0, key: fastrand::u32(..).to_ne_bytes(), close_sent: false },
         }
@@ -313,7 +342,9 @@ impl Conn {
         let rx = &mut self.rx;
         rx.reader.settle(&mut rx.buf);
         if rx.backlog_pos < rx.backlog.len() {
-            rx.backlog_pos += fill_from(&mut rx.buf, &rx.backlog[rx.backlog_pos..]);
+            let n = fill_from(&mut rx.buf, &rx.backlog[rx.backlog_pos..]);
+            rx.backlog_pos += n;
+            rx.wire_bytes += n as u64;
             if rx.backlog_pos == rx.backlog.len() {
                 rx.backlog = Vec::new();
                 rx.backlog_pos = 0;
@@ -332,6 +363,7 @@ impl Conn {
             Ok(0) => Ok(Read::Eof),
             Ok(n) => {
                 rx.buf.commit(n);
+                rx.wire_bytes += n as u64;
                 Ok(Read::Data { more: n == space })
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Read::Empty),

@@ -32,8 +32,9 @@ pub struct Comparison {
 /// The figures compared, each as (name, unit, how to read it from a report).
 type Figure = (&'static str, &'static str, fn(&Report) -> Option<f64>);
 
-const FIGURES: [Figure; 5] = [
+const FIGURES: [Figure; 6] = [
     ("server CPU per message", "µs", |r| r.cpu.server_us_per_message),
+    ("wire bytes per delivery", "B", |r| r.fanout.as_ref().and_then(|f| f.wire_bytes_per_delivery)),
     ("messages per second", "/s", |r| r.messages.as_ref().map(|m| m.per_sec)),
     ("latency p50", "ms", |r| r.latency.as_ref().map(|l| l.p50_us / 1000.0)),
     ("latency p99", "ms", |r| r.latency.as_ref().map(|l| l.p99_us / 1000.0)),

@@ -53,7 +53,7 @@ mod worker;
 
 pub use cli::{command, main, params_from};
 pub use error::BenchError;
-pub use params::{Params, Protocol, Scenario};
+pub use params::{Params, PayloadKind, Protocol, Scenario};
 pub use report::Report;
 pub use worker::WORKER_ARGS;
 
@@ -95,5 +95,5 @@ pub(crate) async fn endpoint(params: &Params) -> Result<Endpoint, BenchError> {
     let target = params.validate()?;
     let prefer_v4 = params.source_ips.first().map(|ip| ip.is_ipv4());
     let addr = target.resolve(prefer_v4).await?;
-    Ok(Endpoint { addr, host: target.host_header(), path: target.path.clone() })
+    Ok(Endpoint { addr, host: target.host_header(), path: target.path.clone(), deflate: params.compression })
 }

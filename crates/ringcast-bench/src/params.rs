@@ -65,6 +65,18 @@ impl Protocol {
     }
 }
 
+/// What fills a Centrifugo fan-out publication up to `--size`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadKind {
+    /// One repeated letter: cheapest to make, and compresses to almost nothing.
+    #[default]
+    Filler,
+    /// A realistic JSON document (an array of varied records with numbers that change per message),
+    /// for measuring compression on what a push server actually carries.
+    Json,
+}
+
 /// Every knob of a run. Fields that a scenario does not use are ignored by it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Params {
@@ -103,6 +115,13 @@ pub struct Params {
     /// Bound on each TCP connect + upgrade (and Centrifugo connect/subscribe).
     #[serde(with = "secs")]
     pub connect_timeout: Duration,
+    /// Offer permessage-deflate on every connection (what the server sends compressed is inflated
+    /// before it is checked, so latency, loss and order mean the same with and without).
+    #[serde(default)]
+    pub compression: bool,
+    /// What a Centrifugo fan-out publication's padding is (see [`PayloadKind`]).
+    #[serde(default)]
+    pub payload: PayloadKind,
     /// Draw the live progress line (the CLI sets this when attached to a terminal).
     #[serde(skip)]
     pub progress: bool,
@@ -137,6 +156,8 @@ impl Params {
             processes: 1,
             api_key: None,
             connect_timeout: Duration::from_secs(10),
+            compression: false,
+            payload: PayloadKind::Filler,
             progress: false,
         }
     }

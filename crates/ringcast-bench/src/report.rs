@@ -49,6 +49,10 @@ pub struct Connections {
     pub held: u64,
     /// Successful handshakes per second (connect).
     pub per_sec: Option<f64>,
+    /// Connections on which the server accepted permessage-deflate (`--compression`; idle, and
+    /// fan-out's subscribers).
+    #[serde(default)]
+    pub compressed: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,6 +85,15 @@ pub struct Fanout {
     pub max_loss: u64,
     /// Times a windowed publisher waited a whole second for its probe (see scenario::fanout).
     pub window_stalls: u64,
+    /// Subscribers whose server accepted permessage-deflate (`--compression`).
+    #[serde(default)]
+    pub compressed_subscribers: u64,
+    /// Bytes subscribers read from their sockets from the start of the run (frames with headers,
+    /// compressed or not, plus the few pings), and that ÷ deliveries: what the wire carried per delivery.
+    #[serde(default)]
+    pub wire_bytes: u64,
+    #[serde(default)]
+    pub wire_bytes_per_delivery: Option<f64>,
     pub per_subscriber: Vec<SubscriberLoss>,
 }
 
@@ -156,6 +169,7 @@ impl Report {
             held: t.held,
             per_sec: (p.scenario == Scenario::Connect && t.elapsed_ns > 0)
                 .then(|| t.established as f64 / (t.elapsed_ns as f64 / 1e9)),
+            compressed: t.deflate,
         };
         let _ = failed;
         let mut fanout = None;
@@ -304,6 +318,9 @@ impl Report {
         if let Some(r) = c.per_sec {
             conn.push_str(&format!(" · {}/s", count(r.round() as u64)));
         }
+        if c.compressed > 0 {
+            conn.push_str(&format!(" · permessage-deflate on {}", count(c.compressed)));
+        }
         line("connections", conn);
         if let Some(h) = self.handshake.as_ref().filter(|_| self.scenario != Scenario::Connect) {
             line("handshakes", percentiles(h));
@@ -337,6 +354,12 @@ impl Report {
                 s.push_str(&format!(" · {} window stalls", count(f.window_stalls)));
             }
             line("fan-out", s);
+            if let Some(w) = f.wire_bytes_per_delivery {
+                line(
+                    "wire",
+                    format!("{} per delivery ({} to subscribers in all)", bytes(w), bytes(f.wire_bytes as f64)),
+                );
+            }
         }
         if let Some(l) = &self.latency {
             let name = match self.scenario {
@@ -415,6 +438,9 @@ fn fanout_figures(t: &Tally) -> Fanout {
         subscribers_with_loss: per_subscriber.iter().filter(|s| s.lost > 0).count() as u64,
         max_loss: per_subscriber.iter().map(|s| s.lost).max().unwrap_or(0),
         window_stalls: t.stalls,
+        compressed_subscribers: t.deflate,
+        wire_bytes: t.wire_bytes,
+        wire_bytes_per_delivery: (t.received > 0).then(|| t.wire_bytes as f64 / t.received as f64),
         per_subscriber,
     }
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use ringcast_bench::{Params, Protocol, Report, Scenario};
+use ringcast_bench::{Params, PayloadKind, Protocol, Report, Scenario};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
@@ -477,4 +477,38 @@ async fn plot_draws_an_svg() {
     let svg = std::fs::read_to_string(&path).expect("readable");
     let _ = std::fs::remove_file(&path);
     assert!(svg.starts_with("<svg") && svg.contains("messages/s") && svg.contains("p99"));
+}
+
+/// `--compression` against the real server: offered, accepted, inflated before the checks (no loss, no
+/// disorder, nothing foreign), and the wire carries fewer bytes per delivery than without it. A server
+/// with compression off declines the same offer and the run is plain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_centrifuge_with_compression_inflates_and_counts_wire_bytes() {
+    let (on, _stop_on) = ringcast_server_with(&[("compression", "true")]).await;
+    let (off, _stop_off) = ringcast_server().await;
+    let mut per_delivery = Vec::new();
+    for (addr, offer, accepted) in [(on, false, false), (on, true, true), (off, true, false)] {
+        let mut p = fanout_params(addr);
+        p.url = format!("ws://{addr}/connection/websocket");
+        p.protocol = Protocol::Centrifuge;
+        p.subscribers = 20;
+        p.size = 1500;
+        p.payload = PayloadKind::Json;
+        p.rate = 200.0;
+        p.compression = offer;
+        let r = run(&p).await;
+        let case = format!("server {addr}, offer {offer}");
+        assert_eq!(r.failures.total(), 0, "{case}: {:?}", r.failures);
+        let f = r.fanout.as_ref().expect("fanout figures");
+        assert!(f.published > 0, "{case}");
+        assert_eq!((f.lost, f.delivered), (0, f.published * 20), "{case}");
+        assert_eq!(r.messages.as_ref().map(|m| (m.out_of_order, m.foreign)), Some((0, 0)), "{case}");
+        assert_eq!(f.compressed_subscribers, if accepted { 20 } else { 0 }, "{case}");
+        let w = f.wire_bytes_per_delivery.expect("wire bytes per delivery");
+        per_delivery.push(w);
+    }
+    // Uncompressed, a delivery carries at least its ~1.4 KB of data; compressed, well under half.
+    let (plain, compressed, declined) = (per_delivery[0], per_delivery[1], per_delivery[2]);
+    assert!(plain > 1300.0 && declined > 1300.0, "{per_delivery:?}");
+    assert!(compressed < plain / 2.0, "{per_delivery:?}");
 }

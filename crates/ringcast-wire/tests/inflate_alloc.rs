@@ -52,6 +52,13 @@ static GLOBAL: Counting = Counting;
 
 const MIB: usize = 1 << 20;
 
+/// The process's peak resident set size (`VmHWM` in /proc/self/status), bytes; `None` off Linux.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+}
+
 #[test]
 fn a_frame_inflating_to_a_gibibyte_fails_at_the_cap_within_the_cap() {
     // 1 MiB of zeros deflates to about 1 KiB; the block (with its sync flush) refers only to itself, so
@@ -76,6 +83,8 @@ fn a_frame_inflating_to_a_gibibyte_fails_at_the_cap_within_the_cap() {
     let limits = Limits { max_frame_payload: 2 * MIB as u64, max_message_size: cap as u64 };
     let params = negotiate([b"permessage-deflate".as_slice()], &DeflateConfig::enabled()).unwrap();
     let pool = BufferPool::new(16 << 10, 4);
+    // RSS as the kernel sees it, besides the allocator's count: the process's peak resident set.
+    let hwm_before = peak_rss();
     for strategy in Strategy::ALL {
         let mut buf = match strategy {
             Strategy::Ring => AnyBuffer::Ring(RingBuffer::new(16 << 10)),
@@ -115,6 +124,13 @@ fn a_frame_inflating_to_a_gibibyte_fails_at_the_cap_within_the_cap() {
         assert!(peak <= cap + (128 << 10), "{strategy:?}: {peak} B live at the peak");
         drop(reader);
         drop(buf);
+    }
+
+    // RSS stayed flat: the peak resident set grew by the cap and change, not by the gibibyte the
+    // frames inflate to (three of them, one per strategy).
+    if let (Some(before), Some(after)) = (hwm_before, peak_rss()) {
+        println!("peak RSS (VmHWM) {before} B before the bombs, {after} B after: +{} B", after - before);
+        assert!(after - before < 64 * MIB as u64, "peak RSS grew by {} B", after - before);
     }
 
     // What the state costs, live: an inflater (15 bits) held with client context takeover, and a

@@ -34,7 +34,7 @@ use crate::clock::{instant_at, next_slot, now_ns, ns, sleep_until, Schedule, Slo
 use crate::error::BenchError;
 use crate::failure::{classify, Failure, Failures};
 use crate::meter::{Batch, Meter};
-use crate::params::{Params, Protocol};
+use crate::params::{Params, PayloadKind, Protocol};
 use crate::payload::{fanout_header, Template, FANOUT_HEADER};
 use crate::proc::self_rss;
 
@@ -141,6 +141,7 @@ pub(crate) async fn run<L: Link>(p: &Params, ep: &Endpoint, share: &Share, link:
             ack: probe_exists.then(|| (acks.clone(), (u64::from(id) - share.publishers.start) as usize)),
             timeout: p.connect_timeout,
             centrifugo,
+            payload: p.payload,
         };
         pub_set.spawn(publisher(conn, cfg, meter.clone(), phase_rx.clone()));
     }
@@ -187,8 +188,10 @@ pub(crate) async fn run<L: Link>(p: &Params, ep: &Endpoint, share: &Share, link:
     let _ = phase_tx.send(Phase::Stop);
     let subs = join_all(&mut ticker, &mut sub_set, now_ns() + ns(CLOSE_WAIT * 2), &phase_tx, CLOSE_WAIT).await;
     ticker.flush();
-    for (s, foreign, failure, held) in subs {
+    for (s, foreign, failure, held, wire) in subs {
         tally.foreign += foreign;
+        tally.wire_bytes += wire.bytes;
+        tally.deflate += u64::from(wire.deflate);
         tally.received += s.received;
         tally.out_of_order += s.out_of_order;
         tally.held += u64::from(held);
@@ -296,7 +299,7 @@ async fn subscriber(
     cfg: SubCfg,
     meter: Arc<Meter>,
     mut phase: watch::Receiver<Phase>,
-) -> (SubscriberTally, u64, Option<Failure>, bool) {
+) -> (SubscriberTally, u64, Option<Failure>, bool, Wire) {
     let last = vec![0; cfg.publishers];
     let mut d = Deliveries {
         cfg,
@@ -317,8 +320,11 @@ async fn subscriber(
     // One pinned wait for the stop, polled (not re-registered) on every iteration.
     let stop = phase.wait_for(|p| *p == Phase::Stop);
     tokio::pin!(stop);
+    // Bytes on the wire from the start of the run, against deliveries counted from the same moment.
+    let mut wire_from = conn.rx.wire_bytes();
     if let Some(window) = window {
         d.start = window.start;
+        wire_from = conn.rx.wire_bytes();
         loop {
             tokio::select! {
                 r = conn.stream.readable() => {
@@ -347,9 +353,16 @@ async fn subscriber(
             }
         }
     }
+    let wire = Wire { bytes: conn.rx.wire_bytes() - wire_from, deflate: conn.rx.deflate() };
     end_connection(conn, &meter, failure.is_some()).await;
     let t = SubscriberTally { index: d.cfg.index, received: d.received, out_of_order: d.out_of_order };
-    (t, d.foreign, failure, held)
+    (t, d.foreign, failure, held, wire)
+}
+
+/// What a subscriber's socket carried during the run, and whether it was compressed.
+struct Wire {
+    bytes: u64,
+    deflate: bool,
 }
 
 enum PubConn {
@@ -368,6 +381,15 @@ struct PubCfg {
     ack: Option<(Arc<Vec<Ack>>, usize)>,
     timeout: Duration,
     centrifugo: bool,
+    payload: PayloadKind,
+}
+
+/// A Centrifugo publication's data, padded as `--payload` says.
+fn write_payload(kind: PayloadKind, out: &mut Vec<u8>, ts: u64, id: u32, seq: u32, size: usize) {
+    match kind {
+        PayloadKind::Filler => centrifuge::write_data(out, ts, id, seq, size),
+        PayloadKind::Json => centrifuge::write_json_data(out, ts, id, seq, size),
+    }
 }
 
 #[derive(Debug, Default)]
@@ -396,6 +418,7 @@ struct Publish {
     next_command: u64,
     id: u32,
     size: usize,
+    payload: PayloadKind,
     seq: u32,
     sent: u64,
     sending: bool,
@@ -446,7 +469,7 @@ impl Publish {
             }
             None => {
                 self.data.clear();
-                centrifuge::write_data(&mut self.data, ts, self.id, self.seq, self.size);
+                write_payload(self.payload, &mut self.data, ts, self.id, self.seq, self.size);
                 self.command.clear();
                 centrifuge::write_publish(&mut self.command, self.next_command, &self.data);
                 self.next_command += 1;
@@ -534,6 +557,7 @@ async fn ws_publisher(mut conn: Conn, cfg: PubCfg, meter: &Meter, mut phase: wat
         next_command: FIRST_PUBLISH_ID,
         id: cfg.id,
         size: cfg.size,
+        payload: cfg.payload,
         seq: 0,
         sent: 0,
         sending: true,
@@ -718,7 +742,7 @@ async fn http_publisher(
             }
         };
         data.clear();
-        centrifuge::write_data(&mut data, ts, cfg.id, seq, cfg.size);
+        write_payload(cfg.payload, &mut data, ts, cfg.id, seq, cfg.size);
         match h.publish(&data, cfg.timeout).await {
             Ok(()) => {
                 seq = seq.wrapping_add(1);

@@ -49,6 +49,7 @@ pub(crate) async fn run<L: Link>(p: &Params, ep: &Endpoint, share: &Share, link:
         |o, e| link.preparing(o, e),
     )
     .await;
+    tally.deflate = conns.iter().filter(|(_, c)| c.rx.deflate()).count() as u64;
     let mut set = JoinSet::new();
     for (_, conn) in conns {
         set.spawn(hold(conn, meter.clone(), phase_rx.clone()));

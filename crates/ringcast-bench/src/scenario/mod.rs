@@ -193,6 +193,13 @@ pub struct Tally {
     pub subscribers: Vec<SubscriberTally>,
     /// How long the storm took (connect).
     pub elapsed_ns: u64,
+    /// Bytes subscribers read from their sockets from the start of the run (fan-out): frames as they
+    /// were on the wire, compressed or not, with their headers.
+    #[serde(default)]
+    pub wire_bytes: u64,
+    /// Subscribers whose server accepted permessage-deflate (fan-out).
+    #[serde(default)]
+    pub deflate: u64,
 }
 
 impl Tally {
@@ -216,6 +223,8 @@ impl Tally {
         self.rss_after += o.rss_after;
         self.subscribers.extend(o.subscribers.iter().cloned());
         self.elapsed_ns = self.elapsed_ns.max(o.elapsed_ns);
+        self.wire_bytes += o.wire_bytes;
+        self.deflate += o.deflate;
     }
 
     pub(crate) fn fail(&mut self, meter: &Meter, f: &Failure) {

@@ -39,7 +39,7 @@ use tokio::net::TcpStream;
 use crate::app::context::Context;
 use crate::pubsub::client::{ClientId, ClientShared, DisconnectRequest};
 use crate::tcp::keepalive::RttWindow;
-use crate::tcp::session::{emit, emit_error, TcpSession};
+use crate::tcp::session::{emit, emit_error, Admit, TcpSession};
 use crate::transport::deadline::{reached, Key};
 use crate::transport::outbound::Outbound;
 use crate::transport::Encoding;
@@ -324,6 +324,8 @@ impl Connection {
         let Connection { decoder, buf, session, replies, ping, rtt, out, .. } = self;
         let mut fatal = None;
         let mut slow = false;
+        // One clock read per pass, and only with a command rate configured.
+        let now_us = session.rate_limited().then(crate::session::now_us);
         loop {
             let frame = match decoder.next(buf) {
                 Ok(None) => break,
@@ -344,12 +346,19 @@ impl Connection {
                         *ping = None;
                     }
                 }
-                Ok(cmd) => {
-                    if let Err(refusal) = session.handle(cmd, replies) {
-                        metrics::counter!(TCP_ERRORS_TOTAL, "reason" => "refused").increment(1);
-                        emit_error(replies, refusal.code());
+                Ok(cmd) => match session.admit(&cmd, now_us) {
+                    Admit::Run => {
+                        if let Err(refusal) = session.handle(cmd, replies) {
+                            metrics::counter!(TCP_ERRORS_TOTAL, "reason" => "refused").increment(1);
+                            emit_error(replies, refusal.code());
+                        }
                     }
-                }
+                    Admit::Refuse => emit_error(replies, ErrorCode::RATE_LIMITED),
+                    Admit::Flood => {
+                        fatal = Some(ErrorCode::RATE_LIMITED);
+                        break;
+                    }
+                },
                 Err(e) => {
                     metrics::counter!(TCP_ERRORS_TOTAL, "reason" => e.label()).increment(1);
                     emit_error(replies, e.code());
@@ -504,6 +513,10 @@ impl Connection {
 
     /// Sends a PING whose body is the ping's sequence number; the PONG must carry the same 8 bytes.
     fn send_ping(&mut self, now: u32) -> io::Result<()> {
+        // The client has been silent a ping interval: its command bucket, if any, is full again.
+        if self.session.rate_limited() {
+            self.session.drop_full_bucket(crate::session::now_us());
+        }
         self.pings_sent += 1;
         let body = self.pings_sent.to_be_bytes();
         const _: () = assert!(8 <= MAX_PING_BODY);

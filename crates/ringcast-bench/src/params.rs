@@ -203,14 +203,20 @@ impl Params {
         }
         let tcp_url = self.url.starts_with("tcp://");
         if tcp_url != (self.protocol == Protocol::Tcp) {
-            return Err(BenchError::invalid("protocol", "--protocol tcp takes a tcp://HOST:PORT URL, and a tcp:// URL takes --protocol tcp"));
+            return Err(BenchError::invalid(
+                "protocol",
+                "--protocol tcp takes a tcp://HOST:PORT URL, and a tcp:// URL takes --protocol tcp",
+            ));
         }
         if self.protocol == Protocol::Tcp {
             if !matches!(self.scenario, Scenario::Fanout | Scenario::Idle) {
                 return Err(BenchError::invalid("protocol", "tcp applies to fanout and idle"));
             }
             if self.scenario == Scenario::Fanout && self.rate == 0.0 {
-                return Err(BenchError::invalid("rate", "--protocol tcp publishes at a rate (the windowed mode, --rate 0, is WebSocket only)"));
+                return Err(BenchError::invalid(
+                    "rate",
+                    "--protocol tcp publishes at a rate (the windowed mode, --rate 0, is WebSocket only)",
+                ));
             }
         }
         if let Some(ip) = self.source_ips.iter().find(|ip| ip.is_ipv4() != target_is_v4(&target)) {

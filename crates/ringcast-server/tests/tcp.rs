@@ -351,12 +351,9 @@ async fn glued_commands_are_answered_in_order() {
 async fn commands_over_client_command_rate_are_error_9_and_the_connection_stays() {
     // One token a second, three at once, never a flood disconnect: of CONNECT and 19 PUBLISHes glued
     // in one write (decoded in one read pass, one clock reading), CONNECT and two PUBLISHes run.
-    let server = dev(&[
-        ("client_command_rate", "1"),
-        ("client_command_burst", "3"),
-        ("client_flood_disconnect_after", "0s"),
-    ])
-    .await;
+    let server =
+        dev(&[("client_command_rate", "1"), ("client_command_burst", "3"), ("client_flood_disconnect_after", "0s")])
+            .await;
     let mut c = Tcp::to(&server).await;
     let mut glued = encode(Command::Connect { token: "" });
     for _ in 0..19 {
@@ -379,12 +376,9 @@ async fn commands_over_client_command_rate_are_error_9_and_the_connection_stays(
 
 #[tokio::test]
 async fn a_client_still_over_the_rate_after_client_flood_disconnect_after_gets_error_9_and_is_closed() {
-    let server = dev(&[
-        ("client_command_rate", "1"),
-        ("client_command_burst", "3"),
-        ("client_flood_disconnect_after", "1ms"),
-    ])
-    .await;
+    let server =
+        dev(&[("client_command_rate", "1"), ("client_command_burst", "3"), ("client_flood_disconnect_after", "1ms")])
+            .await;
     let mut c = Tcp::to(&server).await;
     let mut glued = encode(Command::Connect { token: "" });
     for _ in 0..5 {

@@ -67,24 +67,29 @@ pub(crate) async fn run<L: Link>(p: &Params, ep: &Endpoint, share: &Share, link:
 
     // Subscribers first: every one of them must be listening before anything is published.
     let tcp_subs = if p.protocol == Protocol::Tcp {
-        tcp::open_many(p, ep.addr, share.subscribers.clone(), true, &mut tally, &meter, |o, e| link.preparing(o, e)).await
+        tcp::open_many(p, ep.addr, share.subscribers.clone(), true, &mut tally, &meter, |o, e| link.preparing(o, e))
+            .await
     } else {
         Vec::new()
     };
-    let subs = if p.protocol == Protocol::Tcp { Vec::new() } else { open_many(
-        p,
-        ep,
-        share.subscribers.clone(),
-        Opening {
-            buffers: Buffers::Own,
-            concurrency: OPEN_CONCURRENCY,
-            setup: if centrifugo { Setup::CentrifugeSubscribe } else { Setup::None },
-        },
-        &mut tally,
-        &meter,
-        |o, e| link.preparing(o, e),
-    )
-    .await };
+    let subs = if p.protocol == Protocol::Tcp {
+        Vec::new()
+    } else {
+        open_many(
+            p,
+            ep,
+            share.subscribers.clone(),
+            Opening {
+                buffers: Buffers::Own,
+                concurrency: OPEN_CONCURRENCY,
+                setup: if centrifugo { Setup::CentrifugeSubscribe } else { Setup::None },
+            },
+            &mut tally,
+            &meter,
+            |o, e| link.preparing(o, e),
+        )
+        .await
+    };
 
     // Publishers; their source addresses continue after the subscribers'.
     let mut pubs: Vec<(u32, PubConn)> = Vec::new();

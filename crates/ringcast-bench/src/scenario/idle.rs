@@ -41,26 +41,30 @@ pub(crate) async fn run<L: Link>(p: &Params, ep: &Endpoint, share: &Share, link:
     } else {
         Vec::new()
     };
-    let conns = if tcp { Vec::new() } else { open_many(
-        p,
-        ep,
-        share.connections.clone(),
-        Opening {
-            buffers: Buffers::pool(),
-            concurrency: share.concurrency,
-            // With the Centrifugo protocol every held connection is also subscribed (to the bench channel):
-            // the memory of subscribed idle clients is what a pub/sub server is sized by.
-            setup: if p.protocol == crate::params::Protocol::Centrifuge {
-                Setup::CentrifugeSubscribe
-            } else {
-                Setup::None
+    let conns = if tcp {
+        Vec::new()
+    } else {
+        open_many(
+            p,
+            ep,
+            share.connections.clone(),
+            Opening {
+                buffers: Buffers::pool(),
+                concurrency: share.concurrency,
+                // With the Centrifugo protocol every held connection is also subscribed (to the bench channel):
+                // the memory of subscribed idle clients is what a pub/sub server is sized by.
+                setup: if p.protocol == crate::params::Protocol::Centrifuge {
+                    Setup::CentrifugeSubscribe
+                } else {
+                    Setup::None
+                },
             },
-        },
-        &mut tally,
-        &meter,
-        |o, e| link.preparing(o, e),
-    )
-    .await };
+            &mut tally,
+            &meter,
+            |o, e| link.preparing(o, e),
+        )
+        .await
+    };
     let mut set = JoinSet::new();
     for (_, conn) in conns {
         set.spawn(hold(conn, meter.clone(), phase_rx.clone()));

@@ -65,8 +65,8 @@ fn scenario(s: Scenario, about: &'static str) -> Command {
                 .arg(
                     Arg::new("protocol")
                         .long("protocol")
-                        .value_parser(["raw", "centrifuge"])
-                        .help("raw: every message sent on a publisher connection reaches every subscriber; centrifuge: Centrifugo client protocol v2 (JSON), channel \"bench\" [default: centrifuge when the URL path is /connection/websocket, else raw]"),
+                        .value_parser(["raw", "centrifuge", "tcp"])
+                        .help("raw: every message sent on a publisher connection reaches every subscriber; centrifuge: Centrifugo client protocol v2 (JSON), channel \"bench\"; tcp: ringcast's TCP binary protocol on a tcp://HOST:PORT URL (tcp_listen), channel \"bench\", publishing over TCP at --rate [default: tcp for a tcp:// URL, centrifuge when the URL path is /connection/websocket, else raw]"),
                 )
                 .arg(
                     Arg::new("payload")
@@ -88,8 +88,8 @@ fn scenario(s: Scenario, about: &'static str) -> Command {
                 .arg(
                     Arg::new("protocol")
                         .long("protocol")
-                        .value_parser(["raw", "centrifuge"])
-                        .help("raw: plain WebSocket connections; centrifuge: each connection also connects and subscribes to channel \"bench\" (Centrifugo client protocol v2, JSON) [default: centrifuge when the URL path is /connection/websocket, else raw]"),
+                        .value_parser(["raw", "centrifuge", "tcp"])
+                        .help("raw: plain WebSocket connections; centrifuge: each connection also connects and subscribes to channel \"bench\" (Centrifugo client protocol v2, JSON); tcp: TCP binary protocol connections (a tcp://HOST:PORT URL), each CONNECTed and subscribed to \"bench\" [default: tcp for a tcp:// URL, centrifuge when the URL path is /connection/websocket, else raw]"),
                 )
         }
     }
@@ -246,6 +246,7 @@ pub fn params_from(scenario: Scenario, m: &ArgMatches) -> Result<Params, BenchEr
     if let Ok(given) = m.try_get_one::<String>("protocol") {
         p.protocol = match given.map(String::as_str) {
             Some("centrifuge") => Protocol::Centrifuge,
+            Some("tcp") => Protocol::Tcp,
             Some(_) => Protocol::Raw,
             None => Protocol::for_url(&p.url),
         };

@@ -49,12 +49,19 @@ pub enum Protocol {
     Raw,
     /// Centrifugo client protocol v2 (JSON): connect, subscribe to `bench`, publish.
     Centrifuge,
+    /// ringcast's raw TCP binary protocol (docs/tcp-protocol.md) on a `tcp://` URL (the server's
+    /// `tcp_listen`): CONNECT (anonymous), SUBSCRIBE `bench`, PUBLISH; the data is the raw fan-out header
+    /// and filler.
+    Tcp,
 }
 
 impl Protocol {
     /// What a URL implies when `--protocol` is not given: the Centrifugo protocol on its endpoint
     /// (`/connection/websocket`, where a raw client would be disconnected with 3501), raw elsewhere.
     pub fn for_url(url: &str) -> Protocol {
+        if url.starts_with("tcp://") {
+            return Protocol::Tcp;
+        }
         let on_client_endpoint =
             Target::parse(url).is_ok_and(|t| t.path.split('?').next() == Some(crate::centrifuge::CLIENT_PATH));
         if on_client_endpoint {
@@ -215,6 +222,24 @@ impl Params {
         if self.api_key.is_some() && self.protocol != Protocol::Centrifuge {
             return Err(BenchError::invalid("api-key", "only applies to --protocol centrifuge"));
         }
+        let tcp_url = self.url.starts_with("tcp://");
+        if tcp_url != (self.protocol == Protocol::Tcp) {
+            return Err(BenchError::invalid(
+                "protocol",
+                "--protocol tcp takes a tcp://HOST:PORT URL, and a tcp:// URL takes --protocol tcp",
+            ));
+        }
+        if self.protocol == Protocol::Tcp {
+            if !matches!(self.scenario, Scenario::Fanout | Scenario::Idle) {
+                return Err(BenchError::invalid("protocol", "tcp applies to fanout and idle"));
+            }
+            if self.scenario == Scenario::Fanout && self.rate == 0.0 {
+                return Err(BenchError::invalid(
+                    "rate",
+                    "--protocol tcp publishes at a rate (the windowed mode, --rate 0, is WebSocket only)",
+                ));
+            }
+        }
         if let Some(ip) = self.source_ips.iter().find(|ip| ip.is_ipv4() != target_is_v4(&target)) {
             if target_is_literal(&target) {
                 return Err(BenchError::invalid(
@@ -230,7 +255,7 @@ impl Params {
     pub fn min_size(&self) -> usize {
         match (self.scenario, self.protocol) {
             (Scenario::Echo, _) => crate::payload::ECHO_HEADER,
-            (Scenario::Fanout, Protocol::Raw) => crate::payload::FANOUT_HEADER,
+            (Scenario::Fanout, Protocol::Raw | Protocol::Tcp) => crate::payload::FANOUT_HEADER,
             (Scenario::Fanout, Protocol::Centrifuge) => 1,
             _ => 1,
         }
@@ -253,7 +278,7 @@ fn target_is_v4(t: &Target) -> bool {
     t.host.parse::<Ipv4Addr>().is_ok()
 }
 
-/// A parsed `ws://` URL.
+/// A parsed `ws://` (or `tcp://`) URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     /// The host as written (IPv6 literals keep their brackets).
@@ -268,10 +293,15 @@ impl Target {
         let bad = |m: &str| BenchError::invalid("url", format!("{url:?}: {m}"));
         let rest = if let Some(r) = url.strip_prefix("ws://") {
             r
+        } else if let Some(r) = url.strip_prefix("tcp://") {
+            if r.contains(['/', '?']) {
+                return Err(bad("a tcp:// URL is tcp://host:port, without a path"));
+            }
+            r
         } else if url.starts_with("wss://") {
             return Err(bad("wss:// (TLS) is not supported; point the tool at a ws:// listener"));
         } else {
-            return Err(bad("expected ws://host[:port][/path]"));
+            return Err(bad("expected ws://host[:port][/path] or tcp://host:port"));
         };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
@@ -401,6 +431,24 @@ mod tests {
         assert_eq!(Protocol::for_url("ws://127.0.0.1:8000/connection/websocket?x=1"), Protocol::Centrifuge);
         assert_eq!(Protocol::for_url("ws://127.0.0.1:8000/echo"), Protocol::Raw);
         assert_eq!(Protocol::for_url("ws://127.0.0.1:8000"), Protocol::Raw);
+        assert_eq!(Protocol::for_url("tcp://127.0.0.1:7070"), Protocol::Tcp);
+    }
+
+    #[test]
+    fn the_tcp_protocol_takes_a_tcp_url_and_a_rate() {
+        let t = Target::parse("tcp://127.0.0.1:7070").unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 7070));
+        assert!(Target::parse("tcp://127.0.0.1:7070/x").is_err());
+        let mut p = Params::new(Scenario::Fanout, "tcp://127.0.0.1:7070");
+        p.protocol = Protocol::Tcp;
+        assert!(p.validate().is_ok());
+        p.rate = 0.0;
+        assert!(p.validate().unwrap_err().to_string().starts_with("--rate"));
+        p.protocol = Protocol::Raw;
+        assert!(p.validate().unwrap_err().to_string().starts_with("--protocol"));
+        let mut p = Params::new(Scenario::Echo, "tcp://127.0.0.1:7070");
+        p.protocol = Protocol::Tcp;
+        assert!(p.validate().unwrap_err().to_string().starts_with("--protocol"));
     }
 
     #[test]

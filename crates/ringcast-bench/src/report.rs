@@ -282,6 +282,7 @@ impl Report {
                 match p.protocol {
                     Protocol::Raw => "raw",
                     Protocol::Centrifuge => "centrifuge",
+                    Protocol::Tcp => "tcp",
                 },
                 if p.api_key.is_some() { " (HTTP API publish)" } else { "" }
             ),

@@ -9,12 +9,17 @@
 //! for its reply and keeps the pushes that came first, in order, for [`TcpClient::next_message`]. A
 //! server PING is answered at once with a PONG carrying the same bytes, whatever the client is waiting
 //! for — so a client that is reading never times out.
+//!
+//! A load generator's connections use the non-waiting half instead: [`TcpClient::queue`] and
+//! [`TcpClient::flush`] write without waiting, and [`TcpClient::receive_now`] hands every frame the
+//! socket has to a callback as an [`Event`] borrowed from the read buffer — no allocation or copy per
+//! message, so the generator's CPU (it shares the machine with the server) stays low.
 
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 
-use ringcast_wire::buffer::{fill_from, GrowableBuffer};
+use ringcast_wire::buffer::{fill_from, GrowableBuffer, ReadBuffer};
 use ringcast_wire::tcp::{Command, Decoder, ErrorCode, TcpError, DEFAULT_MAX_BODY};
 use ringcast_wire::Role;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -45,6 +50,19 @@ pub enum TcpClientError {
     Unexpected(String),
 }
 
+/// One frame received by [`TcpClient::receive_now`], borrowed from the read buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A publication pushed to this client.
+    Message { channel: &'a str, offset: u64, data: &'a [u8] },
+    /// The reply to a PUBLISH sent without waiting.
+    Published(u64),
+    /// An ERROR from the server (for a command sent without waiting, or before a close).
+    Refused(ErrorCode),
+    /// Any other reply (answers to commands sent without waiting).
+    Other,
+}
+
 /// One reply, owned.
 #[derive(Debug)]
 enum Reply {
@@ -65,6 +83,10 @@ pub struct TcpClient {
     /// Pushes received while waiting for a reply.
     messages: VecDeque<Message>,
     client_id: String,
+    /// Frames queued by [`Self::queue`] (and PONGs of [`Self::receive_now`]) not yet written.
+    unsent: Vec<u8>,
+    /// Bytes read from the socket so far (the wire cost of what was received).
+    received: u64,
 }
 
 impl TcpClient {
@@ -85,6 +107,8 @@ impl TcpClient {
             pending: Vec::new(),
             messages: VecDeque::new(),
             client_id: String::new(),
+            unsent: Vec::new(),
+            received: 0,
         };
         match c.call(Command::Connect { token }).await? {
             Reply::Connected(id) => c.client_id = id,
@@ -145,6 +169,91 @@ impl TcpClient {
         }
     }
 
+    /// Bytes read from the socket since the connection was made.
+    pub fn received_bytes(&self) -> u64 {
+        self.received
+    }
+
+    /// The socket, to wait for readiness on (the non-waiting half).
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Appends a command to the unsent frames; [`Self::flush`] writes them.
+    pub fn queue(&mut self, cmd: Command<'_>) -> Result<(), TcpClientError> {
+        cmd.encode(&mut self.unsent).map_err(|e| TcpClientError::Unexpected(e.to_string()))
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn unsent(&self) -> usize {
+        self.unsent.len()
+    }
+
+    /// Writes what the socket takes now of the queued frames; the rest stays queued.
+    pub fn flush(&mut self) -> io::Result<()> {
+        let mut written = 0;
+        while written < self.unsent.len() {
+            match self.stream.try_write(&self.unsent[written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        self.unsent.drain(..written);
+        Ok(())
+    }
+
+    /// Decodes every frame already received and everything the socket has now, without waiting, and
+    /// hands each to `on` (server PINGs are answered, and not passed on). Returns `Ok(false)` once the
+    /// server has closed the connection. Pushes left from waiting calls are dropped.
+    pub fn receive_now(&mut self, mut on: impl FnMut(Event<'_>)) -> Result<bool, TcpClientError> {
+        self.messages.clear();
+        let mut open = true;
+        loop {
+            if !self.pending.is_empty() {
+                let n = fill_from(&mut self.buf, &self.pending);
+                self.pending.drain(..n);
+            }
+            let TcpClient { buf, decoder, unsent, .. } = self;
+            while let Some(frame) = decoder.next(buf)? {
+                match frame.command(Role::Client)? {
+                    Command::Message { channel, offset, data } => on(Event::Message { channel, offset, data }),
+                    Command::Published { offset } => on(Event::Published(offset)),
+                    Command::Error { code, .. } => on(Event::Refused(code)),
+                    Command::Ping(body) => {
+                        Command::Pong(body).encode(unsent).map_err(|e| TcpClientError::Unexpected(e.to_string()))?
+                    }
+                    _ => on(Event::Other),
+                }
+            }
+            if !self.pending.is_empty() {
+                continue;
+            }
+            if !open {
+                break;
+            }
+            self.decoder.settle(&mut self.buf);
+            let (a, b) = self.buf.writable();
+            let mut iov = [io::IoSliceMut::new(a), io::IoSliceMut::new(b)];
+            match self.stream.try_read_vectored(&mut iov) {
+                Ok(0) => open = false,
+                Ok(n) => {
+                    self.received += n as u64;
+                    self.buf.commit(n)
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !self.unsent.is_empty() && open {
+            self.flush()?;
+        }
+        Ok(open)
+    }
+
     async fn send(&mut self, cmd: Command<'_>) -> Result<(), TcpClientError> {
         let mut frame = Vec::with_capacity(cmd.encoded_len());
         cmd.encode(&mut frame).map_err(|e| TcpClientError::Unexpected(e.to_string()))?;
@@ -202,6 +311,7 @@ impl TcpClient {
             if n == 0 {
                 return Err(TcpClientError::Closed);
             }
+            self.received += n as u64;
             self.pending.extend_from_slice(&chunk[..n]);
         }
     }

@@ -512,3 +512,64 @@ async fn fanout_centrifuge_with_compression_inflates_and_counts_wire_bytes() {
     assert!(plain > 1300.0 && declined > 1300.0, "{per_delivery:?}");
     assert!(compressed < plain / 2.0, "{per_delivery:?}");
 }
+
+/// The real server in dev mode with its TCP binary protocol listener; (WebSocket address, TCP address).
+async fn ringcast_server_with_tcp() -> (SocketAddr, SocketAddr, oneshot::Sender<()>) {
+    let flags = vec![
+        ("listen".to_string(), "127.0.0.1:0".to_string()),
+        ("tcp_listen".into(), "127.0.0.1:0".into()),
+        ("dev".into(), "true".into()),
+    ];
+    let (config, settings) = ringcast_server::Config::load(None, |_| None, &flags).expect("test config is valid");
+    let server = ringcast_server::Server::bind(config, settings).expect("bind 127.0.0.1:0");
+    let addr = server.local_addr().expect("bound address");
+    let tcp = server.tcp_addr().expect("tcp_listen is on");
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(server.run(async {
+        rx.await.ok();
+    }));
+    (addr, tcp, tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_over_the_tcp_protocol_delivers_every_publication_the_server_sequenced() {
+    let (_, tcp, _stop) = ringcast_server_with_tcp().await;
+    let mut p = params(Scenario::Fanout, format!("tcp://{tcp}"));
+    p.protocol = Protocol::Tcp;
+    p.subscribers = 20;
+    p.publishers = 2;
+    p.size = 64;
+    p.rate = 400.0;
+    let r = run(&p).await;
+    assert_eq!(r.failures.total(), 0, "{:?}", r.failures);
+    let f = r.fanout.as_ref().expect("fanout figures");
+    assert!(f.published > 0 && f.published <= 480 + 2, "400/s for 1.2 s, published {}", f.published);
+    assert_eq!((f.lost, f.delivered), (0, f.published * 20));
+    assert_eq!(r.messages.as_ref().map(|m| (m.out_of_order, m.foreign)), Some((0, 0)));
+    assert!(r.latency.as_ref().is_some_and(|l| l.p99_us > 0.0), "latency measured from the payload's send time");
+    // The server's own count: --dev keeps history on "bench", so the next publication's offset is one
+    // past every publication the run made.
+    let mut c = ringcast_bench::tcp::TcpClient::connect(tcp, "").await.expect("connect");
+    assert_eq!(c.publish("bench", b"after").await.expect("publish"), f.published + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_over_the_tcp_protocol_holds_subscribed_connections() {
+    let (_, tcp, _stop) = ringcast_server_with_tcp().await;
+    let mut p = params(Scenario::Idle, format!("tcp://{tcp}"));
+    p.protocol = Protocol::Tcp;
+    p.connections = 200;
+    p.server_pid = Some(std::process::id());
+    let r = run(&p).await;
+    assert_eq!(r.failures.total(), 0, "{:?}", r.failures);
+    assert_eq!((r.connections.established, r.connections.held), (200, 200));
+    assert!(r.memory.as_ref().is_some_and(|m| m.server_bytes_per_connection.is_some()));
+    // A WebSocket listener is not a TCP protocol server: its HTTP answer is no CONNECTED.
+    let (ws, _, _stop2) = ringcast_server_with_tcp().await;
+    let mut wrong = params(Scenario::Idle, format!("tcp://{ws}"));
+    wrong.protocol = Protocol::Tcp;
+    wrong.connections = 5;
+    wrong.connect_timeout = Duration::from_millis(500);
+    let r = run(&wrong).await;
+    assert!(r.failures.total() > 0 && r.connections.established == 0, "{:?}", r.failures);
+}

@@ -277,7 +277,7 @@ impl CommandQuota {
 /// limiter per connection): the theoretical arrival time of the next command. A bucket whose time is
 /// not ahead of now is full, the same as no bucket at all.
 #[derive(Debug, Default, Clone, Copy)]
-struct CommandBucket {
+pub(crate) struct CommandBucket {
     tat_us: u64,
     /// Since when its commands have been refused (0: they are not), for the flood disconnect.
     refused_since_us: u64,
@@ -285,7 +285,7 @@ struct CommandBucket {
 
 /// What the bucket says of one command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Throttle {
+pub(crate) enum Throttle {
     Run,
     /// Answer 111; `first` when this starts a run of refusals (logged once).
     Refuse {
@@ -296,7 +296,12 @@ enum Throttle {
 }
 
 impl CommandBucket {
-    fn check(&mut self, q: &CommandQuota, now_us: u64) -> Throttle {
+    /// Full again: holding it is the same as holding none (the TCP connection gives it back then).
+    pub(crate) fn is_full(&self, now_us: u64) -> bool {
+        self.tat_us <= now_us
+    }
+
+    pub(crate) fn check(&mut self, q: &CommandQuota, now_us: u64) -> Throttle {
         let tat = self.tat_us.max(now_us);
         if tat - now_us <= q.tolerance_us {
             // The run of refusals ends once the bucket was full again, not at the first token a flooding
@@ -319,7 +324,7 @@ impl CommandBucket {
 }
 
 /// Microseconds since the first call, plus one (so 0 never is a time): the command buckets' clock.
-fn now_us() -> u64 {
+pub(crate) fn now_us() -> u64 {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let epoch = *EPOCH.get_or_init(std::time::Instant::now);
     u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1) + 1

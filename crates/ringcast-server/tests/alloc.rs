@@ -247,3 +247,125 @@ fn echo_allocates_nothing_per_message_and_closed_connections_give_memory_back() 
     assert!(after - baseline < 4 * 1024, "{} bytes not given back after 1000 connections closed", after - baseline);
     let _ = stop.send(());
 }
+
+/// The server in dev mode with the TCP binary protocol on an ephemeral port: its TCP address.
+fn start_tcp(rt: &tokio::runtime::Runtime) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let flags = vec![
+        ("listen".to_string(), "127.0.0.1:0".to_string()),
+        ("tcp_listen".to_string(), "127.0.0.1:0".to_string()),
+        ("dev".to_string(), "true".to_string()),
+        ("pool_max_buffers".to_string(), "8".to_string()),
+    ];
+    let (config, settings) = Config::load(None, |_| None, &flags).expect("config");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let addr = rt.block_on(async {
+        let server = Server::bind(config, settings).expect("bind");
+        let addr = server.tcp_addr().expect("tcp_listen is on");
+        tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        addr
+    });
+    (addr, tx)
+}
+
+fn tcp_frame(cmd: ringcast_wire::tcp::Command<'_>) -> Vec<u8> {
+    let mut v = Vec::new();
+    cmd.encode(&mut v).expect("encodable");
+    v
+}
+
+/// A blocking TCP protocol client that sent CONNECT (and SUBSCRIBE `channel`, if given) and read the
+/// replies (CONNECTED: a 36-byte client id; SUBSCRIBED: the channel).
+fn tcp_client(addr: SocketAddr, channel: Option<&str>) -> TcpStream {
+    use ringcast_wire::tcp::{Command, HEADER_LEN};
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(&tcp_frame(Command::Connect { token: "" })).expect("connect");
+    let mut connected = [0u8; HEADER_LEN + 36];
+    s.read_exact(&mut connected).expect("CONNECTED");
+    assert_eq!(&connected[3..5], &[0x80, 0x01], "CONNECTED");
+    if let Some(channel) = channel {
+        s.write_all(&tcp_frame(Command::Subscribe { channel })).expect("subscribe");
+        let mut subscribed = vec![0u8; HEADER_LEN + channel.len()];
+        s.read_exact(&mut subscribed).expect("SUBSCRIBED");
+        assert_eq!(&subscribed[3..5], &[0x80, 0x02], "SUBSCRIBED");
+    }
+    s
+}
+
+#[test]
+fn tcp_commands_allocate_nothing_per_message() {
+    use ringcast_wire::tcp::Command;
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let (addr, stop) = start_tcp(&rt);
+    for window in [1usize, 16] {
+        let mut s = tcp_client(addr, None);
+        let ping = tcp_frame(Command::Ping(b"01234567"));
+        let burst: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * window).collect();
+        let mut reply = vec![0u8; window * ping.len()];
+        echo_rounds(&mut s, &burst, &mut reply, 2_000); // warm up
+        let before = ALLOCS.load(Relaxed);
+        let rounds = 20_000 / window;
+        echo_rounds(&mut s, &burst, &mut reply, rounds);
+        let allocs = ALLOCS.load(Relaxed) - before;
+        println!("tcp PING/PONG window {window}: {allocs} allocations for {} commands", rounds * window);
+        assert_eq!(&reply[3..5], &[0x80, 0x05], "PONG");
+        assert!(allocs <= 8, "window {window}: {allocs} allocations for {} commands", rounds * window);
+    }
+    let _ = stop.send(());
+}
+
+/// Allocations made while a TCP publisher publishes `publications` 128-B messages to `subscribers` TCP
+/// subscribers.
+fn tcp_fanout_allocations(rt: &tokio::runtime::Runtime, subscribers: usize, publications: usize) -> u64 {
+    use ringcast_wire::tcp::{Command, HEADER_LEN};
+    let (addr, stop) = start_tcp(rt);
+    let mut subs: Vec<TcpStream> = (0..subscribers).map(|_| tcp_client(addr, Some("fan"))).collect();
+    let mut publisher = tcp_client(addr, None);
+    let data = [b'x'; 128];
+    let frame = tcp_frame(Command::Publish { channel: "fan", data: &data });
+    let mut published = [0u8; HEADER_LEN + 8];
+    for _ in 0..WARMUP {
+        publisher.write_all(&frame).expect("publish");
+        publisher.read_exact(&mut published).expect("PUBLISHED");
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let before = ALLOCS.load(Relaxed);
+    for _ in 0..publications {
+        publisher.write_all(&frame).expect("publish");
+        publisher.read_exact(&mut published).expect("PUBLISHED");
+        assert_eq!(&published[3..5], &[0x80, 0x04], "PUBLISHED");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let allocs = ALLOCS.load(Relaxed) - before;
+    // Every subscriber got every publication, as MESSAGE frames in offset order.
+    let message_len = HEADER_LEN + 2 + 3 + 8 + data.len();
+    for s in &mut subs {
+        let mut all = vec![0u8; (WARMUP + publications) * message_len];
+        s.read_exact(&mut all).expect("every MESSAGE");
+        for (i, m) in all.chunks(message_len).enumerate() {
+            assert_eq!(&m[3..5], &[0x80, 0x10], "MESSAGE");
+            assert_eq!(u64::from_be_bytes(m[18..26].try_into().expect("8 bytes")), i as u64 + 1, "offset");
+        }
+    }
+    let _ = stop.send(());
+    allocs
+}
+
+#[test]
+fn tcp_fan_out_allocates_per_publication_never_per_delivery() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let few = tcp_fanout_allocations(&rt, 10, 200);
+    let many = tcp_fanout_allocations(&rt, 60, 200);
+    println!("tcp, 200 publications: {few} allocations with 10 subscribers, {many} with 60 (10,000 more deliveries)");
+    // As for WebSocket (above): queue storage growth is amortized; a cost per delivery would be ≥ 10,000.
+    assert!(
+        many.saturating_sub(few) < 1_000,
+        "50 more TCP subscribers cost {} more allocations for 10,000 more deliveries",
+        many.saturating_sub(few)
+    );
+}

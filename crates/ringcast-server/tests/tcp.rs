@@ -347,6 +347,68 @@ async fn glued_commands_are_answered_in_order() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn commands_over_client_command_rate_are_error_9_and_the_connection_stays() {
+    // One token a second, three at once, never a flood disconnect: of CONNECT and 19 PUBLISHes glued
+    // in one write (decoded in one read pass, one clock reading), CONNECT and two PUBLISHes run.
+    let server =
+        dev(&[("client_command_rate", "1"), ("client_command_burst", "3"), ("client_flood_disconnect_after", "0s")])
+            .await;
+    let mut c = Tcp::to(&server).await;
+    let mut glued = encode(Command::Connect { token: "" });
+    for _ in 0..19 {
+        glued.extend_from_slice(&encode(Command::Publish { channel: "rated", data: b"x" }));
+    }
+    glued.extend_from_slice(&encode(Command::Ping(b"still counted out")));
+    c.send_raw(&glued).await;
+    assert!(matches!(c.recv().await, Got::Connected(_)));
+    assert_eq!(c.recv().await, Got::Published(1));
+    assert_eq!(c.recv().await, Got::Published(2));
+    for i in 0..17 {
+        assert_eq!(c.recv().await, Got::Error(9), "publication {} of 19 is over the rate", i + 3);
+    }
+    assert_eq!(c.recv().await, Got::Pong(b"still counted out".to_vec()), "PING is not counted; the connection stays");
+    // Still open and still in step: the next command is refused the same way, not misread.
+    assert_eq!(c.call(Command::Subscribe { channel: "rated" }).await, Got::Error(9));
+    assert_eq!(c.call(Command::Ping(b"p")).await, Got::Pong(b"p".to_vec()));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_still_over_the_rate_after_client_flood_disconnect_after_gets_error_9_and_is_closed() {
+    let server =
+        dev(&[("client_command_rate", "1"), ("client_command_burst", "3"), ("client_flood_disconnect_after", "1ms")])
+            .await;
+    let mut c = Tcp::to(&server).await;
+    let mut glued = encode(Command::Connect { token: "" });
+    for _ in 0..5 {
+        glued.extend_from_slice(&encode(Command::Publish { channel: "rated", data: b"x" }));
+    }
+    c.send_raw(&glued).await;
+    let mut first = Vec::new();
+    for _ in 0..6 {
+        first.push(c.recv().await);
+    }
+    assert_eq!(first.iter().filter(|g| **g == Got::Error(9)).count(), 3, "{first:?}");
+    // Later (a read pass of its own), the refusals have lasted longer than 1 ms: the next refused
+    // command is the last frame.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut more = Vec::new();
+    for _ in 0..5 {
+        more.extend_from_slice(&encode(Command::Publish { channel: "rated", data: b"y" }));
+    }
+    c.send_raw(&more).await;
+    let mut last = Got::Eof;
+    loop {
+        match c.recv().await {
+            Got::Eof => break,
+            g => last = g,
+        }
+    }
+    assert_eq!(last, Got::Error(9), "the flood's last frame");
+    server.stop().await;
+}
+
 const STRATEGIES: [&[(&str, &str)]; 3] = [
     &[("read_buffer", "pool"), ("pool_buffer_size", "256")],
     &[("read_buffer", "ring"), ("ring_buffer_size", "256")],

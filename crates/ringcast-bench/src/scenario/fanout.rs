@@ -15,6 +15,11 @@
 //!
 //! Raw publishers read and discard whatever the server sends them (a broadcast server may echo to them
 //! too); not reading would stall the server's writes.
+//!
+//! With `--protocol tcp` ([`tcp`]) subscribers and publishers speak ringcast's TCP binary protocol
+//! instead; the run, the payload header and every measurement are the same.
+
+pub(crate) mod tcp;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -61,24 +66,39 @@ pub(crate) async fn run<L: Link>(p: &Params, ep: &Endpoint, share: &Share, link:
     let centrifugo = p.protocol == Protocol::Centrifuge;
 
     // Subscribers first: every one of them must be listening before anything is published.
-    let subs = open_many(
-        p,
-        ep,
-        share.subscribers.clone(),
-        Opening {
-            buffers: Buffers::Own,
-            concurrency: OPEN_CONCURRENCY,
-            setup: if centrifugo { Setup::CentrifugeSubscribe } else { Setup::None },
-        },
-        &mut tally,
-        &meter,
-        |o, e| link.preparing(o, e),
-    )
-    .await;
+    let tcp_subs = if p.protocol == Protocol::Tcp {
+        tcp::open_many(p, ep.addr, share.subscribers.clone(), true, &mut tally, &meter, |o, e| link.preparing(o, e))
+            .await
+    } else {
+        Vec::new()
+    };
+    let subs = if p.protocol == Protocol::Tcp {
+        Vec::new()
+    } else {
+        open_many(
+            p,
+            ep,
+            share.subscribers.clone(),
+            Opening {
+                buffers: Buffers::Own,
+                concurrency: OPEN_CONCURRENCY,
+                setup: if centrifugo { Setup::CentrifugeSubscribe } else { Setup::None },
+            },
+            &mut tally,
+            &meter,
+            |o, e| link.preparing(o, e),
+        )
+        .await
+    };
 
     // Publishers; their source addresses continue after the subscribers'.
     let mut pubs: Vec<(u32, PubConn)> = Vec::new();
-    if let Some(key) = p.api_key.as_deref().filter(|_| centrifugo) {
+    if p.protocol == Protocol::Tcp {
+        let offset = p.subscribers;
+        let range = (offset + share.publishers.start)..(offset + share.publishers.end);
+        let opened = tcp::open_many(p, ep.addr, range, false, &mut tally, &meter, |o, e| link.preparing(o, e)).await;
+        pubs.extend(opened.into_iter().map(|(i, c)| ((i - offset) as u32, PubConn::Tcp(Box::new(c)))));
+    } else if let Some(key) = p.api_key.as_deref().filter(|_| centrifugo) {
         for j in share.publishers.clone() {
             tally.attempted += 1;
             let mut http = HttpPublisher::new(ep.addr, source_for(p, p.subscribers + j), &ep.host, key);
@@ -114,9 +134,9 @@ pub(crate) async fn run<L: Link>(p: &Params, ep: &Endpoint, share: &Share, link:
     let delivered = Arc::new(AtomicU64::new(0));
     let local_pubs = share.publishers.end - share.publishers.start;
     let acks: Arc<Vec<Ack>> = Arc::new((0..local_pubs).map(|_| Ack::default()).collect());
-    let probe_exists = !subs.is_empty();
+    let probe_exists = !subs.is_empty() || !tcp_subs.is_empty();
 
-    let n_subs = subs.len() as u64;
+    let n_subs = (subs.len() + tcp_subs.len()) as u64;
     let mut sub_set = JoinSet::new();
     for (k, (index, conn)) in subs.into_iter().enumerate() {
         let cfg = SubCfg {
@@ -127,6 +147,16 @@ pub(crate) async fn run<L: Link>(p: &Params, ep: &Endpoint, share: &Share, link:
             probe: (k == 0).then(|| (share.publishers.start, acks.clone())),
         };
         sub_set.spawn(subscriber(conn, cfg, meter.clone(), phase_rx.clone()));
+    }
+    for (k, (index, conn)) in tcp_subs.into_iter().enumerate() {
+        let cfg = SubCfg {
+            index,
+            centrifugo: false,
+            publishers: p.publishers as usize,
+            delivered: delivered.clone(),
+            probe: (k == 0).then(|| (share.publishers.start, acks.clone())),
+        };
+        sub_set.spawn(tcp::subscriber(conn, cfg, meter.clone(), phase_rx.clone()));
     }
     let n_pubs = pubs.len();
     let rate = if share.rate > 0.0 && n_pubs > 0 { share.rate / n_pubs as f64 } else { 0.0 };
@@ -368,6 +398,7 @@ struct Wire {
 enum PubConn {
     Ws(Box<Conn>),
     Http(Box<HttpPublisher>),
+    Tcp(Box<crate::tcp::TcpClient>),
 }
 
 struct PubCfg {
@@ -403,6 +434,7 @@ async fn publisher(conn: PubConn, cfg: PubCfg, meter: Arc<Meter>, phase: watch::
     let t = match conn {
         PubConn::Ws(c) => ws_publisher(*c, cfg, &meter, phase).await,
         PubConn::Http(h) => http_publisher(*h, cfg, &meter, phase).await,
+        PubConn::Tcp(c) => tcp::publisher(*c, cfg, &meter, phase).await,
     };
     meter.open.fetch_sub(1, Ordering::Relaxed);
     t

@@ -8,6 +8,9 @@
 //! With `--protocol centrifuge` each connection also sends connect and subscribes to the bench channel
 //! before it goes idle (Centrifugo server pings, every 25 s by default, are not answered: keep `--duration`
 //! below the server's ping interval plus pong timeout).
+//!
+//! With `--protocol tcp` (a `tcp://` URL) each connection speaks the TCP binary protocol: CONNECT
+//! (anonymous) and SUBSCRIBE `bench`, then idle; the server's pings are answered.
 
 use std::sync::Arc;
 
@@ -29,30 +32,46 @@ pub(crate) async fn run<L: Link>(p: &Params, ep: &Endpoint, share: &Share, link:
     let meter = Arc::new(Meter::new());
     let mut tally = Tally { rss_before: self_rss(), ..Tally::default() };
     let (phase_tx, phase_rx) = watch::channel(Phase::Wait);
-    let conns = open_many(
-        p,
-        ep,
-        share.connections.clone(),
-        Opening {
-            buffers: Buffers::pool(),
-            concurrency: share.concurrency,
-            // With the Centrifugo protocol every held connection is also subscribed (to the bench channel):
-            // the memory of subscribed idle clients is what a pub/sub server is sized by.
-            setup: if p.protocol == crate::params::Protocol::Centrifuge {
-                Setup::CentrifugeSubscribe
-            } else {
-                Setup::None
+    let tcp = p.protocol == crate::params::Protocol::Tcp;
+    let tcp_conns = if tcp {
+        super::fanout::tcp::open_many(p, ep.addr, share.connections.clone(), true, &mut tally, &meter, |o, e| {
+            link.preparing(o, e)
+        })
+        .await
+    } else {
+        Vec::new()
+    };
+    let conns = if tcp {
+        Vec::new()
+    } else {
+        open_many(
+            p,
+            ep,
+            share.connections.clone(),
+            Opening {
+                buffers: Buffers::pool(),
+                concurrency: share.concurrency,
+                // With the Centrifugo protocol every held connection is also subscribed (to the bench channel):
+                // the memory of subscribed idle clients is what a pub/sub server is sized by.
+                setup: if p.protocol == crate::params::Protocol::Centrifuge {
+                    Setup::CentrifugeSubscribe
+                } else {
+                    Setup::None
+                },
             },
-        },
-        &mut tally,
-        &meter,
-        |o, e| link.preparing(o, e),
-    )
-    .await;
+            &mut tally,
+            &meter,
+            |o, e| link.preparing(o, e),
+        )
+        .await
+    };
     tally.deflate = conns.iter().filter(|(_, c)| c.rx.deflate()).count() as u64;
     let mut set = JoinSet::new();
     for (_, conn) in conns {
         set.spawn(hold(conn, meter.clone(), phase_rx.clone()));
+    }
+    for (_, conn) in tcp_conns {
+        set.spawn(hold_tcp(conn, meter.clone(), phase_rx.clone()));
     }
     drop(phase_rx);
     tally.rss_after = self_rss();
@@ -113,6 +132,37 @@ async fn hold(mut conn: Conn, meter: Arc<Meter>, mut phase: watch::Receiver<Phas
         }
     }
     end_connection(conn, &meter, failure.is_some()).await;
+    t.failure = failure;
+    t
+}
+
+/// Holds one TCP protocol connection: answers the server's pings, notices a close, until told to stop.
+async fn hold_tcp(mut c: crate::tcp::TcpClient, meter: Arc<Meter>, mut phase: watch::Receiver<Phase>) -> ConnTally {
+    let mut t = ConnTally::default();
+    let mut failure = super::fanout::tcp::service(&mut c, |_| {}).err();
+    while failure.is_none() {
+        tokio::select! {
+            r = c.stream().readable() => {
+                failure = match r.map_err(|e| classify(&e)) {
+                    Ok(()) => super::fanout::tcp::service(&mut c, |_| {}).err(),
+                    Err(f) => Some(f),
+                };
+            }
+            r = c.stream().writable(), if c.unsent() > 0 => {
+                failure = r.and_then(|()| c.flush()).err().map(|e| classify(&e));
+            }
+            changed = phase.changed() => {
+                if changed.is_err() || *phase.borrow_and_update() == Phase::Stop {
+                    t.held = true;
+                    break;
+                }
+            }
+        }
+    }
+    meter.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    if failure.is_some() {
+        meter.failed();
+    }
     t.failure = failure;
     t
 }

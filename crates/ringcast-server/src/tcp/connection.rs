@@ -39,7 +39,7 @@ use tokio::net::TcpStream;
 use crate::app::context::Context;
 use crate::pubsub::client::{ClientId, ClientShared, DisconnectRequest};
 use crate::tcp::keepalive::RttWindow;
-use crate::tcp::session::{emit, emit_error, TcpSession};
+use crate::tcp::session::{emit, emit_error, Admit, TcpSession};
 use crate::transport::deadline::{reached, Key};
 use crate::transport::outbound::Outbound;
 use crate::transport::Encoding;
@@ -152,10 +152,17 @@ impl Connection {
     }
 
     /// Serves the connection until it is closed; IO errors end it (counted and logged at debug).
-    pub async fn run(mut self) {
-        if let Err(e) = self.serve().await {
-            metrics::counter!(crate::metrics::IO_ERRORS_TOTAL).increment(1);
-            tracing::debug!(error = %e, "tcp connection ended with an IO error");
+    ///
+    /// Not an `async fn`: its argument would be moved into the future and then into a local of it, two
+    /// copies of the connection in every task (1,032 B measured). The block captures `self` and only
+    /// borrows it.
+    #[allow(clippy::manual_async_fn)] // deliberately not `async fn`: see above
+    pub fn run(mut self) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            if let Err(e) = self.serve().await {
+                metrics::counter!(crate::metrics::IO_ERRORS_TOTAL).increment(1);
+                tracing::debug!(error = %e, "tcp connection ended with an IO error");
+            }
         }
     }
 
@@ -192,13 +199,31 @@ impl Connection {
             let wants_write = !self.out.is_empty();
             let open = self.phase == Phase::Open;
             let Connection { stream, session, out, ctx, key, armed, .. } = self;
-            let wake = tokio::select! {
-                biased;
-                r = stream.readable(), if wants_read => Wake::Readable(r),
-                r = stream.writable(), if wants_write => Wake::Writable(r),
-                request = queue_ready(&session.shared, out), if open => Wake::Queue(request),
-                () = timer(ctx, *key, armed, deadline) => Wake::Timer,
-            };
+            // One poll function rather than `select!` over `readable()`/`writable()` futures: the
+            // socket's readiness wakers live in tokio's registration, so the wait adds nothing to
+            // this task's future (which every idle connection pays for; see the size test below).
+            let wake = poll_fn(|cx| {
+                if wants_read {
+                    if let Poll::Ready(r) = stream.poll_read_ready(cx) {
+                        return Poll::Ready(Wake::Readable(r));
+                    }
+                }
+                if wants_write {
+                    if let Poll::Ready(r) = stream.poll_write_ready(cx) {
+                        return Poll::Ready(Wake::Writable(r));
+                    }
+                }
+                if open {
+                    if let Poll::Ready(request) = poll_queue(&session.shared, out, cx) {
+                        return Poll::Ready(Wake::Queue(request));
+                    }
+                }
+                match poll_timer(ctx, *key, armed, deadline, cx) {
+                    Poll::Ready(()) => Poll::Ready(Wake::Timer),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
             match wake {
                 Wake::Readable(r) => {
                     r?;
@@ -324,6 +349,8 @@ impl Connection {
         let Connection { decoder, buf, session, replies, ping, rtt, out, .. } = self;
         let mut fatal = None;
         let mut slow = false;
+        // One clock read per pass, and only with a command rate configured.
+        let now_us = session.rate_limited().then(crate::session::now_us);
         loop {
             let frame = match decoder.next(buf) {
                 Ok(None) => break,
@@ -344,12 +371,19 @@ impl Connection {
                         *ping = None;
                     }
                 }
-                Ok(cmd) => {
-                    if let Err(refusal) = session.handle(cmd, replies) {
-                        metrics::counter!(TCP_ERRORS_TOTAL, "reason" => "refused").increment(1);
-                        emit_error(replies, refusal.code());
+                Ok(cmd) => match session.admit(&cmd, now_us) {
+                    Admit::Run => {
+                        if let Err(refusal) = session.handle(cmd, replies) {
+                            metrics::counter!(TCP_ERRORS_TOTAL, "reason" => "refused").increment(1);
+                            emit_error(replies, refusal.code());
+                        }
                     }
-                }
+                    Admit::Refuse => emit_error(replies, ErrorCode::RATE_LIMITED),
+                    Admit::Flood => {
+                        fatal = Some(ErrorCode::RATE_LIMITED);
+                        break;
+                    }
+                },
                 Err(e) => {
                     metrics::counter!(TCP_ERRORS_TOTAL, "reason" => e.label()).increment(1);
                     emit_error(replies, e.code());
@@ -504,6 +538,10 @@ impl Connection {
 
     /// Sends a PING whose body is the ping's sequence number; the PONG must carry the same 8 bytes.
     fn send_ping(&mut self, now: u32) -> io::Result<()> {
+        // The client has been silent a ping interval: its command bucket, if any, is full again.
+        if self.session.rate_limited() {
+            self.session.drop_full_bucket(crate::session::now_us());
+        }
         self.pings_sent += 1;
         let body = self.pings_sent.to_be_bytes();
         const _: () = assert!(8 <= MAX_PING_BODY);
@@ -514,38 +552,66 @@ impl Connection {
     }
 }
 
-/// Resolves when publishers queued frames for us (moved into `out` if it was empty) or asked us to
+/// Ready when publishers queued frames for us (moved into `out` if it was empty) or asked us to
 /// disconnect (returned).
-async fn queue_ready(shared: &ClientShared, out: &mut Outbound) -> Option<DisconnectRequest> {
-    poll_fn(|cx| {
-        let had = out.queued_bytes();
-        let request = shared.take(out, cx.waker());
-        if request.is_some() || out.queued_bytes() != had {
-            Poll::Ready(request)
-        } else {
-            Poll::Pending
-        }
-    })
-    .await
+fn poll_queue(
+    shared: &ClientShared,
+    out: &mut Outbound,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<Option<DisconnectRequest>> {
+    let had = out.queued_bytes();
+    let request = shared.take(out, cx.waker());
+    if request.is_some() || out.queued_bytes() != had {
+        Poll::Ready(request)
+    } else {
+        Poll::Pending
+    }
 }
 
-/// Resolves when `deadline` passes or shutdown begins. The table entry is armed lazily, as the WebSocket
+/// Ready when `deadline` passes or shutdown begins. The table entry is armed lazily, as the WebSocket
 /// connection does: only when the new deadline is earlier than the armed one, or that one fired.
-async fn timer(ctx: &Context, key: Key, armed: &mut Option<u32>, deadline: u32) {
-    poll_fn(|cx| {
-        let now = ctx.deadlines.now_ms();
-        if ctx.deadlines.is_shutdown() || reached(now, deadline) {
-            return Poll::Ready(());
-        }
-        let arm = match *armed {
-            None => true,
-            Some(at) => reached(now, at) || !reached(deadline, at),
-        };
-        if arm {
-            ctx.deadlines.arm(key, deadline, cx.waker());
-            *armed = Some(deadline);
-        }
-        Poll::Pending
-    })
-    .await
+fn poll_timer(
+    ctx: &Context,
+    key: Key,
+    armed: &mut Option<u32>,
+    deadline: u32,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<()> {
+    let now = ctx.deadlines.now_ms();
+    if ctx.deadlines.is_shutdown() || reached(now, deadline) {
+        return Poll::Ready(());
+    }
+    let arm = match *armed {
+        None => true,
+        Some(at) => reached(now, at) || !reached(deadline, at),
+    };
+    if arm {
+        ctx.deadlines.arm(key, deadline, cx.waker());
+        *armed = Some(deadline);
+    }
+    Poll::Pending
+}
+#[cfg(test)]
+mod tests {
+    /// The task's future is what every idle TCP connection pays for, in tokio's task cell (its 104 B of
+    /// header and trailer plus the future, rounded up to a multiple of 128: `repr(align(128))`).
+    /// BENCHMARKS.md has the RSS this adds up to.
+    #[tokio::test]
+    async fn connection_future_stays_small() {
+        let (config, settings) =
+            crate::Config::load(None, |_| None, &[("listen".into(), "127.0.0.1:0".into())]).expect("config");
+        let ctx = std::sync::Arc::new(crate::app::context::Context::new(config, settings).expect("context"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (stream, _) = listener.accept().await.expect("accept");
+        let conn = super::Connection::new(stream, ctx, 0);
+        let state = std::mem::size_of_val(&conn);
+        let session = std::mem::size_of::<super::TcpSession>();
+        let future = conn.run();
+        let size = std::mem::size_of_val(&future);
+        println!("tcp Connection: {state} B (TcpSession {session} B); its task's future: {size} B");
+        // 576 B: the connection (456) and the `serve` loop's borrow and wait; with the cell's 104 B that
+        // is a 768-B task. An `async fn run` held the connection twice (1,032 B, a 1,152-B task).
+        assert!(size + 104 <= 768, "the TCP connection future grew to {size} B (task cell over 768 B)");
+    }
 }

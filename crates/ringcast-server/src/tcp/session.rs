@@ -9,6 +9,14 @@
 //! | CONNECT: no token and anonymous not allowed, invalid or expired token, token expired later | 7 unauthorized |
 //! | CONNECT twice, user connection limit, channel options, namespace denial, channel limit | 8 permission denied |
 //! | anything but CONNECT, PING, PONG before CONNECT | 10 not connected |
+//! | a command over `client_command_rate` / `client_command_burst` | 9 rate limited |
+//!
+//! The command rate is the WebSocket session's (`session::CommandBucket`, one GCRA per connection, boxed
+//! and only while the client has spent tokens): CONNECT, SUBSCRIBE, UNSUBSCRIBE and PUBLISH count, PING
+//! does not (it is the keep-alive, and costs one PONG). A refused command is not run and is answered
+//! ERROR 9 in its place in the reply order; the connection stays open. A client still refused
+//! `client_flood_disconnect_after` after its first refusal (its bucket never full again meanwhile) gets
+//! ERROR 9 as its last frame and is closed, as a WebSocket client is disconnected 3013.
 //!
 //! SUBSCRIBE to a channel already subscribed and UNSUBSCRIBE from one that is not are answered as if
 //! they had just happened (SUBSCRIBED, UNSUBSCRIBED): a device retrying after a lost reply converges.
@@ -22,6 +30,8 @@ use ringcast_wire::tcp::{Command, ErrorCode};
 use crate::policy::namespace;
 use crate::pubsub::client::ClientShared;
 use crate::pubsub::node::Node;
+use crate::session::{CommandBucket, Throttle};
+use crate::tcp::connection::TCP_ERRORS_TOTAL;
 
 /// Why a command was refused: each becomes one error code ([`Refusal::code`]), never a disconnect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +65,18 @@ pub struct TcpSession {
     expires_at: Option<i64>,
     /// Channels subscribed, as the hub names them (shared with it).
     subs: Vec<Arc<str>>,
+    /// The `client_command_rate` bucket, while the client has spent tokens (see the module docs).
+    commands: Option<Box<CommandBucket>>,
+}
+
+/// What the command rate says of one command ([`TcpSession::admit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    Run,
+    /// Answer ERROR 9 instead; the connection stays.
+    Refuse,
+    /// Refused for `client_flood_disconnect_after`: ERROR 9, then close.
+    Flood,
 }
 
 fn now_unix() -> i64 {
@@ -76,7 +98,7 @@ pub fn emit_error<B: BufMut>(out: &mut B, code: ErrorCode) {
 
 impl TcpSession {
     pub fn new(node: Arc<Node>, shared: Arc<ClientShared>) -> TcpSession {
-        TcpSession { node, shared, user: None, expires_at: None, subs: Vec::new() }
+        TcpSession { node, shared, user: None, expires_at: None, subs: Vec::new(), commands: None }
     }
 
     pub fn is_connected(&self) -> bool {
@@ -86,6 +108,43 @@ impl TcpSession {
     /// Seconds until the connection token expires (negative: already), if it expires.
     pub fn expires_in(&self) -> Option<i64> {
         self.expires_at.map(|at| at - now_unix())
+    }
+
+    /// Whether a command rate is configured (`client_command_rate` > 0).
+    pub fn rate_limited(&self) -> bool {
+        self.node.client_limits.commands.is_some()
+    }
+
+    /// Whether `client_command_rate` lets `cmd` run; `now_us` is `session::now_us()`, read once per
+    /// read pass (`None`: no rate configured). PING and PONG are never counted.
+    pub fn admit(&mut self, cmd: &Command<'_>, now_us: Option<u64>) -> Admit {
+        let (Some(quota), Some(now)) = (self.node.client_limits.commands, now_us) else { return Admit::Run };
+        if matches!(cmd, Command::Ping(_) | Command::Pong(_)) {
+            return Admit::Run;
+        }
+        match self.commands.get_or_insert_with(Box::default).check(&quota, now) {
+            Throttle::Run => Admit::Run,
+            Throttle::Refuse { first } => {
+                metrics::counter!(TCP_ERRORS_TOTAL, "reason" => "command_rate").increment(1);
+                if first {
+                    tracing::info!(client = %self.shared.id, "tcp: commands over client_command_rate answered 9");
+                }
+                Admit::Refuse
+            }
+            Throttle::Flood => {
+                metrics::counter!(TCP_ERRORS_TOTAL, "reason" => "command_flood").increment(1);
+                tracing::info!(client = %self.shared.id, "tcp: closing: over client_command_rate for client_flood_disconnect_after");
+                Admit::Flood
+            }
+        }
+    }
+
+    /// Gives back a command bucket that is full again: a quiet client holds no limiter state. Called when
+    /// the connection pings a silent client.
+    pub fn drop_full_bucket(&mut self, now_us: u64) {
+        if self.commands.as_ref().is_some_and(|b| b.is_full(now_us)) {
+            self.commands = None;
+        }
     }
 
     /// Runs one client command (never PONG: the connection's keepalive takes those) and appends its

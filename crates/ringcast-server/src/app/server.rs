@@ -65,6 +65,7 @@ impl Server {
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<(), ServerError> {
         tokio::spawn(self.ctx.deadlines.clone().run_sweeper());
         let pruner = tokio::spawn(prune_admission(self.ctx.clone()));
+        let memory = tokio::spawn(crate::app::memory::watch(self.ctx.clone()));
         let internal = match (self.internal, self.ctx.internal_router.clone()) {
             (Some(listener), Some(router)) => Some(tokio::spawn(serve_internal(listener, router, self.ctx.clone()))),
             _ => None,
@@ -99,6 +100,7 @@ impl Server {
             task.abort();
         }
         pruner.abort();
+        memory.abort();
         // Accepting stops; open TCP connections are counted in `live` and close on the shutdown flag.
         if let Some(task) = tcp {
             task.abort();
@@ -201,6 +203,9 @@ pub fn run_blocking(config: Config, settings: Settings) -> Result<(), ServerErro
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.workers > 0 {
         builder.worker_threads(config.workers);
+    }
+    if settings.memory.is_some() {
+        builder.on_thread_park(crate::app::memory::on_worker_park);
     }
     let runtime = builder.enable_all().thread_name("ringcast").build().map_err(ServerError::Runtime)?;
     runtime.block_on(async move {

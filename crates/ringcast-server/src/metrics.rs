@@ -180,7 +180,11 @@ fn describe() {
         Unit::Count,
         "Valid upgrade requests refused by admission control, by `reason` (max_connections, max_connections_per_ip and memory: 503; connect_rate: 429)."
     );
-    describe_gauge!(MEMORY_RSS_BYTES, Unit::Bytes, "Resident memory at the last watermark sample (sampled only when memory_high_watermark is set).");
+    describe_gauge!(
+        MEMORY_RSS_BYTES,
+        Unit::Bytes,
+        "Resident memory at the last watermark sample (sampled only when memory_high_watermark is set)."
+    );
     describe_gauge!(MEMORY_HIGH_WATERMARK_BYTES, Unit::Bytes, "memory_high_watermark, resolved to bytes.");
     describe_gauge!(MEMORY_LOW_WATERMARK_BYTES, Unit::Bytes, "memory_low_watermark, resolved to bytes.");
     describe_gauge!(
@@ -193,7 +197,11 @@ fn describe() {
         Unit::Count,
         "Clients disconnected (3008) under memory pressure for holding the largest outbound backlogs."
     );
-    describe_counter!(MEMORY_SHED_BYTES_TOTAL, Unit::Bytes, "Outbound backlog dropped with the clients shed under memory pressure.");
+    describe_counter!(
+        MEMORY_SHED_BYTES_TOTAL,
+        Unit::Bytes,
+        "Outbound backlog dropped with the clients shed under memory pressure."
+    );
     describe_counter!(
         WS_PROTOCOL_ERRORS_TOTAL,
         Unit::Count,

@@ -38,9 +38,9 @@
 
 use std::cell::Cell;
 use std::path::Path;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::app::context::Context;
@@ -128,7 +128,11 @@ impl Mark {
             "mb" => 1_000_000,
             "gb" => 1_000_000_000,
             "tb" => 1_000_000_000_000,
-            _ => return Err(format!("{raw:?}: expected bytes (\"512MiB\", \"2GB\", \"1073741824\") or a percentage (\"80%\")")),
+            _ => {
+                return Err(format!(
+                    "{raw:?}: expected bytes (\"512MiB\", \"2GB\", \"1073741824\") or a percentage (\"80%\")"
+                ))
+            }
         };
         let n: f64 = num.parse().map_err(|_| format!("{raw:?} is not a size (e.g. \"512MiB\")"))?;
         let bytes = n * scale as f64;
@@ -292,7 +296,12 @@ impl Memory {
             self.pressure.store(now, Ordering::Relaxed);
             metrics::gauge!(crate::metrics::MEMORY_PRESSURE).set(if now { 1.0 } else { 0.0 });
             if now {
-                tracing::warn!(rss, high = m.high, low = m.low, "memory above the high watermark: refusing new connections, shedding the largest backlogs");
+                tracing::warn!(
+                    rss,
+                    high = m.high,
+                    low = m.low,
+                    "memory above the high watermark: refusing new connections, shedding the largest backlogs"
+                );
             } else {
                 tracing::warn!(rss, low = m.low, "memory below the low watermark: admitting connections again");
             }

@@ -178,7 +178,8 @@ impl Node {
     /// way). Memory shedding calls it only while the node is over its watermark (`app::memory`), never
     /// under normal load; it keeps at most `2k` candidates at a time.
     pub fn largest_backlogs(&self, k: usize, min: usize) -> Vec<(usize, Arc<ClientShared>)> {
-        let by_size_desc = |top: &mut Vec<(usize, Arc<ClientShared>)>| top.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        let by_size_desc =
+            |top: &mut Vec<(usize, Arc<ClientShared>)>| top.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
         let mut top: Vec<(usize, Arc<ClientShared>)> = Vec::new();
         if k == 0 {
             return top;

@@ -90,7 +90,13 @@ impl Drop for ServerProcess {
 }
 
 /// A plain HTTP/1.1 request (`Connection: close`): (status, body).
-pub async fn http_request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let mut req =
         format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
@@ -106,7 +112,10 @@ pub async fn http_request(addr: SocketAddr, method: &str, path: &str, headers: &
     let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        body.lines().filter(|l| !l.is_empty() && u64::from_str_radix(l.trim(), 16).is_err()).collect::<Vec<_>>().join("")
+        body.lines()
+            .filter(|l| !l.is_empty() && u64::from_str_radix(l.trim(), 16).is_err())
+            .collect::<Vec<_>>()
+            .join("")
     } else {
         body
     };

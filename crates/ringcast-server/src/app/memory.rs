@@ -406,7 +406,7 @@ mod tests {
         assert!(e.1.contains("cgroup"), "{}", e.1);
         let w = Watermarks::resolve("80%", "60%", || Some(1 << 30)).unwrap().unwrap();
         assert_eq!(w, Watermarks { high: (0.8 * (1u64 << 30) as f64) as u64, low: (0.6 * (1u64 << 30) as f64) as u64 });
-        let w = Watermarks::resolve("512MiB", "50%", || Some(1 << 30)).unwrap().unwrap();
+        let w = Watermarks::resolve("768MiB", "50%", || Some(1 << 30)).unwrap().unwrap();
         assert_eq!(w.low, 512 << 20);
         assert!(Watermarks::resolve("512MiB", "60%", || Some(1 << 30)).is_err(), "low above high");
     }

@@ -34,6 +34,13 @@ pub const WS_PROTOCOL_ERRORS_TOTAL: &str = "ringcast_ws_protocol_errors_total";
 pub const WS_TIMEOUTS_TOTAL: &str = "ringcast_ws_timeouts_total";
 pub const IO_ERRORS_TOTAL: &str = "ringcast_io_errors_total";
 pub const ADMISSION_REFUSALS_TOTAL: &str = "ringcast_admission_refusals_total";
+// Memory watermarks (emitted by `app::memory`).
+pub const MEMORY_RSS_BYTES: &str = "ringcast_memory_rss_bytes";
+pub const MEMORY_HIGH_WATERMARK_BYTES: &str = "ringcast_memory_high_watermark_bytes";
+pub const MEMORY_LOW_WATERMARK_BYTES: &str = "ringcast_memory_low_watermark_bytes";
+pub const MEMORY_PRESSURE: &str = "ringcast_memory_pressure";
+pub const MEMORY_SHED_DISCONNECTS_TOTAL: &str = "ringcast_memory_shed_disconnects_total";
+pub const MEMORY_SHED_BYTES_TOTAL: &str = "ringcast_memory_shed_bytes_total";
 // Pub/sub (emitted by the hub and client sessions).
 pub const SUBSCRIPTIONS: &str = "ringcast_subscriptions";
 pub const MESSAGES_IN_TOTAL: &str = "ringcast_messages_in_total";
@@ -182,7 +189,29 @@ fn describe() {
     describe_counter!(
         ADMISSION_REFUSALS_TOTAL,
         Unit::Count,
-        "Valid upgrade requests refused by admission control, by `reason` (max_connections and max_connections_per_ip: 503; connect_rate: 429)."
+        "Valid upgrade requests refused by admission control, by `reason` (max_connections, max_connections_per_ip and memory: 503; connect_rate: 429)."
+    );
+    describe_gauge!(
+        MEMORY_RSS_BYTES,
+        Unit::Bytes,
+        "Resident memory at the last watermark sample (sampled only when memory_high_watermark is set)."
+    );
+    describe_gauge!(MEMORY_HIGH_WATERMARK_BYTES, Unit::Bytes, "memory_high_watermark, resolved to bytes.");
+    describe_gauge!(MEMORY_LOW_WATERMARK_BYTES, Unit::Bytes, "memory_low_watermark, resolved to bytes.");
+    describe_gauge!(
+        MEMORY_PRESSURE,
+        Unit::Count,
+        "1 while RSS is over the high watermark and not yet below the low one (new connections refused, large backlogs shed), else 0."
+    );
+    describe_counter!(
+        MEMORY_SHED_DISCONNECTS_TOTAL,
+        Unit::Count,
+        "Clients disconnected (3008) under memory pressure for holding the largest outbound backlogs."
+    );
+    describe_counter!(
+        MEMORY_SHED_BYTES_TOTAL,
+        Unit::Bytes,
+        "Outbound backlog dropped with the clients shed under memory pressure."
     );
     describe_counter!(
         WS_PROTOCOL_ERRORS_TOTAL,

@@ -20,6 +20,19 @@ use ringcast_server::Config;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+unsafe extern "C" {
+    /// mimalloc's own: frees what this thread's heap holds unused and purges free pages whose delay
+    /// expired (linked in by libmimalloc-sys; declared here because its binding is behind a feature).
+    fn mi_collect(force: bool);
+}
+
+/// Under memory pressure the server runs this on each worker (`memory_high_watermark`): mimalloc
+/// otherwise returns freed pages only when the owning thread next allocates.
+fn collect_allocator() {
+    // SAFETY: mi_collect has no preconditions; it may be called on any thread at any time.
+    unsafe { mi_collect(false) }
+}
+
 /// Exit status for invalid configuration or usage.
 const EXIT_CONFIG: u8 = 2;
 
@@ -141,6 +154,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            ringcast_server::app::memory::set_allocator_collect(collect_allocator);
             let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log_level.clone());
             tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()))

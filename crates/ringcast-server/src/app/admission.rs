@@ -1,7 +1,10 @@
 //! Admission: whether a WebSocket upgrade request is let in, decided before the 101 and answered with
 //! plain HTTP when it is not.
 //!
-//! Three limits, checked in this order (cheapest and node-wide first):
+//! Four limits, checked in this order (cheapest and node-wide first):
+//! * memory: while the process is over `memory_high_watermark` (and until it is back below
+//!   `memory_low_watermark`), every upgrade is refused 503 (`app::memory` samples RSS and sets the
+//!   flag read here).
 //! * `max_connections`: WebSocket connections the node holds; one more is refused 503.
 //! * `client_max_connections_per_ip`: connections one source address holds; one more is refused 503.
 //! * `client_connect_rate` / `client_connect_burst`: a token bucket per source address (the governor
@@ -32,6 +35,7 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 
 use crate::app::config::Config;
+use crate::app::memory::{Memory, Watermarks};
 
 /// Seconds a client refused for a full node (or a full address) is told to wait. Not derived from
 /// anything: a connection may free up any moment; SDKs add their own backoff and jitter.
@@ -73,12 +77,14 @@ pub enum Refusal {
     AddressFull,
     /// `client_connect_rate` exceeded for this address: 429, retry after this many seconds (≥ 1).
     Rate { retry_after_secs: u64 },
+    /// Over the memory watermark (`memory_high_watermark`, until below `memory_low_watermark`): 503.
+    Memory,
 }
 
 impl Refusal {
     pub fn status(self) -> u16 {
         match self {
-            Refusal::NodeFull | Refusal::AddressFull => 503,
+            Refusal::NodeFull | Refusal::AddressFull | Refusal::Memory => 503,
             Refusal::Rate { .. } => 429,
         }
     }
@@ -88,6 +94,7 @@ impl Refusal {
             Refusal::NodeFull => "max_connections",
             Refusal::AddressFull => "max_connections_per_ip",
             Refusal::Rate { .. } => "connect_rate",
+            Refusal::Memory => "memory",
         }
     }
 
@@ -95,6 +102,7 @@ impl Refusal {
         match self {
             Refusal::NodeFull | Refusal::AddressFull => FULL_RETRY_AFTER_SECS,
             Refusal::Rate { retry_after_secs } => retry_after_secs,
+            Refusal::Memory => crate::app::memory::MEMORY_RETRY_AFTER_SECS,
         }
     }
 
@@ -124,6 +132,8 @@ pub struct Admission {
     /// is removed when its last connection ends, so the map holds only addresses that are connected.
     per_ip: Box<[Mutex<HashMap<IpKey, u32>>]>,
     connect: Option<(ConnectLimiter, DefaultClock)>,
+    /// The memory watermarks and whether the node is over them now.
+    pub memory: Memory,
     /// When a refusal was last logged (milliseconds on the deadline clock), and how many were not.
     last_log_ms: AtomicU32,
     unlogged: AtomicU64,
@@ -155,9 +165,16 @@ impl Admission {
             per_ip_max: config.client_max_connections_per_ip,
             per_ip: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
             connect,
+            memory: Memory::new(None),
             last_log_ms: AtomicU32::new(0),
             unlogged: AtomicU64::new(0),
         }
+    }
+
+    /// Sets the memory watermarks (`Settings::memory`; none: off).
+    pub fn with_watermarks(mut self, marks: Option<Watermarks>) -> Admission {
+        self.memory = Memory::new(marks);
+        self
     }
 
     /// Admitted WebSocket connections alive now.
@@ -177,6 +194,9 @@ impl Admission {
     }
 
     fn try_admit(&self, ip: IpKey) -> Result<(), Refusal> {
+        if self.memory.under_pressure() {
+            return Err(Refusal::Memory);
+        }
         let max = self.max_connections;
         let reserved = self.live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
             if max == 0 || n < max {

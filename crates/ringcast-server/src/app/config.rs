@@ -94,6 +94,8 @@ pub const KEYS: &[Key] = &[
     key("client_connect_rate", Kind::Int, "Admission: WebSocket upgrades per second one source address (IPv4 /32, IPv6 /64) may make, a token bucket; over it the request is answered 429 with Retry-After. 0: unlimited."),
     key("client_connect_burst", Kind::Int, "Admission: upgrades one source address may make at once before client_connect_rate applies (the bucket's size). 0: the rate (one second's worth)."),
     key("client_max_connections_per_ip", Kind::Int, "Admission: WebSocket connections one source address (IPv4 /32, IPv6 /64) may hold at once; one more upgrade request is answered 503 with Retry-After. 0: unlimited."),
+    key("memory_high_watermark", Kind::Str, "Admission: resident memory (RSS) over which the node refuses new WebSocket connections with 503 (Retry-After: 5) and disconnects the clients with the largest outbound backlogs with 3008, largest first, until RSS is below memory_low_watermark. Bytes (\"1073741824\", \"768MiB\", \"2GB\") or a percentage of the cgroup's memory limit (\"80%\"; cgroup v2 memory.max or v1 memory.limit_in_bytes; an error when there is none). Empty: off."),
+    key("memory_low_watermark", Kind::Str, "Admission: once over memory_high_watermark, the node admits connections again when RSS falls below this (bytes or a percentage, as for the high watermark). Empty: 90% of memory_high_watermark."),
     key("client_command_rate", Kind::Int, "Client protocol: commands per second one connection may send (a token bucket; pongs are not counted); a command over it is answered error 111 (too many requests, temporary). 0: unlimited."),
     key("client_command_burst", Kind::Int, "Client protocol: commands one connection may send at once before client_command_rate applies (the bucket's size). 0: the rate (one second's worth)."),
     key("client_flood_disconnect_after", Kind::Str, "Client protocol: a connection whose commands are still refused this long after its first refusal is disconnected with 3013 (too many requests; SDKs reconnect with backoff). \"0s\": never."),
@@ -170,6 +172,10 @@ pub struct Config {
     pub client_connect_rate: u32,
     pub client_connect_burst: u32,
     pub client_max_connections_per_ip: u32,
+    #[serde(deserialize_with = "size_or_string")]
+    pub memory_high_watermark: String,
+    #[serde(deserialize_with = "size_or_string")]
+    pub memory_low_watermark: String,
     pub client_command_rate: u32,
     pub client_command_burst: u32,
     #[serde(with = "humantime_serde")]
@@ -234,6 +240,8 @@ impl Default for Config {
             client_connect_rate: 0,
             client_connect_burst: 0,
             client_max_connections_per_ip: 0,
+            memory_high_watermark: String::new(),
+            memory_low_watermark: String::new(),
             client_command_rate: 0,
             client_command_burst: 0,
             client_flood_disconnect_after: Duration::from_secs(10),
@@ -301,6 +309,22 @@ pub struct Settings {
     pub deflate: DeflateConfig,
     /// The admin dashboard is served (`admin`, or `--dev`).
     pub admin: bool,
+    /// `memory_high_watermark` / `memory_low_watermark` in bytes, when on.
+    pub memory: Option<crate::app::memory::Watermarks>,
+}
+
+/// A size key may be a TOML integer (bytes) or a string ("512MiB", "80%").
+fn size_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Str(String),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::Int(n) => n.to_string(),
+        Raw::Str(s) => s,
+    })
 }
 
 impl Config {
@@ -488,6 +512,12 @@ impl Config {
         if admin && self.admin_password.is_empty() && !self.dev {
             return Err(invalid("admin_password", "must be set when `admin` is on"));
         }
+        let memory = crate::app::memory::Watermarks::resolve(
+            &self.memory_high_watermark,
+            &self.memory_low_watermark,
+            crate::app::memory::cgroup_limit,
+        )
+        .map_err(|(key, message)| invalid(key, message))?;
         Ok(Settings {
             listen,
             internal_listen,
@@ -496,6 +526,7 @@ impl Config {
             echo: self.echo.unwrap_or(self.dev),
             deflate,
             admin,
+            memory,
         })
     }
 
@@ -682,6 +713,23 @@ mod tests {
             let e = Config::load(None, no_env, &[(key.into(), bad.into())]).unwrap_err();
             assert!(e.to_string().contains(&format!("`{key}`")), "{e}");
         }
+    }
+
+    #[test]
+    fn memory_watermarks_are_off_by_default_and_named_in_errors() {
+        let (_, s) = Config::load(None, no_env, &[]).unwrap();
+        assert_eq!(s.memory, None);
+        let flags = [("memory_high_watermark".into(), "64MiB".into())];
+        let (_, s) = Config::load(None, no_env, &flags).unwrap();
+        assert_eq!(s.memory.map(|m| (m.high, m.low)), Some((64 << 20, (64 << 20) / 10 * 9)));
+        let e = Config::load(None, no_env, &[("memory_high_watermark".into(), "lots".into())]).unwrap_err();
+        assert!(e.to_string().contains("`memory_high_watermark`"), "{e}");
+        let flags = [("memory_high_watermark".into(), "64MiB".into()), ("memory_low_watermark".into(), "1GiB".into())];
+        let e = Config::load(None, no_env, &flags).unwrap_err();
+        assert!(e.to_string().contains("`memory_low_watermark`"), "{e}");
+        // A TOML integer is bytes.
+        let c: Config = toml::from_str("memory_high_watermark = 134217728").unwrap();
+        assert_eq!(c.validate().unwrap().memory.map(|m| m.high), Some(128 << 20));
     }
 
     #[test]

@@ -189,7 +189,7 @@ impl Context {
         // After `install`: a handle taken before a recorder exists stays a no-op.
         let bytes_in = metrics::counter!(crate::metrics::BYTES_IN_TOTAL);
         let bytes_out = metrics::counter!(crate::metrics::BYTES_OUT_TOTAL);
-        let admission = crate::app::admission::Admission::new(&config);
+        let admission = crate::app::admission::Admission::new(&config).with_watermarks(settings.memory);
         Ok(Context {
             config,
             settings,

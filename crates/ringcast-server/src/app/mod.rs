@@ -8,4 +8,5 @@ pub mod admission;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod memory;
 pub mod server;

@@ -69,6 +69,7 @@ impl Server {
             let deadlines = self.ctx.deadlines.clone();
             tokio::spawn(admin.run(async move { deadlines.wait_shutdown().await }));
         }
+        let memory = tokio::spawn(crate::app::memory::watch(self.ctx.clone()));
         let internal = match (self.internal, self.ctx.internal_router.clone()) {
             (Some(listener), Some(router)) => Some(tokio::spawn(serve_internal(listener, router, self.ctx.clone()))),
             _ => None,
@@ -103,6 +104,7 @@ impl Server {
             task.abort();
         }
         pruner.abort();
+        memory.abort();
         // Accepting stops; open TCP connections are counted in `live` and close on the shutdown flag.
         if let Some(task) = tcp {
             task.abort();
@@ -205,6 +207,9 @@ pub fn run_blocking(config: Config, settings: Settings) -> Result<(), ServerErro
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.workers > 0 {
         builder.worker_threads(config.workers);
+    }
+    if settings.memory.is_some() {
+        builder.on_thread_park(crate::app::memory::on_worker_park);
     }
     let runtime = builder.enable_all().thread_name("ringcast").build().map_err(ServerError::Runtime)?;
     runtime.block_on(async move {

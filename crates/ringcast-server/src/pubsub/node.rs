@@ -170,6 +170,39 @@ impl Node {
             .unwrap_or_default()
     }
 
+    /// The clients with the largest outbound backlogs (bytes delivered to their queues and not yet
+    /// taken for writing), at least `min` bytes each: at most `k`, largest first.
+    ///
+    /// Walks every registered client, holding the registry's lock for the walk and each client's queue
+    /// lock for a read of its length (lock order: registry → client queue; nothing takes them the other
+    /// way). Memory shedding calls it only while the node is over its watermark (`app::memory`), never
+    /// under normal load; it keeps at most `2k` candidates at a time.
+    pub fn largest_backlogs(&self, k: usize, min: usize) -> Vec<(usize, Arc<ClientShared>)> {
+        let by_size_desc =
+            |top: &mut Vec<(usize, Arc<ClientShared>)>| top.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
+        let mut top: Vec<(usize, Arc<ClientShared>)> = Vec::new();
+        if k == 0 {
+            return top;
+        }
+        {
+            let users = self.users();
+            for client in users.values().flat_map(ClientSet::iter) {
+                let backlog = client.queued_bytes();
+                if backlog < min.max(1) {
+                    continue;
+                }
+                top.push((backlog, client.clone()));
+                if top.len() >= 2 * k {
+                    by_size_desc(&mut top);
+                    top.truncate(k);
+                }
+            }
+        }
+        by_size_desc(&mut top);
+        top.truncate(k);
+        top
+    }
+
     /// (connected clients, distinct users).
     pub fn counts(&self) -> (usize, usize) {
         let users = self.users();

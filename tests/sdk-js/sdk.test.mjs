@@ -166,9 +166,10 @@ function httpsApi(port, ca, method, params) {
   return new Promise((resolve, reject) => {
     const body = JSON.stringify(params);
     const req = https.request({
-      host: '127.0.0.1', port, path: `/api/${method}`, method: 'POST', ca,
+      host: '127.0.0.1', port, path: `/api/${method}`, method: 'POST', ca, ALPNProtocols: ['http/1.1'],
       headers: { 'X-API-Key': API_KEY, 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body) },
     }, (res) => {
+      const alpn = res.socket?.alpnProtocol;
       let text = '';
       res.on('data', (c) => { text += c; });
       res.on('end', () => {
@@ -176,7 +177,7 @@ function httpsApi(port, ca, method, params) {
           assert.equal(res.statusCode, 200, `${method}: HTTP ${res.statusCode}`);
           const parsed = JSON.parse(text);
           assert.equal(parsed.error, undefined, `${method}: ${text}`);
-          resolve({ result: parsed.result, alpn: res.socket.alpnProtocol });
+          resolve({ result: parsed.result, alpn });
         } catch (e) { reject(e); }
       });
     });

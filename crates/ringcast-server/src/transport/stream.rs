@@ -53,7 +53,7 @@ pub trait Stream: Unpin + Send + 'static {
     /// The stream as the HTTP server reads it (a request that is not a WebSocket upgrade).
     type Http: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
     /// Gives the stream to the HTTP server; this connection then ends without touching it again.
-    fn into_http(&mut self) -> io::Result<Self::Http>;
+    fn take_for_http(&mut self) -> io::Result<Self::Http>;
 }
 
 impl Stream for TcpStream {
@@ -99,7 +99,7 @@ impl Stream for TcpStream {
     type Http = TcpStream;
     /// The socket is duplicated rather than moved out: the connection then ends, closing only its own
     /// descriptor.
-    fn into_http(&mut self) -> io::Result<TcpStream> {
+    fn take_for_http(&mut self) -> io::Result<TcpStream> {
         use std::os::fd::AsFd;
         self.as_fd()
             .try_clone_to_owned()
@@ -269,7 +269,7 @@ impl Stream for TlsStream {
     }
 
     type Http = tokio_rustls::server::TlsStream<TcpStream>;
-    fn into_http(&mut self) -> io::Result<Self::Http> {
+    fn take_for_http(&mut self) -> io::Result<Self::Http> {
         self.take().ok_or_else(gone)
     }
 }

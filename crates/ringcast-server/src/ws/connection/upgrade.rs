@@ -190,7 +190,7 @@ impl<S: Stream> Conn<S> {
     /// Gives the socket (plain or TLS), and the bytes read so far, to the HTTP server (a task of its own).
     pub(super) fn hand_off_to_http(&mut self) {
         let head = self.take_head().unwrap_or_default();
-        match self.stream.into_http() {
+        match self.stream.take_for_http() {
             Ok(stream) => {
                 metrics::counter!("ringcast_http_connections_total").increment(1);
                 let deadlines = self.ctx.deadlines.clone();

@@ -353,7 +353,7 @@ async fn a_tls_handshake_with_garbage_is_refused_and_the_server_carries_on() {
     let mut tcp = TcpStream::connect(server.addr).await.expect("connect");
     // A handshake record whose body is not a ClientHello.
     let mut junk = vec![0x16, 0x03, 0x01, 0x00, 0x40];
-    junk.extend(std::iter::repeat(0xAB).take(0x40));
+    junk.extend_from_slice(&[0xAB; 0x40]);
     tcp.write_all(&junk).await.expect("send");
     assert!(closed_by_server(&mut tcp).await, "a broken handshake must end the connection");
     let connector = pki.client();

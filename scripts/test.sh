@@ -9,7 +9,7 @@
 #   4. the official Centrifugo JavaScript SDK (npm centrifuge + ws, with and without compression), the
 #      admin dashboard in headless Chromium (Debian's chromium, installed when missing; npm
 #      playwright-core) under a bounded `ringcast bench fanout`, and the Python SDKs (centrifuge-python,
-#      cent) against the release build;
+#      cent) against the release build, also over wss:// and https://;
 #   5. a short libFuzzer smoke run of the frame decoder, the handshake parser and the TCP decoder.
 # Ends with one line: "total: N passed, N failed".
 set -euo pipefail
@@ -98,6 +98,8 @@ done
 
 step "official JavaScript SDK (npm centrifuge) against the release build"
 command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+# The SDKs' TLS tests make their test certificates with the openssl CLI.
+command -v openssl >/dev/null || apt_install openssl
 (cd tests/sdk-js && npm ci --no-audit --no-fund --loglevel=error >"$log_dir/npm.log" 2>&1)
 set +e
 (cd tests/sdk-js && RINGCAST_BIN="$root/target/release/ringcast" timeout 300 node --test sdk.test.mjs) >"$log_dir/sdk-js.log" 2>&1

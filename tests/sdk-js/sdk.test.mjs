@@ -141,3 +141,88 @@ test('the same with permessage-deflate negotiated (ws offers it; --compression)'
   assert.ok(extensions.length >= 2, 'a socket per connect');
   assert.ok(extensions.every((e) => e === 'permessage-deflate'), `negotiated on every socket: ${extensions}`);
 });
+
+// TLS (issue 13): a CA and a leaf for 127.0.0.1 made now with openssl; the SDK's WebSocket (ws) and the
+// HTTPS API client trust that CA through their standard `ca` option.
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import https from 'node:https';
+
+function makePki() {
+  const dir = mkdtempSync(join(tmpdir(), 'ringcast-sdk-js-tls-'));
+  const run = (...args) => execFileSync('openssl', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
+  run('req', '-x509', ...ec, '-days', '2', '-subj', '/CN=sdk-js test CA', '-keyout', join(dir, 'ca.key'), '-out', join(dir, 'ca.pem'));
+  run('req', ...ec, '-subj', '/CN=localhost', '-keyout', join(dir, 'key.pem'), '-out', join(dir, 'leaf.csr'));
+  writeFileSync(join(dir, 'ext'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\n');
+  run('x509', '-req', '-in', join(dir, 'leaf.csr'), '-CA', join(dir, 'ca.pem'), '-CAkey', join(dir, 'ca.key'),
+    '-CAcreateserial', '-days', '2', '-extfile', join(dir, 'ext'), '-out', join(dir, 'cert.pem'));
+  return { dir, ca: readFileSync(join(dir, 'ca.pem')) };
+}
+
+function httpsApi(port, ca, method, params) {
+  return new Promise((resolve, reject) => {
+    const body = JSON.stringify(params);
+    const req = https.request({
+      host: '127.0.0.1', port, path: `/api/${method}`, method: 'POST', ca, ALPNProtocols: ['http/1.1'],
+      headers: { 'X-API-Key': API_KEY, 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body) },
+    }, (res) => {
+      const alpn = res.socket?.alpnProtocol;
+      let text = '';
+      res.on('data', (c) => { text += c; });
+      res.on('end', () => {
+        try {
+          assert.equal(res.statusCode, 200, `${method}: HTTP ${res.statusCode}`);
+          const parsed = JSON.parse(text);
+          assert.equal(parsed.error, undefined, `${method}: ${text}`);
+          resolve({ result: parsed.result, alpn });
+        } catch (e) { reject(e); }
+      });
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+test('the official JS SDK over wss:// (TLS), publications through the API over https://', async () => {
+  const pki = makePki();
+  const { port, proc } = await startServer(['--tls-cert', join(pki.dir, 'cert.pem'), '--tls-key', join(pki.dir, 'key.pem')]);
+  const opened = [];
+  class CaWebSocket extends WebSocket {
+    constructor(url, protocols) {
+      super(url, protocols, { ca: pki.ca });
+      opened.push(this);
+    }
+  }
+  const client = new Centrifuge(`wss://127.0.0.1:${port}/connection/websocket`, { websocket: CaWebSocket });
+  try {
+    const received = [];
+    const sub = client.newSubscription('secure');
+    sub.on('publication', (ctx) => received.push(ctx.data));
+    let subscribed = false;
+    sub.on('subscribed', () => { subscribed = true; });
+    sub.subscribe();
+    client.connect();
+    await waitFor(() => subscribed, 'subscribed over wss');
+    for (let n = 1; n <= 3; n++) {
+      const { alpn } = await httpsApi(port, pki.ca, 'publish', { channel: 'secure', data: { n, pad: 'z'.repeat(n * 400) } });
+      assert.equal(alpn, 'http/1.1');
+      await waitFor(() => received.length === n, `publication ${n} over wss`);
+    }
+    assert.deepEqual(received.map((d) => d.n), [1, 2, 3]);
+    assert.ok(opened.length >= 1 && opened[0].url.startsWith('wss://'));
+    // The certificate really is checked: without the CA, the SDK's socket is refused.
+    const refused = await new Promise((resolve) => {
+      const ws = new WebSocket(`wss://127.0.0.1:${port}/connection/websocket`);
+      ws.on('open', () => { ws.close(); resolve(false); });
+      ws.on('error', (e) => resolve(String(e.code || e.message)));
+    });
+    assert.ok(refused && /CERT|certificate|SELF_SIGNED|UNABLE/i.test(refused), `untrusted CA must fail: ${refused}`);
+  } finally {
+    client.disconnect();
+    proc.kill('SIGTERM');
+    rmSync(pki.dir, { recursive: true, force: true });
+  }
+});

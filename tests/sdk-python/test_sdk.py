@@ -38,11 +38,12 @@ def free_port():
 
 
 class Server:
-    def __init__(self):
+    def __init__(self, tls_dir=None):
         self.port = free_port()
+        tls = ["--tls-cert", f"{tls_dir}/cert.pem", "--tls-key", f"{tls_dir}/key.pem"] if tls_dir else []
         self.proc = subprocess.Popen(
             [BIN, "serve", "--dev", "--listen", f"127.0.0.1:{self.port}", "--api-key", API_KEY,
-             "--token-hmac-secret-key", SECRET, "--log-level", "warn"],
+             "--token-hmac-secret-key", SECRET, "--log-level", "warn", *tls],
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -54,8 +55,9 @@ class Server:
         else:
             self.stop()
             raise RuntimeError("server did not start")
-        self.ws = f"ws://127.0.0.1:{self.port}/connection/websocket"
-        self.api = cent.Client(f"http://127.0.0.1:{self.port}/api", API_KEY, timeout=T)
+        scheme = "s" if tls_dir else ""
+        self.ws = f"ws{scheme}://127.0.0.1:{self.port}/connection/websocket"
+        self.api = cent.Client(f"http{scheme}://127.0.0.1:{self.port}/api", API_KEY, timeout=T)
 
     def token(self, user):
         out = subprocess.run([BIN, "gentoken", "--user", user, "--secret", SECRET],
@@ -277,3 +279,55 @@ class CentApi(unittest.IsolatedAsyncioTestCase):
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
+
+
+def make_pki(directory):
+    """A CA and a leaf for 127.0.0.1, made now with openssl."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True)
+    run("req", "-x509", *ec, "-days", "2", "-subj", "/CN=sdk-python test CA",
+        "-keyout", f"{directory}/ca.key", "-out", f"{directory}/ca.pem")
+    run("req", *ec, "-subj", "/CN=localhost", "-keyout", f"{directory}/key.pem", "-out", f"{directory}/leaf.csr")
+    with open(f"{directory}/ext", "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("x509", "-req", "-in", f"{directory}/leaf.csr", "-CA", f"{directory}/ca.pem", "-CAkey", f"{directory}/ca.key",
+        "-CAcreateserial", "-days", "2", "-extfile", f"{directory}/ext", "-out", f"{directory}/cert.pem")
+
+
+class TlsClientSdk(unittest.IsolatedAsyncioTestCase):
+    """centrifuge-python over wss:// and cent over https:// (issue 13). Both trust the test CA through
+    the standard environment: SSL_CERT_FILE (OpenSSL's default verify paths, which websockets' default
+    context loads) and REQUESTS_CA_BUNDLE (requests, under cent)."""
+
+    def setUp(self):
+        import tempfile
+        self.dir = tempfile.mkdtemp(prefix="ringcast-sdk-python-tls-")
+        make_pki(self.dir)
+        self.saved = {k: os.environ.get(k) for k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")}
+        os.environ["SSL_CERT_FILE"] = f"{self.dir}/ca.pem"
+        os.environ["REQUESTS_CA_BUNDLE"] = f"{self.dir}/ca.pem"
+        self.server = Server(tls_dir=self.dir)
+
+    def tearDown(self):
+        self.server.stop()
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        import shutil
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def test_subscribe_over_wss_and_publish_over_https(self):
+        self.assertTrue(self.server.ws.startswith("wss://"))
+        client = Client(self.server.ws, token=self.server.token("alice"), proxy=None)
+        sub, rec = await subscribed(client, "secure")
+        try:
+            for n in range(1, 4):
+                await asyncio.to_thread(self.server.api.publish,
+                                        cent.PublishRequest(channel="secure", data={"n": n, "pad": "q" * (400 * n)}))
+            await sub.publish({"n": 4})
+            await rec.wait(lambda: len(rec.publications) == 4, "four publications over wss")
+            self.assertEqual([p.data["n"] for p in rec.publications], [1, 2, 3, 4])
+        finally:
+            await client.disconnect()

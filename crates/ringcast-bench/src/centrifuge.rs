@@ -18,9 +18,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ringcast_wire::OpCode;
-use tokio::net::TcpStream;
 
-use crate::client::{tcp_connect, write_all, Conn};
+use crate::client::{connect_stream, write_all, Conn, Stream};
 use crate::failure::{classify, Failure};
 use crate::params::CHANNEL;
 
@@ -219,7 +218,9 @@ async fn command(conn: &mut Conn, id: u64, is_reply: impl Fn(&[u8]) -> bool) -> 
 pub struct HttpPublisher {
     addr: SocketAddr,
     source: Option<IpAddr>,
-    stream: Option<TcpStream>,
+    /// `wss://` targets: the API is https on the same address.
+    tls: Option<crate::stream::TlsClient>,
+    stream: Option<Stream>,
     head: Vec<u8>,
     request: Vec<u8>,
     body: Vec<u8>,
@@ -227,7 +228,13 @@ pub struct HttpPublisher {
 }
 
 impl HttpPublisher {
-    pub fn new(addr: SocketAddr, source: Option<IpAddr>, host: &str, api_key: &str) -> HttpPublisher {
+    pub fn new(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        tls: Option<crate::stream::TlsClient>,
+        host: &str,
+        api_key: &str,
+    ) -> HttpPublisher {
         let head = format!(
             "POST /api/publish HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {api_key}\r\nContent-Type: application/json\r\nContent-Length: "
         )
@@ -235,6 +242,7 @@ impl HttpPublisher {
         HttpPublisher {
             addr,
             source,
+            tls,
             stream: None,
             head,
             request: Vec::new(),
@@ -245,7 +253,7 @@ impl HttpPublisher {
 
     pub async fn connect(&mut self) -> Result<(), Failure> {
         if self.stream.is_none() {
-            self.stream = Some(tcp_connect(self.addr, self.source).await?);
+            self.stream = Some(connect_stream(self.addr, self.source, self.tls.as_ref()).await?);
         }
         Ok(())
     }

@@ -178,6 +178,12 @@ fn scenario(s: Scenario, about: &'static str) -> Command {
             .help(format!("Bound on each connect + upgrade [default: {}s]", d.connect_timeout.as_secs_f64())),
     )
     .arg(
+        Arg::new("insecure")
+            .long("insecure")
+            .action(ArgAction::SetTrue)
+            .help("wss://: accept any server certificate (a self-signed test certificate); without it the roots are SSL_CERT_FILE or the system's"),
+    )
+    .arg(
         Arg::new("json")
             .long("json")
             .value_name("FILE")
@@ -242,6 +248,7 @@ pub fn params_from(scenario: Scenario, m: &ArgMatches) -> Result<Params, BenchEr
     if let Some(d) = duration_of("connect-timeout")? {
         p.connect_timeout = d;
     }
+    p.insecure = m.try_get_one::<bool>("insecure").ok().flatten().copied().unwrap_or(false);
     // Only fanout and idle have the option; the others ignore the protocol.
     if let Ok(given) = m.try_get_one::<String>("protocol") {
         p.protocol = match given.map(String::as_str) {

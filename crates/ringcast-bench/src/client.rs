@@ -27,6 +27,8 @@ use ringcast_wire::{CloseCode, Event, Limits, OpCode, Reader, Role, WireError};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpStream;
 
+pub use crate::stream::Stream;
+
 use crate::clock::now_ns;
 use crate::failure::{classify, Failure};
 
@@ -41,6 +43,8 @@ pub struct Endpoint {
     /// Offer permessage-deflate (RFC 7692) as browsers do; when the server accepts, what it sends
     /// compressed is inflated by the reader, so handlers see the same messages either way.
     pub deflate: bool,
+    /// `wss://`: the TLS client (the HTTP API is then reached over https on the same address).
+    pub tls: Option<crate::stream::TlsClient>,
 }
 
 /// The offer browsers send (no parameters the server must honour beyond letting it cap our window).
@@ -138,9 +142,32 @@ fn bind_address_no_port(socket: &Socket) {
     }
 }
 
+/// A TCP connection, then the TLS handshake when `tls` is given.
+pub async fn connect_stream(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    tls: Option<&crate::stream::TlsClient>,
+) -> Result<Stream, Failure> {
+    let tcp = tcp_connect(addr, source).await?;
+    match tls {
+        None => Ok(Stream::Plain(tcp)),
+        Some(tls) => tls.handshake(tcp).await.map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => Failure::Protocol(format!("TLS: {e}")),
+            _ => classify(&e),
+        }),
+    }
+}
+
 async fn open_inner(ep: &Endpoint, source: Option<IpAddr>, buffers: &Buffers, start: u64) -> Result<Opened, Failure> {
-    let stream = tcp_connect(ep.addr, source).await?;
+    let tcp = tcp_connect(ep.addr, source).await?;
     let tcp_ns = now_ns().saturating_sub(start);
+    let stream = match &ep.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => tls.handshake(tcp).await.map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => Failure::Protocol(format!("TLS: {e}")),
+            _ => classify(&e),
+        })?,
+    };
 
     let key = BASE64.encode(fastrand::u128(..).to_ne_bytes());
     let mut request = Vec::with_capacity(256);
@@ -191,7 +218,7 @@ async fn open_inner(ep: &Endpoint, source: Option<IpAddr>, buffers: &Buffers, st
 }
 
 /// Writes all of `data`, waiting for the socket as needed (handshake and shutdown only).
-pub async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+pub async fn write_all(stream: &Stream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         stream.writable().await?;
         match stream.try_write(data) {
@@ -294,7 +321,7 @@ impl Tx {
     }
 
     /// Writes as much as the socket takes without waiting.
-    pub fn flush(&mut self, stream: &TcpStream) -> io::Result<()> {
+    pub fn flush(&mut self, stream: &Stream) -> io::Result<()> {
         while self.written < self.out.len() {
             match stream.try_write(&self.out[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -315,13 +342,13 @@ impl Tx {
 
 /// An upgraded client connection.
 pub struct Conn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub rx: Rx,
     pub tx: Tx,
 }
 
 impl Conn {
-    fn new(stream: TcpStream, buf: AnyBuffer) -> Conn {
+    fn new(stream: Stream, buf: AnyBuffer) -> Conn {
         Conn {
             stream,
             rx: Rx {

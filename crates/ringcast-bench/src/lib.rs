@@ -48,6 +48,7 @@ pub mod proc;
 mod progress;
 pub mod report;
 pub mod scenario;
+pub mod stream;
 pub mod tcp;
 mod worker;
 
@@ -95,5 +96,11 @@ pub(crate) async fn endpoint(params: &Params) -> Result<Endpoint, BenchError> {
     let target = params.validate()?;
     let prefer_v4 = params.source_ips.first().map(|ip| ip.is_ipv4());
     let addr = target.resolve(prefer_v4).await?;
-    Ok(Endpoint { addr, host: target.host_header(), path: target.path.clone(), deflate: params.compression })
+    let tls = match target.tls {
+        true => Some(
+            crate::stream::TlsClient::new(&target.host, params.insecure).map_err(|e| BenchError::invalid("url", e))?,
+        ),
+        false => None,
+    };
+    Ok(Endpoint { addr, host: target.host_header(), path: target.path.clone(), deflate: params.compression, tls })
 }

@@ -119,6 +119,9 @@ pub struct Params {
     pub processes: usize,
     /// Centrifugo HTTP API key: publish with `POST /api/publish` instead of over WebSocket.
     pub api_key: Option<String>,
+    /// `wss://`: accept any server certificate (a test certificate); the handshake is still TLS.
+    #[serde(default)]
+    pub insecure: bool,
     /// Bound on each TCP connect + upgrade (and Centrifugo connect/subscribe).
     #[serde(with = "secs")]
     pub connect_timeout: Duration,
@@ -162,6 +165,7 @@ impl Params {
             server_pid: None,
             processes: 1,
             api_key: None,
+            insecure: false,
             connect_timeout: Duration::from_secs(10),
             compression: false,
             payload: PayloadKind::Filler,
@@ -286,23 +290,26 @@ pub struct Target {
     pub port: u16,
     /// Path and query, starting with `/`.
     pub path: String,
+    /// `wss://`.
+    pub tls: bool,
 }
 
 impl Target {
     pub fn parse(url: &str) -> Result<Target, BenchError> {
         let bad = |m: &str| BenchError::invalid("url", format!("{url:?}: {m}"));
-        let rest = if let Some(r) = url.strip_prefix("ws://") {
-            r
+        let (rest, tls) = if let Some(r) = url.strip_prefix("ws://") {
+            (r, false)
+        } else if let Some(r) = url.strip_prefix("wss://") {
+            (r, true)
         } else if let Some(r) = url.strip_prefix("tcp://") {
             if r.contains(['/', '?']) {
                 return Err(bad("a tcp:// URL is tcp://host:port, without a path"));
             }
-            r
-        } else if url.starts_with("wss://") {
-            return Err(bad("wss:// (TLS) is not supported; point the tool at a ws:// listener"));
+            (r, false)
         } else {
-            return Err(bad("expected ws://host[:port][/path] or tcp://host:port"));
+            return Err(bad("expected ws://host[:port][/path], wss://host[:port][/path] or tcp://host:port"));
         };
+        let default_port = if tls { 443 } else { 80 };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
             Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
@@ -316,25 +323,25 @@ impl Target {
             let after = &v6[end + 1..];
             let port = match after.strip_prefix(':') {
                 Some(p) => p.parse::<u16>().map_err(|_| bad("bad port"))?,
-                None if after.is_empty() => 80,
+                None if after.is_empty() => default_port,
                 None => return Err(bad("junk after the host")),
             };
             (format!("[{}]", &v6[..end]), port)
         } else {
             match authority.rsplit_once(':') {
                 Some((h, p)) => (h.to_string(), p.parse::<u16>().map_err(|_| bad("bad port"))?),
-                None => (authority.to_string(), 80),
+                None => (authority.to_string(), default_port),
             }
         };
         if host.is_empty() {
             return Err(bad("no host"));
         }
-        Ok(Target { host, port, path })
+        Ok(Target { host, port, path, tls })
     }
 
-    /// The Host header: the host, with the port unless it is 80.
+    /// The Host header: the host, with the port unless it is the scheme's default.
     pub fn host_header(&self) -> String {
-        if self.port == 80 {
+        if self.port == if self.tls { 443 } else { 80 } {
             self.host.clone()
         } else {
             format!("{}:{}", self.host, self.port)
@@ -460,7 +467,11 @@ mod tests {
         assert_eq!((t.port, t.path.as_str(), t.host_header().as_str()), (80, "/", "localhost"));
         let t = Target::parse("ws://[::1]:9000?x=1").unwrap();
         assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("[::1]", 9000, "/?x=1"));
-        assert!(Target::parse("wss://x").unwrap_err().to_string().contains("TLS"));
+        let t = Target::parse("wss://localhost:8443/connection/websocket").unwrap();
+        assert_eq!((t.tls, t.port, t.host_header().as_str()), (true, 8443, "localhost:8443"));
+        let t = Target::parse("wss://example.org").unwrap();
+        assert_eq!((t.tls, t.port, t.host_header().as_str()), (true, 443, "example.org"));
+        assert!(!Target::parse("ws://x").unwrap().tls);
         assert!(Target::parse("http://x").is_err());
         assert!(Target::parse("ws://:80/").is_err());
         assert!(Target::parse("ws://h:99999/").is_err());

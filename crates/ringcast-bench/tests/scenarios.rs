@@ -461,7 +461,11 @@ fn cli_arguments_become_params() {
     let m = cmd().try_get_matches_from(["bench", "echo", "--size", "4"]).expect("parses");
     let e = ringcast_bench::params_from(Scenario::Echo, m.subcommand().expect("scenario").1).unwrap_err();
     assert!(e.to_string().starts_with("--size"), "{e}");
-    let m = cmd().try_get_matches_from(["bench", "echo", "--url", "wss://x/"]).expect("parses");
+    // wss:// is accepted (issue 13); --insecure is carried to the workers.
+    let m = cmd().try_get_matches_from(["bench", "echo", "--url", "wss://x/", "--insecure"]).expect("parses");
+    let p = ringcast_bench::params_from(Scenario::Echo, m.subcommand().expect("scenario").1).expect("wss:// params");
+    assert!(p.insecure);
+    let m = cmd().try_get_matches_from(["bench", "echo", "--url", "http://x/"]).expect("parses");
     assert!(ringcast_bench::params_from(Scenario::Echo, m.subcommand().expect("scenario").1).is_err());
 }
 

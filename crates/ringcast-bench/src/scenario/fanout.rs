@@ -101,7 +101,7 @@ pub(crate) async fn run<L: Link>(p: &Params, ep: &Endpoint, share: &Share, link:
     } else if let Some(key) = p.api_key.as_deref().filter(|_| centrifugo) {
         for j in share.publishers.clone() {
             tally.attempted += 1;
-            let mut http = HttpPublisher::new(ep.addr, source_for(p, p.subscribers + j), &ep.host, key);
+            let mut http = HttpPublisher::new(ep.addr, source_for(p, p.subscribers + j), ep.tls.clone(), &ep.host, key);
             match tokio::time::timeout(p.connect_timeout, http.connect()).await.unwrap_or(Err(Failure::Timeout)) {
                 Ok(()) => {
                     tally.established += 1;

@@ -66,8 +66,8 @@ pub fn serve(stream: TcpStream, already_read: Vec<u8>, router: Router) -> impl F
 /// [`serve`] with explicit limits, and a `shutdown` signal: when it resolves, a request whose head has
 /// arrived is finished and answered, then the connection is closed; a connection that is idle, or still
 /// sending a request head, is closed at once (hyper's graceful shutdown).
-pub fn serve_with<S>(
-    stream: TcpStream,
+pub fn serve_with<S, IO>(
+    stream: IO,
     already_read: Vec<u8>,
     router: Router,
     options: ServeOptions,
@@ -75,14 +75,15 @@ pub fn serve_with<S>(
 ) -> impl Future<Output = ()> + Send + 'static
 where
     S: Future<Output = ()> + Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     // A named `async fn` behind an explicit signature: the `Send + 'static` promise is checked here, not at
     // the caller's `spawn`.
     run(stream, already_read, router, options, shutdown)
 }
 
-async fn run<S: Future<Output = ()>>(
-    stream: TcpStream,
+async fn run<S: Future<Output = ()>, IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(
+    stream: IO,
     already_read: Vec<u8>,
     router: Router,
     options: ServeOptions,

@@ -78,6 +78,8 @@ pub const KEYS: &[Key] = &[
     key("token_hmac_secret_key", Kind::Str, "Secret for HS256/384/512 connection and subscription tokens."),
     key("token_rsa_public_key", Kind::Str, "PEM public key for RS256/384/512 tokens."),
     key("token_ecdsa_public_key", Kind::Str, "PEM public key for ES256/384 tokens."),
+    key("tls_cert", Kind::Str, "PEM file of the certificate chain (leaf first) the listener serves TLS with: wss:// and https:// (API, /metrics, /health) on `listen`, ALPN http/1.1. Reloaded with tls_key on SIGHUP; a file that does not load keeps the old pair. Empty: plain ws:// and http://."),
+    key("tls_key", Kind::Str, "PEM file of the private key (PKCS#8, PKCS#1 or SEC1) for tls_cert. Set both or neither."),
     key("internal_listen", Kind::Str, "Address (HOST:PORT) serving /api, /metrics and /health on their own; when set, the public listener serves only WebSockets and /health. Empty: all on `listen`."),
     key("tcp_listen", Kind::Str, "Address (HOST:PORT) of the raw TCP binary protocol (docs/tcp-protocol.md). Empty: off, except with --dev, where it is `listen`'s host on port 7070 (an ephemeral port when `listen`'s port is 0). \"off\": off even with --dev."),
     key("tcp_max_body_size", Kind::Int, "TCP protocol: largest accepted frame body in bytes; a larger body_len is answered ERROR 4 and the connection closed."),
@@ -152,6 +154,8 @@ pub struct Config {
     pub token_hmac_secret_key: String,
     pub token_rsa_public_key: String,
     pub token_ecdsa_public_key: String,
+    pub tls_cert: String,
+    pub tls_key: String,
     pub internal_listen: String,
     pub tcp_listen: String,
     pub tcp_max_body_size: u32,
@@ -224,6 +228,8 @@ impl Default for Config {
             token_hmac_secret_key: String::new(),
             token_rsa_public_key: String::new(),
             token_ecdsa_public_key: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
             internal_listen: String::new(),
             tcp_listen: String::new(),
             tcp_max_body_size: ringcast_wire::tcp::DEFAULT_MAX_BODY,
@@ -311,6 +317,8 @@ pub struct Settings {
     pub admin: bool,
     /// `memory_high_watermark` / `memory_low_watermark` in bytes, when on.
     pub memory: Option<crate::app::memory::Watermarks>,
+    /// `tls_cert` and `tls_key`, when set (loaded, and checked, when the server binds).
+    pub tls: Option<crate::app::tls::TlsFiles>,
 }
 
 /// A size key may be a TOML integer (bytes) or a string ("512MiB", "80%").
@@ -445,6 +453,11 @@ impl Config {
         if !self.echo_path.starts_with('/') {
             return Err(invalid("echo_path", "must start with '/'"));
         }
+        match (self.tls_cert.is_empty(), self.tls_key.is_empty()) {
+            (false, true) => return Err(invalid("tls_key", "must be set when tls_cert is")),
+            (true, false) => return Err(invalid("tls_cert", "must be set when tls_key is")),
+            _ => {}
+        }
         let internal_listen = match self.internal_listen.as_str() {
             "" => None,
             s => Some(
@@ -518,6 +531,10 @@ impl Config {
             crate::app::memory::cgroup_limit,
         )
         .map_err(|(key, message)| invalid(key, message))?;
+        let tls = (!self.tls_cert.is_empty()).then(|| crate::app::tls::TlsFiles {
+            cert: self.tls_cert.clone().into(),
+            key: self.tls_key.clone().into(),
+        });
         Ok(Settings {
             listen,
             internal_listen,
@@ -527,6 +544,7 @@ impl Config {
             deflate,
             admin,
             memory,
+            tls,
         })
     }
 
@@ -674,6 +692,19 @@ mod tests {
         let bounds = [("tcp_pong_timeout_min".into(), "5s".into()), ("tcp_pong_timeout_max".into(), "1s".into())];
         let e = Config::load(None, no_env, &bounds).unwrap_err();
         assert!(e.to_string().contains("`tcp_pong_timeout_max`"), "{e}");
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let (_, s) = Config::load(None, no_env, &[]).unwrap();
+        assert!(s.tls.is_none(), "plain by default");
+        let e = Config::load(None, no_env, &[("tls_cert".into(), "c.pem".into())]).unwrap_err();
+        assert!(e.to_string().contains("`tls_key`"), "{e}");
+        let e = Config::load(None, no_env, &[("tls_key".into(), "k.pem".into())]).unwrap_err();
+        assert!(e.to_string().contains("`tls_cert`"), "{e}");
+        let both = [("tls_cert".into(), "c.pem".into()), ("tls_key".into(), "k.pem".into())];
+        let (_, s) = Config::load(None, no_env, &both).unwrap();
+        assert_eq!(s.tls.map(|t| t.cert), Some("c.pem".into()), "the files are read when the server binds");
     }
 
     #[test]

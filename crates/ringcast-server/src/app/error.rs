@@ -10,5 +10,7 @@ pub enum ServerError {
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
     #[error(transparent)]
+    Tls(#[from] crate::app::tls::TlsError),
+    #[error(transparent)]
     Config(#[from] crate::app::config::ConfigError),
 }

@@ -10,3 +10,4 @@ pub mod context;
 pub mod error;
 pub mod memory;
 pub mod server;
+pub mod tls;

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::app::config::{Config, Settings};
 use crate::app::context::Context;
 use crate::app::error::ServerError;
+use crate::app::tls::Tls;
 
 /// A bound, not yet running server.
 pub struct Server {
@@ -19,6 +20,8 @@ pub struct Server {
     internal: Option<TcpListener>,
     /// The `tcp_listen` listener (the raw TCP binary protocol), when on.
     tcp: Option<TcpListener>,
+    /// `tls_cert`/`tls_key`, when set: every connection on `listener` speaks TLS first.
+    tls: Option<Arc<Tls>>,
     ctx: Arc<Context>,
 }
 
@@ -43,11 +46,20 @@ impl Server {
             Some(addr) => Some(bind(addr).map_err(|source| ServerError::Bind { addr, source })?),
             None => None,
         };
-        Ok(Server { listener, internal, tcp, ctx: Arc::new(Context::new(config, settings)?) })
+        let tls = match settings.tls.clone() {
+            Some(files) => Some(Arc::new(Tls::load(files)?)),
+            None => None,
+        };
+        Ok(Server { listener, internal, tcp, tls, ctx: Arc::new(Context::new(config, settings)?) })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The listener's TLS configuration, when `tls_cert`/`tls_key` are set (to reload it).
+    pub fn tls(&self) -> Option<Arc<Tls>> {
+        self.tls.clone()
     }
 
     /// The bound `internal_listen` address, when configured.
@@ -87,7 +99,14 @@ impl Server {
                             tracing::debug!(%peer, error = %e, "set_nodelay failed");
                         }
                         accepted_count = accepted_count.wrapping_add(1);
-                        tokio::spawn(crate::ws::Connection::new(stream, self.ctx.clone(), accepted_count));
+                        match &self.tls {
+                            None => {
+                                tokio::spawn(crate::ws::Connection::new(stream, self.ctx.clone(), accepted_count));
+                            }
+                            Some(tls) => {
+                                tokio::spawn(tls_connection(tls.clone(), stream, self.ctx.clone(), accepted_count));
+                            }
+                        }
                     }
                     Err(e) => {
                         // EMFILE/ENFILE/ECONNABORTED are per-accept troubles, not reasons to stop serving.
@@ -115,6 +134,19 @@ impl Server {
             tracing::warn!(remaining = self.ctx.live.len(), "shutdown timeout: dropping remaining connections");
         }
         Ok(())
+    }
+}
+
+/// A TLS connection: the handshake (its own small task, so the established connection's task does not
+/// carry the handshake's state), then the connection as `Connection<TlsStream>` in a task of its own.
+async fn tls_connection(tls: Arc<Tls>, stream: TcpStream, ctx: Arc<Context>, spread: usize) {
+    let config = &ctx.config;
+    // Failures are counted and logged by `handshake`.
+    if let Ok(stream) = crate::app::tls::handshake(&tls, stream, config.handshake_timeout, config.close_timeout).await {
+        if !ctx.deadlines.is_shutdown() {
+            let stream = crate::transport::stream::TlsStream::new(stream);
+            tokio::spawn(crate::ws::Connection::new(stream, ctx, spread));
+        }
     }
 }
 
@@ -226,8 +258,17 @@ pub fn run_blocking(config: Config, settings: Settings) -> Result<(), ServerErro
             let at = server.internal_addr().unwrap_or(addr);
             tracing::info!("admin dashboard: http://{at}/admin");
         }
+        let scheme = if server.tls.is_some() { "wss" } else { "ws" };
         if server.ctx.settings.echo {
-            tracing::info!("echo endpoint: ws://{}{}", addr, server.ctx.config.echo_path);
+            tracing::info!("echo endpoint: {scheme}://{}{}", addr, server.ctx.config.echo_path);
+        }
+        #[cfg(unix)]
+        if let Some(tls) = server.tls() {
+            // Installed before anything is accepted: from then on SIGHUP reloads instead of ending us.
+            let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(ServerError::Runtime)?;
+            tracing::info!(cert = %tls.files().cert.display(), "TLS on: wss:// and https://; SIGHUP reloads the certificate");
+            tokio::spawn(crate::app::tls::reload_on_sighup(tls, hangup));
         }
         server.run(termination_signal()).await
     })

@@ -449,7 +449,7 @@ impl Connection {
 
     fn flush(&mut self) -> io::Result<()> {
         let before = self.out.queued_bytes();
-        let done = self.out.flush(&self.stream);
+        let done = self.out.flush(&mut self.stream);
         self.ctx.bytes_out.increment((before - self.out.queued_bytes()) as u64);
         if done? {
             self.write_stalled_since = None;

@@ -14,10 +14,11 @@
 //!
 //! Also here, because every transport's connection task uses them: [`outbound`], the queue of shared,
 //! pre-encoded frames flushed with `writev`, and [`deadline`], every connection's deadlines in one swept
-//! table (also how shutdown reaches them).
+//! table (also how shutdown reaches them), and [`stream`], the plain or TLS byte stream under a connection.
 
 pub mod deadline;
 pub mod outbound;
+pub mod stream;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use ringcast_protocol::Format;

@@ -17,7 +17,8 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 
 use bytes::{Buf, Bytes};
-use tokio::net::TcpStream;
+
+use super::stream::Stream;
 
 /// Most frames handed to one `writev` (Linux allows 1024; 64 already amortizes the syscall).
 pub const MAX_IOV: usize = 64;
@@ -120,7 +121,9 @@ impl Outbound {
 
     /// Writes as much as the socket accepts without blocking. `Ok(true)`: everything is written;
     /// `Ok(false)`: the socket is full, await writability and call again.
-    pub fn flush(&mut self, stream: &TcpStream) -> io::Result<bool> {
+    /// Over TLS, the frames are encrypted into records (several per record where they fit), and the
+    /// records rustls could not write yet count as not written.
+    pub fn flush<S: Stream>(&mut self, stream: &mut S) -> io::Result<bool> {
         while let Some(head) = &self.head {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
             iov[0] = IoSlice::new(head);
@@ -137,7 +140,7 @@ impl Outbound {
                 Err(e) => return Err(e),
             }
         }
-        Ok(true)
+        stream.flush_pending()
     }
 
     /// Removes `n` written bytes from the front of the queue.

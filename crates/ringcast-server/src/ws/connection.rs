@@ -53,6 +53,7 @@ use crate::app::admission::IpKey;
 use crate::app::context::Context;
 use crate::transport::deadline::{reached, Key};
 use crate::transport::outbound::Outbound;
+use crate::transport::stream::Stream;
 
 mod client;
 mod echo;
@@ -105,12 +106,12 @@ enum Phase {
 }
 
 /// A connection's whole life as one future. Spawned once per accepted socket.
-pub struct Connection {
-    conn: Conn,
+pub struct Connection<S: Stream = TcpStream> {
+    conn: Conn<S>,
 }
 
-impl Connection {
-    pub fn new(stream: TcpStream, ctx: Arc<Context>, spread: usize) -> Connection {
+impl<S: Stream> Connection<S> {
+    pub fn new(stream: S, ctx: Arc<Context>, spread: usize) -> Connection<S> {
         let mut conn = Conn::new(stream, ctx, spread);
         if conn.ctx.deadlines.is_shutdown() {
             conn.shutdown_seen = true;
@@ -120,7 +121,7 @@ impl Connection {
     }
 }
 
-impl Future for Connection {
+impl<S: Stream> Future for Connection<S> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
@@ -167,7 +168,7 @@ impl Future for Connection {
     }
 }
 
-impl Drop for Conn {
+impl<S: Stream> Drop for Conn<S> {
     fn drop(&mut self) {
         self.ctx.live.leave();
         self.ctx.deadlines.remove(self.key);
@@ -198,8 +199,8 @@ enum Stage {
     Deflate(Deflater),
 }
 
-struct Conn {
-    stream: TcpStream,
+struct Conn<S: Stream> {
+    stream: S,
     ctx: Arc<Context>,
     phase: Phase,
     endpoint: Endpoint,
@@ -226,8 +227,8 @@ struct Conn {
     closing_since: Option<Stamp>,
 }
 
-impl Conn {
-    fn new(stream: TcpStream, ctx: Arc<Context>, spread: usize) -> Self {
+impl<S: Stream> Conn<S> {
+    fn new(stream: S, ctx: Arc<Context>, spread: usize) -> Self {
         let buf = ctx.read_buffer();
         let reader = Reader::new(Role::Server, ctx.limits);
         ctx.live.enter();
@@ -293,7 +294,7 @@ impl Conn {
                 Poll::Pending => {}
             }
         }
-        if !self.out.is_empty() {
+        if !self.out.is_empty() || self.stream.has_pending_output() {
             match self.stream.poll_write_ready(cx) {
                 Poll::Ready(Ok(())) => {
                     self.flush()?;
@@ -307,13 +308,13 @@ impl Conn {
             self.hand_off_to_http();
             return Ok(Step::Finished);
         }
-        if self.out.is_empty() {
+        if self.out.is_empty() && !self.stream.has_pending_output() {
             match self.phase {
                 Phase::Done => return Ok(Step::Finished),
                 Phase::Draining if !self.fin_sent => {
                     self.fin_sent = true;
                     // FIN after our last bytes; input is still read (and discarded) until EOF.
-                    let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write);
+                    self.stream.shutdown_write();
                 }
                 _ => {}
             }
@@ -526,7 +527,7 @@ impl Conn {
 
     fn flush(&mut self) -> io::Result<()> {
         let before = self.out.queued_bytes();
-        let done = self.out.flush(&self.stream);
+        let done = self.out.flush(&mut self.stream);
         self.ctx.bytes_out.increment((before - self.out.queued_bytes()) as u64);
         if done? {
             self.write_stalled_since = None;
@@ -738,6 +739,18 @@ mod tests {
         // and a trailer (48 B), rounded up to a multiple of 128 (it is `repr(align(128))`): 104 + 280 =
         // 384 B per connection; one byte more and every connection's task costs 512.
         assert!(size <= 280, "Connection grew to {size} B");
+    }
+
+    /// A TLS connection is its own monomorphisation (`Connection<TlsStream>`): the session is boxed, so the
+    /// future is no larger than the plain one and stays in the same task size class. The box is what TLS
+    /// adds to every connection (its buffers come on top while they hold bytes).
+    #[test]
+    fn tls_connection_future_stays_small() {
+        let plain = std::mem::size_of::<super::Connection>();
+        let tls = std::mem::size_of::<super::Connection<crate::transport::stream::TlsStream>>();
+        let session = std::mem::size_of::<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>();
+        println!("Connection<TcpStream>: {plain} B, Connection<TlsStream>: {tls} B, boxed TLS session: {session} B");
+        assert!(tls <= plain, "Connection<TlsStream> grew to {tls} B (plain: {plain} B)");
     }
 
     /// What a client connection adds: its boxed state and the shared queue (an `Arc`: 16 more bytes).

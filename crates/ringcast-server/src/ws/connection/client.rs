@@ -22,7 +22,7 @@ pub(super) struct ClientState {
     pub(super) pong_due: Option<Stamp>,
 }
 
-impl Conn {
+impl<S: crate::transport::stream::Stream> Conn<S> {
     /// Runs what the server API asked of this client's session (server-side subscribe, …).
     pub(super) fn run_server_commands(&mut self) {
         let Some(c) = self.client.as_deref_mut() else { return };

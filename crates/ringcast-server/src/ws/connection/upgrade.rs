@@ -10,13 +10,13 @@ use ringcast_protocol::{Format, PROTOBUF_SUBPROTOCOL};
 use ringcast_wire::buffer::fill_from;
 use ringcast_wire::handshake::{self, HandshakeError};
 use ringcast_wire::{DeflateConfig, DeflateParams, Deflater};
-use tokio::net::TcpStream;
 
 use super::client::ClientState;
 use super::{ms, stamp, Conn, Endpoint, Phase, Stage, SCRATCH, SCRATCH_KEEP};
 use crate::app::admission::{IpKey, Refusal};
 use crate::pubsub::client::{ClientId, ClientShared};
 use crate::session::Session;
+use crate::transport::stream::Stream;
 use crate::transport::{DeflateFraming, Encoding, Framing};
 
 thread_local! {
@@ -30,7 +30,7 @@ pub const CLIENT_PATH: &str = "/connection/websocket";
 /// Subprotocols we speak on the client endpoint; JSON is the default without one.
 const CLIENT_PROTOCOLS: &[&str] = &[PROTOBUF_SUBPROTOCOL, "centrifuge-json"];
 
-impl Conn {
+impl<S: Stream> Conn<S> {
     /// The head bytes kept from earlier reads, if any.
     fn take_head(&mut self) -> Option<Vec<u8>> {
         match self.stage.take().map(|b| *b) {
@@ -196,19 +196,10 @@ impl Conn {
         config
     }
 
-    /// Gives the socket, and the bytes read so far, to the HTTP server (a task of its own). The socket is
-    /// duplicated rather than moved out: this connection then ends, closing only its own descriptor.
+    /// Gives the socket (plain or TLS), and the bytes read so far, to the HTTP server (a task of its own).
     pub(super) fn hand_off_to_http(&mut self) {
-        use std::os::fd::AsFd;
         let head = self.take_head().unwrap_or_default();
-        let dup = self
-            .stream
-            .as_fd()
-            .try_clone_to_owned()
-            .map(std::net::TcpStream::from)
-            .and_then(|s| s.set_nonblocking(true).map(|()| s))
-            .and_then(TcpStream::from_std);
-        match dup {
+        match self.stream.take_for_http() {
             Ok(stream) => {
                 metrics::counter!("ringcast_http_connections_total").increment(1);
                 let deadlines = self.ctx.deadlines.clone();

@@ -1,0 +1,275 @@
+//! The byte stream under a WebSocket connection: a plain TCP socket, or TLS over one.
+//!
+//! [`crate::ws::Connection`] is generic over [`Stream`], so each kind is its own monomorphisation: the
+//! plain path calls tokio's `TcpStream` methods directly, as before (the trait's extra hooks are
+//! constant `false`/`Ok(true)` there and compile away), and its future keeps its size. TLS connections
+//! are `Connection<TlsStream>`.
+//!
+//! # Why TLS is driven by hand
+//! The connection is readiness-based: it waits with `poll_read_ready`/`poll_write_ready` (state parked
+//! in the socket's registration, nothing in the future) and then calls non-blocking `try_*` methods.
+//! tokio-rustls's `TlsStream` is `AsyncRead`/`AsyncWrite`, which does not fit that shape, so after
+//! tokio-rustls has done the handshake ([`crate::app::tls`]) we drive its rustls session ourselves, sans
+//! IO: ciphertext goes in with `read_tls` from the socket's `try_read`, plaintext comes out of
+//! `reader()`; plaintext goes in with `writer()` and ciphertext out with `write_tls` (rustls writes its
+//! queued records with one `writev`). The `TlsStream` itself is kept (boxed: 8 bytes in the future),
+//! so a plain HTTP request on the TLS port (`https://…/api`) can be handed to hyper as it is.
+//!
+//! # Zero-copy fan-out over TLS
+//! A publication is still encoded once and shared as one `Bytes`; each TLS connection encrypts it into
+//! its own records. The queue is handed to rustls as an `IoSlice` array (`write_vectored`), which packs
+//! several frames into one record where they fit, so a burst costs one seal per 16 KiB, not one per frame.
+//!
+//! # Ciphertext rustls still holds
+//! `writer()` accepts plaintext as long as rustls's buffer has room (64 KiB by default) and encrypts it
+//! at once; what the socket does not take stays inside rustls. The connection must not think itself
+//! drained while that is so: [`Stream::has_pending_output`] says so, and [`Stream::flush_pending`]
+//! writes it when the socket is writable.
+
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::net::SocketAddr;
+use std::task::{Context, Poll};
+
+use tokio::net::TcpStream;
+
+/// What a connection needs of its byte stream. Every method is non-blocking.
+pub trait Stream: Unpin + Send + 'static {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_write_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Reads into `iov`; `Ok(0)` is the end of the stream, `WouldBlock` means wait for readiness.
+    fn try_read_vectored(&mut self, iov: &mut [IoSliceMut<'_>]) -> io::Result<usize>;
+    /// Reads into `buf`'s spare capacity (growing its length by what was read).
+    fn try_read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize>;
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize>;
+    fn try_write_vectored(&mut self, iov: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Bytes accepted earlier that are still waiting for the socket (TLS records); never for TCP.
+    fn has_pending_output(&self) -> bool;
+    /// Writes those bytes; `Ok(true)` once none are left.
+    fn flush_pending(&mut self) -> io::Result<bool>;
+    /// Ends our sending side (TLS: close_notify first), best effort.
+    fn shutdown_write(&mut self);
+    fn peer_addr(&self) -> io::Result<SocketAddr>;
+
+    /// The stream as the HTTP server reads it (a request that is not a WebSocket upgrade).
+    type Http: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    /// Gives the stream to the HTTP server; this connection then ends without touching it again.
+    fn take_for_http(&mut self) -> io::Result<Self::Http>;
+}
+
+impl Stream for TcpStream {
+    #[inline]
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+    #[inline]
+    fn poll_write_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_write_ready(self, cx)
+    }
+    #[inline]
+    fn try_read_vectored(&mut self, iov: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        TcpStream::try_read_vectored(self, iov)
+    }
+    #[inline]
+    fn try_read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        TcpStream::try_read_buf(self, buf)
+    }
+    #[inline]
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        TcpStream::try_write(self, buf)
+    }
+    #[inline]
+    fn try_write_vectored(&mut self, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+        TcpStream::try_write_vectored(self, iov)
+    }
+    #[inline]
+    fn has_pending_output(&self) -> bool {
+        false
+    }
+    #[inline]
+    fn flush_pending(&mut self) -> io::Result<bool> {
+        Ok(true)
+    }
+    fn shutdown_write(&mut self) {
+        let _ = socket2::SockRef::from(&*self).shutdown(std::net::Shutdown::Write);
+    }
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        TcpStream::peer_addr(self)
+    }
+
+    type Http = TcpStream;
+    /// The socket is duplicated rather than moved out: the connection then ends, closing only its own
+    /// descriptor.
+    fn take_for_http(&mut self) -> io::Result<TcpStream> {
+        use std::os::fd::AsFd;
+        self.as_fd()
+            .try_clone_to_owned()
+            .map(std::net::TcpStream::from)
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .and_then(TcpStream::from_std)
+    }
+}
+
+/// A TLS connection whose handshake is done: tokio-rustls's stream, boxed (the rustls session is over
+/// a kilobyte; the future carries only the pointer). `None` once handed to the HTTP server.
+pub struct TlsStream(Option<Box<tokio_rustls::server::TlsStream<TcpStream>>>);
+
+/// `io::Read`/`io::Write` over a tokio socket's non-blocking calls, for rustls's `read_tls`/`write_tls`.
+struct Io<'a>(&'a TcpStream);
+
+impl Read for Io<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl Write for Io<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn write_vectored(&mut self, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(iov)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn gone() -> io::Error {
+    io::ErrorKind::NotConnected.into()
+}
+
+impl TlsStream {
+    pub fn new(stream: tokio_rustls::server::TlsStream<TcpStream>) -> TlsStream {
+        TlsStream(Some(Box::new(stream)))
+    }
+
+    /// The stream for the HTTP server (hyper reads and writes it through tokio-rustls).
+    pub fn take(&mut self) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+        self.0.take().map(|b| *b)
+    }
+
+    /// Writes queued records until none are left (`Ok(true)`) or the socket is full (`Ok(false)`).
+    fn write_records(tcp: &TcpStream, tls: &mut tokio_rustls::rustls::ServerConnection) -> io::Result<bool> {
+        while tls.wants_write() {
+            match tls.write_tls(&mut Io(tcp)) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Plaintext into `read`; ciphertext is read from the socket only when none is buffered.
+    fn read_with(&mut self, mut read: impl FnMut(&mut dyn Read) -> io::Result<usize>) -> io::Result<usize> {
+        let s = self.0.as_deref_mut().ok_or_else(gone)?;
+        let (tcp, tls) = s.get_mut();
+        loop {
+            match read(&mut tls.reader()) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // TCP EOF without close_notify: most clients end that way; it is the end of the stream.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            if tls.read_tls(&mut Io(tcp))? == 0 {
+                // EOF from the socket: rustls now reports the end (or the truncation) on the next read.
+                tls.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                continue;
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // rustls queued an alert saying why; send it before the connection ends.
+                let _ = Self::write_records(tcp, tls);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            // A KeyUpdate or similar produced records of its own.
+            Self::write_records(tcp, tls)?;
+        }
+    }
+}
+
+impl Stream for TlsStream {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(s) = self.0.as_deref_mut() else { return Poll::Ready(Err(gone())) };
+        let (tcp, tls) = s.get_mut();
+        // Decrypted bytes we have not read yet (a read stopped for fairness or a full buffer) are ready
+        // without the socket; so is an error or the peer's close_notify.
+        match tls.process_new_packets() {
+            Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => tcp.poll_read_ready(cx),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_write_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.0.as_deref_mut() {
+            Some(s) => s.get_mut().0.poll_write_ready(cx),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+
+    fn try_read_vectored(&mut self, iov: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        self.read_with(|r| r.read_vectored(iov))
+    }
+
+    fn try_read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        // Handshake heads only: zeroing the spare room is cheap next to the TLS handshake before it.
+        let start = buf.len();
+        if buf.capacity() == start {
+            buf.reserve(1024);
+        }
+        buf.resize(buf.capacity(), 0);
+        let r = self.read_with(|r| r.read(&mut buf[start..]));
+        buf.truncate(start + *r.as_ref().unwrap_or(&0));
+        r
+    }
+
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.try_write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn try_write_vectored(&mut self, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+        let s = self.0.as_deref_mut().ok_or_else(gone)?;
+        let (tcp, tls) = s.get_mut();
+        // Records queued before go first; while the socket refuses them, nothing new is taken.
+        if !Self::write_records(tcp, tls)? {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = tls.writer().write_vectored(iov)?;
+        // Push the new records now; what the socket leaves is `has_pending_output`.
+        Self::write_records(tcp, tls)?;
+        if n == 0 && iov.iter().any(|b| !b.is_empty()) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    }
+
+    fn has_pending_output(&self) -> bool {
+        self.0.as_deref().is_some_and(|s| s.get_ref().1.wants_write())
+    }
+
+    fn flush_pending(&mut self) -> io::Result<bool> {
+        let s = self.0.as_deref_mut().ok_or_else(gone)?;
+        let (tcp, tls) = s.get_mut();
+        Self::write_records(tcp, tls)
+    }
+
+    fn shutdown_write(&mut self) {
+        if let Some(s) = self.0.as_deref_mut() {
+            let (tcp, tls) = s.get_mut();
+            tls.send_close_notify();
+            let _ = Self::write_records(tcp, tls);
+            let _ = socket2::SockRef::from(&*tcp).shutdown(std::net::Shutdown::Write);
+        }
+    }
+
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.0.as_deref().ok_or_else(gone)?.get_ref().0.peer_addr()
+    }
+
+    type Http = tokio_rustls::server::TlsStream<TcpStream>;
+    fn take_for_http(&mut self) -> io::Result<Self::Http> {
+        self.take().ok_or_else(gone)
+    }
+}

@@ -8,4 +8,6 @@ pub mod admission;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod reload;
 pub mod server;
+pub mod upgrade;

@@ -130,12 +130,13 @@ impl TcpSession {
             return Err(Refusal::Denied);
         }
         let (user, expires_at) = if token.is_empty() {
-            if !self.node.allow_anonymous {
+            if !self.node.policy().allow_anonymous {
                 return Err(Refusal::Unauthorized);
             }
             (String::new(), None)
         } else {
-            let verifier = self.node.tokens.as_ref().ok_or(Refusal::Unauthorized)?;
+            let policy = self.node.policy();
+            let verifier = policy.tokens.as_ref().ok_or(Refusal::Unauthorized)?;
             match verifier.verify_connect(token, now_unix()) {
                 Ok(claims) => (claims.user, claims.expires_at.filter(|at| *at > 0)),
                 Err(e) => {
@@ -166,7 +167,8 @@ impl TcpSession {
         }
         let node = self.node.clone();
         let opts = node.options(channel).map_err(|_| Refusal::Denied)?;
-        let limit = node.client_channel_limit;
+        let opts = &*opts;
+        let limit = node.policy().client_channel_limit;
         if limit > 0 && self.subs.len() >= limit {
             return Err(Refusal::Denied);
         }
@@ -199,6 +201,7 @@ impl TcpSession {
     /// history).
     fn publish(&mut self, channel: &str, data: &[u8]) -> Result<u64, Refusal> {
         let opts = self.node.options(channel).map_err(|_| Refusal::Denied)?;
+        let opts = &*opts;
         let subscribed = self.subs.iter().any(|s| &**s == channel);
         namespace::can_publish(opts, self.user(), subscribed).map_err(|_| Refusal::Denied)?;
         let info =

@@ -117,7 +117,7 @@ impl Conn {
                     self.reject(HandshakeError::NotFound);
                     return Ok(Some(n));
                 };
-                if !handshake::origin_allowed(req.origin, req.host, &self.ctx.allowed_origins) {
+                if !handshake::origin_allowed(req.origin, req.host, &self.ctx.node.policy().allowed_origins) {
                     self.reject(HandshakeError::OriginNotAllowed);
                     return Ok(Some(n));
                 }

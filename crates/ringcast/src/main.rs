@@ -130,9 +130,7 @@ fn gentoken(m: &ArgMatches) -> ExitCode {
 }
 
 /// `log_level` on reload: the log filter is swapped in place (unless RUST_LOG, which wins, is set).
-struct LogLevel(
-    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
-);
+struct LogLevel(tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>);
 
 impl ringcast_server::app::reload::ReloadHook for LogLevel {
     fn keys(&self) -> &'static [&'static str] {
@@ -143,9 +141,8 @@ impl ringcast_server::app::reload::ReloadHook for LogLevel {
         if std::env::var_os("RUST_LOG").is_some() {
             return Ok(Box::new(|| tracing::warn!("log_level reloaded, but RUST_LOG is set and wins")));
         }
-        let filter = tracing_subscriber::EnvFilter::try_new(&new.log_level).map_err(|e| {
-            ringcast_server::ConfigError::Invalid { key: "log_level".into(), message: e.to_string() }
-        })?;
+        let filter = tracing_subscriber::EnvFilter::try_new(&new.log_level)
+            .map_err(|e| ringcast_server::ConfigError::Invalid { key: "log_level".into(), message: e.to_string() })?;
         let handle = self.0.clone();
         Ok(Box::new(move || {
             if let Err(e) = handle.reload(filter) {

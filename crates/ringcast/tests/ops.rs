@@ -19,6 +19,8 @@ struct Proc {
     child: Child,
     log: Arc<Mutex<String>>,
     dir: PathBuf,
+    /// `listen` and `api_key`, kept in every version of the file.
+    header: String,
 }
 
 impl Proc {
@@ -26,8 +28,8 @@ impl Proc {
         let dir = std::env::temp_dir().join(format!("ringcast-ops-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let port = free_port();
-        let config = format!("listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\n{config}");
-        std::fs::write(dir.join("c.toml"), config).unwrap();
+        let header = format!("listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\n");
+        std::fs::write(dir.join("c.toml"), format!("{header}{config}")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringcast"))
             .args(["serve", "--config"])
             .arg(dir.join("c.toml"))
@@ -47,13 +49,14 @@ impl Proc {
                 sink.lock().unwrap().push('\n');
             }
         });
-        let p = Proc { child, log, dir };
+        let p = Proc { child, log, dir, header };
         p.wait_log("ringcast listening", 1);
         (p, port)
     }
 
-    fn config_path(&self) -> PathBuf {
-        self.dir.join("c.toml")
+    /// Rewrites the config file (the same `listen` and `api_key`).
+    fn write_config(&self, body: &str) {
+        std::fs::write(self.dir.join("c.toml"), format!("{}{body}", self.header)).unwrap();
     }
 
     fn log(&self) -> String {
@@ -145,7 +148,9 @@ async fn next(ws: &mut Ws) -> Got {
     loop {
         match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => {
-                return Got::Json(t.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect())
+                return Got::Json(
+                    t.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect(),
+                )
             }
             Ok(Some(Ok(Message::Close(c)))) => {
                 return Got::Closed(c.map(|c| (u16::from(c.code), c.reason.to_string())));
@@ -199,7 +204,7 @@ async fn sighup_reloads_namespaces_and_token_keys_and_existing_connections_stay(
 
     // New key, and subscriptions in `ns` no longer allowed for clients.
     let second = RELOAD_BASE.replace("secret-one", "secret-two").replace("allow_subscribe_for_client = true", "");
-    std::fs::write(p.config_path(), &second).unwrap();
+    p.write_config(&second);
     p.signal(libc::SIGHUP);
     p.wait_log("configuration reloaded", 1);
     let log = p.log();
@@ -225,7 +230,7 @@ async fn sighup_reloads_namespaces_and_token_keys_and_existing_connections_stay(
 
     // An invalid file is rejected as a whole, naming the key; the second configuration stays.
     let invalid = second.replace("secret-two", "secret-three") + "[[namespaces]]\nname = \"x\"\n";
-    std::fs::write(p.config_path(), &invalid).unwrap();
+    p.write_config(&invalid);
     p.signal(libc::SIGHUP);
     p.wait_log("configuration reload rejected", 1);
     assert!(p.log().contains("`namespaces`"), "the log line names the key:\n{}", p.log());
@@ -234,12 +239,12 @@ async fn sighup_reloads_namespaces_and_token_keys_and_existing_connections_stay(
     assert!(r.get("connect").is_some(), "the old configuration is in force: {r}");
 
     // A key that cannot change at run time is reported, by the API and in the log.
-    std::fs::write(p.config_path(), second.clone() + "read_buffer = \"ring\"\n").unwrap();
+    p.write_config(&format!("read_buffer = \"ring\"\n{second}"));
     let reply = api(port, "reload", &json!({})).unwrap();
     assert_eq!(reply["result"]["needs_restart"], json!(["read_buffer"]), "{reply}");
     p.wait_log("need a restart", 1);
     // And a rejected reload through the API says which key.
-    std::fs::write(p.config_path(), invalid).unwrap();
+    p.write_config(&invalid);
     let reply = api(port, "reload", &json!({})).unwrap();
     assert_eq!(reply["error"]["key"], "namespaces", "{reply}");
 }

@@ -9,8 +9,8 @@ use ringcast_wire::{BufferPool, Limits, Strategy};
 
 use crate::app::config::{Config, ConfigError, Settings};
 use crate::app::error::ServerError;
-use crate::broker::MemoryBroker;
 use crate::app::reload::{ConfigSource, Reloader};
+use crate::broker::MemoryBroker;
 use crate::policy::namespace::Namespaces;
 use crate::pubsub::node::Node;
 use crate::transport::deadline::Deadlines;
@@ -94,10 +94,7 @@ impl Live {
 /// `POST /api/reload`'s answer: 200 with what changed, or 400 naming the key that was refused.
 fn reload_reply(reloader: &Reloader) -> (axum::http::StatusCode, String) {
     match reloader.reload() {
-        Ok(report) => (
-            axum::http::StatusCode::OK,
-            serde_json::json!({ "result": report }).to_string(),
-        ),
+        Ok(report) => (axum::http::StatusCode::OK, serde_json::json!({ "result": report }).to_string()),
         Err(e) => {
             let key = match &e {
                 ConfigError::Invalid { key, .. } => Some(key.clone()),

@@ -181,7 +181,12 @@ impl Reloader {
     /// `loaded`: the configuration as loaded from `source`; `applied`: as the server runs it (dev-mode
     /// fill-ins).
     pub fn new(source: ConfigSource, loaded: Config, applied: Config, node: Arc<Node>) -> Reloader {
-        Reloader { source: Mutex::new(source), node, state: Mutex::new((loaded, applied)), hooks: Mutex::new(Vec::new()) }
+        Reloader {
+            source: Mutex::new(source),
+            node,
+            state: Mutex::new((loaded, applied)),
+            hooks: Mutex::new(Vec::new()),
+        }
     }
 
     /// Where a reload reads the configuration from (what the process was started with).
@@ -306,12 +311,8 @@ mod tests {
     #[test]
     fn a_reload_applies_policy_keys_and_reports_the_rest() {
         let c = Config::default();
-        let node = Arc::new(Node::new(
-            Arc::new(crate::broker::MemoryBroker::new()),
-            Namespaces::default(),
-            None,
-            false,
-        ));
+        let node =
+            Arc::new(Node::new(Arc::new(crate::broker::MemoryBroker::new()), Namespaces::default(), None, false));
         let r = Reloader::new(ConfigSource::default(), c.clone(), c.clone(), node.clone());
         let mut new = c.clone();
         new.allow_anonymous = true;

@@ -144,14 +144,9 @@ impl Context {
         }
         let policy = crate::app::reload::build_policy(&config)?;
         let memory = Arc::new(MemoryBroker::new());
-        let client_limits = policy.client_limits;
-        let client_channel_limit = policy.client_channel_limit;
         let allowed_origins = policy.allowed_origins.clone();
-        let node = Arc::new(
-            Node::new(memory.clone(), Namespaces::default(), None, false)
-                .with_client_limits(client_limits)
-                .with_client_channel_limit(client_channel_limit),
-        );
+        // The policy from the configuration replaces the placeholder at once; reloads replace it again.
+        let node = Arc::new(Node::new(memory.clone(), Namespaces::default(), None, false));
         node.set_policy(policy);
         let reloader = Arc::new(Reloader::new(ConfigSource::default(), loaded, config.clone(), node.clone()));
         let limits = Limits { max_frame_payload: config.max_frame_size, max_message_size: config.max_message_size };

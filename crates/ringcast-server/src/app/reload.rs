@@ -277,7 +277,7 @@ impl Reloader {
 /// Sets `key` of `to` to its value in `from` (through TOML, so one function serves every key).
 fn copy_key(from: &Config, to: &mut Config, key: &str) {
     let (Ok(toml::Value::Table(f)), Ok(toml::Value::Table(mut t))) =
-        (toml::Value::try_from(&*from), toml::Value::try_from(&*to))
+        (toml::Value::try_from(from), toml::Value::try_from(&*to))
     else {
         return;
     };

@@ -407,7 +407,7 @@ async fn sigusr2_upgrade_under_load_refuses_no_handshake_and_loses_no_publicatio
     std::fs::create_dir_all(&pid_dir).unwrap();
     let pid_file = pid_dir.join("ringcast.pid");
     let config = format!(
-        "allow_anonymous = true\ndrain_window = \"2s\"\npid_file = \"{}\"\n[channels]\nallow_subscribe_for_client = true\nallow_recovery = true\nhistory_size = 1000\nhistory_ttl = \"600s\"\n",
+        "allow_anonymous = true\ndrain_window = \"2s\"\npid_file = \"{}\"\n[channels]\nallow_subscribe_for_client = true\nallow_subscribe_for_anonymous = true\nallow_recovery = true\nhistory_size = 1000\nhistory_ttl = \"600s\"\n",
         pid_file.display()
     );
     let (mut p, port) = Proc::start("upgrade", &config);
@@ -438,7 +438,10 @@ async fn sigusr2_upgrade_under_load_refuses_no_handshake_and_loses_no_publicatio
         })
     };
     // Every subscriber subscribed before the first publication (so each must receive all of them).
+    let deadline = Instant::now() + Duration::from_secs(30);
     while load.subscribed.load(Ordering::SeqCst) < SUBSCRIBERS {
+        assert!(subs.iter().all(|s| !s.is_finished()), "a subscriber failed:\n{}", p.log());
+        assert!(Instant::now() < deadline, "subscribers did not subscribe:\n{}", p.log());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // The steady publisher, retrying what a process refuses (the old one, once it has handed over).

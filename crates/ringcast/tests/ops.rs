@@ -164,7 +164,7 @@ async fn next(ws: &mut Ws) -> Got {
 /// Sends one command and returns its reply (pushes before it are returned too, in order).
 async fn call(ws: &mut Ws, cmd: Value) -> Result<(Value, Vec<Value>), Option<(u16, String)>> {
     let id = cmd["id"].clone();
-    ws.send(Message::Text(cmd.to_string().into())).await.map_err(|_| None)?;
+    ws.send(Message::Text(cmd.to_string())).await.map_err(|_| None)?;
     let mut pushes = Vec::new();
     loop {
         match next(ws).await {

@@ -452,7 +452,7 @@ impl Session {
         let mut over_cap = false;
         let mut ponged = false;
         // One clock read per frame, and only with a command rate configured.
-        let now = self.node.client_limits.commands.map(|_| now_us());
+        let now = self.node.policy().client_limits.commands.map(|_| now_us());
         loop {
             decode_commands_from(self.format(), payload, &mut pos, MAX_COMMANDS_PER_FRAME, commands).map_err(|e| {
                 metrics::counter!("ringcast_client_protocol_errors_total", "reason" => e.label()).increment(1);
@@ -516,7 +516,7 @@ impl Session {
     /// Whether `client_command_rate` refuses this command (pongs are never counted); a client refused for
     /// `client_flood_disconnect_after` is disconnected 3013.
     fn throttled(&mut self, cmd: &Command, now: Option<u64>) -> Result<bool, DisconnectCode> {
-        let (Some(quota), Some(now)) = (self.node.client_limits.commands, now) else { return Ok(false) };
+        let (Some(quota), Some(now)) = (self.node.policy().client_limits.commands, now) else { return Ok(false) };
         if cmd.request().is_none() {
             return Ok(false);
         }
@@ -567,7 +567,7 @@ impl Session {
     /// Lowers what a command may ask for to the node's limits (Centrifugo's `history_max_publication_limit`:
     /// a history without a limit, or over it, gets the limit).
     fn cap_request(&self, cmd: &mut Command) {
-        let cap = self.node.client_limits.history_max_publication_limit;
+        let cap = self.node.policy().client_limits.history_max_publication_limit;
         if let Some(h) = cmd.history.as_mut() {
             let cap = i32::try_from(cap).unwrap_or(i32::MAX);
             if cap > 0 && (h.limit < 0 || h.limit > cap) {
@@ -651,13 +651,14 @@ impl Session {
 
     fn connect(&mut self, id: u32, req: &ConnectRequest) -> Outcome {
         let mut channels = Vec::new();
+        let policy = self.node.policy();
         if req.token.is_empty() {
-            if !self.node.allow_anonymous {
+            if !policy.allow_anonymous {
                 tracing::info!(client = %self.shared.id, "disconnecting: connect without a token");
                 return Outcome::Disconnect(DisconnectCode::INVALID_TOKEN);
             }
         } else {
-            let Some(verifier) = &self.node.tokens else {
+            let Some(verifier) = &policy.tokens else {
                 return Outcome::Disconnect(DisconnectCode::INVALID_TOKEN);
             };
             match verifier.verify_connect(&req.token, now_unix()) {
@@ -793,7 +794,8 @@ impl Session {
         channel: &str,
         refresh: bool,
     ) -> Result<crate::policy::auth::SubscribeClaims, Refusal> {
-        let verifier = self.node.tokens.as_ref().ok_or(ErrorCode::PERMISSION_DENIED)?;
+        let policy = self.node.policy();
+        let verifier = policy.tokens.as_ref().ok_or(ErrorCode::PERMISSION_DENIED)?;
         verifier.verify_subscribe(token, self.user(), channel, now_unix()).map_err(|e| {
             metrics::counter!("ringcast_auth_failures_total", "kind" => if refresh { "sub_refresh" } else { "subscribe" })
                 .increment(1);
@@ -812,10 +814,11 @@ impl Session {
         let channel = req.channel.as_str();
         let node = self.node.clone();
         let opts = node.options(channel)?;
+        let opts = &*opts;
         if self.subs.get(channel).is_some() {
             return Err(ErrorCode::ALREADY_SUBSCRIBED.into());
         }
-        let limit = node.client_channel_limit;
+        let limit = node.policy().client_channel_limit;
         if limit > 0 && self.subs.len() >= limit {
             return Err(ErrorCode::LIMIT_EXCEEDED.into());
         }
@@ -931,6 +934,7 @@ impl Session {
     fn publish(&self, channel: &str, data: Bytes) -> Result<(), Refusal> {
         let channel = required(channel)?;
         let opts = self.node.options(channel)?;
+        let opts = &*opts;
         let sub = self.subs.get(channel);
         namespace::can_publish(opts, self.user(), sub.is_some()).map_err(|d| d.error_code())?;
         let info = self.client_info(sub.map(Sub::chan_info).unwrap_or_default());
@@ -941,6 +945,7 @@ impl Session {
     fn presence(&self, channel: &str) -> Result<std::collections::BTreeMap<String, ClientInfo>, Refusal> {
         let channel = required(channel)?;
         let opts = self.node.options(channel)?;
+        let opts = &*opts;
         namespace::can_presence(opts, self.user(), self.subs.get(channel).is_some()).map_err(|d| d.error_code())?;
         Ok(self.node.presence(channel)?)
     }
@@ -948,6 +953,7 @@ impl Session {
     fn presence_stats(&self, channel: &str) -> Result<(u32, u32), Refusal> {
         let channel = required(channel)?;
         let opts = self.node.options(channel)?;
+        let opts = &*opts;
         namespace::can_presence(opts, self.user(), self.subs.get(channel).is_some()).map_err(|d| d.error_code())?;
         Ok(self.node.presence_stats(channel)?)
     }
@@ -955,6 +961,7 @@ impl Session {
     fn history(&self, req: &ringcast_protocol::messages::HistoryRequest) -> Result<HistoryResult, Refusal> {
         let channel = required(&req.channel)?;
         let opts = self.node.options(channel)?;
+        let opts = &*opts;
         namespace::can_history(opts, self.user(), self.subs.get(channel).is_some()).map_err(|d| d.error_code())?;
         let filter = HistoryFilter {
             since: req.since.as_ref().map(|s| (s.offset, s.epoch.clone())),
@@ -998,7 +1005,8 @@ impl Session {
         if token.is_empty() {
             return Err(Refusal::Disconnect(DisconnectCode::BAD_REQUEST));
         }
-        let verifier = self.node.tokens.as_ref().ok_or(ErrorCode::NOT_AVAILABLE)?;
+        let policy = self.node.policy();
+        let verifier = policy.tokens.as_ref().ok_or(ErrorCode::NOT_AVAILABLE)?;
         let claims = verifier.verify_connect(token, now_unix()).map_err(|e| {
             metrics::counter!("ringcast_auth_failures_total", "kind" => "refresh").increment(1);
             Refusal::from(e.for_refresh())

@@ -482,7 +482,7 @@ async fn history_returns_stored_data_byte_for_byte() {
         tags: [("k".to_string(), "v".to_string())].into(),
         ..Default::default()
     };
-    node.broker.publish("chat", &mut tagged, Node::history_options(node.options("chat").expect("options")));
+    node.broker.publish("chat", &mut tagged, Node::history_options(&node.options("chat").expect("options")));
     let epoch = epoch(node, "chat");
     let reply =
         Client::connect(server.addr).await.api("history", r#"{"channel":"chat","limit":2,"reverse":true}"#).await;

@@ -142,6 +142,29 @@ fn gentoken(m: &ArgMatches) -> ExitCode {
     }
 }
 
+/// `log_level` on reload: the log filter is swapped in place (unless RUST_LOG, which wins, is set).
+struct LogLevel(tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>);
+
+impl ringcast_server::app::reload::ReloadHook for LogLevel {
+    fn keys(&self) -> &'static [&'static str] {
+        &["log_level"]
+    }
+
+    fn prepare(&self, new: &Config) -> Result<ringcast_server::app::reload::Commit, ringcast_server::ConfigError> {
+        if std::env::var_os("RUST_LOG").is_some() {
+            return Ok(Box::new(|| tracing::warn!("log_level reloaded, but RUST_LOG is set and wins")));
+        }
+        let filter = tracing_subscriber::EnvFilter::try_new(&new.log_level)
+            .map_err(|e| ringcast_server::ConfigError::Invalid { key: "log_level".into(), message: e.to_string() })?;
+        let handle = self.0.clone();
+        Ok(Box::new(move || {
+            if let Err(e) = handle.reload(filter) {
+                tracing::warn!(error = %e, "log_level: the new filter could not be installed");
+            }
+        }))
+    }
+}
+
 fn main() -> ExitCode {
     let matches = cli().get_matches();
     match matches.subcommand() {
@@ -156,10 +179,18 @@ fn main() -> ExitCode {
             };
             ringcast_server::app::memory::set_allocator_collect(collect_allocator);
             let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log_level.clone());
-            tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()))
-                .init();
-            match ringcast_server::run_blocking(config, settings) {
+            let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into());
+            let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+            {
+                use tracing_subscriber::layer::SubscriberExt;
+                use tracing_subscriber::util::SubscriberInitExt;
+                tracing_subscriber::registry().with(filter).with(tracing_subscriber::fmt::layer()).init();
+            }
+            let options = ringcast_server::app::server::RunOptions {
+                source: ringcast_server::app::reload::ConfigSource { file, flags: flags_from(m) },
+                hooks: vec![Box::new(LogLevel(handle))],
+            };
+            match ringcast_server::app::server::run_blocking_with(config, settings, options) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

@@ -276,8 +276,35 @@ struct ApiState {
 /// The HTTP routes served on the WebSocket listener: the API under `/api`, `GET /health` (200 `{}`), and
 /// `GET /metrics` (Prometheus text) when a handle is given.
 pub fn router(backend: Arc<dyn ApiBackend>, api: ApiConfig, metrics: Option<PrometheusHandle>) -> Router {
+    router_with_reload(backend, api, metrics, None)
+}
+
+/// Runs a configuration reload: the HTTP status and the JSON body to answer `POST /api/reload` with.
+pub type ReloadFn = Arc<dyn Fn() -> (StatusCode, String) + Send + Sync>;
+
+/// [`router`], plus `POST /api/reload` (behind the same key check) when `reload` is given.
+pub fn router_with_reload(
+    backend: Arc<dyn ApiBackend>,
+    api: ApiConfig,
+    metrics: Option<PrometheusHandle>,
+    reload: Option<ReloadFn>,
+) -> Router {
     let state = ApiState { backend, config: Arc::new(api) };
-    let api = Router::new()
+    let mut api = Router::new();
+    if let Some(reload) = reload {
+        // A static path: it wins over `/api/{method}`.
+        api = api.route(
+            "/api/reload",
+            post(move || {
+                let reload = reload.clone();
+                async move {
+                    let (status, body) = reload();
+                    with_json(status, body)
+                }
+            }),
+        );
+    }
+    let api = api
         .route("/api", post(legacy_route))
         .route("/api/batch", post(batch_route))
         .route("/api/{method}", post(method_route))

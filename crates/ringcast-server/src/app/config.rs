@@ -58,7 +58,9 @@ pub const KEYS: &[Key] = &[
     key("idle_timeout", Kind::Str, "Close a connection that sends nothing for this long; \"0s\" disables."),
     key("write_timeout", Kind::Str, "Close a connection whose socket accepts no bytes for this long while we have bytes to send."),
     key("close_timeout", Kind::Str, "How long to wait for the peer's close frame after we sent ours."),
-    key("shutdown_timeout", Kind::Str, "On SIGINT/SIGTERM, how long connections get to close before the process exits."),
+    key("shutdown_timeout", Kind::Str, "On SIGINT/SIGTERM, the drain window: clients are disconnected with 3001 (shutdown, reconnect) spread evenly over it, then the rest get close_timeout to close before the process exits."),
+    key("drain_window", Kind::Str, "On an upgrade (SIGUSR2), the time over which the old process disconnects its clients with 3001 (shutdown, reconnect), spread evenly, so they reconnect to the new process without a storm."),
+    key("pid_file", Kind::Str, "File the server writes its process id to (and, after an upgrade, the new process rewrites). Empty: none."),
     key("echo", Kind::Bool, "Serve the echo endpoint (default: on with --dev, off otherwise)."),
     key("echo_path", Kind::Str, "Path of the echo endpoint; \"/\" works for load tools that always request /."),
     key("compression", Kind::Bool, "Accept permessage-deflate (RFC 7692) offers: messages both ways may be compressed. Publications are compressed once for every subscriber that shares the parameters."),
@@ -131,6 +133,9 @@ pub struct Config {
     pub close_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub drain_window: Duration,
+    pub pid_file: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub echo: Option<bool>,
     pub echo_path: String,
@@ -209,6 +214,8 @@ impl Default for Config {
             write_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(3),
             shutdown_timeout: Duration::from_secs(10),
+            drain_window: Duration::from_secs(30),
+            pid_file: String::new(),
             echo: None,
             echo_path: "/echo".into(),
             compression: false,
@@ -437,6 +444,8 @@ impl Config {
             ("close_timeout", self.close_timeout),
             ("client_stale_close_delay", self.client_stale_close_delay),
             ("client_flood_disconnect_after", self.client_flood_disconnect_after),
+            ("shutdown_timeout", self.shutdown_timeout),
+            ("drain_window", self.drain_window),
         ] {
             if d > Duration::from_secs(86_400) {
                 return Err(invalid(name, "must be at most 24h"));

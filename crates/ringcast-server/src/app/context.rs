@@ -9,8 +9,8 @@ use ringcast_wire::{BufferPool, Limits, Strategy};
 
 use crate::app::config::{Config, ConfigError, Settings};
 use crate::app::error::ServerError;
+use crate::app::reload::{ConfigSource, Reloader};
 use crate::broker::MemoryBroker;
-use crate::policy::auth::{TokenConfig, TokenVerifier};
 use crate::policy::namespace::Namespaces;
 use crate::pubsub::node::Node;
 use crate::transport::deadline::Deadlines;
@@ -22,12 +22,16 @@ pub struct Context {
     pub settings: Settings,
     pub limits: Limits,
     pub pool: Arc<BufferPool>,
-    /// `allowed_origins`, or `*` in dev mode when none are configured.
+    /// `allowed_origins` at start (what is in force is the node's policy: reloads change it).
     pub allowed_origins: Vec<String>,
+    /// SIGHUP and `POST /api/reload`: re-reads the configuration and applies what can change.
+    pub reloader: Arc<Reloader>,
     /// Every connection's deadlines; also how shutdown reaches them.
     pub deadlines: Arc<Deadlines>,
     /// Channels, subscriptions, history, presence.
     pub node: Arc<Node>,
+    /// The node's broker (the embedded memory broker): what an upgrade hands to the next process.
+    pub memory: Arc<MemoryBroker>,
     /// What plain HTTP requests on the public listener reach: the HTTP API, /health and /metrics, or only
     /// /health when `internal_listen` is set.
     pub router: axum::Router,
@@ -89,8 +93,21 @@ impl Live {
     }
 }
 
-fn key_error(key: &str, message: impl std::fmt::Display) -> ConfigError {
-    ConfigError::Invalid { key: key.to_string(), message: message.to_string() }
+/// `POST /api/reload`'s answer: 200 with what changed, or 400 naming the key that was refused.
+fn reload_reply(reloader: &Reloader) -> (axum::http::StatusCode, String) {
+    match reloader.reload() {
+        Ok(report) => (axum::http::StatusCode::OK, serde_json::json!({ "result": report }).to_string()),
+        Err(e) => {
+            let key = match &e {
+                ConfigError::Invalid { key, .. } => Some(key.clone()),
+                _ => None,
+            };
+            (
+                axum::http::StatusCode::BAD_REQUEST,
+                serde_json::json!({ "error": { "message": e.to_string(), "key": key } }).to_string(),
+            )
+        }
+    }
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -112,6 +129,7 @@ impl Context {
     }
 
     pub fn new(mut config: Config, settings: Settings) -> Result<Self, ServerError> {
+        let loaded = config.clone();
         if config.dev {
             // Development mode works out of the box: an API key and a token secret to try things with.
             if config.api_key.is_empty() {
@@ -126,50 +144,21 @@ impl Context {
                 );
             }
         }
-        let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
-        let token_config = TokenConfig {
-            hmac_secret: opt(&config.token_hmac_secret_key),
-            rsa_public_key: opt(&config.token_rsa_public_key),
-            ecdsa_public_key: opt(&config.token_ecdsa_public_key),
-        };
-        let tokens = if token_config.hmac_secret.is_none()
-            && token_config.rsa_public_key.is_none()
-            && token_config.ecdsa_public_key.is_none()
-        {
-            None
-        } else {
-            Some(TokenVerifier::new(&token_config).map_err(|e| key_error("token_*_key", e))?)
-        };
-        let namespaces = if config.dev {
-            Namespaces::dev_mode()
-        } else {
-            Namespaces::new(config.channels.clone(), config.namespaces.clone())
-                .map_err(|e| key_error("namespaces", e))?
-        }
-        .with_max_channel_length(config.channel_max_length);
-        let client_limits = crate::pubsub::node::ClientLimits {
-            user_connection_limit: config.client_user_connection_limit,
-            history_max_publication_limit: config.history_max_publication_limit,
-            commands: crate::session::CommandQuota::new(
-                config.client_command_rate,
-                config.client_command_burst,
-                config.client_flood_disconnect_after,
-            ),
-        };
-        let node = Arc::new(
-            Node::new(Arc::new(MemoryBroker::new()), namespaces, tokens, config.allow_anonymous || config.dev)
-                .with_client_limits(client_limits)
-                .with_client_channel_limit(config.client_channel_limit),
-        );
+        let policy = crate::app::reload::build_policy(&config)?;
+        let memory = Arc::new(MemoryBroker::new());
+        let allowed_origins = policy.allowed_origins.clone();
+        // The policy from the configuration replaces the placeholder at once; reloads replace it again.
+        let node = Arc::new(Node::new(memory.clone(), Namespaces::default(), None, false));
+        node.set_policy(policy);
+        let reloader = Arc::new(Reloader::new(ConfigSource::default(), loaded, config.clone(), node.clone()));
         let limits = Limits { max_frame_payload: config.max_frame_size, max_message_size: config.max_message_size };
         let pool = BufferPool::new(config.pool_buffer_size, config.pool_max_buffers);
-        let allowed_origins = if config.allowed_origins.is_empty() && config.dev {
-            vec!["*".to_string()]
-        } else {
-            config.allowed_origins.clone()
-        };
         let api = crate::api::ApiConfig { api_key: config.api_key.clone(), insecure: false };
-        let mut full = crate::api::router(node.clone(), api, crate::metrics::install());
+        let reload: crate::api::ReloadFn = {
+            let reloader = reloader.clone();
+            Arc::new(move || reload_reply(&reloader))
+        };
+        let mut full = crate::api::router_with_reload(node.clone(), api, crate::metrics::install(), Some(reload));
         let admin = settings.admin.then(|| {
             if config.admin_password.is_empty() {
                 // Only reachable with --dev (validation refuses `admin` without a password otherwise).
@@ -196,6 +185,8 @@ impl Context {
             limits,
             pool,
             allowed_origins,
+            reloader,
+            memory,
             deadlines: Deadlines::new(),
             node,
             router,

@@ -9,5 +9,7 @@ pub mod config;
 pub mod context;
 pub mod error;
 pub mod memory;
+pub mod reload;
 pub mod server;
 pub mod tls;
+pub mod upgrade;

@@ -16,8 +16,9 @@
 //! [`Tls`] holds the `ServerConfig` in an `ArcSwap`: [`Tls::reload`] reads both files again and swaps
 //! the new config in only if they load and match; each handshake takes the config current when it
 //! starts, and established connections keep the session they have. A bad file leaves the old pair in
-//! place and says why. [`reload_on_sighup`] is the SIGHUP hook `ringcast serve` installs; it is kept
-//! apart from the rest so a general configuration reload can call [`Tls::reload`] as one of its steps.
+//! place and says why. The configuration reload (`app::reload`: SIGHUP, `POST /api/reload`) reads the pair
+//! again as one of its parts ([`TlsReload`]): a pair that does not load rejects that reload as a whole,
+//! like any other invalid key, and the old pair stays. The files' paths themselves need a restart.
 
 use std::io;
 use std::path::PathBuf;
@@ -204,22 +205,31 @@ async fn refuse_plaintext(mut tcp: TcpStream, close_timeout: Duration) {
     .await;
 }
 
-/// Reloads the certificate and key on every SIGHUP. `hangup` must be created before the listener
-/// accepts, so a signal sent once the server is up never meets the default action (exit).
-///
-/// Only the TLS pair: when a general configuration reload exists, it should call [`Tls::reload`] and
-/// this hook go.
-#[cfg(unix)]
-pub async fn reload_on_sighup(tls: Arc<Tls>, mut hangup: tokio::signal::unix::Signal) {
-    while hangup.recv().await.is_some() {
-        match tls.reload() {
-            Ok(()) => {
+/// The TLS pair as a part of the configuration reload: each reload reads both files again.
+pub struct TlsReload(pub Arc<Tls>);
+
+impl crate::app::reload::ReloadHook for TlsReload {
+    fn keys(&self) -> &'static [&'static str] {
+        // Changing the paths needs a restart; what is re-read is the files at the paths in force.
+        &[]
+    }
+
+    fn prepare(&self, _new: &crate::app::config::Config) -> Result<crate::app::reload::Commit, crate::ConfigError> {
+        let tls = self.0.clone();
+        match server_config(&tls.files) {
+            Ok(config) => Ok(Box::new(move || {
+                tls.config.store(Arc::new(config));
                 metrics::counter!("ringcast_tls_reloads_total", "result" => "ok").increment(1);
-                tracing::info!(cert = %tls.files().cert.display(), "SIGHUP: TLS certificate and key reloaded");
-            }
+                tracing::info!(cert = %tls.files.cert.display(), "TLS certificate and key reloaded");
+            })),
             Err(e) => {
                 metrics::counter!("ringcast_tls_reloads_total", "result" => "error").increment(1);
-                tracing::warn!(error = %e, "SIGHUP: TLS reload failed; keeping the previous certificate and key");
+                tracing::warn!(error = %e, "TLS reload failed; keeping the previous certificate and key");
+                let key = match e {
+                    TlsError::Key { .. } => "tls_key",
+                    TlsError::Cert { .. } | TlsError::Pair(_) => "tls_cert",
+                };
+                Err(crate::ConfigError::Invalid { key: key.into(), message: e.to_string() })
             }
         }
     }

@@ -19,6 +19,7 @@
 //! [`Denied::error_code`]. No IO, no clock, no state beyond the validated configuration.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer};
@@ -367,7 +368,8 @@ pub struct Namespaces {
 /// One namespace's options, with what is compiled from them.
 #[derive(Debug, Clone)]
 struct Namespace {
-    options: ChannelOptions,
+    /// Shared, so that a lookup can outlive a configuration reload ([`Namespaces::channel_options_shared`]).
+    options: Arc<ChannelOptions>,
     regex: Option<regex::Regex>,
 }
 
@@ -375,7 +377,7 @@ impl Namespace {
     fn new(options: ChannelOptions, scope: &Scope) -> Result<Namespace, NamespaceError> {
         options.validate(scope)?;
         let regex = options.compile_regex(scope)?;
-        Ok(Namespace { options, regex })
+        Ok(Namespace { options: Arc::new(options), regex })
     }
 }
 
@@ -383,7 +385,7 @@ impl PartialEq for Namespaces {
     /// The regexes are compiled from the options, so comparing the options compares them too.
     fn eq(&self, other: &Namespaces) -> bool {
         let opts = |n: &Namespaces| -> Vec<(String, ChannelOptions)> {
-            let mut v: Vec<_> = n.named.iter().map(|(k, ns)| (k.clone(), ns.options.clone())).collect();
+            let mut v: Vec<_> = n.named.iter().map(|(k, ns)| (k.clone(), ChannelOptions::clone(&ns.options))).collect();
             v.sort_by(|a, b| a.0.cmp(&b.0));
             v
         };
@@ -398,7 +400,7 @@ impl Default for Namespaces {
     /// No namespaces, default options that let clients do nothing.
     fn default() -> Namespaces {
         Namespaces {
-            default: Namespace { options: ChannelOptions::default(), regex: None },
+            default: Namespace { options: Arc::new(ChannelOptions::default()), regex: None },
             named: HashMap::new(),
             any_namespace: false,
             max_channel_length: DEFAULT_CHANNEL_MAX_LENGTH,
@@ -430,7 +432,7 @@ impl Namespaces {
     /// channels still need a subscription token, as in Centrifugo's insecure mode.
     pub fn dev_mode() -> Namespaces {
         Namespaces {
-            default: Namespace { options: ChannelOptions::dev(), regex: None },
+            default: Namespace { options: Arc::new(ChannelOptions::dev()), regex: None },
             any_namespace: true,
             ..Namespaces::default()
         }
@@ -465,13 +467,23 @@ impl Namespaces {
 
     /// The options of the channel's namespace.
     pub fn resolve(&self, channel: &str) -> Result<&ChannelOptions, UnknownNamespace> {
-        self.namespace(channel).map(|n| &n.options)
+        self.namespace(channel).map(|n| &*n.options)
     }
 
     /// What every command on a channel checks first, client or server API: a name within the length limit,
     /// a known namespace, then a well-formed name (ASCII, or matching the namespace's `channel_regex`,
     /// which is tested against the name after the namespace prefix, as in Centrifugo).
     pub fn channel_options(&self, channel: &str) -> Result<&ChannelOptions, Denied> {
+        self.checked(channel).map(|n| &*n.options)
+    }
+
+    /// [`Namespaces::channel_options`], as a shared handle that stays valid when the configuration is
+    /// reloaded meanwhile (what the node hands out: one reference-count increment, no copy).
+    pub fn channel_options_shared(&self, channel: &str) -> Result<Arc<ChannelOptions>, Denied> {
+        self.checked(channel).map(|n| n.options.clone())
+    }
+
+    fn checked(&self, channel: &str) -> Result<&Namespace, Denied> {
         if channel.is_empty() {
             return Err(Denied::BadName);
         }
@@ -486,7 +498,7 @@ impl Namespaces {
         if !ok {
             return Err(Denied::BadName);
         }
-        Ok(&namespace.options)
+        Ok(namespace)
     }
 }
 

@@ -41,15 +41,30 @@ impl Default for ClientLimits {
 /// Subscriptions a connection may hold by default (Centrifugo's `client_channel_limit`).
 pub const DEFAULT_CLIENT_CHANNEL_LIMIT: usize = 128;
 
-pub struct Node {
-    pub hub: Hub,
-    pub broker: Arc<dyn Broker>,
+/// What the configuration says clients may do: the part of the node a reload replaces
+/// ([`Node::set_policy`]). Read through one `ArcSwap`: a load is a few atomic operations, no lock, and
+/// an operation that started under the old policy finishes under it.
+#[derive(Debug)]
+pub struct Policy {
     pub namespaces: Namespaces,
-    pub tokens: Option<TokenVerifier>,
+    pub tokens: Option<Arc<TokenVerifier>>,
     pub allow_anonymous: bool,
     pub client_limits: ClientLimits,
     /// Subscriptions one connection may hold (0: no limit).
     pub client_channel_limit: usize,
+    /// `allowed_origins` as applied (`*` in dev mode when none are configured), checked at the upgrade.
+    pub allowed_origins: Vec<String>,
+}
+
+pub struct Node {
+    pub hub: Hub,
+    pub broker: Arc<dyn Broker>,
+    policy: arc_swap::ArcSwap<Policy>,
+    /// Set when the node's streams were handed to a successor process (zero-downtime upgrade): from then
+    /// on publications are refused here, so none is lost between the snapshot and the drain.
+    frozen: std::sync::atomic::AtomicBool,
+    /// Publications between their frozen check and their broker append (what `freeze` waits out).
+    publishing: std::sync::atomic::AtomicUsize,
     /// Results of API publications made with an idempotency key.
     pub idempotency: crate::pubsub::idempotency::IdempotencyCache<StreamPos>,
     /// Connected clients by user id ("" for anonymous).
@@ -66,7 +81,7 @@ impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node")
             .field("name", &self.name)
-            .field("allow_anonymous", &self.allow_anonymous)
+            .field("allow_anonymous", &self.policy().allow_anonymous)
             .finish_non_exhaustive()
     }
 }
@@ -88,11 +103,16 @@ impl Node {
         Node {
             hub: Hub::new(),
             broker,
-            namespaces,
-            tokens,
-            allow_anonymous,
-            client_limits: ClientLimits::default(),
-            client_channel_limit: DEFAULT_CLIENT_CHANNEL_LIMIT,
+            policy: arc_swap::ArcSwap::from_pointee(Policy {
+                namespaces,
+                tokens: tokens.map(Arc::new),
+                allow_anonymous,
+                client_limits: ClientLimits::default(),
+                client_channel_limit: DEFAULT_CLIENT_CHANNEL_LIMIT,
+                allowed_origins: Vec::new(),
+            }),
+            frozen: std::sync::atomic::AtomicBool::new(false),
+            publishing: std::sync::atomic::AtomicUsize::new(0),
             idempotency: Default::default(),
             users: Mutex::new(HashMap::new()),
             started: Instant::now(),
@@ -102,9 +122,48 @@ impl Node {
     }
 
     /// Sets how many subscriptions one connection may hold (0: no limit).
-    pub fn with_client_channel_limit(mut self, limit: usize) -> Node {
-        self.client_channel_limit = limit;
+    pub fn with_client_channel_limit(self, limit: usize) -> Node {
+        self.update_policy(|p| p.client_channel_limit = limit);
         self
+    }
+
+    /// The policy in force (lock-free; hold it only for the operation at hand).
+    pub fn policy(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.policy.load()
+    }
+
+    /// Replaces the policy: operations that start from now on see the new one (a config reload).
+    pub fn set_policy(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    fn update_policy(&self, f: impl FnOnce(&mut Policy)) {
+        let old = self.policy.load_full();
+        let mut p = Policy {
+            namespaces: old.namespaces.clone(),
+            tokens: old.tokens.clone(),
+            allow_anonymous: old.allow_anonymous,
+            client_limits: old.client_limits,
+            client_channel_limit: old.client_channel_limit,
+            allowed_origins: old.allowed_origins.clone(),
+        };
+        f(&mut p);
+        self.set_policy(p);
+    }
+
+    /// Refuses publications from now on and waits for those already past the check to reach the
+    /// broker: after it returns, the broker's streams change no more (the upgrade's snapshot).
+    pub fn freeze(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.frozen.store(true, SeqCst);
+        while self.publishing.load(SeqCst) != 0 {
+            std::thread::yield_now();
+        }
+    }
+
+    /// Takes publications again (the successor failed to take over).
+    pub fn thaw(&self) {
+        self.frozen.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn users(&self) -> MutexGuard<'_, HashMap<String, ClientSet>> {
@@ -116,8 +175,8 @@ impl Node {
 
     /// The options of a channel named by a client or the API: the name's length, its namespace and its
     /// form are checked ([`Namespaces::channel_options`]), each refusal with its reply code.
-    pub fn options(&self, channel: &str) -> Result<&ChannelOptions, ErrorCode> {
-        self.namespaces.channel_options(channel).map_err(|d| d.error_code())
+    pub fn options(&self, channel: &str) -> Result<Arc<ChannelOptions>, ErrorCode> {
+        self.policy.load().namespaces.channel_options_shared(channel).map_err(|d| d.error_code())
     }
 
     pub fn history_options(opts: &ChannelOptions) -> HistoryOptions {
@@ -128,8 +187,8 @@ impl Node {
     }
 
     /// Sets the limits sessions apply (the server does, from its configuration).
-    pub fn with_client_limits(mut self, limits: ClientLimits) -> Node {
-        self.client_limits = limits;
+    pub fn with_client_limits(self, limits: ClientLimits) -> Node {
+        self.update_policy(|p| p.client_limits = limits);
         self
     }
 
@@ -137,7 +196,7 @@ impl Node {
     /// (checked and registered under one lock, so concurrent connects cannot both slip in). Anonymous
     /// clients are not counted against a limit, as in Centrifugo. Returns whether it was registered.
     pub fn try_register_client(&self, user: &str, client: &Arc<ClientShared>) -> bool {
-        let limit = self.client_limits.user_connection_limit;
+        let limit = self.policy.load().client_limits.user_connection_limit;
         let mut users = self.users();
         if let Some(set) = users.get_mut(user) {
             if limit > 0 && !user.is_empty() && set.len() >= limit {
@@ -203,6 +262,11 @@ impl Node {
         top
     }
 
+    /// Every connected client (the drain disconnects them one by one).
+    pub fn clients(&self) -> Vec<Arc<ClientShared>> {
+        self.users().values().flat_map(|set| set.iter().cloned()).collect()
+    }
+
     /// (connected clients, distinct users).
     pub fn counts(&self) -> (usize, usize) {
         let users = self.users();
@@ -217,7 +281,7 @@ impl Node {
         data: Bytes,
         info: Option<ClientInfo>,
     ) -> Result<(StreamPos, FanOut), ErrorCode> {
-        let history = Self::history_options(self.options(channel)?);
+        let history = Self::history_options(&*self.options(channel)?);
         self.publish_to(channel, data, info, history)
     }
 
@@ -236,6 +300,7 @@ impl Node {
         skip_history: bool,
     ) -> Result<(StreamPos, FanOut), ErrorCode> {
         let opts = self.options(channel)?;
+        let opts = &*opts;
         let history = if skip_history { HistoryOptions::default() } else { Self::history_options(opts) };
         self.publish_publication(channel, Publication { data, tags, ..Default::default() }, history)
     }
@@ -256,6 +321,14 @@ impl Node {
         publication: Publication,
         history: HistoryOptions,
     ) -> Result<(StreamPos, FanOut), ErrorCode> {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Counted before the check, so `freeze` either sees this publication in flight or it sees the flag.
+        self.publishing.fetch_add(1, SeqCst);
+        if self.frozen.load(SeqCst) {
+            self.publishing.fetch_sub(1, SeqCst);
+            // Temporary (SDKs and API clients retry): the successor process takes it.
+            return Err(ErrorCode::INTERNAL);
+        }
         let ((_, pos), fan) = self.hub.publish_with(
             channel,
             || {
@@ -267,6 +340,7 @@ impl Node {
             // TCP subscribers' MESSAGE: the channel, the offset and the data as published.
             |(publication, pos)| ringcast_wire::tcp::encode_message(channel, pos.offset, &publication.data).ok(),
         );
+        self.publishing.fetch_sub(1, SeqCst);
         // Delivery counts are recorded by the hub; the publish-to-delivery histogram is recorded by each subscriber's connection, when it takes
         // the frames to write them (`ClientShared::take`).
         Ok((pos, fan))
@@ -274,6 +348,7 @@ impl Node {
 
     pub fn history(&self, channel: &str, filter: &HistoryFilter) -> Result<(Vec<Publication>, StreamPos), ErrorCode> {
         let opts = self.options(channel)?;
+        let opts = &*opts;
         if !opts.history_enabled() {
             return Err(ErrorCode::NOT_AVAILABLE);
         }
@@ -306,6 +381,7 @@ impl Node {
     /// Presence of a channel, keyed by client id.
     pub fn presence(&self, channel: &str) -> Result<BTreeMap<String, ClientInfo>, ErrorCode> {
         let opts = self.options(channel)?;
+        let opts = &*opts;
         if !opts.presence {
             return Err(ErrorCode::NOT_AVAILABLE);
         }
@@ -314,6 +390,7 @@ impl Node {
 
     pub fn presence_stats(&self, channel: &str) -> Result<(u32, u32), ErrorCode> {
         let opts = self.options(channel)?;
+        let opts = &*opts;
         if !opts.presence {
             return Err(ErrorCode::NOT_AVAILABLE);
         }

@@ -112,13 +112,13 @@ impl TcpSession {
 
     /// Whether a command rate is configured (`client_command_rate` > 0).
     pub fn rate_limited(&self) -> bool {
-        self.node.client_limits.commands.is_some()
+        self.node.policy().client_limits.commands.is_some()
     }
 
     /// Whether `client_command_rate` lets `cmd` run; `now_us` is `session::now_us()`, read once per
     /// read pass (`None`: no rate configured). PING and PONG are never counted.
     pub fn admit(&mut self, cmd: &Command<'_>, now_us: Option<u64>) -> Admit {
-        let (Some(quota), Some(now)) = (self.node.client_limits.commands, now_us) else { return Admit::Run };
+        let (Some(quota), Some(now)) = (self.node.policy().client_limits.commands, now_us) else { return Admit::Run };
         if matches!(cmd, Command::Ping(_) | Command::Pong(_)) {
             return Admit::Run;
         }
@@ -189,12 +189,13 @@ impl TcpSession {
             return Err(Refusal::Denied);
         }
         let (user, expires_at) = if token.is_empty() {
-            if !self.node.allow_anonymous {
+            if !self.node.policy().allow_anonymous {
                 return Err(Refusal::Unauthorized);
             }
             (String::new(), None)
         } else {
-            let verifier = self.node.tokens.as_ref().ok_or(Refusal::Unauthorized)?;
+            let policy = self.node.policy();
+            let verifier = policy.tokens.as_ref().ok_or(Refusal::Unauthorized)?;
             match verifier.verify_connect(token, now_unix()) {
                 Ok(claims) => (claims.user, claims.expires_at.filter(|at| *at > 0)),
                 Err(e) => {
@@ -225,7 +226,8 @@ impl TcpSession {
         }
         let node = self.node.clone();
         let opts = node.options(channel).map_err(|_| Refusal::Denied)?;
-        let limit = node.client_channel_limit;
+        let opts = &*opts;
+        let limit = node.policy().client_channel_limit;
         if limit > 0 && self.subs.len() >= limit {
             return Err(Refusal::Denied);
         }
@@ -258,6 +260,7 @@ impl TcpSession {
     /// history).
     fn publish(&mut self, channel: &str, data: &[u8]) -> Result<u64, Refusal> {
         let opts = self.node.options(channel).map_err(|_| Refusal::Denied)?;
+        let opts = &*opts;
         let subscribed = self.subs.iter().any(|s| &**s == channel);
         namespace::can_publish(opts, self.user(), subscribed).map_err(|_| Refusal::Denied)?;
         let info =

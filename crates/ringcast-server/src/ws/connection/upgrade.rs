@@ -126,7 +126,7 @@ impl<S: Stream> Conn<S> {
                     self.reject(HandshakeError::NotFound);
                     return Ok(Some(n));
                 };
-                if !handshake::origin_allowed(req.origin, req.host, &self.ctx.allowed_origins) {
+                if !handshake::origin_allowed(req.origin, req.host, &self.ctx.node.policy().allowed_origins) {
                     self.reject(HandshakeError::OriginNotAllowed);
                     return Ok(Some(n));
                 }

@@ -1,0 +1,527 @@
+//! Operating a running `ringcast serve` process: reload (SIGHUP, `POST /api/reload`), graceful drain
+//! (SIGTERM) and the zero-downtime upgrade (SIGUSR2), each against the real binary over real sockets.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+const KEY: &str = "ops-key";
+
+/// A `ringcast serve` process with its log collected.
+struct Proc {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    dir: PathBuf,
+    /// `listen` and `api_key`, kept in every version of the file.
+    header: String,
+}
+
+impl Proc {
+    fn start(name: &str, config: &str) -> (Proc, u16) {
+        let dir = std::env::temp_dir().join(format!("ringcast-ops-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let header = format!("listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\n");
+        std::fs::write(dir.join("c.toml"), format!("{header}{config}")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ringcast"))
+            .args(["serve", "--config"])
+            .arg(dir.join("c.toml"))
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            // The log goes to standard output.
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ringcast");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stdout = child.stdout.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+            }
+        });
+        let p = Proc { child, log, dir, header };
+        p.wait_log("ringcast listening", 1);
+        (p, port)
+    }
+
+    /// Rewrites the config file (the same `listen` and `api_key`).
+    fn write_config(&self, body: &str) {
+        std::fs::write(self.dir.join("c.toml"), format!("{}{body}", self.header)).unwrap();
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until `needle` occurs `count` times in the log (bounded: 30 s, then panics with the log).
+    fn wait_log(&self, needle: &str, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.log().matches(needle).count() < count {
+            assert!(Instant::now() < deadline, "no {count}x {needle:?} in the log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        signal(self.child.id(), sig);
+    }
+
+    /// Waits for the process to exit (bounded), returning whether it exited successfully.
+    fn wait_exit(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(Instant::now() < deadline, "process still running:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) with a pid we started.
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill {pid} {sig}");
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is not alive (its parent, the old process, may not be there to reap it yet).
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One HTTP API call on a fresh connection (`Connection: close`, so it reaches whichever process
+/// accepts now): the JSON body, or `None` if the connection failed.
+fn api(port: u16, method: &str, body: &Value) -> Option<Value> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let body = body.to_string();
+    let req = format!(
+        "POST /api/{method} HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (_, body) = out.split_once("\r\n\r\n")?;
+    serde_json::from_str(body).ok()
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws(port: u16) -> Result<Ws, String> {
+    let url = format!("ws://127.0.0.1:{port}/connection/websocket");
+    tokio_tungstenite::connect_async(url).await.map(|(ws, _)| ws).map_err(|e| e.to_string())
+}
+
+/// What a client reads next: replies and pushes (one JSON object per line of a frame), or the close.
+enum Got {
+    Json(Vec<Value>),
+    Closed(Option<(u16, String)>),
+}
+
+async fn next(ws: &mut Ws) -> Got {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                return Got::Json(
+                    t.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect(),
+                )
+            }
+            Ok(Some(Ok(Message::Close(c)))) => {
+                return Got::Closed(c.map(|c| (u16::from(c.code), c.reason.to_string())));
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_))) | Ok(None) | Err(_) => return Got::Closed(None),
+        }
+    }
+}
+
+/// Sends one command and returns its reply (pushes before it are returned too, in order).
+async fn call(ws: &mut Ws, cmd: Value) -> Result<(Value, Vec<Value>), Option<(u16, String)>> {
+    let id = cmd["id"].clone();
+    ws.send(Message::Text(cmd.to_string())).await.map_err(|_| None)?;
+    let mut pushes = Vec::new();
+    loop {
+        match next(ws).await {
+            Got::Json(msgs) => {
+                for m in msgs {
+                    if m.get("id") == Some(&id) {
+                        return Ok((m, pushes));
+                    }
+                    pushes.push(m);
+                }
+            }
+            Got::Closed(c) => return Err(c),
+        }
+    }
+}
+
+fn token(secret: &str, user: &str) -> String {
+    ringcast_server::policy::auth::make_hs256_token(secret, user, None, &[]).unwrap()
+}
+
+const RELOAD_BASE: &str = r#"
+token_hmac_secret_key = "secret-one"
+[[namespaces]]
+name = "ns"
+allow_subscribe_for_client = true
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_namespaces_and_token_keys_and_existing_connections_stay() {
+    let (p, port) = Proc::start("reload", RELOAD_BASE);
+    // An existing connection, subscribed under the first configuration.
+    let mut old = ws(port).await.unwrap();
+    let (r, _) = call(&mut old, json!({"id":1,"connect":{"token": token("secret-one", "u1")}})).await.unwrap();
+    assert!(r.get("connect").is_some(), "{r}");
+    let (r, _) = call(&mut old, json!({"id":2,"subscribe":{"channel":"ns:a"}})).await.unwrap();
+    assert!(r.get("subscribe").is_some(), "{r}");
+
+    // New key, and subscriptions in `ns` no longer allowed for clients.
+    let second = RELOAD_BASE.replace("secret-one", "secret-two").replace("allow_subscribe_for_client = true", "");
+    p.write_config(&second);
+    p.signal(libc::SIGHUP);
+    p.wait_log("configuration reloaded", 1);
+    let log = p.log();
+    assert!(log.contains("token_hmac_secret_key") && log.contains("namespaces"), "{log}");
+
+    // New operations see it: the old connection's next subscribe is refused (103)…
+    let (r, _) = call(&mut old, json!({"id":3,"subscribe":{"channel":"ns:b"}})).await.unwrap();
+    assert_eq!(r["error"]["code"], 103, "{r}");
+    // …a token signed with the old key is refused (3500), one with the new key is accepted…
+    let mut c = ws(port).await.unwrap();
+    let refused = call(&mut c, json!({"id":1,"connect":{"token": token("secret-one", "u2")}})).await;
+    assert!(matches!(refused, Err(Some((3500, _)))), "old key still accepted");
+    let mut c = ws(port).await.unwrap();
+    let (r, _) = call(&mut c, json!({"id":1,"connect":{"token": token("secret-two", "u3")}})).await.unwrap();
+    assert!(r.get("connect").is_some(), "{r}");
+    // …and the existing connection stays, with its subscription: it gets what is published there.
+    let published = api(port, "publish", &json!({"channel":"ns:a","data":{"n":1}})).unwrap();
+    assert!(published.get("result").is_some(), "{published}");
+    match next(&mut old).await {
+        Got::Json(m) => assert_eq!(m[0]["push"]["pub"]["data"]["n"], 1, "{m:?}"),
+        Got::Closed(c) => panic!("the existing connection was closed: {c:?}"),
+    }
+
+    // An invalid file is rejected as a whole, naming the key; the second configuration stays.
+    let invalid = second.replace("secret-two", "secret-three") + "[[namespaces]]\nname = \"x\"\n";
+    p.write_config(&invalid);
+    p.signal(libc::SIGHUP);
+    p.wait_log("configuration reload rejected", 1);
+    assert!(p.log().contains("`namespaces`"), "the log line names the key:\n{}", p.log());
+    let mut c = ws(port).await.unwrap();
+    let (r, _) = call(&mut c, json!({"id":1,"connect":{"token": token("secret-two", "u4")}})).await.unwrap();
+    assert!(r.get("connect").is_some(), "the old configuration is in force: {r}");
+
+    // A key that cannot change at run time is reported, by the API and in the log.
+    p.write_config(&format!("read_buffer = \"ring\"\n{second}"));
+    let reply = api(port, "reload", &json!({})).unwrap();
+    assert_eq!(reply["result"]["needs_restart"], json!(["read_buffer"]), "{reply}");
+    p.wait_log("need a restart", 1);
+    // And a rejected reload through the API says which key.
+    p.write_config(&invalid);
+    let reply = api(port, "reload", &json!({})).unwrap();
+    assert_eq!(reply["error"]["key"], "namespaces", "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_clients_with_3001_spread_over_the_shutdown_timeout() {
+    const N: usize = 40;
+    let (mut p, port) = Proc::start("drain", "allow_anonymous = true\nshutdown_timeout = \"4s\"\n");
+    let mut clients = Vec::new();
+    for i in 0..N {
+        let mut c = ws(port).await.unwrap();
+        let (r, _) = call(&mut c, json!({"id":1,"connect":{}})).await.unwrap();
+        assert!(r.get("connect").is_some(), "client {i}: {r}");
+        clients.push(c);
+    }
+    let order = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let order = order.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Got::Closed(close) = next(&mut c).await {
+                        return (order.fetch_add(1, Ordering::SeqCst), started.elapsed(), close);
+                    }
+                }
+            })
+        })
+        .collect();
+    p.signal(libc::SIGTERM);
+    // The first disconnect comes at once; meanwhile new connections are refused.
+    while order.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(ws(port).await.is_err(), "a new connection was accepted during the drain");
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.push(t.await.unwrap());
+    }
+    for (_, _, close) in &seen {
+        assert_eq!(close.as_ref().map(|(c, r)| (*c, r.as_str())), Some((3001, "shutdown")), "{seen:?}");
+    }
+    // Spread, not all at once: counted at points of the drain, relative to its own first and last
+    // disconnect (so a slow machine stretches the points with it). Spread evenly, a quarter of the
+    // clients go in each quarter; all at once would put them all in the first.
+    seen.sort_by_key(|s| s.1);
+    let (first, last) = (seen[0].1, seen[N - 1].1);
+    let span = last - first;
+    let within = |f: f64| seen.iter().filter(|s| s.1 <= first + span.mul_f64(f)).count();
+    assert!(span > Duration::ZERO);
+    assert!(within(0.25) < N / 2, "half the clients went in the first quarter: {seen:?}");
+    assert!(within(0.75) < N, "everyone went before the last quarter: {seen:?}");
+    assert!(p.wait_exit(), "exit status:\n{}", p.log());
+}
+
+/// Shared state of the upgrade test's clients.
+#[derive(Default)]
+struct Load {
+    /// Handshakes (subscribers' reconnects and the connect loop) that did not get 101.
+    refused: AtomicUsize,
+    handshakes: AtomicUsize,
+    subscribed: AtomicUsize,
+    stop: AtomicBool,
+    /// The last offset the publisher got a success for.
+    published: AtomicU64,
+    done_publishing: AtomicBool,
+}
+
+struct Received {
+    offsets: Vec<u64>,
+    numbers: Vec<u64>,
+    reconnects: usize,
+    shutdown_closes: usize,
+}
+
+async fn subscriber(port: u16, load: Arc<Load>) -> Received {
+    let mut got = Received { offsets: Vec::new(), numbers: Vec::new(), reconnects: 0, shutdown_closes: 0 };
+    let mut position: Option<(u64, String)> = None;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        let Ok(mut c) = ws(port).await else {
+            load.refused.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        load.handshakes.fetch_add(1, Ordering::SeqCst);
+        let mut sub = json!({"channel":"c","recoverable":true});
+        if let Some((offset, epoch)) = &position {
+            sub["recover"] = json!(true);
+            sub["offset"] = json!(offset);
+            sub["epoch"] = json!(epoch);
+        }
+        let record = |got: &mut Received, position: &mut Option<(u64, String)>, publication: &Value| {
+            let offset = publication["offset"].as_u64().unwrap();
+            got.offsets.push(offset);
+            got.numbers.push(publication["data"]["n"].as_u64().unwrap());
+            if let Some(p) = position.as_mut() {
+                p.0 = offset;
+            }
+        };
+        let subscribed = async {
+            call(&mut c, json!({"id":1,"connect":{}})).await?;
+            call(&mut c, json!({"id":2,"subscribe":sub})).await
+        };
+        let (reply, pushes) = match subscribed.await {
+            Ok(v) => v,
+            Err(close) => {
+                got.shutdown_closes += usize::from(matches!(close, Some((3001, _))));
+                continue;
+            }
+        };
+        let r = &reply["subscribe"];
+        assert!(r.is_object(), "subscribe refused: {reply}");
+        if position.is_none() {
+            load.subscribed.fetch_add(1, Ordering::SeqCst);
+        } else {
+            got.reconnects += 1;
+            assert_eq!(r["recovered"], true, "recovery across the upgrade is exact: {reply}");
+        }
+        position = Some((r["offset"].as_u64().unwrap_or(0), r["epoch"].as_str().unwrap().to_string()));
+        // Recovered publications come first, then pushes that arrived meanwhile.
+        for publication in r["publications"].as_array().cloned().unwrap_or_default() {
+            record(&mut got, &mut position, &publication);
+        }
+        for push in pushes {
+            record(&mut got, &mut position, &push["push"]["pub"]);
+        }
+        loop {
+            let target = load.published.load(Ordering::SeqCst);
+            if load.stop.load(Ordering::SeqCst)
+                || (load.done_publishing.load(Ordering::SeqCst) && position.as_ref().is_some_and(|p| p.0 >= target))
+            {
+                return got;
+            }
+            match tokio::time::timeout(Duration::from_millis(200), next(&mut c)).await {
+                Err(_) => continue,
+                Ok(Got::Json(msgs)) => {
+                    for m in msgs {
+                        if m["push"]["pub"].is_object() {
+                            record(&mut got, &mut position, &m["push"]["pub"]);
+                        }
+                    }
+                }
+                Ok(Got::Closed(close)) => {
+                    got.shutdown_closes += usize::from(matches!(close, Some((3001, _))));
+                    break;
+                }
+            }
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_upgrade_under_load_refuses_no_handshake_and_loses_no_publication() {
+    const SUBSCRIBERS: usize = 12;
+    const PUBLICATIONS: u64 = 150;
+    let pid_dir = std::env::temp_dir().join(format!("ringcast-ops-pid-{}", std::process::id()));
+    std::fs::create_dir_all(&pid_dir).unwrap();
+    let pid_file = pid_dir.join("ringcast.pid");
+    let config = format!(
+        "allow_anonymous = true\ndrain_window = \"2s\"\npid_file = \"{}\"\n[channels]\nallow_subscribe_for_client = true\nallow_subscribe_for_anonymous = true\nallow_recovery = true\nhistory_size = 1000\nhistory_ttl = \"600s\"\n",
+        pid_file.display()
+    );
+    let (mut p, port) = Proc::start("upgrade", &config);
+    let old_pid = read_pid(&pid_file);
+    assert_eq!(old_pid, p.child.id(), "the pid file names the process");
+    let load = Arc::new(Load::default());
+
+    let subs: Vec<_> = (0..SUBSCRIBERS).map(|_| tokio::spawn(subscriber(port, load.clone()))).collect();
+    // The connect loop: a new WebSocket every 10 ms, closed at once, each one counted.
+    let connector = {
+        let load = load.clone();
+        tokio::spawn(async move {
+            for _ in 0..3000 {
+                if load.stop.load(Ordering::SeqCst) || load.done_publishing.load(Ordering::SeqCst) {
+                    break;
+                }
+                match ws(port).await {
+                    Ok(mut c) => {
+                        load.handshakes.fetch_add(1, Ordering::SeqCst);
+                        let _ = c.close(None).await;
+                    }
+                    Err(_) => {
+                        load.refused.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    // Every subscriber subscribed before the first publication (so each must receive all of them).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while load.subscribed.load(Ordering::SeqCst) < SUBSCRIBERS {
+        assert!(subs.iter().all(|s| !s.is_finished()), "a subscriber failed:\n{}", p.log());
+        assert!(Instant::now() < deadline, "subscribers did not subscribe:\n{}", p.log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The steady publisher, retrying what a process refuses (the old one, once it has handed over).
+    let publisher = {
+        let load = load.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut retries = 0;
+            for n in 1..=PUBLICATIONS {
+                loop {
+                    let r = api(port, "publish", &json!({"channel":"c","data":{"n":n}}));
+                    if let Some(offset) = r.as_ref().and_then(|r| r["result"]["offset"].as_u64()) {
+                        load.published.store(offset, Ordering::SeqCst);
+                        break;
+                    }
+                    retries += 1;
+                    assert!(retries < 2000, "publication {n} kept failing: {r:?}");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                std::thread::sleep(Duration::from_millis(15));
+            }
+            load.done_publishing.store(true, Ordering::SeqCst);
+            retries
+        })
+    };
+    while load.published.load(Ordering::SeqCst) < PUBLICATIONS / 4 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    p.signal(libc::SIGUSR2);
+    // The new process rewrites the pid file; the old one exits after its drain window.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read_pid(&pid_file) == old_pid {
+        assert!(Instant::now() < deadline, "the pid file was not rewritten:\n{}", p.log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let new_pid = read_pid(&pid_file);
+    assert!(tokio::task::block_in_place(|| p.wait_exit()), "the old process failed:\n{}", p.log());
+    assert!(alive(new_pid), "the new process is running");
+    let retries = publisher.await.unwrap();
+    let mut all = Vec::new();
+    for s in subs {
+        all.push(s.await.unwrap());
+    }
+    load.stop.store(true, Ordering::SeqCst);
+    connector.await.unwrap();
+    let last = load.published.load(Ordering::SeqCst);
+    let log = p.log();
+    assert_eq!(load.refused.load(Ordering::SeqCst), 0, "handshakes refused during the switch:\n{log}");
+    assert_eq!(last, PUBLICATIONS, "one offset per publication, continued across the upgrade");
+    for (i, got) in all.iter().enumerate() {
+        assert!(got.reconnects >= 1 && got.shutdown_closes >= 1, "subscriber {i} never moved: {}", got.reconnects);
+        let mut offsets = got.offsets.clone();
+        offsets.sort_unstable();
+        offsets.dedup();
+        assert_eq!(offsets.len(), got.offsets.len(), "subscriber {i} got a publication twice");
+        assert_eq!(offsets, (1..=last).collect::<Vec<_>>(), "subscriber {i} missed publications");
+        let mut numbers = got.numbers.clone();
+        numbers.sort_unstable();
+        assert_eq!(numbers, (1..=PUBLICATIONS).collect::<Vec<_>>(), "subscriber {i}: data");
+    }
+    eprintln!(
+        "upgrade: {} handshakes, 0 refused, {retries} publish retries, {} reconnects",
+        load.handshakes.load(Ordering::SeqCst),
+        all.iter().map(|g| g.reconnects).sum::<usize>()
+    );
+    signal(new_pid, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(new_pid) {
+        assert!(Instant::now() < deadline, "the new process did not exit on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::remove_dir_all(&pid_dir).ok();
+}
+
+fn read_pid(path: &Path) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(pid) = std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok()) {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "no pid file at {}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -137,7 +137,11 @@ impl Admin {
 
     fn watched(&self) -> bool {
         self.feed.receiver_count() > 0
-            || self.now_ms().saturating_sub(self.polled_at.load(Ordering::Relaxed)) < POLL_KEEPS_SAMPLING_MS
+            || match self.polled_at.load(Ordering::Relaxed) {
+                // Never polled: nobody is watching (a fresh node does not sample on its own).
+                0 => false,
+                at => (self.now_ms() + 1).saturating_sub(at) < POLL_KEEPS_SAMPLING_MS,
+            }
     }
 
     /// The sampler: a snapshot every second while a viewer is connected (or polled lately), until
@@ -257,7 +261,7 @@ async fn snapshot_json(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> R
     if admin.session(&headers).is_none() {
         return unauthorized();
     }
-    admin.polled_at.store(admin.now_ms(), Ordering::Relaxed);
+    admin.polled_at.store(admin.now_ms() + 1, Ordering::Relaxed);
     let mut latest = relock(admin.latest.lock()).clone();
     if latest.is_empty() {
         admin.tick();

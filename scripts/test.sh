@@ -66,12 +66,14 @@ count_cargo "$log_dir/cargo-test.log"
 # The Autobahn part, all at once (scripts/autobahn/suite.sh): for every read-buffer strategy, groups
 # 1-7, 9, 10 against a plain server and the compression groups 12, 13 against one with --compression,
 # the slow compression cases split into chunks that run in concurrent wstest processes. Each run's
-# merged report is judged here by check.py. ~1,950 CPU-seconds: 29 minutes measured on 2 cores shared
-# with other load, ~17 estimated on 2 idle ones (BENCHMARKS.md, "Autobahn in the test command").
-step "autobahn|testsuite, every read-buffer strategy: groups 1-7, 9, 10, and 12, 13 with --compression"
+# merged report is judged here by check.py. With 12/13 on all three strategies the whole CI run took
+# 29.1 minutes on a fresh clone (2026-12-02), too close to its 30-minute budget, so 12/13 run on pool
+# and ring by default; AUTOBAHN_COMPRESSION_STRATEGIES="pool ring growable" runs all three (each
+# strategy's 12/13 costs ~650 CPU-seconds, three quarters of it in wstest's own zlib).
+step "autobahn|testsuite: groups 1-7, 9, 10 on every read-buffer strategy, and 12, 13 with --compression"
 cargo build --release -p ringcast
 strategies=${AUTOBAHN_STRATEGIES-pool ring growable}
-deflate_strategies=${AUTOBAHN_COMPRESSION_STRATEGIES-pool ring growable}
+deflate_strategies=${AUTOBAHN_COMPRESSION_STRATEGIES-pool ring}
 set +e
 AUTOBAHN_STRATEGIES="$strategies" AUTOBAHN_COMPRESSION_STRATEGIES="$deflate_strategies" AUTOBAHN_LOG_DIR="$log_dir" \
     scripts/autobahn/suite.sh ./target/release/ringcast >"$log_dir/autobahn.log" 2>&1

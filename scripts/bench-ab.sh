@@ -5,6 +5,8 @@
 # `ringcast bench ... --compare` (alternating rounds, ratio NEW/OLD); idle memory per connection (10,000
 # echo connections on the pool strategy, 10,000 subscribed Centrifugo clients) alternates fresh servers.
 # Loopback only; every run is bounded by --duration. Takes about 6 minutes.
+# Both servers run with `--tcp-listen off`: `--dev` alone binds the TCP protocol on port 7070 (issue 11), and
+# the second server of a pair would fail to start on it.
 set -euo pipefail
 old=$1
 new=$2
@@ -32,8 +34,8 @@ trap stop_all EXIT
 
 compare() { # compare NAME PATH ARGS...  (old = A, new = B)
     local name=$1 path=$2; shift 2
-    start "$old" --dev; local pa=$p sa=$s
-    start "$new" --dev; local pb=$p sb=$s
+    start "$old" --dev --tcp-listen off; local pa=$p sa=$s
+    start "$new" --dev --tcp-listen off; local pb=$p sb=$s
     echo "== $name" | tee "$out/$name.txt"
     "$gen" bench "$@" --url "ws://127.0.0.1:$pa$path" --server-pid "$sa" \
         --compare "ws://127.0.0.1:$pb$path" --compare-pid "$sb" --rounds "$rounds" -q --json "$out/$name.json" \
@@ -52,7 +54,7 @@ printf 'allow_anonymous = true\n[channels]\nallow_subscribe_for_client = true\na
 for round in 1 2; do
     for side in old new; do
         bin=$old; [ "$side" = new ] && bin=$new
-        start "$bin" --read-buffer pool --dev
+        start "$bin" --read-buffer pool --dev --tcp-listen off
         "$gen" bench idle --url "ws://127.0.0.1:$p/echo" --connections 10000 --duration 3 --server-pid "$s" -q \
             --json "$out/idle-echo-$side-$round.json" >"$out/idle-echo-$side-$round.txt" 2>&1 || true
         stop_all

@@ -85,7 +85,7 @@ next_port() { port=$((port + 1)); }
 ringcast_server() {
     next_port
     rc_port=$port
-    start "ringcast-$rc_port" "$rc_port" "$bin" serve --dev --listen "127.0.0.1:$rc_port" --log-level error "$@"
+    start "ringcast-$rc_port" "$rc_port" "$bin" serve --dev --tcp-listen off --listen "127.0.0.1:$rc_port" --log-level error "$@"
     rc_pid=$pid
 }
 # peer_server NAME BINARY: a peer taking `127.0.0.1:PORT` (the Rust examples); sets $peer_port, $peer_pid.

@@ -438,3 +438,70 @@ async fn tcp_connections_over_the_memory_watermark_get_error_12() {
     assert_eq!(tcp_refusals(server.addr, "memory").await, 1);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publications_over_a_channels_rate_are_answered_111_and_other_channels_have_their_own() {
+    let server =
+        TestServer::start(&[("client_channel_publish_rate", "1"), ("client_channel_publish_burst", "2")]).await;
+    let mut ws = upgraded(upgrade(server.addr, "127.0.0.17").await);
+    works(&mut ws, 1).await;
+    // One frame: two publications to `a` are the burst, the third is over it (one token a second cannot
+    // come back between commands of one frame); `b` has its own bucket.
+    let publish = |id: u32, channel: &str| json!({"id": id, "publish": {"channel": channel, "data": {"n": id}}});
+    let replies = frame(&mut ws, &[publish(2, "a"), publish(3, "a"), publish(4, "a"), publish(5, "b")])
+        .await
+        .expect("replies, not a close");
+    let by_id = |id: u32| replies.iter().find(|r| r["id"] == json!(id)).expect("a reply per command").clone();
+    assert!(by_id(2).get("publish").is_some(), "{replies:?}");
+    assert!(by_id(3).get("publish").is_some(), "{replies:?}");
+    assert_eq!(by_id(4)["error"]["code"], json!(111), "{replies:?}");
+    assert_eq!(by_id(4)["error"]["temporary"], json!(true), "{replies:?}");
+    assert!(by_id(5).get("publish").is_some(), "another channel: {replies:?}");
+    // Not a flood: the connection stays and other commands run.
+    still_works(&mut ws, 6).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_publications_over_a_channels_rate_are_answered_error_9() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server =
+        TestServer::start(&[("client_channel_publish_rate", "1"), ("client_channel_publish_burst", "2")]).await;
+    let (mut stream, answer) = tcp_connect(&server, "127.0.0.18").await;
+    assert_eq!(answer, TcpAnswer::Connected);
+    let mut out = Vec::new();
+    for channel in ["a", "a", "a", "b"] {
+        ringcast_wire::tcp::Command::Publish { channel, data: b"x" }.encode(&mut out).expect("encodable");
+    }
+    stream.write_all(&out).await.expect("send");
+    // Four replies in command order: PUBLISHED, PUBLISHED, ERROR 9, PUBLISHED.
+    let mut got = Vec::new();
+    let mut replies = Vec::new();
+    while replies.len() < 4 {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("replies in time")
+            .expect("read");
+        assert!(n > 0, "closed after {replies:?}");
+        got.extend_from_slice(&chunk[..n]);
+        while got.len() >= 13 {
+            let len = u32::from_be_bytes([got[5], got[6], got[7], got[8]]) as usize;
+            if got.len() < 13 + len {
+                break;
+            }
+            let cmd = u16::from_be_bytes([got[3], got[4]]);
+            let reply = match ringcast_wire::tcp::Command::decode(ringcast_wire::Role::Client, cmd, &got[13..13 + len])
+                .expect("well-formed")
+            {
+                ringcast_wire::tcp::Command::Published { .. } => 0,
+                ringcast_wire::tcp::Command::Error { code, .. } => code.0,
+                other => panic!("unexpected {other:?}"),
+            };
+            replies.push(reply);
+            got.drain(..13 + len);
+        }
+    }
+    assert_eq!(replies, [0, 0, 9, 0]);
+    server.stop().await;
+}

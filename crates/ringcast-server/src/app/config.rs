@@ -102,6 +102,8 @@ pub const KEYS: &[Key] = &[
     key("memory_low_watermark", Kind::Str, "Admission: once over memory_high_watermark, the node admits connections again when RSS falls below this (bytes or a percentage, as for the high watermark). Empty: 90% of memory_high_watermark."),
     key("client_command_rate", Kind::Int, "Client protocol: commands per second one connection may send (a token bucket; pongs are not counted); a command over it is answered error 111 (too many requests, temporary). 0: unlimited."),
     key("client_command_burst", Kind::Int, "Client protocol: commands one connection may send at once before client_command_rate applies (the bucket's size). 0: the rate (one second's worth)."),
+    key("client_channel_publish_rate", Kind::Int, "Client protocol: publications per second one connection may make to one channel (a token bucket per connection and channel, kept only while the client publishes there); a publication over it is answered error 111 (too many requests, temporary; TCP protocol: ERROR 9) and the connection stays. 0: unlimited."),
+    key("client_channel_publish_burst", Kind::Int, "Client protocol: publications one connection may make to one channel at once before client_channel_publish_rate applies (the bucket's size). 0: the rate (one second's worth)."),
     key("client_flood_disconnect_after", Kind::Str, "Client protocol: a connection whose commands are still refused this long after its first refusal is disconnected with 3013 (too many requests; SDKs reconnect with backoff). \"0s\": never."),
     key("channels", Kind::Table, "Options of channels outside any namespace ([channels] table: allow_subscribe_for_client, presence, history_size, ...)."),
     key("namespaces", Kind::Table, "Channel namespaces ([[namespaces]] with name = \"ns\" and the channel options); channel \"ns:x\" uses namespace \"ns\"."),
@@ -187,6 +189,8 @@ pub struct Config {
     pub memory_low_watermark: String,
     pub client_command_rate: u32,
     pub client_command_burst: u32,
+    pub client_channel_publish_rate: u32,
+    pub client_channel_publish_burst: u32,
     #[serde(with = "humantime_serde")]
     pub client_flood_disconnect_after: Duration,
     #[serde(deserialize_with = "crate::policy::namespace::deserialize_options")]
@@ -257,6 +261,8 @@ impl Default for Config {
             memory_low_watermark: String::new(),
             client_command_rate: 0,
             client_command_burst: 0,
+            client_channel_publish_rate: 0,
+            client_channel_publish_burst: 0,
             client_flood_disconnect_after: Duration::from_secs(10),
             channels: crate::policy::namespace::ChannelOptions::default(),
             namespaces: Vec::new(),

@@ -22,6 +22,9 @@ pub enum Failure {
     /// The server's admission control turned the upgrade away (429 or 503): the server is up and
     /// protecting itself, which a report must not mix up with it misbehaving. `Retry-After` in seconds.
     Rejected { status: u16, retry_after: Option<u64> },
+    /// The same for a TCP protocol connection: the server's first frame was ERROR `code` (12 server
+    /// unavailable; 9 for the connect rate), then it closed; the wait its message asked for.
+    TcpRejected { code: u16, retry_after: Option<u64> },
     /// The server broke the WebSocket (or Centrifugo) protocol, or refused a command.
     Protocol(String),
     /// The server closed the connection (TCP EOF or reset, or a close frame) before we were done.
@@ -40,6 +43,7 @@ impl Failure {
             Failure::Timeout => "timeout".into(),
             Failure::Status(code) => format!("http_{code}"),
             Failure::Rejected { status, .. } => format!("rejected_{status}"),
+            Failure::TcpRejected { code, .. } => format!("rejected_tcp_error_{code}"),
             Failure::Protocol(_) => "protocol".into(),
             Failure::Closed(_) => "closed".into(),
             Failure::Local(_) => "local".into(),
@@ -56,6 +60,10 @@ impl Failure {
                 format!("server refused the upgrade: HTTP {status}, Retry-After {s}s")
             }
             Failure::Rejected { status, retry_after: None } => format!("server refused the upgrade: HTTP {status}"),
+            Failure::TcpRejected { code, retry_after: Some(s) } => {
+                format!("server refused the connection: ERROR {code}, retry after {s}s")
+            }
+            Failure::TcpRejected { code, retry_after: None } => format!("server refused the connection: ERROR {code}"),
             Failure::Protocol(m) | Failure::Closed(m) | Failure::Local(m) | Failure::Io(m) => m.clone(),
         }
     }
@@ -142,6 +150,11 @@ impl Failures {
         self.counts.get(label).copied().unwrap_or(0)
     }
 
+    /// Connections the server's admission control turned away (HTTP 429/503, TCP ERROR 12 or 9 at accept).
+    pub fn rejected(&self) -> u64 {
+        self.counts.iter().filter(|(k, _)| k.starts_with("rejected_")).map(|(_, v)| v).sum()
+    }
+
     /// `refused 100, http_404 3 (server answered the upgrade with HTTP 404)`, or `none`.
     pub fn summary(&self) -> String {
         if self.counts.is_empty() {
@@ -189,6 +202,12 @@ mod tests {
         assert_eq!(f.label(), "rejected_429");
         assert!(f.detail().contains("Retry-After 3s"), "{}", f.detail());
         assert_eq!(upgrade_status(503, b"HTTP/1.1 503 Service Unavailable\r\n\r\n").label(), "rejected_503");
+        let mut all = Failures::default();
+        all.add(&f);
+        all.add(&Failure::TcpRejected { code: 12, retry_after: Some(1) });
+        all.add(&Failure::Status(404));
+        assert_eq!(all.rejected(), 2);
+        assert_eq!(all.count("rejected_tcp_error_12"), 1);
         assert_eq!(upgrade_status(404, b"HTTP/1.1 404 Not Found\r\n\r\n"), Failure::Status(404));
     }
 }

@@ -307,8 +307,13 @@ impl Report {
         let header = format!("ringcast bench {}  {}\n  {what} · {timing}{procs}\n\n", self.scenario.name(), p.url);
         let c = &self.connections;
         let mut conn = format!("{} established of {}", count(c.established), count(c.attempted));
-        if c.failed > 0 {
-            conn.push_str(&format!(", {} failed", count(c.failed)));
+        // The server's admission turning connections away is the server working, not failing: said apart.
+        let refused = self.failures.rejected().min(c.failed);
+        if refused > 0 {
+            conn.push_str(&format!(", {} refused by the server's limits", count(refused)));
+        }
+        if c.failed > refused {
+            conn.push_str(&format!(", {} failed", count(c.failed - refused)));
         }
         if c.skipped > 0 {
             conn.push_str(&format!(", {} not attempted (no connection was succeeding)", count(c.skipped)));

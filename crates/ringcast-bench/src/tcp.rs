@@ -44,6 +44,10 @@ pub enum TcpClientError {
     /// The server answered ERROR with this code.
     #[error("server error {} ({})", .0 .0, .0.message())]
     Refused(ErrorCode),
+    /// The server's admission turned the connection away before CONNECT (ERROR 12, or 9 for the connect
+    /// rate, as the first frame, then a close): the server is up and protecting itself.
+    #[error("server turned the connection away: ERROR {} ({}){}", .code.0, .code.message(), match .retry_after { Some(s) => format!(", retry after {s} s"), None => String::new() })]
+    Turned { code: ErrorCode, retry_after: Option<u64> },
     #[error("the server closed the connection")]
     Closed,
     #[error("unexpected reply {0:?}")]
@@ -87,6 +91,8 @@ pub struct TcpClient {
     unsent: Vec<u8>,
     /// Bytes read from the socket so far (the wire cost of what was received).
     received: u64,
+    /// The wait the last ERROR's message asked for (`…: retry after N s`), if it did.
+    retry_after: Option<u64>,
 }
 
 impl TcpClient {
@@ -109,10 +115,19 @@ impl TcpClient {
             client_id: String::new(),
             unsent: Vec::new(),
             received: 0,
+            retry_after: None,
         };
-        match c.call(Command::Connect { token }).await? {
-            Reply::Connected(id) => c.client_id = id,
-            other => return Err(TcpClientError::Unexpected(format!("{other:?}"))),
+        match c.call(Command::Connect { token }).await {
+            Ok(Reply::Connected(id)) => c.client_id = id,
+            Ok(other) => return Err(TcpClientError::Unexpected(format!("{other:?}"))),
+            // Admission answers before CONNECT is read: 12, or 9 with a wait (a 9 for CONNECT over the
+            // command rate has none and leaves the connection open).
+            Err(TcpClientError::Refused(code))
+                if code == ErrorCode::UNAVAILABLE || (code == ErrorCode::RATE_LIMITED && c.retry_after.is_some()) =>
+            {
+                return Err(TcpClientError::Turned { code, retry_after: c.retry_after });
+            }
+            Err(e) => return Err(e),
         }
         Ok(c)
     }
@@ -292,7 +307,10 @@ impl TcpClient {
                         self.messages.push_back(Message { channel: channel.to_string(), offset, data: data.to_vec() });
                         None
                     }
-                    Command::Error { code, .. } => return Err(TcpClientError::Refused(code)),
+                    Command::Error { code, message } => {
+                        self.retry_after = retry_after(message);
+                        return Err(TcpClientError::Refused(code));
+                    }
                     other => return Err(TcpClientError::Unexpected(format!("{other:?}"))),
                 }),
             };
@@ -314,5 +332,23 @@ impl TcpClient {
             self.received += n as u64;
             self.pending.extend_from_slice(&chunk[..n]);
         }
+    }
+}
+
+/// The seconds in an ERROR message of the form `…: retry after N s` (the server's admission refusals).
+fn retry_after(message: &str) -> Option<u64> {
+    message.rsplit_once("retry after ")?.1.strip_suffix(" s")?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_after;
+
+    #[test]
+    fn the_wait_is_read_from_an_admission_refusal_message() {
+        assert_eq!(retry_after("connect_rate: retry after 3 s"), Some(3));
+        assert_eq!(retry_after("max_connections: retry after 1 s"), Some(1));
+        assert_eq!(retry_after("rate limited"), None);
+        assert_eq!(retry_after("retry after soon s"), None);
     }
 }

@@ -177,6 +177,42 @@ async fn http_status_of_a_refused_upgrade_is_counted() {
     assert!(!r.measured());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_refusals_are_reported_as_refusals_with_their_status_over_ws_and_tcp() {
+    let flags = [("listen", "127.0.0.1:0"), ("tcp_listen", "127.0.0.1:0"), ("dev", "true"), ("max_connections", "5")]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+    for protocol in [ringcast_bench::params::Protocol::Centrifuge, ringcast_bench::params::Protocol::Tcp] {
+        // A fresh node per protocol: each run's connections hold its 5 places until they close.
+        let (config, settings) = ringcast_server::Config::load(None, |_| None, &flags).expect("test config");
+        let server = ringcast_server::Server::bind(config, settings).expect("bind");
+        let url = match protocol {
+            ringcast_bench::params::Protocol::Tcp => format!("tcp://{}", server.tcp_addr().expect("tcp listener")),
+            _ => format!("ws://{}/connection/websocket", server.local_addr().expect("bound")),
+        };
+        let (stop, rx) = oneshot::channel::<()>();
+        tokio::spawn(server.run(async {
+            rx.await.ok();
+        }));
+        let mut p = params(Scenario::Idle, url);
+        p.protocol = protocol;
+        p.connections = 8;
+        p.window = 1;
+        let r = run(&p).await;
+        let label = match protocol {
+            ringcast_bench::params::Protocol::Tcp => "rejected_tcp_error_12",
+            _ => "rejected_503",
+        };
+        assert_eq!(r.failures.count(label), 3, "{:?}", r.failures);
+        assert_eq!(r.failures.total(), 3, "{:?}", r.failures);
+        assert_eq!(r.connections.established, 5);
+        let table = r.table();
+        assert!(table.contains("3 refused by the server's limits"), "{table}");
+        assert!(!table.contains("failed"), "a refusal is not a failure: {table}");
+        assert!(table.contains("retry after 1s") || table.contains("Retry-After 1s"), "{table}");
+        drop(stop);
+    }
+}
+
 /// A minimal broadcast server: every message is forwarded to every other connection. With `lossy`,
 /// every 10th message for the first accepted connection is dropped (and counted in `dropped`).
 struct Broadcast {

@@ -189,7 +189,7 @@ fn describe() {
     describe_counter!(
         ADMISSION_REFUSALS_TOTAL,
         Unit::Count,
-        "Valid upgrade requests refused by admission control, by `reason` (max_connections, max_connections_per_ip and memory: 503; connect_rate: 429)."
+        "Connections refused by admission control, by `reason` (max_connections, max_connections_per_ip and memory: HTTP 503 or TCP ERROR 12; connect_rate: HTTP 429 or TCP ERROR 9) and `transport` (ws: valid upgrade requests on listen; tcp: connections on tcp_listen)."
     );
     describe_gauge!(
         MEMORY_RSS_BYTES,

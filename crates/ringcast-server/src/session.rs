@@ -241,8 +241,18 @@ impl Subs {
 struct Identity {
     user: String,
     conn_info: Bytes,
-    /// Boxed once more: 16 bytes only while the client has spent tokens, and this struct stays 64.
-    commands: Option<Box<CommandBucket>>,
+    /// Boxed once more: only while the client has spent tokens, and this struct stays 64.
+    buckets: Option<Box<Buckets>>,
+}
+
+/// A session's rate-limit state, while it has any.
+#[derive(Debug, Default)]
+struct Buckets {
+    /// `client_command_rate`.
+    commands: Option<CommandBucket>,
+    /// `client_channel_publish_rate`: a bucket per channel the client published to lately (empty for a
+    /// client that never publishes).
+    publications: ChannelBuckets,
 }
 
 /// `client_command_rate`, `client_command_burst` and `client_flood_disconnect_after`, as a GCRA's
@@ -321,6 +331,49 @@ impl CommandBucket {
         }
         Throttle::Refuse { first: false }
     }
+}
+
+/// Most channels one connection holds a non-full publication bucket for at once: a publication to yet
+/// another channel is refused 111 until one of them is full again (it bounds the state a client can make
+/// us keep; the limit of a client that publishes to a few channels is never reached).
+pub(crate) const MAX_PUBLISH_CHANNELS: usize = 256;
+
+/// One connection's `client_channel_publish_rate` buckets, one per channel it published to while that
+/// channel's bucket is not full again: (a 64-bit hash of the channel, its GCRA). A lookup is a scan of a
+/// few entries; a publication to a channel already here allocates nothing; a new channel first drops the
+/// buckets that are full again (the same as having none), so the vector holds only channels the client
+/// is publishing to now. Two channels whose hashes collide share a bucket (stricter, never looser).
+#[derive(Debug, Default)]
+pub(crate) struct ChannelBuckets {
+    entries: Vec<(u64, CommandBucket)>,
+}
+
+impl ChannelBuckets {
+    /// Whether a publication to `channel` may run now (and spends its token if so).
+    pub(crate) fn allow(&mut self, channel: &str, q: &CommandQuota, now_us: u64) -> bool {
+        let key = channel_key(channel);
+        if let Some((_, bucket)) = self.entries.iter_mut().find(|(k, _)| *k == key) {
+            return bucket.check(q, now_us) == Throttle::Run;
+        }
+        self.entries.retain(|(_, b)| !b.is_full(now_us));
+        if self.entries.len() >= MAX_PUBLISH_CHANNELS {
+            return false;
+        }
+        let mut bucket = CommandBucket::default();
+        let run = bucket.check(q, now_us) == Throttle::Run;
+        self.entries.push((key, bucket));
+        run
+    }
+
+    /// Every bucket is full again: holding these is the same as holding none.
+    pub(crate) fn all_full(&self, now_us: u64) -> bool {
+        self.entries.iter().all(|(_, b)| b.is_full(now_us))
+    }
+}
+
+fn channel_key(channel: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(channel)
 }
 
 /// Microseconds since the first call, plus one (so 0 never is a time): the command buckets' clock.
@@ -452,7 +505,8 @@ impl Session {
         let mut over_cap = false;
         let mut ponged = false;
         // One clock read per frame, and only with a command rate configured.
-        let now = self.node.policy().client_limits.commands.map(|_| now_us());
+        let limits = self.node.policy().client_limits;
+        let now = (limits.commands.is_some() || limits.publications.is_some()).then(now_us);
         loop {
             decode_commands_from(self.format(), payload, &mut pos, MAX_COMMANDS_PER_FRAME, commands).map_err(|e| {
                 metrics::counter!("ringcast_client_protocol_errors_total", "reason" => e.label()).increment(1);
@@ -521,7 +575,7 @@ impl Session {
             return Ok(false);
         }
         let identity = self.identity.get_or_insert_with(Box::default);
-        let bucket = identity.commands.get_or_insert_with(Box::default);
+        let bucket = identity.buckets.get_or_insert_with(Box::default).commands.get_or_insert_with(Default::default);
         match bucket.check(&quota, now) {
             Throttle::Run => Ok(false),
             Throttle::Refuse { first } => {
@@ -539,15 +593,34 @@ impl Session {
         }
     }
 
+    /// Whether `client_channel_publish_rate` lets this client publish to `channel` now. Nothing is kept
+    /// for a client until it publishes with the limit on.
+    fn publication_allowed(&mut self, channel: &str) -> bool {
+        let Some(quota) = self.node.policy().client_limits.publications else { return true };
+        let now = now_us();
+        let identity = self.identity.get_or_insert_with(Box::default);
+        let buckets = &mut identity.buckets.get_or_insert_with(Box::default).publications;
+        if buckets.allow(channel, &quota, now) {
+            return true;
+        }
+        metrics::counter!("ringcast_client_protocol_errors_total", "reason" => "channel_publish_rate").increment(1);
+        tracing::debug!(client = %self.shared.id, channel, "publication over client_channel_publish_rate answered 111");
+        false
+    }
+
     /// Gives back a command bucket that is full again (and the box that held it, for an anonymous client):
     /// a quiet client holds no limiter state.
     fn drop_full_bucket(&mut self, now: u64) {
         let Some(identity) = self.identity.as_deref_mut() else { return };
-        if identity.commands.as_ref().is_some_and(|b| b.tat_us <= now) {
-            identity.commands = None;
-            if identity.user.is_empty() && identity.conn_info.is_empty() {
-                self.identity = None;
-            }
+        if identity
+            .buckets
+            .as_ref()
+            .is_some_and(|b| b.commands.as_ref().is_none_or(|c| c.tat_us <= now) && b.publications.all_full(now))
+        {
+            identity.buckets = None;
+        }
+        if identity.buckets.is_none() && identity.user.is_empty() && identity.conn_info.is_empty() {
+            self.identity = None;
         }
     }
 
@@ -931,12 +1004,15 @@ impl Session {
         metrics::gauge!("ringcast_subscriptions").decrement(1.0);
     }
 
-    fn publish(&self, channel: &str, data: Bytes) -> Result<(), Refusal> {
+    fn publish(&mut self, channel: &str, data: Bytes) -> Result<(), Refusal> {
         let channel = required(channel)?;
         let opts = self.node.options(channel)?;
         let opts = &*opts;
+        namespace::can_publish(opts, self.user(), self.subs.get(channel).is_some()).map_err(|d| d.error_code())?;
+        if !self.publication_allowed(channel) {
+            return Err(ErrorCode::TOO_MANY_REQUESTS.into());
+        }
         let sub = self.subs.get(channel);
-        namespace::can_publish(opts, self.user(), sub.is_some()).map_err(|d| d.error_code())?;
         let info = self.client_info(sub.map(Sub::chan_info).unwrap_or_default());
         self.node.publish(channel, data, Some(info))?;
         Ok(())
@@ -1362,5 +1438,35 @@ mod tests {
         assert_eq!(b.check(&q, t0 + 5_000_000), Throttle::Refuse { first: true });
         assert_eq!(CommandQuota::new(0, 5, std::time::Duration::ZERO), None, "0: unlimited");
         assert_eq!(std::mem::size_of::<super::Identity>(), 64, "a size class");
+    }
+
+    #[test]
+    fn channel_buckets_limit_each_channel_apart_and_reuse_their_storage() {
+        use super::{ChannelBuckets, CommandQuota, MAX_PUBLISH_CHANNELS};
+        let q = CommandQuota::new(1, 2, std::time::Duration::ZERO).expect("a quota");
+        let mut b = ChannelBuckets::default();
+        let t0 = 1_000_000;
+        assert!(b.allow("a", &q, t0));
+        assert!(b.allow("a", &q, t0));
+        assert!(!b.allow("a", &q, t0), "over the burst");
+        assert!(b.allow("b", &q, t0), "another channel");
+        // Steady state: publications to channels already held never grow (or move) the storage.
+        let (ptr, cap) = (b.entries.as_ptr(), b.entries.capacity());
+        for i in 0..1000u64 {
+            let now = t0 + 1_000_000 + i * 1_000_000;
+            assert!(b.allow("a", &q, now));
+            assert!(b.allow("b", &q, now));
+        }
+        assert_eq!((b.entries.as_ptr(), b.entries.capacity()), (ptr, cap));
+        assert!(!b.all_full(t0 + 1_000 * 1_000_000));
+        assert!(b.all_full(t0 + 2_000 * 1_000_000), "both full again after the quiet");
+        // Channels whose buckets are full again are forgotten to make room; past the cap, refused.
+        let now = t0 + 3_000 * 1_000_000;
+        for i in 0..MAX_PUBLISH_CHANNELS {
+            assert!(b.allow(&format!("c{i}"), &q, now));
+        }
+        assert_eq!(b.entries.len(), MAX_PUBLISH_CHANNELS, "a and b, full again, were dropped");
+        assert!(!b.allow("one-more", &q, now));
+        assert!(b.allow("one-more", &q, now + 2_000_000), "room once the others are full again");
     }
 }

@@ -91,11 +91,12 @@ async fn close(mut ws: Ws) {
     while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {}
 }
 
-/// `ringcast_admission_refusals_total{reason="…"}` from the server's /metrics (0 before the first).
+/// `ringcast_admission_refusals_total{reason="…",transport="ws"}` from the server's /metrics (0 before
+/// the first).
 async fn refusals(addr: SocketAddr, reason: &str) -> u64 {
     let (status, body) = http_request(addr, "GET", "/metrics", &[], "").await;
     assert_eq!(status, 200);
-    let series = format!("ringcast_admission_refusals_total{{reason=\"{reason}\"}} ");
+    let series = format!("ringcast_admission_refusals_total{{reason=\"{reason}\",transport=\"ws\"}} ");
     body.lines()
         .find_map(|l| l.strip_prefix(series.as_str()))
         .map_or(0, |v| v.trim().parse::<f64>().expect("counter value") as u64)
@@ -267,5 +268,240 @@ async fn commands_over_the_rate_are_answered_111_and_a_flood_is_disconnected_301
     let mut other = upgraded(upgrade(addr, "127.0.0.7").await);
     works(&mut other, 1).await;
     still_works(&mut other, 2).await;
+    server.stop().await;
+}
+
+// The TCP binary protocol (`tcp_listen`) is admitted with the same counts: a refused connection gets
+// one ERROR frame (12 server unavailable; 9 for the connect rate) and the end of the stream.
+
+/// How the server answered a TCP protocol connection's CONNECT.
+#[derive(Debug, PartialEq, Eq)]
+enum TcpAnswer {
+    Connected,
+    /// ERROR before anything else: its code and message, then the stream ended.
+    Refused(u16, String),
+}
+
+/// A TCP protocol connection from source address `from` that sent CONNECT (anonymous: `--dev`).
+async fn tcp_connect(server: &TestServer, from: &str) -> (TcpStream, TcpAnswer) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let from: IpAddr = from.parse().expect("source address");
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.bind(SocketAddr::new(from, 0)).expect("bind source address");
+    let mut stream = socket.connect(server.tcp.expect("--dev listens for TCP")).await.expect("connect");
+    let mut frame = Vec::new();
+    ringcast_wire::tcp::Command::Connect { token: "" }.encode(&mut frame).expect("encodable");
+    // A refused connection may already be closed for writing; its answer is read below either way.
+    let _ = stream.write_all(&frame).await;
+    let mut got = Vec::new();
+    let answer = loop {
+        let mut chunk = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("the server answered in time")
+            .unwrap_or(0);
+        assert!(n > 0, "the stream ended without a frame");
+        got.extend_from_slice(&chunk[..n]);
+        if got.len() < 13 {
+            continue;
+        }
+        let len = u32::from_be_bytes([got[5], got[6], got[7], got[8]]) as usize;
+        if got.len() < 13 + len {
+            continue;
+        }
+        let cmd = u16::from_be_bytes([got[3], got[4]]);
+        let command = ringcast_wire::tcp::Command::decode(ringcast_wire::Role::Client, cmd, &got[13..13 + len])
+            .expect("a well-formed command");
+        break match command {
+            ringcast_wire::tcp::Command::Connected { .. } => TcpAnswer::Connected,
+            ringcast_wire::tcp::Command::Error { code, message } => TcpAnswer::Refused(code.0, message.to_string()),
+            other => panic!("unexpected first frame {other:?}"),
+        };
+    };
+    if let TcpAnswer::Refused(..) = answer {
+        // Nothing follows the ERROR: the server closes (after FIN, EOF; never a reset).
+        let mut rest = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut rest))
+            .await
+            .expect("the server closed in time")
+            .expect("a clean close, not a reset");
+        assert_eq!(n, 0, "nothing after the ERROR");
+    }
+    (stream, answer)
+}
+
+/// `ringcast_admission_refusals_total{reason="…",transport="tcp"}`.
+async fn tcp_refusals(addr: SocketAddr, reason: &str) -> u64 {
+    let (_, body) = http_request(addr, "GET", "/metrics", &[], "").await;
+    let series = format!("ringcast_admission_refusals_total{{reason=\"{reason}\",transport=\"tcp\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map_or(0, |v| v.trim().parse::<f64>().expect("counter value") as u64)
+}
+
+/// Connects until admitted (a closed connection gives its count back just after its socket closes).
+async fn tcp_admitted_eventually(server: &TestServer, from: &str) -> TcpStream {
+    for _ in 0..500 {
+        match tcp_connect(server, from).await {
+            (stream, TcpAnswer::Connected) => return stream,
+            (_, TcpAnswer::Refused(..)) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    panic!("never admitted again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_and_websocket_share_max_connections_and_tcp_over_it_gets_error_12() {
+    let server = TestServer::start(&[("max_connections", "3")]).await;
+    let addr = server.addr;
+    let mut ws = upgraded(upgrade(addr, "127.0.0.1").await);
+    let (t1, a1) = tcp_connect(&server, "127.0.0.1").await;
+    let (_t2, a2) = tcp_connect(&server, "127.0.0.1").await;
+    assert_eq!((a1, a2), (TcpAnswer::Connected, TcpAnswer::Connected));
+    // The node holds 3: a TCP connection and an upgrade are both turned away.
+    let (_, refused) = tcp_connect(&server, "127.0.0.1").await;
+    assert_eq!(refused, TcpAnswer::Refused(12, "max_connections: retry after 1 s".into()));
+    assert!(matches!(upgrade(addr, "127.0.0.1").await, Answer::Refused(503, _)));
+    assert_eq!(tcp_refusals(addr, "max_connections").await, 1);
+    works(&mut ws, 1).await;
+    // A TCP connection leaves: its place is free again, for either transport.
+    drop(t1);
+    let _t3 = tcp_admitted_eventually(&server, "127.0.0.1").await;
+    let (_, refused) = tcp_connect(&server, "127.0.0.1").await;
+    assert!(matches!(refused, TcpAnswer::Refused(12, _)));
+    assert_eq!(tcp_refusals(addr, "max_connections").await, 2);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_per_ip_over_the_limit_get_error_12_per_address() {
+    let server = TestServer::start(&[("client_max_connections_per_ip", "2")]).await;
+    let mut ws = upgraded(upgrade(server.addr, "127.0.0.12").await);
+    let (_t1, a1) = tcp_connect(&server, "127.0.0.12").await;
+    assert_eq!(a1, TcpAnswer::Connected);
+    let (_, refused) = tcp_connect(&server, "127.0.0.12").await;
+    assert_eq!(refused, TcpAnswer::Refused(12, "max_connections_per_ip: retry after 1 s".into()));
+    assert_eq!(tcp_refusals(server.addr, "max_connections_per_ip").await, 1);
+    // Another address is counted apart; the admitted ones are served.
+    let (_t2, other) = tcp_connect(&server, "127.0.0.13").await;
+    assert_eq!(other, TcpAnswer::Connected);
+    works(&mut ws, 1).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connect_rate_over_the_burst_gets_error_9_with_the_wait() {
+    const BURST: usize = 3;
+    let server = TestServer::start(&[("client_connect_rate", "1"), ("client_connect_burst", "3")]).await;
+    // As for upgrades: the burst, then one token a second; bounded at 60 more tries.
+    let mut admitted = Vec::new();
+    let mut refused = None;
+    for _ in 0..BURST + 60 {
+        match tcp_connect(&server, "127.0.0.14").await {
+            (stream, TcpAnswer::Connected) => admitted.push(stream),
+            (_, answer) => {
+                refused = Some(answer);
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, Some(TcpAnswer::Refused(9, "connect_rate: retry after 1 s".into())));
+    assert!(admitted.len() >= BURST, "the burst was admitted: {}", admitted.len());
+    assert_eq!(tcp_refusals(server.addr, "connect_rate").await, 1);
+    // The same bucket as upgrades from that address; another address has its own.
+    assert!(matches!(upgrade(server.addr, "127.0.0.14").await, Answer::Refused(429, _)));
+    let (_t, other) = tcp_connect(&server, "127.0.0.15").await;
+    assert_eq!(other, TcpAnswer::Connected);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_over_the_memory_watermark_get_error_12() {
+    // A high watermark below any process's RSS: the first sample (every 100 ms) puts the node under
+    // pressure, and it stays there.
+    let server = TestServer::start(&[("memory_high_watermark", "1MiB"), ("memory_low_watermark", "512KiB")]).await;
+    let mut refused = None;
+    let mut admitted = Vec::new();
+    for _ in 0..500 {
+        match tcp_connect(&server, "127.0.0.16").await {
+            (stream, TcpAnswer::Connected) => {
+                admitted.push(stream);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (_, answer) => {
+                refused = Some(answer);
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, Some(TcpAnswer::Refused(12, "memory: retry after 5 s".into())));
+    assert_eq!(tcp_refusals(server.addr, "memory").await, 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publications_over_a_channels_rate_are_answered_111_and_other_channels_have_their_own() {
+    let server =
+        TestServer::start(&[("client_channel_publish_rate", "1"), ("client_channel_publish_burst", "2")]).await;
+    let mut ws = upgraded(upgrade(server.addr, "127.0.0.17").await);
+    works(&mut ws, 1).await;
+    // One frame: two publications to `a` are the burst, the third is over it (one token a second cannot
+    // come back between commands of one frame); `b` has its own bucket.
+    let publish = |id: u32, channel: &str| json!({"id": id, "publish": {"channel": channel, "data": {"n": id}}});
+    let replies = frame(&mut ws, &[publish(2, "a"), publish(3, "a"), publish(4, "a"), publish(5, "b")])
+        .await
+        .expect("replies, not a close");
+    let by_id = |id: u32| replies.iter().find(|r| r["id"] == json!(id)).expect("a reply per command").clone();
+    assert!(by_id(2).get("publish").is_some(), "{replies:?}");
+    assert!(by_id(3).get("publish").is_some(), "{replies:?}");
+    assert_eq!(by_id(4)["error"]["code"], json!(111), "{replies:?}");
+    assert_eq!(by_id(4)["error"]["temporary"], json!(true), "{replies:?}");
+    assert!(by_id(5).get("publish").is_some(), "another channel: {replies:?}");
+    // Not a flood: the connection stays and other commands run.
+    still_works(&mut ws, 6).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_publications_over_a_channels_rate_are_answered_error_9() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server =
+        TestServer::start(&[("client_channel_publish_rate", "1"), ("client_channel_publish_burst", "2")]).await;
+    let (mut stream, answer) = tcp_connect(&server, "127.0.0.18").await;
+    assert_eq!(answer, TcpAnswer::Connected);
+    let mut out = Vec::new();
+    for channel in ["a", "a", "a", "b"] {
+        ringcast_wire::tcp::Command::Publish { channel, data: b"x" }.encode(&mut out).expect("encodable");
+    }
+    stream.write_all(&out).await.expect("send");
+    // Four replies in command order: PUBLISHED, PUBLISHED, ERROR 9, PUBLISHED.
+    let mut got = Vec::new();
+    let mut replies = Vec::new();
+    while replies.len() < 4 {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("replies in time")
+            .expect("read");
+        assert!(n > 0, "closed after {replies:?}");
+        got.extend_from_slice(&chunk[..n]);
+        while got.len() >= 13 {
+            let len = u32::from_be_bytes([got[5], got[6], got[7], got[8]]) as usize;
+            if got.len() < 13 + len {
+                break;
+            }
+            let cmd = u16::from_be_bytes([got[3], got[4]]);
+            let reply = match ringcast_wire::tcp::Command::decode(ringcast_wire::Role::Client, cmd, &got[13..13 + len])
+                .expect("well-formed")
+            {
+                ringcast_wire::tcp::Command::Published { .. } => 0,
+                ringcast_wire::tcp::Command::Error { code, .. } => code.0,
+                other => panic!("unexpected {other:?}"),
+            };
+            replies.push(reply);
+            got.drain(..13 + len);
+        }
+    }
+    assert_eq!(replies, [0, 0, 9, 0]);
     server.stop().await;
 }

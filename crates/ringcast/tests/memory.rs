@@ -237,7 +237,10 @@ async fn over_the_high_watermark_slow_readers_go_3008_new_clients_get_503_and_fa
         SLOW as f64,
         "exactly the slow readers were shed"
     );
-    assert_eq!(metric(addr, r#"ringcast_admission_refusals_total{reason="memory"}"#).await, refused as f64);
+    assert_eq!(
+        metric(addr, r#"ringcast_admission_refusals_total{reason="memory",transport="ws"}"#).await,
+        refused as f64
+    );
     eprintln!(
         "memory watermark: 503 after {} publications at RSS {:.1} MiB; {refused} refusals; peak RSS {:.1} MiB",
         published - DURING - 1,

@@ -235,7 +235,7 @@ async fn storm_of_20000_handshakes_refuses_exactly_the_excess() {
         "exactly the excess refused: {reports:?}"
     );
     assert_eq!(sum(&reports, |r| r.retry_after_ok), sum(&reports, |r| r.refused), "every 503 says Retry-After: 1");
-    let counted = metric(addr, r#"ringcast_admission_refusals_total{reason="max_connections"}"#).await;
+    let counted = metric(addr, r#"ringcast_admission_refusals_total{reason="max_connections",transport="ws"}"#).await;
     assert_eq!(counted, (attempts - MAX_CONNECTIONS as u64) as f64, "refusals counted in /metrics");
     assert_eq!(metric(addr, "ringcast_ws_connections").await, MAX_CONNECTIONS as f64);
 

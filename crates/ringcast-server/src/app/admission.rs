@@ -1,11 +1,18 @@
-//! Admission: whether a WebSocket upgrade request is let in, decided before the 101 and answered with
-//! plain HTTP when it is not.
+//! Admission: whether a new connection is let in — a WebSocket upgrade request, decided before the 101
+//! and answered with plain HTTP when it is not, or a TCP binary-protocol connection (`tcp_listen`),
+//! decided as it is accepted and answered with an ERROR frame (docs/tcp-protocol.md: 9 for the connect
+//! rate, 12 for the other limits) before it is closed.
+//!
+//! Both transports share one set of counts: `max_connections` bounds the node's client connections,
+//! whichever listener they came through, and an address's connections and connect tokens are the same
+//! whether it opens WebSockets or TCP connections (an operator sizing the node for N sockets means N).
+//! Refusals are counted by transport as well as by reason.
 //!
 //! Four limits, checked in this order (cheapest and node-wide first):
 //! * memory: while the process is over `memory_high_watermark` (and until it is back below
 //!   `memory_low_watermark`), every upgrade is refused 503 (`app::memory` samples RSS and sets the
 //!   flag read here).
-//! * `max_connections`: WebSocket connections the node holds; one more is refused 503.
+//! * `max_connections`: client connections (WebSocket and TCP) the node holds; one more is refused 503.
 //! * `client_max_connections_per_ip`: connections one source address holds; one more is refused 503.
 //! * `client_connect_rate` / `client_connect_burst`: a token bucket per source address (the governor
 //!   crate's GCRA); an upgrade without a token is refused 429, `Retry-After` saying when one is due.
@@ -19,8 +26,8 @@
 //! What this module refuses to do: keep state per connection. An admitted connection is given back with
 //! [`Admission::release`] when it ends (the connection knows it was admitted because it has an endpoint,
 //! and its address because it keeps the [`IpKey`] — see `ws::connection`). Refusals are counted by
-//! reason (`ringcast_admission_refusals_total`) and logged at most once a second, so a storm does not
-//! turn into a log storm.
+//! reason and transport (`ringcast_admission_refusals_total`) and logged at most once a second, so a
+//! storm does not turn into a log storm.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -29,10 +36,11 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use governor::clock::{Clock, DefaultClock};
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
+use ringcast_wire::tcp::{Command, ErrorCode};
 
 use crate::app::config::Config;
 use crate::app::memory::{Memory, Watermarks};
@@ -65,6 +73,24 @@ impl IpKey {
             },
         };
         IpKey(NonZeroU64::new(key).unwrap_or(NonZeroU64::MIN))
+    }
+}
+
+/// Which listener a connection came through (the `transport` label of the refusal metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `listen`: a WebSocket upgrade (plain or TLS).
+    WebSocket,
+    /// `tcp_listen`: the TCP binary protocol.
+    Tcp,
+}
+
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "ws",
+            Transport::Tcp => "tcp",
+        }
     }
 }
 
@@ -118,6 +144,22 @@ impl Refusal {
             self.retry_after_secs()
         ))
     }
+
+    /// The TCP binary protocol's answer: one ERROR frame, 9 (rate limited) for the connect rate and 12
+    /// (server unavailable) for the rest, its message naming the limit and the seconds to wait.
+    pub fn tcp_frame(self) -> Bytes {
+        let code = match self {
+            Refusal::Rate { .. } => ErrorCode::RATE_LIMITED,
+            Refusal::NodeFull | Refusal::AddressFull | Refusal::Memory => ErrorCode::UNAVAILABLE,
+        };
+        let message = format!("{}: retry after {} s", self.label(), self.retry_after_secs());
+        let mut frame = BytesMut::new();
+        if let Err(e) = (Command::Error { code, message: &message }).encode(&mut frame) {
+            // Cannot happen (a short message); the close alone still says "go away".
+            tracing::warn!(error = %e, "tcp refusal not encodable");
+        }
+        frame.freeze()
+    }
 }
 
 type ConnectLimiter = RateLimiter<IpKey, DefaultKeyedStateStore<IpKey>, DefaultClock>;
@@ -125,7 +167,7 @@ type ConnectLimiter = RateLimiter<IpKey, DefaultKeyedStateStore<IpKey>, DefaultC
 /// The node's admission state; one per [`crate::app::context::Context`].
 pub struct Admission {
     max_connections: usize,
-    /// WebSocket connections admitted and not yet released.
+    /// Connections (WebSocket and TCP) admitted and not yet released.
     live: AtomicUsize,
     per_ip_max: u32,
     /// Connections per address, for `client_max_connections_per_ip` (empty when it is 0). An address
@@ -177,18 +219,23 @@ impl Admission {
         self
     }
 
-    /// Admitted WebSocket connections alive now.
+    /// Admitted connections (WebSocket and TCP) alive now.
     pub fn live(&self) -> usize {
         self.live.load(Ordering::Acquire)
     }
 
-    /// Lets an upgrade from `ip` in (counting it until [`Admission::release`]) or says why not. `now_ms`
-    /// (the deadline clock) only paces the log.
-    pub fn admit(&self, ip: IpKey, now_ms: u32) -> Result<(), Refusal> {
+    /// Lets a connection from `ip` in (counting it until [`Admission::release`]) or says why not.
+    /// `now_ms` (the deadline clock) only paces the log.
+    pub fn admit(&self, transport: Transport, ip: IpKey, now_ms: u32) -> Result<(), Refusal> {
         let outcome = self.try_admit(ip);
         if let Err(refusal) = outcome {
-            metrics::counter!(crate::metrics::ADMISSION_REFUSALS_TOTAL, "reason" => refusal.label()).increment(1);
-            self.log(refusal, now_ms);
+            metrics::counter!(
+                crate::metrics::ADMISSION_REFUSALS_TOTAL,
+                "reason" => refusal.label(),
+                "transport" => transport.label()
+            )
+            .increment(1);
+            self.log(refusal, transport, now_ms);
         }
         outcome
     }
@@ -266,7 +313,7 @@ impl Admission {
     }
 
     /// Logs a refusal, at most once a second (with how many went unlogged since).
-    fn log(&self, refusal: Refusal, now_ms: u32) {
+    fn log(&self, refusal: Refusal, transport: Transport, now_ms: u32) {
         let last = self.last_log_ms.load(Ordering::Relaxed);
         let due = now_ms.wrapping_sub(last) >= 1000 || last == 0;
         if due && self.last_log_ms.compare_exchange(last, now_ms | 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
@@ -274,9 +321,10 @@ impl Admission {
             tracing::warn!(
                 status = refusal.status(),
                 reason = refusal.label(),
+                transport = transport.label(),
                 live = self.live(),
                 refused_unlogged = unlogged,
-                "refusing WebSocket upgrades (logged at most once a second)"
+                "refusing connections (logged at most once a second)"
             );
         } else {
             self.unlogged.fetch_add(1, Ordering::Relaxed);
@@ -325,22 +373,22 @@ mod tests {
     #[test]
     fn node_full_refuses_503_until_a_connection_is_released() {
         let a = admission(|c| c.max_connections = 2);
-        assert!(a.admit(ip("127.0.0.1"), 1).is_ok());
-        assert!(a.admit(ip("127.0.0.2"), 1).is_ok());
-        assert_eq!(a.admit(ip("127.0.0.3"), 1), Err(Refusal::NodeFull));
+        assert!(a.admit(Transport::WebSocket, ip("127.0.0.1"), 1).is_ok());
+        assert!(a.admit(Transport::WebSocket, ip("127.0.0.2"), 1).is_ok());
+        assert_eq!(a.admit(Transport::WebSocket, ip("127.0.0.3"), 1), Err(Refusal::NodeFull));
         assert_eq!(a.live(), 2, "a refusal holds nothing");
         a.release(ip("127.0.0.1"));
-        assert!(a.admit(ip("127.0.0.3"), 1).is_ok());
+        assert!(a.admit(Transport::WebSocket, ip("127.0.0.3"), 1).is_ok());
     }
 
     #[test]
     fn per_address_limit_counts_each_address_apart() {
         let a = admission(|c| c.client_max_connections_per_ip = 1);
-        assert!(a.admit(ip("127.0.0.2"), 1).is_ok());
-        assert_eq!(a.admit(ip("127.0.0.2"), 1), Err(Refusal::AddressFull));
-        assert!(a.admit(ip("127.0.0.3"), 1).is_ok());
+        assert!(a.admit(Transport::WebSocket, ip("127.0.0.2"), 1).is_ok());
+        assert_eq!(a.admit(Transport::WebSocket, ip("127.0.0.2"), 1), Err(Refusal::AddressFull));
+        assert!(a.admit(Transport::WebSocket, ip("127.0.0.3"), 1).is_ok());
         a.release(ip("127.0.0.2"));
-        assert!(a.admit(ip("127.0.0.2"), 1).is_ok());
+        assert!(a.admit(Transport::WebSocket, ip("127.0.0.2"), 1).is_ok());
         assert_eq!(a.live(), 2);
     }
 
@@ -351,9 +399,9 @@ mod tests {
             c.client_connect_burst = 2;
             c.max_connections = 3;
         });
-        assert!(a.admit(ip("127.0.0.2"), 1).is_ok());
-        assert!(a.admit(ip("127.0.0.2"), 1).is_ok());
-        match a.admit(ip("127.0.0.2"), 1) {
+        assert!(a.admit(Transport::WebSocket, ip("127.0.0.2"), 1).is_ok());
+        assert!(a.admit(Transport::WebSocket, ip("127.0.0.2"), 1).is_ok());
+        match a.admit(Transport::WebSocket, ip("127.0.0.2"), 1) {
             Err(r @ Refusal::Rate { retry_after_secs }) => {
                 assert_eq!(r.status(), 429);
                 assert!(retry_after_secs >= 1);
@@ -361,7 +409,7 @@ mod tests {
             other => panic!("expected a rate refusal, got {other:?}"),
         }
         // Another address has its own bucket.
-        assert!(a.admit(ip("127.0.0.3"), 1).is_ok());
+        assert!(a.admit(Transport::WebSocket, ip("127.0.0.3"), 1).is_ok());
         assert_eq!(a.live(), 3);
     }
 
@@ -374,5 +422,28 @@ mod tests {
         assert!(f.starts_with(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"));
         assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
         assert_eq!(ceil_secs(Duration::from_millis(1500)), 2);
+    }
+
+    #[test]
+    fn tcp_refusals_are_one_error_frame_9_for_the_rate_12_for_the_rest() {
+        use ringcast_wire::Role;
+        let decode = |r: Refusal| {
+            let frame = r.tcp_frame();
+            assert_eq!(&frame[..3], b"BM\x01");
+            let cmd = u16::from_be_bytes([frame[3], frame[4]]);
+            let len = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) as usize;
+            assert_eq!(frame.len(), 13 + len, "one whole frame");
+            match Command::decode(Role::Client, cmd, &frame[13..]).expect("valid ERROR") {
+                Command::Error { code, message } => (code, message.to_string()),
+                other => panic!("expected ERROR, got {other:?}"),
+            }
+        };
+        assert_eq!(
+            decode(Refusal::Rate { retry_after_secs: 3 }),
+            (ErrorCode::RATE_LIMITED, "connect_rate: retry after 3 s".to_string())
+        );
+        assert_eq!(decode(Refusal::NodeFull), (ErrorCode::UNAVAILABLE, "max_connections: retry after 1 s".to_string()));
+        assert_eq!(decode(Refusal::AddressFull).0, ErrorCode::UNAVAILABLE);
+        assert_eq!(decode(Refusal::Memory).0, ErrorCode::UNAVAILABLE);
     }
 }

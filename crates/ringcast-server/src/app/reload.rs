@@ -46,6 +46,8 @@ pub const POLICY_KEYS: &[&str] = &[
     "client_command_rate",
     "client_command_burst",
     "client_flood_disconnect_after",
+    "client_channel_publish_rate",
+    "client_channel_publish_burst",
 ];
 
 /// Where the configuration came from at start, so a reload reads it the same way.
@@ -137,6 +139,13 @@ pub fn build_policy(config: &Config) -> Result<Policy, ConfigError> {
             config.client_command_rate,
             config.client_command_burst,
             config.client_flood_disconnect_after,
+        ),
+        // No flood disconnect for publications: a client over a channel's rate is told 111 and may go on
+        // publishing elsewhere; client_command_rate is what disconnects floods.
+        publications: crate::session::CommandQuota::new(
+            config.client_channel_publish_rate,
+            config.client_channel_publish_burst,
+            std::time::Duration::ZERO,
         ),
     };
     let allowed_origins = if config.allowed_origins.is_empty() && config.dev {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::app::admission::{IpKey, Transport};
 use crate::app::config::{Config, Settings};
 use crate::app::context::Context;
 use crate::app::error::ServerError;
@@ -418,7 +419,9 @@ async fn prune_admission(ctx: Arc<Context>) {
 }
 
 /// Accepts TCP binary-protocol connections on `tcp_listen`, one task each, until the server shuts down
-/// (the task is aborted; the connections themselves see the shutdown flag).
+/// (the task is aborted; the connections themselves see the shutdown flag). Admission decides first,
+/// with the counts WebSocket upgrades use (`app::admission`): a refused connection gets one ERROR frame
+/// (9 or 12) and is closed, an admitted one holds its count until its task ends.
 async fn serve_tcp(listener: Arc<TcpListener>, ctx: Arc<Context>) {
     let mut accepted = 0usize;
     loop {
@@ -432,7 +435,20 @@ async fn serve_tcp(listener: Arc<TcpListener>, ctx: Arc<Context>) {
                 if ctx.deadlines.is_shutdown() {
                     continue;
                 }
-                tokio::spawn(crate::tcp::Connection::new(stream, ctx.clone(), accepted).run());
+                let ip = IpKey::of(peer.ip());
+                match ctx.admission.admit(Transport::Tcp, ip, ctx.deadlines.now_ms()) {
+                    Ok(()) => {
+                        let admitted = Admitted { ctx: ctx.clone(), ip };
+                        let connection = crate::tcp::Connection::new(stream, ctx.clone(), accepted);
+                        tokio::spawn(async move {
+                            connection.run().await;
+                            drop(admitted);
+                        });
+                    }
+                    Err(refusal) => {
+                        tokio::spawn(refuse_tcp(stream, refusal.tcp_frame(), ctx.config.close_timeout));
+                    }
+                }
             }
             Err(e) => {
                 metrics::counter!("ringcast_tcp_accept_errors_total").increment(1);
@@ -440,6 +456,35 @@ async fn serve_tcp(listener: Arc<TcpListener>, ctx: Arc<Context>) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+    }
+}
+
+/// A TCP connection's admission, given back when its task ends (or is dropped unpolled).
+struct Admitted {
+    ctx: Arc<Context>,
+    ip: IpKey,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.ctx.admission.release(self.ip);
+    }
+}
+
+/// Sends a refused TCP connection its ERROR frame, then FIN, then reads and discards until the peer
+/// closes (so no RST destroys the frame in flight), all within `linger` (`close_timeout`).
+async fn refuse_tcp(mut stream: TcpStream, frame: bytes::Bytes, linger: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let closed = tokio::time::timeout(linger, async {
+        stream.write_all(&frame).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 256];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
+    if let Ok(Err(e)) = closed {
+        tracing::debug!(error = %e, "tcp refusal: connection ended with an IO error");
     }
 }
 

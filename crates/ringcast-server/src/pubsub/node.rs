@@ -29,12 +29,20 @@ pub struct ClientLimits {
     /// `client_command_rate` / `client_command_burst` / `client_flood_disconnect_after`: the command
     /// bucket every client session has (see `session::CommandBucket`); `None`: unlimited.
     pub commands: Option<crate::session::CommandQuota>,
+    /// `client_channel_publish_rate` / `client_channel_publish_burst`: publications one connection may
+    /// make to one channel (`session::ChannelBuckets`); `None`: unlimited.
+    pub publications: Option<crate::session::CommandQuota>,
 }
 
 impl Default for ClientLimits {
     /// Centrifugo's defaults: no connection limit, 300 publications per history reply.
     fn default() -> Self {
-        ClientLimits { user_connection_limit: 0, history_max_publication_limit: 300, commands: None }
+        ClientLimits {
+            user_connection_limit: 0,
+            history_max_publication_limit: 300,
+            commands: None,
+            publications: None,
+        }
     }
 }
 

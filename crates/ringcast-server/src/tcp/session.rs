@@ -10,6 +10,7 @@
 //! | CONNECT twice, user connection limit, channel options, namespace denial, channel limit | 8 permission denied |
 //! | anything but CONNECT, PING, PONG before CONNECT | 10 not connected |
 //! | a command over `client_command_rate` / `client_command_burst` | 9 rate limited |
+//! | a PUBLISH over `client_channel_publish_rate` / `client_channel_publish_burst` for its channel | 9 rate limited |
 //!
 //! The command rate is the WebSocket session's (`session::CommandBucket`, one GCRA per connection, boxed
 //! and only while the client has spent tokens): CONNECT, SUBSCRIBE, UNSUBSCRIBE and PUBLISH count, PING
@@ -30,7 +31,7 @@ use ringcast_wire::tcp::{Command, ErrorCode};
 use crate::policy::namespace;
 use crate::pubsub::client::ClientShared;
 use crate::pubsub::node::Node;
-use crate::session::{CommandBucket, Throttle};
+use crate::session::{ChannelBuckets, CommandBucket, Throttle};
 use crate::tcp::connection::TCP_ERRORS_TOTAL;
 
 /// Why a command was refused: each becomes one error code ([`Refusal::code`]), never a disconnect.
@@ -42,6 +43,8 @@ pub enum Refusal {
     Denied,
     /// The command needs a CONNECT first.
     NotConnected,
+    /// Over `client_channel_publish_rate` for this channel.
+    RateLimited,
 }
 
 impl Refusal {
@@ -51,6 +54,7 @@ impl Refusal {
             Refusal::Unauthorized => ErrorCode::UNAUTHORIZED,
             Refusal::Denied => ErrorCode::PERMISSION_DENIED,
             Refusal::NotConnected => ErrorCode::NOT_CONNECTED,
+            Refusal::RateLimited => ErrorCode::RATE_LIMITED,
         }
     }
 }
@@ -67,6 +71,8 @@ pub struct TcpSession {
     subs: Vec<Arc<str>>,
     /// The `client_command_rate` bucket, while the client has spent tokens (see the module docs).
     commands: Option<Box<CommandBucket>>,
+    /// The `client_channel_publish_rate` buckets, once the client publishes with that limit on.
+    publications: Option<Box<ChannelBuckets>>,
 }
 
 /// What the command rate says of one command ([`TcpSession::admit`]).
@@ -98,7 +104,7 @@ pub fn emit_error<B: BufMut>(out: &mut B, code: ErrorCode) {
 
 impl TcpSession {
     pub fn new(node: Arc<Node>, shared: Arc<ClientShared>) -> TcpSession {
-        TcpSession { node, shared, user: None, expires_at: None, subs: Vec::new(), commands: None }
+        TcpSession { node, shared, user: None, expires_at: None, subs: Vec::new(), commands: None, publications: None }
     }
 
     pub fn is_connected(&self) -> bool {
@@ -110,9 +116,11 @@ impl TcpSession {
         self.expires_at.map(|at| at - now_unix())
     }
 
-    /// Whether a command rate is configured (`client_command_rate` > 0).
+    /// Whether a command or publication rate is configured (`client_command_rate` or
+    /// `client_channel_publish_rate` > 0): the connection then reads the bucket clock.
     pub fn rate_limited(&self) -> bool {
-        self.node.policy().client_limits.commands.is_some()
+        let limits = self.node.policy().client_limits;
+        limits.commands.is_some() || limits.publications.is_some()
     }
 
     /// Whether `client_command_rate` lets `cmd` run; `now_us` is `session::now_us()`, read once per
@@ -144,6 +152,9 @@ impl TcpSession {
     pub fn drop_full_bucket(&mut self, now_us: u64) {
         if self.commands.as_ref().is_some_and(|b| b.is_full(now_us)) {
             self.commands = None;
+        }
+        if self.publications.as_ref().is_some_and(|b| b.all_full(now_us)) {
+            self.publications = None;
         }
     }
 
@@ -263,6 +274,13 @@ impl TcpSession {
         let opts = &*opts;
         let subscribed = self.subs.iter().any(|s| &**s == channel);
         namespace::can_publish(opts, self.user(), subscribed).map_err(|_| Refusal::Denied)?;
+        if let Some(quota) = self.node.policy().client_limits.publications {
+            let buckets = self.publications.get_or_insert_with(Box::default);
+            if !buckets.allow(channel, &quota, crate::session::now_us()) {
+                metrics::counter!(TCP_ERRORS_TOTAL, "reason" => "channel_publish_rate").increment(1);
+                return Err(Refusal::RateLimited);
+            }
+        }
         let info =
             ClientInfo { user: self.user().to_string(), client: self.shared.id.to_string(), ..Default::default() };
         let (pos, _) =

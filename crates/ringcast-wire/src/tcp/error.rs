@@ -7,7 +7,7 @@
 //! Codes 1–4 come from the framing ([`crate::tcp::decoder`]): after one, the position of the next frame
 //! is unknown (or the bytes are corrupt), so the server sends ERROR and closes. Codes 5 and 6 come from a
 //! frame that was whole and intact but whose command is unknown or whose body is malformed: the frame is
-//! consumed and the next one decodes normally. Codes 7–11 are the server's policy and never produced here.
+//! consumed and the next one decodes normally. Codes 7–12 are the server's policy and never produced here.
 
 /// An error code carried by an ERROR frame (u16 on the wire).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -27,9 +27,12 @@ impl ErrorCode {
     pub const NOT_CONNECTED: ErrorCode = ErrorCode(10);
     /// The peer did not answer a PING in time.
     pub const PING_TIMEOUT: ErrorCode = ErrorCode(11);
+    /// The server turned the connection away as it was accepted (full, or over its memory watermark):
+    /// try again later. Sent before anything else, then the connection is closed.
+    pub const UNAVAILABLE: ErrorCode = ErrorCode(12);
 
     /// Every code of protocol version 1, in order.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::BAD_MAGIC,
         ErrorCode::UNSUPPORTED_VERSION,
         ErrorCode::CRC_MISMATCH,
@@ -41,12 +44,15 @@ impl ErrorCode {
         ErrorCode::RATE_LIMITED,
         ErrorCode::NOT_CONNECTED,
         ErrorCode::PING_TIMEOUT,
+        ErrorCode::UNAVAILABLE,
     ];
 
     /// Whether the server closes the connection after sending this ERROR: 1–4 (the stream can no longer be
-    /// trusted) and 11 (the peer stopped answering). 5–10 leave it open. Unknown codes leave it open.
+    /// trusted), 11 (the peer stopped answering) and 12 (the server turned the connection away). 5–10
+    /// leave it open (a 9 sent at accept, for the connect rate, is followed by a close all the same:
+    /// docs/tcp-protocol.md). Unknown codes leave it open.
     pub fn closes_connection(self) -> bool {
-        matches!(self.0, 1..=4 | 11)
+        matches!(self.0, 1..=4 | 11 | 12)
     }
 
     /// The text the server puts in the ERROR frame's message, for the codes of version 1.
@@ -63,6 +69,7 @@ impl ErrorCode {
             9 => "rate limited",
             10 => "not connected",
             11 => "ping timeout",
+            12 => "server unavailable",
             _ => "error",
         }
     }
@@ -141,11 +148,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn codes_1_to_4_and_11_close_the_connection_5_to_10_do_not() {
+    fn codes_1_to_4_11_and_12_close_the_connection_5_to_10_do_not() {
         for code in ErrorCode::ALL {
-            assert_eq!(code.closes_connection(), matches!(code.0, 1..=4 | 11), "code {}", code.0);
+            assert_eq!(code.closes_connection(), matches!(code.0, 1..=4 | 11 | 12), "code {}", code.0);
         }
-        assert_eq!(ErrorCode::ALL.map(|c| c.0), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        assert_eq!(ErrorCode::ALL.map(|c| c.0), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
     }
 
     #[test]

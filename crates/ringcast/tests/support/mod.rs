@@ -27,7 +27,9 @@ impl ServerProcess {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
         let log = std::env::temp_dir().join(format!("ringcast-test-server-{port}.log"));
         let log = std::fs::File::create(&log).expect("server log");
-        let child = Command::new(env!("CARGO_BIN_EXE_ringcast"))
+        // RINGCAST_SERVER_BIN: another build of the server (a release one, for BENCHMARKS.md's figures).
+        let exe = std::env::var_os("RINGCAST_SERVER_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_ringcast").into());
+        let child = Command::new(exe)
             .args(["serve", "--listen", &addr.to_string(), "--log-level", "info"])
             .args(args)
             .stdout(log.try_clone().map_or(Stdio::null(), Stdio::from))

@@ -40,6 +40,7 @@ fn to_failure(e: TcpClientError) -> Failure {
     match e {
         TcpClientError::Io(e) => classify(&e),
         TcpClientError::Closed => Failure::Closed("the server closed the connection".into()),
+        TcpClientError::Turned { code, retry_after } => Failure::TcpRejected { code: code.0, retry_after },
         other => Failure::Protocol(other.to_string()),
     }
 }

@@ -13,7 +13,7 @@ use ringcast_wire::{DeflateConfig, DeflateParams, Deflater};
 
 use super::client::ClientState;
 use super::{ms, stamp, Conn, Endpoint, Phase, Stage, SCRATCH, SCRATCH_KEEP};
-use crate::app::admission::{IpKey, Refusal};
+use crate::app::admission::{IpKey, Refusal, Transport};
 use crate::pubsub::client::{ClientId, ClientShared};
 use crate::session::Session;
 use crate::transport::stream::Stream;
@@ -132,7 +132,7 @@ impl<S: Stream> Conn<S> {
                 }
                 // Admission last: only a request we would upgrade is counted (or spends a token).
                 let ip = IpKey::of(self.stream.peer_addr()?.ip());
-                if let Err(refusal) = self.ctx.admission.admit(ip, self.ctx.deadlines.now_ms()) {
+                if let Err(refusal) = self.ctx.admission.admit(Transport::WebSocket, ip, self.ctx.deadlines.now_ms()) {
                     self.refuse(refusal);
                     return Ok(Some(n));
                 }

@@ -9,6 +9,7 @@
 # 2. Idle memory per connection, 10,000 connections, compression negotiated or not: echo connections
 #    (pool strategy) and subscribed Centrifugo clients, a fresh server per run, alternating.
 # Loopback only; every run is bounded by --duration. Takes about 5 minutes.
+# PARTS="fanout idle" (default) picks the parts; ROUNDS, DURATION the fan-out's rounds and seconds.
 set -euo pipefail
 bin=$1
 out=${2:-target/bench-deflate}
@@ -31,14 +32,18 @@ start() { # start ARGS... ; sets $p (port) and $s (pid)
 stop_all() { for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done; for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done; pids=(); }
 trap stop_all EXIT
 
-start --dev; pa=$p sa=$s
-start --dev --compression; pb=$p sb=$s
-echo "== fanout-1000x100-json1500: A without --compression, B with" | tee "$out/fanout.txt"
-"$bin" bench fanout --url "ws://127.0.0.1:$pa/connection/websocket" --server-pid "$sa" \
-    --compare "ws://127.0.0.1:$pb/connection/websocket" --compare-pid "$sb" --rounds "$rounds" \
-    --subscribers 1000 --publishers 1 --rate 100 --size 1500 --payload json --compression \
-    --duration "$dur" --warmup 1 -q --json "$out/fanout.json" | tee -a "$out/fanout.txt"
-stop_all
+parts=${PARTS:-fanout idle}
+if [[ " $parts " == *" fanout "* ]]; then
+    start --dev; pa=$p sa=$s
+    start --dev --compression; pb=$p sb=$s
+    echo "== fanout-1000x100-json1500: A without --compression, B with" | tee "$out/fanout.txt"
+    "$bin" bench fanout --url "ws://127.0.0.1:$pa/connection/websocket" --server-pid "$sa" \
+        --compare "ws://127.0.0.1:$pb/connection/websocket" --compare-pid "$sb" --rounds "$rounds" \
+        --subscribers 1000 --publishers 1 --rate 100 --size 1500 --payload json --compression \
+        --duration "$dur" --warmup 1 -q --json "$out/fanout.json" | tee -a "$out/fanout.txt"
+    stop_all
+fi
+[[ " $parts " == *" idle "* ]] || exit 0
 
 printf 'allow_anonymous = true\n[channels]\nallow_subscribe_for_client = true\nallow_subscribe_for_anonymous = true\n' >"$out/plain.toml"
 for round in 1 2; do

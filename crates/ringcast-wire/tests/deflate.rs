@@ -133,6 +133,34 @@ fn without_context_takeover_one_frame_serves_every_subscriber() {
     assert!(!a.holds_state());
 }
 
+/// What a connection keeps instead of its `Deflater` when it has no server context takeover: the window
+/// bits alone, from which `Deflater::shared` makes one that sends exactly the same frames.
+#[test]
+fn a_deflater_without_context_takeover_is_made_again_from_its_window() {
+    let config = DeflateConfig { level: 3, min_size: 100, ..DeflateConfig::enabled() };
+    let small = json(99, 5);
+    let large = json(4000, 6);
+    for offer in [
+        "permessage-deflate; client_max_window_bits",
+        "permessage-deflate; server_no_context_takeover; server_max_window_bits=9",
+        "permessage-deflate; server_max_window_bits=12",
+    ] {
+        let p = params(offer, &config);
+        let mut kept = Deflater::new(&p, &config);
+        let bits = kept.shared_window().expect("no server context takeover");
+        let mut made = Deflater::shared(bits, &config);
+        assert_eq!(made.shared_window(), Some(bits), "{offer}");
+        assert_eq!(made.level(), kept.level(), "{offer}");
+        for msg in [&small, &large, &small, &large] {
+            assert_eq!(made.compresses(msg.len()), kept.compresses(msg.len()), "{offer}");
+            let frame = made.encode_frame(OpCode::Text, msg);
+            assert_eq!(frame, kept.encode_frame(OpCode::Text, msg), "{offer}");
+            assert_eq!(client_decode(&p, &frame), vec![msg.clone()], "{offer}");
+        }
+        assert!(!made.holds_state() && !kept.holds_state());
+    }
+}
+
 #[test]
 fn shared_frames_need_a_window_no_larger_than_the_subscribers() {
     let config = DeflateConfig::enabled();

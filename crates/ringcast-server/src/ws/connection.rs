@@ -194,8 +194,8 @@ enum Stage {
     /// The upgrade request as received so far (only a head that arrives in pieces, or one handed to the
     /// HTTP server, is kept; see `Conn::read_handshake`).
     Head(Vec<u8>),
-    /// permessage-deflate's sending half, when negotiated (without server context takeover it holds no
-    /// zlib state, only its parameters).
+    /// permessage-deflate's sending half with server context takeover (its compressor, once it has
+    /// compressed a message). Without takeover a connection keeps only `Conn::deflate_window`.
     Deflate(Deflater),
 }
 
@@ -207,6 +207,9 @@ struct Conn<S: Stream> {
     /// The upgrade request as received so far, then (once upgraded) permessage-deflate's sending half:
     /// one boxed slot, 8 bytes in every connection's future, since the two never live at once.
     stage: Option<Box<Stage>>,
+    /// permessage-deflate negotiated without server context takeover: the window bits its sending half
+    /// compresses with (`Deflater::shared`); 0 otherwise. One byte instead of a boxed `Deflater`.
+    deflate_window: u8,
     buf: AnyBuffer,
     reader: Reader,
     out: Outbound,
@@ -240,6 +243,7 @@ impl<S: Stream> Conn<S> {
             phase: Phase::Handshake,
             endpoint: Endpoint::None,
             stage: None,
+            deflate_window: 0,
             buf,
             reader,
             out: Outbound::new(),
@@ -423,9 +427,14 @@ impl<S: Stream> Conn<S> {
     fn process(&mut self, scratch: &mut Vec<u8>) {
         // Every caller has just set `last_read` from the deadline clock: no second clock read per pass.
         let now = self.last_read;
-        let Conn { reader, buf, out, phase, endpoint, closing_since, client, ctx, stage, .. } = self;
+        let Conn { reader, buf, out, phase, endpoint, closing_since, client, ctx, stage, deflate_window, .. } = self;
+        let mut shared;
         let mut deflate = match stage.as_deref_mut() {
             Some(Stage::Deflate(d)) => Some(d),
+            _ if *deflate_window != 0 => {
+                shared = Deflater::shared(*deflate_window, &ctx.settings.deflate);
+                Some(&mut shared)
+            }
             _ => None,
         };
         loop {

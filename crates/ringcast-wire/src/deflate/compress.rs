@@ -189,6 +189,20 @@ impl Deflater {
         }
     }
 
+    /// The sending half without server context takeover, for the window `bits` that
+    /// [`Self::shared_window`] returned: equal to the `Deflater` that returned it. Such a `Deflater` holds
+    /// no state between messages, so a connection can keep just `bits` (one byte) and make it again for
+    /// each message it sends, rather than keep it on the heap.
+    pub fn shared(bits: u8, config: &DeflateConfig) -> Self {
+        Deflater {
+            level: config.level.min(9),
+            min_size: config.min_size,
+            window_bits: bits,
+            context_takeover: false,
+            own: None,
+        }
+    }
+
     /// Whether a message of `len` bytes is sent compressed.
     pub fn compresses(&self, len: usize) -> bool {
         self.window_bits >= 9 && len >= self.min_size

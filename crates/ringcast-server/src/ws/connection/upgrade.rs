@@ -153,7 +153,17 @@ impl<S: Stream> Conn<S> {
                 }
                 if let Some(params) = &req.deflate {
                     self.reader.enable_deflate(params);
-                    self.stage = Some(Box::new(Stage::Deflate(Deflater::new(params, &deflate))));
+                    let deflater = Deflater::new(params, &deflate);
+                    // Without server context takeover the deflater holds no state: its window bits are
+                    // all a connection keeps (`Deflater::shared` makes it again per message); no box.
+                    match deflater.shared_window() {
+                        Some(bits) => self.deflate_window = bits,
+                        None if deflater.compresses(usize::MAX) => {
+                            self.stage = Some(Box::new(Stage::Deflate(deflater)));
+                        }
+                        // A window of 8 bits: everything goes uncompressed, nothing to keep.
+                        None => {}
+                    }
                     metrics::counter!("ringcast_ws_deflate_connections_total").increment(1);
                 }
                 // The 101 goes out through the reply batch: written straight away, copied only if the

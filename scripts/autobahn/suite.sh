@@ -23,6 +23,11 @@
 #   AUTOBAHN_CHUNKS                  chunks per strategy for 12/13 (default: 2 x AUTOBAHN_JOBS)
 #   AUTOBAHN_CASES                   patterns for the plain runs (default: groups 1-7, 9, 10)
 #   AUTOBAHN_COMPRESSION_CASES       patterns for the compression runs (default: ["12.*","13.*"])
+#   AUTOBAHN_COMPRESSION_LEVELS      "strategy=level ..." for the compression servers (default: empty,
+#                                    every server at the default compression_level). The strategies
+#                                    differ only in how the server reads; what it sends is compressed by
+#                                    the same code whatever the strategy, and most of a 12/13 run's
+#                                    server time is zlib compressing the echo at the level in force.
 #   AUTOBAHN_TIMEOUT                 wall-clock limit per wstest process, seconds (default: 1800)
 #   AUTOBAHN_LOG_DIR                 server logs (default: <repo>/target/test-logs)
 set -euo pipefail
@@ -106,7 +111,11 @@ done
 if [ -n "$deflate_strategies" ]; then
     deflate_ids=$(resolve "${AUTOBAHN_COMPRESSION_CASES:-[\"12.*\",\"13.*\"]}")
     for s in $deflate_strategies; do
-        start "deflate-$s" "$s" --compression
+        level_flags=()
+        for pair in ${AUTOBAHN_COMPRESSION_LEVELS:-}; do
+            [ "${pair%%=*}" = "$s" ] && level_flags=(--compression-level "${pair#*=}")
+        done
+        start "deflate-$s" "$s" --compression "${level_flags[@]}"
         # Greedy split into $chunks chunks of about equal cost. Cost: the mean duration (ms) of case
         # X.Y.N by N, measured over 12.*/13.* (the message size and count grow with N).
         python3 - "$deflate_ids" "$chunks" <<'EOF' >"$work/chunks-$s"

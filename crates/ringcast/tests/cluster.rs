@@ -405,7 +405,6 @@ fn api_error_code(r: &Value) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 10: its first run failed after the 2500 push (the resubscribe answered 100 while the command connection reconnected); the retry added since is not verified yet"]
 async fn redis_paused_times_out_redis_restarted_resubscribes_and_tells_clients_2500() {
     let mut redis = OwnRedis::start(6391);
     let node = Node::start_on(&format!("rc-fault-{}", std::process::id()), 0, redis.port, "300ms");

@@ -76,7 +76,8 @@ pub struct HistoryOptions {
 pub const DEFAULT_META_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl HistoryOptions {
-    fn effective_meta_ttl(&self) -> Duration {
+    /// The meta TTL in force: zero means [`DEFAULT_META_TTL`], and never below `ttl`.
+    pub fn effective_meta_ttl(&self) -> Duration {
         let meta = if self.meta_ttl.is_zero() { DEFAULT_META_TTL } else { self.meta_ttl };
         meta.max(self.ttl)
     }

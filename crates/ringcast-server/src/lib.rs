@@ -27,6 +27,7 @@ pub mod admin;
 pub mod api;
 pub mod app;
 pub mod broker;
+pub mod engine;
 pub mod metrics;
 pub mod policy;
 pub mod pubsub;

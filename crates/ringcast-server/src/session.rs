@@ -42,6 +42,7 @@ use crate::broker::{recovery_complete, HistoryFilter};
 use crate::policy::namespace::{self, Features, Requested};
 use crate::pubsub::client::ClientShared;
 use crate::pubsub::node::Node;
+use crate::pubsub::node::Positioning;
 
 /// The version string sent in connect replies.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -809,6 +810,15 @@ impl Session {
                     ..Default::default()
                 })
             }
+            ServerCommand::Resubscribe(channel) => {
+                self.subs.get(&channel)?;
+                self.unsubscribe(&channel);
+                Some(Push {
+                    channel,
+                    unsubscribe: Some(Unsubscribe { code: 2500, reason: "insufficient state".into() }),
+                    ..Default::default()
+                })
+            }
             ServerCommand::Refresh { expire_at, expired } => {
                 self.expires_at = expiry(if expired { Some(now_unix()) } else { expire_at });
                 None
@@ -916,41 +926,67 @@ impl Session {
         let Features { recoverable, positioned, .. } = features;
         let history = Node::history_options(opts);
         let recovering = req.recover && recoverable;
-        let (mut result, name) = node.hub.subscribe_with(
-            channel,
-            &self.shared,
-            || node.broker.subscribe_node(channel),
-            || {
+        let remote = node.remote.is_some().then(|| {
+            let positioning = if recovering {
+                Positioning::Recover(req.offset, req.epoch.clone())
+            } else if positioned {
+                Positioning::Position
+            } else {
+                Positioning::None
+            };
+            node.subscribe_remote(channel, &self.shared, positioning, history, |p| {
                 let mut r = SubscribeResult { recoverable, positioned, ..Default::default() };
                 if recovering {
                     r.was_recovering = true;
-                    let filter =
-                        HistoryFilter { since: Some((req.offset, req.epoch.clone())), limit: -1, reverse: false };
-                    match node.broker.history(channel, &filter) {
-                        Ok((missed, pos)) => {
-                            // The epoch must be the stream's: a history read takes an empty one as "any"
-                            // (as Centrifugo's API does), a recovery never does.
-                            r.recovered = *pos.epoch == *req.epoch && recovery_complete(&missed, req.offset, &pos);
-                            if r.recovered {
-                                r.publications = missed;
-                            }
-                            r.epoch = pos.epoch.to_string();
-                            r.offset = pos.offset;
-                        }
-                        Err(_) => {
-                            let pos = node.broker.position(channel, history);
-                            r.epoch = pos.epoch.to_string();
-                            r.offset = pos.offset;
-                        }
-                    }
-                } else if positioned {
-                    let pos = node.broker.position(channel, history);
-                    r.epoch = pos.epoch.to_string();
-                    r.offset = pos.offset;
+                    r.recovered = p.recovered;
+                    r.publications = p.publications;
                 }
-                Ok::<_, ErrorCode>(r)
-            },
-        )?;
+                if recovering || positioned {
+                    r.epoch = p.epoch;
+                    r.offset = p.offset;
+                }
+                r
+            })
+        });
+        let (mut result, name) = if let Some(remote) = remote {
+            remote?
+        } else {
+            node.hub.subscribe_with(
+                channel,
+                &self.shared,
+                || node.broker.subscribe_node(channel),
+                || {
+                    let mut r = SubscribeResult { recoverable, positioned, ..Default::default() };
+                    if recovering {
+                        r.was_recovering = true;
+                        let filter =
+                            HistoryFilter { since: Some((req.offset, req.epoch.clone())), limit: -1, reverse: false };
+                        match node.broker.history(channel, &filter) {
+                            Ok((missed, pos)) => {
+                                // The epoch must be the stream's: a history read takes an empty one as "any"
+                                // (as Centrifugo's API does), a recovery never does.
+                                r.recovered = *pos.epoch == *req.epoch && recovery_complete(&missed, req.offset, &pos);
+                                if r.recovered {
+                                    r.publications = missed;
+                                }
+                                r.epoch = pos.epoch.to_string();
+                                r.offset = pos.offset;
+                            }
+                            Err(_) => {
+                                let pos = node.broker.position(channel, history);
+                                r.epoch = pos.epoch.to_string();
+                                r.offset = pos.offset;
+                            }
+                        }
+                    } else if positioned {
+                        let pos = node.broker.position(channel, history);
+                        r.epoch = pos.epoch.to_string();
+                        r.offset = pos.offset;
+                    }
+                    Ok::<_, ErrorCode>(r)
+                },
+            )?
+        };
         if recovering {
             metrics::counter!("ringcast_recoveries_total", "recovered" => if result.recovered { "true" } else { "false" })
                 .increment(1);
@@ -961,7 +997,7 @@ impl Session {
         }
         let info = self.client_info(extra.as_ref().map(|e| e.chan_info.clone()).unwrap_or_default());
         if features.presence {
-            node.broker.add_presence(channel, self.shared.id, info.clone());
+            node.add_presence(channel, self.shared.id, info.clone());
         }
         if features.push_join_leave {
             node.hub.listen_join_leave(&name, &self.shared);
@@ -991,9 +1027,11 @@ impl Session {
     }
 
     fn leave(&self, sub: &Sub) {
-        self.node.hub.unsubscribe(&sub.channel, &self.shared, || self.node.broker.unsubscribe_node(&sub.channel));
+        if self.node.hub.unsubscribe(&sub.channel, &self.shared, || self.node.broker.unsubscribe_node(&sub.channel)) {
+            self.node.left(&sub.channel);
+        }
         if sub.presence {
-            self.node.broker.remove_presence(&sub.channel, self.shared.id);
+            self.node.remove_presence(&sub.channel, self.shared.id);
         }
         if sub.push_join_leave {
             // (The hub forgets its join/leave listener with the subscription.)

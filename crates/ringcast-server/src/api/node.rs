@@ -12,7 +12,7 @@ use super::{
     PublishResult, StreamPosition,
 };
 use crate::broker::HistoryFilter;
-use crate::pubsub::client::ServerCommand;
+use crate::engine::Control;
 use crate::pubsub::node::Node;
 use ringcast_protocol::messages::ClientInfo;
 use ringcast_protocol::ErrorCode;
@@ -98,32 +98,26 @@ impl ApiBackend for Node {
 
     fn subscribe(&self, user: &str, channel: &str, client: Option<&str>) -> Result<(), ApiError> {
         self.options(channel).map_err(api_error)?;
-        for c in self.user_clients(user, client) {
-            c.command(ServerCommand::Subscribe(channel.to_string()));
-        }
-        Ok(())
+        let control = Control::Subscribe { user: user.into(), client: client.map(Into::into), channel: channel.into() };
+        self.control(control).map_err(api_error)
     }
 
     fn unsubscribe(&self, user: &str, channel: &str, client: Option<&str>) -> Result<(), ApiError> {
-        for c in self.user_clients(user, client) {
-            c.command(ServerCommand::Unsubscribe(channel.to_string()));
-        }
-        Ok(())
+        let control =
+            Control::Unsubscribe { user: user.into(), client: client.map(Into::into), channel: channel.into() };
+        self.control(control).map_err(api_error)
     }
 
     fn disconnect(&self, user: &str, code: u32, reason: &str, client: Option<&str>) -> Result<(), ApiError> {
         let code = u16::try_from(code).map_err(|_| ApiError::BadRequest)?;
-        for c in self.user_clients(user, client) {
-            c.request_disconnect(code, reason);
-        }
-        Ok(())
+        let control =
+            Control::Disconnect { user: user.into(), client: client.map(Into::into), code, reason: reason.into() };
+        self.control(control).map_err(api_error)
     }
 
     fn refresh(&self, user: &str, expire_at: Option<i64>, expired: bool, client: Option<&str>) -> Result<(), ApiError> {
-        for c in self.user_clients(user, client) {
-            c.command(ServerCommand::Refresh { expire_at, expired });
-        }
-        Ok(())
+        let control = Control::Refresh { user: user.into(), client: client.map(Into::into), expire_at, expired };
+        self.control(control).map_err(api_error)
     }
 
     fn presence(&self, channel: &str) -> Result<BTreeMap<String, ClientInfoJson>, ApiError> {
@@ -156,8 +150,14 @@ impl ApiBackend for Node {
 
     fn history_remove(&self, channel: &str) -> Result<(), ApiError> {
         self.options(channel).map_err(api_error)?;
-        self.broker.remove_history(channel);
-        Ok(())
+        match &self.remote {
+            Some(remote) => crate::engine::resolve(remote.history.remove_history(channel))
+                .map_err(|e| api_error(crate::engine::failed("history_remove", e).code())),
+            None => {
+                self.broker.remove_history(channel);
+                Ok(())
+            }
+        }
     }
 
     fn channels(&self, pattern: Option<&str>) -> Result<BTreeMap<String, u32>, ApiError> {

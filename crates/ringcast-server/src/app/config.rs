@@ -105,9 +105,19 @@ pub const KEYS: &[Key] = &[
     key("client_channel_publish_rate", Kind::Int, "Client protocol: publications per second one connection may make to one channel (a token bucket per connection and channel, kept only while the client publishes there); a publication over it is answered error 111 (too many requests, temporary; TCP protocol: ERROR 9) and the connection stays. 0: unlimited."),
     key("client_channel_publish_burst", Kind::Int, "Client protocol: publications one connection may make to one channel at once before client_channel_publish_rate applies (the bucket's size). 0: the rate (one second's worth)."),
     key("client_flood_disconnect_after", Kind::Str, "Client protocol: a connection whose commands are still refused this long after its first refusal is disconnected with 3013 (too many requests; SDKs reconnect with backoff). \"0s\": never."),
+    key("broker", Kind::Str, "Engine of publications, history and presence: \"memory\" (default; this node only, nothing else needed) or \"redis\" (several nodes share channels through redis_url). \"nats\" is recognised and refused: not implemented yet."),
+    key("redis_url", Kind::List, "broker = \"redis\": the Redis instance (redis://HOST:PORT[/DB], rediss:// for TLS). One URL; sharding over several is not implemented yet (more than one is refused)."),
+    key("redis_prefix", Kind::Str, "broker = \"redis\": prefix of every Redis key and PUB/SUB channel ringcast uses, so several clusters (or tests) can share one Redis."),
+    key("redis_timeout", Kind::Str, "broker = \"redis\": bound of every Redis call (10ms to 60s); a publish, history or presence call that takes longer answers error 100 (internal, temporary)."),
+    key("nats_url", Kind::Str, "broker = \"nats\" (not implemented yet): the NATS server URL."),
     key("channels", Kind::Table, "Options of channels outside any namespace ([channels] table: allow_subscribe_for_client, presence, history_size, ...)."),
     key("namespaces", Kind::Table, "Channel namespaces ([[namespaces]] with name = \"ns\" and the channel options); channel \"ns:x\" uses namespace \"ns\"."),
 ];
+
+/// Whether `url` names a Redis server (the scheme only; the connection is what proves it).
+fn redis_client_url(url: &str) -> Option<&str> {
+    (url.starts_with("redis://") || url.starts_with("rediss://")).then_some(url)
+}
 
 /// The server's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -193,6 +203,12 @@ pub struct Config {
     pub client_channel_publish_burst: u32,
     #[serde(with = "humantime_serde")]
     pub client_flood_disconnect_after: Duration,
+    pub broker: String,
+    pub redis_url: Vec<String>,
+    pub redis_prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+    pub nats_url: String,
     #[serde(deserialize_with = "crate::policy::namespace::deserialize_options")]
     pub channels: crate::policy::namespace::ChannelOptions,
     pub namespaces: Vec<crate::policy::namespace::NamespaceConfig>,
@@ -264,6 +280,11 @@ impl Default for Config {
             client_channel_publish_rate: 0,
             client_channel_publish_burst: 0,
             client_flood_disconnect_after: Duration::from_secs(10),
+            broker: "memory".into(),
+            redis_url: vec!["redis://127.0.0.1:6379".into()],
+            redis_prefix: "ringcast".into(),
+            redis_timeout: Duration::from_secs(1),
+            nats_url: "nats://127.0.0.1:4222".into(),
             channels: crate::policy::namespace::ChannelOptions::default(),
             namespaces: Vec::new(),
         }
@@ -464,6 +485,31 @@ impl Config {
         }
         if !self.ping_interval.is_zero() && self.pong_timeout.is_zero() {
             return Err(invalid("pong_timeout", "must be positive when ping_interval is"));
+        }
+        match self.broker.as_str() {
+            "memory" => {}
+            "redis" => {
+                if self.redis_url.len() != 1 {
+                    return Err(invalid(
+                        "redis_url",
+                        "broker = \"redis\" takes exactly one URL (sharding over several is not implemented yet)",
+                    ));
+                }
+                if redis_client_url(&self.redis_url[0]).is_none() {
+                    return Err(invalid(
+                        "redis_url",
+                        format!("{:?} is not a redis:// or rediss:// URL", self.redis_url[0]),
+                    ));
+                }
+                if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
+                    return Err(invalid("redis_prefix", "must be non-empty, without whitespace"));
+                }
+                if self.redis_timeout < Duration::from_millis(10) || self.redis_timeout > Duration::from_secs(60) {
+                    return Err(invalid("redis_timeout", "must be between 10ms and 60s"));
+                }
+            }
+            "nats" => return Err(invalid("broker", "\"nats\" is not implemented yet; use \"memory\" or \"redis\"")),
+            other => return Err(invalid("broker", format!("{other:?} is not one of \"memory\", \"redis\""))),
         }
         if !self.echo_path.starts_with('/') {
             return Err(invalid("echo_path", "must start with '/'"));

@@ -148,7 +148,22 @@ impl Context {
         let memory = Arc::new(MemoryBroker::new());
         let allowed_origins = policy.allowed_origins.clone();
         // The policy from the configuration replaces the placeholder at once; reloads replace it again.
-        let node = Arc::new(Node::new(memory.clone(), Namespaces::default(), None, false));
+        let mut node = Node::new(memory.clone(), Namespaces::default(), None, false);
+        let mut redis = None;
+        if config.broker == "redis" {
+            let engine = connect_redis(&config)?;
+            node = node.with_remote(crate::engine::Remote {
+                broker: engine.clone(),
+                history: engine.clone(),
+                presence: engine.clone(),
+            });
+            redis = Some(engine);
+        }
+        let node = Arc::new(node);
+        if let Some(engine) = redis {
+            let inbound: Arc<dyn crate::engine::Inbound> = node.clone();
+            engine.set_inbound(Arc::downgrade(&inbound));
+        }
         node.set_policy(policy);
         let reloader = Arc::new(Reloader::new(ConfigSource::default(), loaded, config.clone(), node.clone()));
         let limits = Limits { max_frame_payload: config.max_frame_size, max_message_size: config.max_message_size };
@@ -198,4 +213,21 @@ impl Context {
             bytes_out,
         })
     }
+}
+
+/// Connects the Redis engine (the node does not start without it: a cluster node that cannot reach its
+/// engine would serve a channel nobody else sees).
+fn connect_redis(config: &Config) -> Result<Arc<crate::engine::redis::RedisEngine>, ServerError> {
+    let settings = crate::engine::redis::RedisSettings {
+        url: config.redis_url.first().cloned().unwrap_or_default(),
+        prefix: config.redis_prefix.clone(),
+        timeout: config.redis_timeout,
+    };
+    let handle = tokio::runtime::Handle::try_current()
+        .map_err(|e| ServerError::Runtime(std::io::Error::other(format!("broker = \"redis\" needs a runtime: {e}"))))?;
+    let connect = crate::engine::redis::RedisEngine::connect(&settings);
+    let engine = tokio::task::block_in_place(|| handle.block_on(connect));
+    let engine = engine.map_err(|e| ServerError::Runtime(std::io::Error::other(e)))?;
+    tracing::info!(url = %settings.url, prefix = %settings.prefix, "broker: redis");
+    Ok(engine)
 }

@@ -64,6 +64,9 @@ pub struct DisconnectRequest {
 pub enum ServerCommand {
     Subscribe(String),
     Unsubscribe(String),
+    /// Publications of the channel may have been missed (the engine's connection was lost): unsubscribe
+    /// with 2500 (insufficient state), so the SDK resubscribes and recovers.
+    Resubscribe(String),
     /// New expiry (Unix seconds; `None`: never), or expire now.
     Refresh {
         expire_at: Option<i64>,

@@ -365,6 +365,12 @@ impl Hub {
         true
     }
 
+    /// The local subscribers of `channel`.
+    pub fn subscribers(&self, channel: &str) -> Vec<Arc<ClientShared>> {
+        let ch = self.read(self.shard_of(channel)).get(channel).cloned();
+        ch.map_or_else(Vec::new, |ch| ch.lock().subs.iter().cloned().collect())
+    }
+
     pub fn num_subscribers(&self, channel: &str) -> usize {
         let ch = self.read(self.shard_of(channel)).get(channel).cloned();
         ch.map_or(0, |ch| ch.lock().subs.len())

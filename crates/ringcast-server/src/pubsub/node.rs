@@ -14,9 +14,12 @@ use ringcast_protocol::messages::{ClientInfo, Join, Leave, Publication, Push, Re
 use ringcast_protocol::{encode_reply, publication_push_bytes, ErrorCode, Format};
 
 use crate::broker::{Broker, BrokerError, HistoryFilter, HistoryOptions, StreamPos};
+use crate::engine::{failed, resolve, Control, Inbound, Remote};
 use crate::policy::auth::TokenVerifier;
 use crate::policy::namespace::{ChannelOptions, Namespaces};
+use crate::pubsub::client::{ClientId, ServerCommand};
 use crate::pubsub::client::{ClientSet, ClientShared};
+use crate::pubsub::hub::Frames;
 use crate::pubsub::hub::{FanOut, Hub};
 
 /// Limits the node holds every client session to (from the configuration; [`Node::with_client_limits`]).
@@ -67,6 +70,12 @@ pub struct Policy {
 pub struct Node {
     pub hub: Hub,
     pub broker: Arc<dyn Broker>,
+    /// The networked engine (`broker = "redis"`), if any: then publications, history, presence and API
+    /// control go through it, and [`Node::broker`] is not used for them.
+    pub remote: Option<Remote>,
+    /// Subscribers being recovered over the network, by channel: what arrives for the channel meanwhile
+    /// is kept for them ([`Node::subscribe_remote`]).
+    recovering: Mutex<HashMap<String, Vec<Pending>>>,
     policy: arc_swap::ArcSwap<Policy>,
     /// Set when the node's streams were handed to a successor process (zero-downtime upgrade): from then
     /// on publications are refused here, so none is lost between the snapshot and the drain.
@@ -111,6 +120,8 @@ impl Node {
         Node {
             hub: Hub::new(),
             broker,
+            remote: None,
+            recovering: Mutex::new(HashMap::new()),
             policy: arc_swap::ArcSwap::from_pointee(Policy {
                 namespaces,
                 tokens: tokens.map(Arc::new),
@@ -127,6 +138,13 @@ impl Node {
             name: "ringcast".into(),
             uid: format!("{}", crate::pubsub::client::ClientId::random()),
         }
+    }
+
+    /// Uses a networked engine (see [`crate::engine`]); the engine delivers to this node through
+    /// [`Inbound`] once it is told of it ([`crate::engine::redis::RedisEngine::set_inbound`]).
+    pub fn with_remote(mut self, remote: Remote) -> Node {
+        self.remote = Some(remote);
+        self
     }
 
     /// Sets how many subscriptions one connection may hold (0: no limit).
@@ -337,6 +355,13 @@ impl Node {
             // Temporary (SDKs and API clients retry): the successor process takes it.
             return Err(ErrorCode::INTERNAL);
         }
+        if let Some(remote) = &self.remote {
+            // The engine assigns the position; every node (this one too) delivers the publication when it
+            // comes back on the channel's subscription (`deliver_inbound`).
+            let result = resolve(remote.broker.publish(channel, &publication, history));
+            self.publishing.fetch_sub(1, SeqCst);
+            return result.map(|pos| (pos, FanOut::default())).map_err(|e| failed("publish", e).code());
+        }
         let ((_, pos), fan) = self.hub.publish_with(
             channel,
             || {
@@ -359,6 +384,10 @@ impl Node {
         let opts = &*opts;
         if !opts.history_enabled() {
             return Err(ErrorCode::NOT_AVAILABLE);
+        }
+        if let Some(remote) = &self.remote {
+            return resolve(remote.history.history(channel, filter, Self::history_options(opts)))
+                .map_err(|e| failed("history", e).code());
         }
         self.broker.history(channel, filter).map_err(|e| match e {
             BrokerError::UnrecoverablePosition => ErrorCode::UNRECOVERABLE_POSITION,
@@ -393,6 +422,9 @@ impl Node {
         if !opts.presence {
             return Err(ErrorCode::NOT_AVAILABLE);
         }
+        if let Some(remote) = &self.remote {
+            return resolve(remote.presence.presence(channel)).map_err(|e| failed("presence", e).code());
+        }
         Ok(self.broker.presence(channel))
     }
 
@@ -402,6 +434,253 @@ impl Node {
         if !opts.presence {
             return Err(ErrorCode::NOT_AVAILABLE);
         }
+        if let Some(remote) = &self.remote {
+            return resolve(remote.presence.presence_stats(channel)).map_err(|e| failed("presence_stats", e).code());
+        }
         Ok(self.broker.presence_stats(channel))
+    }
+}
+
+/// A subscriber being recovered over the network and the publications that arrived for it meanwhile.
+#[derive(Debug)]
+struct Pending {
+    client: Arc<ClientShared>,
+    arrived: Vec<Publication>,
+}
+
+/// What a subscribe asks of the stream's position.
+#[derive(Debug, Clone)]
+pub enum Positioning {
+    /// Neither recovery nor a position.
+    None,
+    /// The current position only.
+    Position,
+    /// Publications after `(offset, epoch)`.
+    Recover(u64, String),
+}
+
+/// The stream part of a subscribe reply made with a networked engine.
+#[derive(Debug, Default)]
+pub struct Positioned {
+    pub offset: u64,
+    pub epoch: String,
+    pub recovered: bool,
+    pub publications: Vec<Publication>,
+}
+
+impl Node {
+    /// Adds a presence entry (the engine's, or this node's memory). An engine that fails is logged and
+    /// counted; the subscription stands.
+    pub fn add_presence(&self, channel: &str, client: ClientId, info: ClientInfo) {
+        match &self.remote {
+            Some(remote) => {
+                let _ = resolve(remote.presence.add_presence(channel, client, &info))
+                    .map_err(|e| failed("presence_add", e));
+            }
+            None => self.broker.add_presence(channel, client, info),
+        }
+    }
+
+    pub fn remove_presence(&self, channel: &str, client: ClientId) {
+        match &self.remote {
+            Some(remote) => {
+                let _ =
+                    resolve(remote.presence.remove_presence(channel, client)).map_err(|e| failed("presence_remove", e));
+            }
+            None => self.broker.remove_presence(channel, client),
+        }
+    }
+
+    /// A local subscriber left `channel` (after the hub forgot it): with a networked engine, the node
+    /// stops receiving the channel after its last one.
+    pub fn left(&self, channel: &str) {
+        if let Some(remote) = &self.remote {
+            remote.broker.unsubscribe_node(channel);
+        }
+    }
+
+    fn recovering(&self) -> MutexGuard<'_, HashMap<String, Vec<Pending>>> {
+        match self.recovering.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Subscribes `client` with a networked engine: the node is subscribed to the channel on the engine
+    /// first (its publications arrive from then on); what arrives is kept for this client while the
+    /// stream is read; then, in one step with respect to arrivals, the client is registered, and the
+    /// publications it must still get (after the position read) are queued behind the reply. So a
+    /// publication that raced the subscribe reaches the client exactly once: in the reply's replay or as
+    /// a push. No lock is held while the engine is waited for.
+    ///
+    /// `reply` makes the reply from the position (it runs in the channel's section) and is queued by
+    /// the caller before the pushes this queues (the connection writes its replies first).
+    pub fn subscribe_remote<T>(
+        &self,
+        channel: &str,
+        client: &Arc<ClientShared>,
+        positioning: Positioning,
+        history: HistoryOptions,
+        reply: impl FnOnce(Positioned) -> T,
+    ) -> Result<(T, Arc<str>), ErrorCode> {
+        let Some(remote) = &self.remote else { return Err(ErrorCode::INTERNAL) };
+        resolve(remote.broker.subscribe_node(channel)).map_err(|e| failed("subscribe", e).code())?;
+        let filter = match &positioning {
+            Positioning::None => {
+                return self.hub.subscribe_with(
+                    channel,
+                    client,
+                    || {},
+                    || Ok::<_, ErrorCode>(reply(Positioned::default())),
+                );
+            }
+            Positioning::Position => HistoryFilter { since: None, limit: 0, reverse: false },
+            Positioning::Recover(offset, epoch) => {
+                HistoryFilter { since: Some((*offset, epoch.clone())), limit: -1, reverse: false }
+            }
+        };
+        self.recovering()
+            .entry(channel.to_string())
+            .or_default()
+            .push(Pending { client: client.clone(), arrived: Vec::new() });
+        let mut read = resolve(remote.history.history(channel, &filter, history));
+        let mut recovered = false;
+        if let (Err(crate::engine::EngineError::UnrecoverablePosition), Positioning::Recover(..)) =
+            (&read, &positioning)
+        {
+            let position = HistoryFilter { since: None, limit: 0, reverse: false };
+            read = resolve(remote.history.history(channel, &position, history));
+        } else if read.is_ok() {
+            recovered = matches!(positioning, Positioning::Recover(..));
+        }
+        let mut waiting = self.recovering();
+        let arrived = match waiting.get_mut(channel) {
+            Some(list) => {
+                let at = list.iter().position(|p| Arc::ptr_eq(&p.client, client));
+                let mine = at.map(|i| list.swap_remove(i).arrived).unwrap_or_default();
+                if list.is_empty() {
+                    waiting.remove(channel);
+                }
+                mine
+            }
+            None => Vec::new(),
+        };
+        let (missed, pos) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                drop(waiting);
+                remote.broker.unsubscribe_node(channel);
+                return Err(failed("subscribe_history", e).code());
+            }
+        };
+        if let Positioning::Recover(offset, epoch) = &positioning {
+            recovered = recovered && *pos.epoch == **epoch && crate::broker::recovery_complete(&missed, *offset, &pos);
+        }
+        // Still holding `recovering`: no arrival is delivered between this and the registration.
+        let result = self.hub.subscribe_with(
+            channel,
+            client,
+            || {},
+            || {
+                let positioned = Positioned {
+                    offset: pos.offset,
+                    epoch: pos.epoch.to_string(),
+                    recovered,
+                    publications: if recovered { missed } else { Vec::new() },
+                };
+                let out = reply(positioned);
+                // Arrivals after the position read are pushed behind the reply.
+                let now = crate::metrics::clock_us();
+                for p in arrived.iter().filter(|p| p.offset > pos.offset || p.offset == 0) {
+                    let payload = |f| publication_push_bytes(f, channel, p).ok();
+                    let message = || ringcast_wire::tcp::encode_message(channel, p.offset, &p.data).ok();
+                    let mut frames = Frames::new(&payload, &message);
+                    if let Some(frame) = frames.get(client.encoding) {
+                        client.deliver(frame, now);
+                    }
+                }
+                Ok::<_, ErrorCode>(out)
+            },
+        );
+        drop(waiting);
+        if result.is_err() {
+            remote.broker.unsubscribe_node(channel);
+        }
+        result
+    }
+
+    /// Runs a control message here: to this node's clients of `user` (optionally the one client).
+    pub fn apply_control(&self, control: Control) {
+        match control {
+            Control::Disconnect { user, client, code, reason } => {
+                for c in self.user_clients(&user, client.as_deref()) {
+                    c.request_disconnect(code, &reason);
+                }
+            }
+            Control::Subscribe { user, client, channel } => {
+                for c in self.user_clients(&user, client.as_deref()) {
+                    c.command(ServerCommand::Subscribe(channel.clone()));
+                }
+            }
+            Control::Unsubscribe { user, client, channel } => {
+                for c in self.user_clients(&user, client.as_deref()) {
+                    c.command(ServerCommand::Unsubscribe(channel.clone()));
+                }
+            }
+            Control::Refresh { user, client, expire_at, expired } => {
+                for c in self.user_clients(&user, client.as_deref()) {
+                    c.command(ServerCommand::Refresh { expire_at, expired });
+                }
+            }
+        }
+    }
+
+    /// Sends a control message to every node (with a networked engine) or runs it here.
+    pub fn control(&self, control: Control) -> Result<(), ErrorCode> {
+        match &self.remote {
+            Some(remote) => resolve(remote.broker.control(&control)).map_err(|e| failed("control", e).code()),
+            None => {
+                self.apply_control(control);
+                Ok(())
+            }
+        }
+    }
+
+    /// A publication from the engine: kept for subscribers being recovered, delivered to the others
+    /// through the channel's section, in arrival order (the engine's offset order).
+    pub fn deliver_inbound(&self, channel: &str, publication: Publication) {
+        let mut waiting = self.recovering();
+        if let Some(list) = waiting.get_mut(channel) {
+            for p in list.iter_mut() {
+                p.arrived.push(publication.clone());
+            }
+        }
+        self.hub.publish_with(
+            channel,
+            || (),
+            |(), format| publication_push_bytes(format, channel, &publication).ok(),
+            |()| ringcast_wire::tcp::encode_message(channel, publication.offset, &publication.data).ok(),
+        );
+        drop(waiting);
+    }
+}
+
+impl Inbound for Node {
+    fn publication(&self, channel: &str, publication: Publication) {
+        self.deliver_inbound(channel, publication);
+    }
+
+    fn control(&self, control: Control) {
+        self.apply_control(control);
+    }
+
+    /// Publications of these channels may have been missed while the connection was down: their
+    /// subscribers here are unsubscribed with 2500 (insufficient state), so SDKs resubscribe and recover.
+    fn resubscribed(&self, channels: &[String]) {
+        for channel in channels {
+            for client in self.hub.subscribers(channel) {
+                client.command(ServerCommand::Resubscribe(channel.clone()));
+            }
+        }
     }
 }

@@ -244,12 +244,18 @@ impl TcpSession {
         }
         // No subscription tokens over TCP: the namespace must open the channel to this user.
         namespace::can_subscribe(opts, channel, self.user(), false).map_err(|_| Refusal::Denied)?;
-        let ((), name) = node.hub.subscribe_with(
-            channel,
-            &self.shared,
-            || node.broker.subscribe_node(channel),
-            || Ok::<_, Refusal>(()),
-        )?;
+        let ((), name) = if node.remote.is_some() {
+            let history = crate::pubsub::node::Node::history_options(opts);
+            let positioning = crate::pubsub::node::Positioning::None;
+            node.subscribe_remote(channel, &self.shared, positioning, history, |_| ()).map_err(|_| Refusal::Denied)?
+        } else {
+            node.hub.subscribe_with(
+                channel,
+                &self.shared,
+                || node.broker.subscribe_node(channel),
+                || Ok::<_, Refusal>(()),
+            )?
+        };
         self.subs.push(name);
         metrics::gauge!("ringcast_subscriptions").increment(1.0);
         Ok(())
@@ -263,7 +269,9 @@ impl TcpSession {
     }
 
     fn leave(&self, channel: &str) {
-        self.node.hub.unsubscribe(channel, &self.shared, || self.node.broker.unsubscribe_node(channel));
+        if self.node.hub.unsubscribe(channel, &self.shared, || self.node.broker.unsubscribe_node(channel)) {
+            self.node.left(channel);
+        }
         metrics::gauge!("ringcast_subscriptions").decrement(1.0);
     }
 

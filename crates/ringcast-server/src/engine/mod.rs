@@ -1,0 +1,179 @@
+//! The networked engine boundary: what several ringcast nodes share when one machine is not enough.
+//!
+//! The embedded [`crate::broker::MemoryBroker`] is local, synchronous and infallible: it assigns a
+//! publication's position inside the hub's per-channel section and cannot fail. A networked engine
+//! (Redis, [`redis::RedisEngine`]) is none of those: every call is a round trip that may fail or stall.
+//! So its boundary is async and fallible, and split by capability as Centrifugo's is:
+//! * [`Broker`]: publish (the engine assigns the position), subscribe this node to a channel, control
+//!   messages between nodes (API disconnect/subscribe/unsubscribe/refresh of a client on another node);
+//! * [`HistoryStore`]: positions and history reads (recovery);
+//! * [`PresenceManager`]: presence entries with a TTL, refreshed by the node that holds the client.
+//!
+//! Errors are [`EngineError::Unavailable`] and [`EngineError::Timeout`]: a client publish, history or
+//! presence answers error 100 (internal, temporary: SDKs retry), an API call answers error 100. Nothing is
+//! dropped silently.
+//!
+//! # Delivery with a networked engine
+//! The node that publishes does not deliver locally. Every node, the origin included, receives the
+//! channel's publications on its one ordered PUB/SUB subscription and delivers them through the hub's
+//! channel section ([`crate::pubsub::node::Node::deliver_inbound`]), so a node's own publications are
+//! delivered once, and all nodes deliver in the order the engine assigned offsets (the engine appends and
+//! publishes in one atomic step).
+//!
+//! # Sessions
+//! Session commands are synchronous (`Session::handle` returns the reply). An engine call is driven by
+//! [`resolve`]: polled once (an engine that completes immediately costs nothing more), otherwise the
+//! connection's worker thread hands its other tasks to the runtime and waits for the call
+//! (`block_in_place`), bounded by the engine's timeout. No lock is held while it waits.
+
+pub mod redis;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use ringcast_protocol::messages::{ClientInfo, Publication};
+use ringcast_protocol::ErrorCode;
+use serde::{Deserialize, Serialize};
+
+use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
+use crate::pubsub::client::ClientId;
+
+/// Why an engine call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The engine cannot be reached (connection refused or lost).
+    #[error("engine unavailable")]
+    Unavailable,
+    /// The engine did not answer within the configured bound (`redis_timeout`).
+    #[error("engine timed out")]
+    Timeout,
+    /// `since` names another epoch, or publications after it are gone (protocol error 112).
+    #[error("unrecoverable position")]
+    UnrecoverablePosition,
+}
+
+impl EngineError {
+    /// The client protocol's reply code: 100 (internal, temporary) for an engine that failed.
+    pub fn code(self) -> ErrorCode {
+        match self {
+            EngineError::UnrecoverablePosition => ErrorCode::UNRECOVERABLE_POSITION,
+            EngineError::Unavailable | EngineError::Timeout => ErrorCode::INTERNAL,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            EngineError::Unavailable => "unavailable",
+            EngineError::Timeout => "timeout",
+            EngineError::UnrecoverablePosition => "unrecoverable",
+        }
+    }
+}
+
+pub type EngineFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, EngineError>> + Send + 'a>>;
+
+/// Something the server API asks of a client wherever it is connected: sent to every node, applied by
+/// the one(s) holding the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Control {
+    Disconnect { user: String, client: Option<String>, code: u16, reason: String },
+    Subscribe { user: String, client: Option<String>, channel: String },
+    Unsubscribe { user: String, client: Option<String>, channel: String },
+    Refresh { user: String, client: Option<String>, expire_at: Option<i64>, expired: bool },
+}
+
+/// Publications between nodes.
+pub trait Broker: Send + Sync + 'static {
+    /// Assigns the publication's position (appending it to history when `history.size > 0`) and sends it
+    /// to every node subscribed to the channel, this one included. Returns the position once assigned.
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        publication: &'a Publication,
+        history: HistoryOptions,
+    ) -> EngineFuture<'a, StreamPos>;
+    /// One more local subscriber of `channel`: the first makes the node receive its publications. Resolves
+    /// once the engine confirmed the subscription (publications made after it arrive).
+    fn subscribe_node<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, ()>;
+    /// One local subscriber of `channel` fewer (of those whose `subscribe_node` succeeded): after the last,
+    /// the node stops receiving it. Batched with other (un)subscriptions; never waits.
+    fn unsubscribe_node(&self, channel: &str);
+    /// Sends a control message to every node (this one included).
+    fn control<'a>(&'a self, control: &'a Control) -> EngineFuture<'a, ()>;
+}
+
+/// Positions and history of channels.
+pub trait HistoryStore: Send + Sync + 'static {
+    /// Reads history after `filter.since` (limit 0: only the position). The stream is created (it gets
+    /// an epoch) if it does not exist, so that subscribers learn an epoch to recover against.
+    fn history<'a>(
+        &'a self,
+        channel: &'a str,
+        filter: &'a HistoryFilter,
+        history: HistoryOptions,
+    ) -> EngineFuture<'a, (Vec<Publication>, StreamPos)>;
+    /// Drops the publications, keeping offset and epoch.
+    fn remove_history<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, ()>;
+}
+
+/// Who is subscribed to a channel, cluster-wide.
+pub trait PresenceManager: Send + Sync + 'static {
+    fn add_presence<'a>(&'a self, channel: &'a str, client: ClientId, info: &'a ClientInfo) -> EngineFuture<'a, ()>;
+    fn remove_presence<'a>(&'a self, channel: &'a str, client: ClientId) -> EngineFuture<'a, ()>;
+    fn presence<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, BTreeMap<String, ClientInfo>>;
+    /// (clients, distinct users).
+    fn presence_stats<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, (u32, u32)>;
+}
+
+/// What a networked engine hands to the node it serves.
+pub trait Inbound: Send + Sync + 'static {
+    /// A publication of `channel` (with its offset), in the channel's order.
+    fn publication(&self, channel: &str, publication: Publication);
+    fn control(&self, control: Control);
+    /// The engine's subscription connection was lost and made again: publications of `channels` may have
+    /// been missed meanwhile.
+    fn resubscribed(&self, channels: &[String]);
+}
+
+/// The networked engine a node uses, by capability.
+#[derive(Clone)]
+pub struct Remote {
+    pub broker: std::sync::Arc<dyn Broker>,
+    pub history: std::sync::Arc<dyn HistoryStore>,
+    pub presence: std::sync::Arc<dyn PresenceManager>,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Remote")
+    }
+}
+
+/// Runs an engine call to completion from synchronous code (see the module docs): polled once, then, on
+/// a multi-threaded runtime, waited for with `block_in_place`. Outside one it cannot wait: `Unavailable`.
+pub fn resolve<T>(mut fut: EngineFuture<'_, T>) -> Result<T, EngineError> {
+    if let Poll::Ready(r) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        return r;
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| h.block_on(fut))
+        }
+        _ => {
+            tracing::warn!("engine call outside a multi-threaded runtime");
+            Err(EngineError::Unavailable)
+        }
+    }
+}
+
+/// Counts a failed engine call (`ringcast_engine_errors_total{op, error}`) and logs it.
+pub fn failed(op: &'static str, e: EngineError) -> EngineError {
+    metrics::counter!("ringcast_engine_errors_total", "op" => op, "error" => e.label()).increment(1);
+    if e != EngineError::UnrecoverablePosition {
+        tracing::warn!(op, error = %e, "engine call failed");
+    }
+    e
+}

@@ -1,0 +1,578 @@
+//! The Redis engine (`broker = "redis"`): publications, history, presence and control shared by every
+//! node that points at the same Redis and `redis_prefix`.
+//!
+//! # Keys (prefix `P`, channel `C`)
+//! * `P:ch:C` — the PUB/SUB channel of C's publications; `P:control` — control messages between nodes.
+//! * `P:m:C` — the stream's meta hash: `s` (the last offset), `e` (the epoch); expires `history_meta_ttl`
+//!   after its last use.
+//! * `P:h:C` — the history list, newest first, trimmed to `history_size`, expiring `history_ttl` after
+//!   the last publication.
+//! * `P:p:C` — presence hash (client id → protobuf `ClientInfo`); `P:pe:C` — sorted set of the same
+//!   clients by expiry time. Each node re-adds its own clients' entries every [`PRESENCE_REFRESH`]; a
+//!   crashed node's entries pass their expiry and are dropped by the next presence read.
+//!
+//! # Order
+//! One Lua script assigns the offset (HINCRBY), appends to the list and PUBLISHes the publication with
+//! its offset and epoch: Redis runs scripts one at a time, so the order of offsets is the order of the
+//! PUB/SUB messages every subscribed node receives.
+//!
+//! # Subscriptions
+//! One dedicated PUB/SUB connection per node, driven by one task. `subscribe_node` counts local
+//! subscribers per channel; the task reconciles the wanted set with the subscribed one, sending every
+//! pending change as one SUBSCRIBE and one UNSUBSCRIBE (a reconnect of many clients costs a few round
+//! trips, not one per client). When the connection is lost, the task reconnects with backoff, subscribes
+//! to every wanted channel again, and tells the node ([`Inbound::resubscribed`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use prost::Message;
+use redis::aio::ConnectionManager;
+use redis::Script;
+use ringcast_protocol::messages::{ClientInfo, Publication};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Broker, Control, EngineError, EngineFuture, HistoryStore, Inbound, PresenceManager};
+use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
+use crate::pubsub::client::ClientId;
+
+/// How long a presence entry lives without being refreshed.
+pub const PRESENCE_TTL: Duration = Duration::from_secs(60);
+/// How often a node re-adds its clients' presence entries.
+pub const PRESENCE_REFRESH: Duration = Duration::from_secs(20);
+
+const PUBLISH: &str = r"
+local size = tonumber(ARGV[3])
+if size == 0 then
+  redis.call('publish', ARGV[1], '0::' .. ARGV[2])
+  return {0, ''}
+end
+local epoch = redis.call('hget', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('hset', KEYS[2], 'e', epoch)
+end
+local offset = redis.call('hincrby', KEYS[2], 's', 1)
+local msg = offset .. ':' .. epoch .. ':' .. ARGV[2]
+redis.call('lpush', KEYS[1], msg)
+redis.call('ltrim', KEYS[1], 0, size - 1)
+redis.call('expire', KEYS[1], ARGV[4])
+redis.call('expire', KEYS[2], ARGV[5])
+redis.call('publish', ARGV[1], msg)
+return {offset, epoch}
+";
+
+const HISTORY: &str = r"
+local s = redis.call('hget', KEYS[2], 's')
+if not s then s = '0' end
+local e = redis.call('hget', KEYS[2], 'e')
+if not e then
+  e = ARGV[2]
+  redis.call('hset', KEYS[2], 'e', e)
+end
+redis.call('expire', KEYS[2], ARGV[1])
+local items = {}
+if ARGV[3] == '1' then items = redis.call('lrange', KEYS[1], 0, -1) end
+return {s, e, items}
+";
+
+const PRESENCE_ADD: &str = r"
+redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
+redis.call('zadd', KEYS[2], ARGV[3], ARGV[1])
+redis.call('expire', KEYS[1], ARGV[4])
+redis.call('expire', KEYS[2], ARGV[4])
+return 1
+";
+
+const PRESENCE_GET: &str = r"
+local gone = redis.call('zrangebyscore', KEYS[2], '-inf', ARGV[1])
+for _, c in ipairs(gone) do redis.call('hdel', KEYS[1], c) end
+redis.call('zremrangebyscore', KEYS[2], '-inf', ARGV[1])
+return redis.call('hgetall', KEYS[1])
+";
+
+/// Settings of the Redis engine (from `redis_url`, `redis_prefix`, `redis_timeout`).
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    pub prefix: String,
+    pub timeout: Duration,
+}
+
+enum SubRequest {
+    /// Reconcile; answer once the wanted channels are subscribed.
+    Sync(Option<oneshot::Sender<Result<(), EngineError>>>),
+}
+
+struct Scripts {
+    publish: Script,
+    history: Script,
+    presence_add: Script,
+    presence_get: Script,
+}
+
+pub struct RedisEngine {
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    scripts: Scripts,
+    /// Local subscribers per channel (of `subscribe_node` calls that succeeded or are under way).
+    wanted: Mutex<HashMap<String, usize>>,
+    requests: mpsc::UnboundedSender<SubRequest>,
+    inbound: OnceLock<Weak<dyn Inbound>>,
+    /// This node's presence entries, re-added on a timer: (channel, client) → encoded info.
+    present: Mutex<HashMap<(String, ClientId), Vec<u8>>>,
+}
+
+impl std::fmt::Debug for RedisEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisEngine").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+fn relock<G>(r: Result<G, std::sync::PoisonError<G>>) -> G {
+    match r {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn secs(d: Duration) -> u64 {
+    d.as_secs().max(1) + u64::from(d.subsec_nanos() > 0)
+}
+
+fn map_err(e: &redis::RedisError) -> EngineError {
+    if e.is_timeout() {
+        EngineError::Timeout
+    } else {
+        EngineError::Unavailable
+    }
+}
+
+/// A publication as it travels: `offset:epoch:` then the protobuf `Publication` (offset 0 inside).
+fn parse_message(msg: &[u8]) -> Option<(u64, &str, Publication)> {
+    let first = msg.iter().position(|&b| b == b':')?;
+    let offset: u64 = std::str::from_utf8(&msg[..first]).ok()?.parse().ok()?;
+    let rest = &msg[first + 1..];
+    let second = rest.iter().position(|&b| b == b':')?;
+    let epoch = std::str::from_utf8(&rest[..second]).ok()?;
+    let mut publication = Publication::decode(&rest[second + 1..]).ok()?;
+    publication.offset = offset;
+    Some((offset, epoch, publication))
+}
+
+fn random_epoch() -> String {
+    format!("{:08x}", fastrand::u32(..))
+}
+
+impl RedisEngine {
+    /// Connects (the first connection must succeed: a node that starts without its engine says so) and
+    /// starts the subscription task. `inbound` is set later ([`RedisEngine::set_inbound`]).
+    pub async fn connect(settings: &RedisSettings) -> Result<Arc<RedisEngine>, String> {
+        let client = redis::Client::open(settings.url.as_str()).map_err(|e| format!("redis_url: {e}"))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(settings.timeout)
+            .set_connection_timeout(settings.timeout)
+            .set_number_of_retries(2)
+            .set_max_delay(1000);
+        let conn = tokio::time::timeout(settings.timeout * 5, client.get_connection_manager_with_config(config))
+            .await
+            .map_err(|_| format!("redis at {}: no answer within {:?}", settings.url, settings.timeout * 5))?
+            .map_err(|e| format!("redis at {}: {e}", settings.url))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let engine = Arc::new(RedisEngine {
+            conn,
+            prefix: settings.prefix.clone(),
+            timeout: settings.timeout,
+            scripts: Scripts {
+                publish: Script::new(PUBLISH),
+                history: Script::new(HISTORY),
+                presence_add: Script::new(PRESENCE_ADD),
+                presence_get: Script::new(PRESENCE_GET),
+            },
+            wanted: Mutex::new(HashMap::new()),
+            requests: tx,
+            inbound: OnceLock::new(),
+            present: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(subscriptions(Arc::downgrade(&engine), client, rx));
+        tokio::spawn(refresh_presence(Arc::downgrade(&engine)));
+        Ok(engine)
+    }
+
+    pub fn set_inbound(&self, inbound: Weak<dyn Inbound>) {
+        let _ = self.inbound.set(inbound);
+    }
+
+    fn inbound(&self) -> Option<Arc<dyn Inbound>> {
+        self.inbound.get().and_then(Weak::upgrade)
+    }
+
+    fn wanted(&self) -> MutexGuard<'_, HashMap<String, usize>> {
+        relock(self.wanted.lock())
+    }
+
+    fn key(&self, kind: &str, channel: &str) -> String {
+        format!("{}:{kind}:{channel}", self.prefix)
+    }
+
+    fn control_channel(&self) -> String {
+        format!("{}:control", self.prefix)
+    }
+
+    /// Bounds a call by `redis_timeout`.
+    async fn bounded<T>(&self, f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, EngineError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(map_err(&e)),
+            Err(_) => Err(EngineError::Timeout),
+        }
+    }
+
+    /// The channels this node wants to receive.
+    fn wanted_channels(&self) -> HashSet<String> {
+        self.wanted().iter().filter(|(_, n)| **n > 0).map(|(c, _)| c.clone()).collect()
+    }
+
+    fn dispatch(&self, channel: &str, payload: &[u8]) {
+        let Some(inbound) = self.inbound() else { return };
+        if channel == self.control_channel() {
+            match serde_json::from_slice::<Control>(payload) {
+                Ok(c) => inbound.control(c),
+                Err(e) => tracing::warn!(error = %e, "redis: malformed control message"),
+            }
+            return;
+        }
+        let Some(name) = channel.strip_prefix(&self.prefix).and_then(|c| c.strip_prefix(":ch:")) else { return };
+        match parse_message(payload) {
+            Some((_, _, publication)) => inbound.publication(name, publication),
+            None => {
+                metrics::counter!("ringcast_engine_errors_total", "op" => "inbound", "error" => "malformed")
+                    .increment(1);
+                tracing::warn!(channel = name, "redis: malformed publication");
+            }
+        }
+    }
+}
+
+/// The PUB/SUB connection's task: reconciles subscriptions, reads messages, reconnects with backoff.
+async fn subscriptions(engine: Weak<RedisEngine>, client: redis::Client, mut rx: mpsc::UnboundedReceiver<SubRequest>) {
+    let mut backoff = Duration::from_millis(50);
+    let mut connected_before = false;
+    'connect: loop {
+        let Some(prefix_control) = engine.upgrade().map(|e| e.control_channel()) else { return };
+        let pubsub = match client.get_async_pubsub().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, ?backoff, "redis: PUB/SUB connection failed; retrying");
+                // Requests made meanwhile fail at once: nobody waits for a connection that is not there.
+                while let Ok(SubRequest::Sync(reply)) = rx.try_recv() {
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(EngineError::Unavailable));
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        let (mut sink, mut stream) = pubsub.split();
+        let mut active: HashSet<String> = HashSet::new();
+        if sink.subscribe(&prefix_control).await.is_err() {
+            continue;
+        }
+        // Everything wanted, in one SUBSCRIBE.
+        let Some(e) = engine.upgrade() else { return };
+        let wanted = e.wanted_channels();
+        let names: Vec<String> = wanted.iter().map(|c| e.key("ch", c)).collect();
+        drop(e);
+        if !wanted.is_empty() {
+            if sink.subscribe(&names).await.is_err() {
+                continue;
+            }
+            active = wanted;
+        }
+        if connected_before {
+            tracing::info!(channels = active.len(), "redis: PUB/SUB connection made again; channels resubscribed");
+            metrics::counter!("ringcast_engine_reconnects_total").increment(1);
+            if let Some(inbound) = engine.upgrade().and_then(|e| e.inbound()) {
+                let channels: Vec<String> = active.iter().cloned().collect();
+                inbound.resubscribed(&channels);
+            }
+        }
+        connected_before = true;
+        loop {
+            tokio::select! {
+                req = rx.recv() => {
+                    let Some(first) = req else { return };
+                    let mut waiters = Vec::new();
+                    let SubRequest::Sync(w) = first;
+                    waiters.extend(w);
+                    while let Ok(SubRequest::Sync(w)) = rx.try_recv() {
+                        waiters.extend(w);
+                    }
+                    let Some(e) = engine.upgrade() else { return };
+                    let wanted = e.wanted_channels();
+                    let ch = |c: &String| e.key("ch", c);
+                    let add: Vec<String> = wanted.difference(&active).map(ch).collect();
+                    let remove: Vec<String> = active.difference(&wanted).map(ch).collect();
+                    drop(e);
+                    let mut ok = true;
+                    if !add.is_empty() {
+                        ok &= sink.subscribe(&add).await.is_ok();
+                    }
+                    if ok && !remove.is_empty() {
+                        ok &= sink.unsubscribe(&remove).await.is_ok();
+                    }
+                    for w in waiters {
+                        let _ = w.send(if ok { Ok(()) } else { Err(EngineError::Unavailable) });
+                    }
+                    if !ok {
+                        continue 'connect;
+                    }
+                    active = wanted;
+                }
+                msg = stream.next() => {
+                    let Some(msg) = msg else {
+                        tracing::warn!("redis: PUB/SUB connection lost; reconnecting");
+                        continue 'connect;
+                    };
+                    let Some(e) = engine.upgrade() else { return };
+                    e.dispatch(msg.get_channel_name(), msg.get_payload_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// Re-adds this node's presence entries before they expire.
+async fn refresh_presence(engine: Weak<RedisEngine>) {
+    loop {
+        tokio::time::sleep(PRESENCE_REFRESH).await;
+        let Some(e) = engine.upgrade() else { return };
+        let entries: Vec<((String, ClientId), Vec<u8>)> =
+            relock(e.present.lock()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for ((channel, client), info) in entries {
+            if let Err(err) = e.write_presence(&channel, client, info).await {
+                tracing::warn!(error = %err, "redis: presence refresh failed");
+                break;
+            }
+        }
+    }
+}
+
+impl RedisEngine {
+    async fn write_presence(&self, channel: &str, client: ClientId, info: Vec<u8>) -> Result<(), EngineError> {
+        let expire_at = unix_ms() + PRESENCE_TTL.as_millis() as u64;
+        let mut conn = self.conn.clone();
+        let mut inv = self.scripts.presence_add.prepare_invoke();
+        inv.key(self.key("p", channel))
+            .key(self.key("pe", channel))
+            .arg(client.to_string())
+            .arg(info)
+            .arg(expire_at)
+            .arg(secs(PRESENCE_TTL) * 2);
+        self.bounded(inv.invoke_async::<i64>(&mut conn)).await.map(|_| ())
+    }
+
+    async fn read_presence(&self, channel: &str) -> Result<Vec<(String, ClientInfo)>, EngineError> {
+        let mut conn = self.conn.clone();
+        let mut inv = self.scripts.presence_get.prepare_invoke();
+        inv.key(self.key("p", channel)).key(self.key("pe", channel)).arg(unix_ms());
+        let flat: Vec<Vec<u8>> = self.bounded(inv.invoke_async(&mut conn)).await?;
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        for pair in flat.chunks_exact(2) {
+            let id = String::from_utf8_lossy(&pair[0]).into_owned();
+            if let Ok(info) = ClientInfo::decode(&pair[1][..]) {
+                out.push((id, info));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Broker for RedisEngine {
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        publication: &'a Publication,
+        history: HistoryOptions,
+    ) -> EngineFuture<'a, StreamPos> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let meta_ttl = history.effective_meta_ttl();
+            let mut inv = self.scripts.publish.prepare_invoke();
+            inv.key(self.key("h", channel))
+                .key(self.key("m", channel))
+                .arg(self.key("ch", channel))
+                .arg(publication.encode_to_vec())
+                .arg(history.size)
+                .arg(secs(history.ttl))
+                .arg(secs(meta_ttl))
+                .arg(random_epoch());
+            let (offset, epoch): (u64, String) = self.bounded(inv.invoke_async(&mut conn)).await?;
+            Ok(StreamPos { offset, epoch: epoch.into() })
+        })
+    }
+
+    fn subscribe_node<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, ()> {
+        Box::pin(async move {
+            *self.wanted().entry(channel.to_string()).or_insert(0) += 1;
+            let (tx, rx) = oneshot::channel();
+            let sent = self.requests.send(SubRequest::Sync(Some(tx))).is_ok();
+            let result = if !sent {
+                Err(EngineError::Unavailable)
+            } else {
+                match tokio::time::timeout(self.timeout, rx).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(_)) => Err(EngineError::Unavailable),
+                    Err(_) => Err(EngineError::Timeout),
+                }
+            };
+            if result.is_err() {
+                self.unsubscribe_node(channel);
+            }
+            result
+        })
+    }
+
+    fn unsubscribe_node(&self, channel: &str) {
+        let last = {
+            let mut wanted = self.wanted();
+            match wanted.get_mut(channel) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    wanted.remove(channel);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last {
+            let _ = self.requests.send(SubRequest::Sync(None));
+        }
+    }
+
+    fn control<'a>(&'a self, control: &'a Control) -> EngineFuture<'a, ()> {
+        Box::pin(async move {
+            let payload = serde_json::to_vec(control).map_err(|_| EngineError::Unavailable)?;
+            let mut conn = self.conn.clone();
+            let channel = self.control_channel();
+            self.bounded(redis::cmd("PUBLISH").arg(channel).arg(payload).query_async::<i64>(&mut conn)).await?;
+            Ok(())
+        })
+    }
+}
+
+impl HistoryStore for RedisEngine {
+    fn history<'a>(
+        &'a self,
+        channel: &'a str,
+        filter: &'a HistoryFilter,
+        history: HistoryOptions,
+    ) -> EngineFuture<'a, (Vec<Publication>, StreamPos)> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let meta_ttl = history.effective_meta_ttl();
+            let mut inv = self.scripts.history.prepare_invoke();
+            inv.key(self.key("h", channel))
+                .key(self.key("m", channel))
+                .arg(secs(meta_ttl))
+                .arg(random_epoch())
+                .arg(if filter.limit == 0 { "0" } else { "1" });
+            let (top, epoch, items): (u64, String, Vec<Vec<u8>>) = self.bounded(inv.invoke_async(&mut conn)).await?;
+            let pos = StreamPos { offset: top, epoch: epoch.clone().into() };
+            let after = match &filter.since {
+                Some((offset, since_epoch)) => {
+                    if (!since_epoch.is_empty() && *since_epoch != epoch) || *offset > top {
+                        return Err(EngineError::UnrecoverablePosition);
+                    }
+                    Some(*offset)
+                }
+                None => None,
+            };
+            if filter.limit == 0 {
+                return Ok((Vec::new(), pos));
+            }
+            // Stored newest first.
+            let mut pubs: Vec<Publication> =
+                items.iter().rev().filter_map(|m| parse_message(m).map(|(_, _, p)| p)).collect();
+            let limit = if filter.limit < 0 { usize::MAX } else { filter.limit as usize };
+            pubs = match (filter.reverse, after) {
+                (true, Some(since)) => pubs.into_iter().rev().filter(|p| p.offset < since).take(limit).collect(),
+                (true, None) => pubs.into_iter().rev().take(limit).collect(),
+                (false, since) => pubs.into_iter().filter(|p| p.offset > since.unwrap_or(0)).take(limit).collect(),
+            };
+            Ok((pubs, pos))
+        })
+    }
+
+    fn remove_history<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, ()> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            self.bounded(redis::cmd("DEL").arg(self.key("h", channel)).query_async::<i64>(&mut conn)).await?;
+            Ok(())
+        })
+    }
+}
+
+impl PresenceManager for RedisEngine {
+    fn add_presence<'a>(&'a self, channel: &'a str, client: ClientId, info: &'a ClientInfo) -> EngineFuture<'a, ()> {
+        Box::pin(async move {
+            let encoded = info.encode_to_vec();
+            relock(self.present.lock()).insert((channel.to_string(), client), encoded.clone());
+            self.write_presence(channel, client, encoded).await
+        })
+    }
+
+    fn remove_presence<'a>(&'a self, channel: &'a str, client: ClientId) -> EngineFuture<'a, ()> {
+        Box::pin(async move {
+            relock(self.present.lock()).remove(&(channel.to_string(), client));
+            let mut conn = self.conn.clone();
+            let id = client.to_string();
+            let mut pipe = redis::pipe();
+            pipe.hdel(self.key("p", channel), &id).ignore().zrem(self.key("pe", channel), &id).ignore();
+            self.bounded(pipe.query_async::<()>(&mut conn)).await
+        })
+    }
+
+    fn presence<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, BTreeMap<String, ClientInfo>> {
+        Box::pin(async move { Ok(self.read_presence(channel).await?.into_iter().collect()) })
+    }
+
+    fn presence_stats<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, (u32, u32)> {
+        Box::pin(async move {
+            let entries = self.read_presence(channel).await?;
+            let users: HashSet<&str> = entries.iter().map(|(_, i)| i.user.as_str()).collect();
+            Ok((entries.len() as u32, users.len() as u32))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn a_message_carries_offset_epoch_and_publication() {
+        let p = Publication { data: Bytes::from_static(b"{\"a\":1}"), ..Default::default() };
+        let mut msg = b"17:beef:".to_vec();
+        msg.extend(p.encode_to_vec());
+        let (offset, epoch, got) = parse_message(&msg).expect("parsed");
+        assert_eq!((offset, epoch), (17, "beef"));
+        assert_eq!((got.offset, got.data), (17, p.data));
+        assert!(parse_message(b"x:y:z").is_none());
+        assert!(parse_message(b"12").is_none());
+    }
+}

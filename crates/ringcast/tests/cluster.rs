@@ -1,0 +1,459 @@
+//! Several `ringcast serve` processes sharing channels through the real Redis (127.0.0.1:6379, which
+//! `scripts/test.sh` starts): each test runs its nodes as child processes on their own ports, with a key
+//! prefix of its own (`redis_prefix`), so tests and other users of that Redis never meet.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+const KEY: &str = "cluster-key";
+const SECRET: &str = "cluster-secret";
+
+/// The channel options every node of a test shares.
+const CHANNELS: &str = r#"
+token_hmac_secret_key = "cluster-secret"
+[channels]
+allow_subscribe_for_client = true
+allow_publish_for_client = true
+allow_presence_for_client = true
+allow_history_for_client = true
+allow_recovery = true
+allow_positioning = true
+presence = true
+history_size = 1000
+history_ttl = "300s"
+"#;
+
+/// One node: a `ringcast serve` process with its log collected.
+struct Node {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Node {
+    fn start(prefix: &str, n: usize) -> Node {
+        Node::start_on(prefix, n, 6379, "2s")
+    }
+
+    /// A node on the Redis at `redis_port`, with `redis_timeout`.
+    fn start_on(prefix: &str, n: usize, redis_port: u16, timeout: &str) -> Node {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("ringcast-cluster-{prefix}-{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = format!(
+            "listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\nbroker = \"redis\"\nredis_url = [\"redis://127.0.0.1:{redis_port}\"]\nredis_prefix = \"{prefix}\"\nredis_timeout = \"{timeout}\"\n{CHANNELS}"
+        );
+        std::fs::write(dir.join("c.toml"), config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ringcast"))
+            .args(["serve", "--config"])
+            .arg(dir.join("c.toml"))
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ringcast");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stdout = child.stdout.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let node = Node { child, log, dir, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !node.log.lock().unwrap().contains("ringcast listening") {
+            assert!(Instant::now() < deadline, "node did not start:\n{}", node.log.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        node
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- node on port {} ---\n{}", self.port, self.log.lock().unwrap());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+/// `n` nodes on one fresh prefix; the prefix's keys are deleted when the cluster is dropped.
+struct Cluster {
+    nodes: Vec<Node>,
+    prefix: String,
+}
+
+impl Cluster {
+    fn start(name: &str, n: usize) -> Cluster {
+        let prefix = format!("rc-test-{name}-{}-{:08x}", std::process::id(), fastrand::u32(..));
+        Cluster { nodes: (0..n).map(|i| Node::start(&prefix, i)).collect(), prefix }
+    }
+
+    fn port(&self, i: usize) -> u16 {
+        self.nodes[i].port
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        // Only this test's keys (never a FLUSH on the shared Redis).
+        let keys = Command::new("redis-cli").args(["--scan", "--pattern", &format!("{}:*", self.prefix)]).output();
+        if let Ok(out) = keys {
+            for key in String::from_utf8_lossy(&out.stdout).lines().filter(|k| !k.is_empty()) {
+                let _ = Command::new("redis-cli").args(["DEL", key]).output();
+            }
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One HTTP API call: the JSON reply.
+fn api(port: u16, method: &str, body: &Value) -> Value {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("api connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = body.to_string();
+    let req = format!(
+        "POST /api/{method} HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (_, body) = out.split_once("\r\n\r\n").expect("http reply");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+enum Got {
+    Json(Vec<Value>),
+    Closed(Option<(u16, String)>),
+}
+
+async fn next(ws: &mut Ws) -> Got {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                return Got::Json(
+                    t.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect(),
+                )
+            }
+            Ok(Some(Ok(Message::Close(c)))) => {
+                return Got::Closed(c.map(|c| (u16::from(c.code), c.reason.to_string())))
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_))) | Ok(None) | Err(_) => return Got::Closed(None),
+        }
+    }
+}
+
+/// Sends a command; returns its reply and the pushes read before it.
+async fn call(ws: &mut Ws, cmd: Value) -> (Value, Vec<Value>) {
+    let id = cmd["id"].clone();
+    ws.send(Message::Text(cmd.to_string())).await.expect("send");
+    let mut pushes = Vec::new();
+    loop {
+        match next(ws).await {
+            Got::Json(msgs) => {
+                for m in msgs {
+                    if m.get("id") == Some(&id) {
+                        return (m, pushes);
+                    }
+                    pushes.push(m);
+                }
+            }
+            Got::Closed(c) => panic!("closed while waiting for reply {id}: {c:?}"),
+        }
+    }
+}
+
+/// A connected client of `user` on `port`.
+async fn client(port: u16, user: &str) -> Ws {
+    let url = format!("ws://127.0.0.1:{port}/connection/websocket");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+    let token = ringcast_server::policy::auth::make_hs256_token(SECRET, user, None, &[]).unwrap();
+    let (r, _) = call(&mut ws, json!({"id":1,"connect":{"token": token}})).await;
+    assert!(r["connect"]["client"].is_string(), "{r}");
+    ws
+}
+
+/// Offsets of the publications of `channel` among `msgs` (pushes).
+fn offsets(msgs: &[Value], channel: &str) -> Vec<u64> {
+    msgs.iter()
+        .filter_map(|m| m.get("push"))
+        .filter(|m| m["channel"] == channel && m.get("pub").is_some())
+        .map(|m| m["pub"]["offset"].as_u64().unwrap_or(0))
+        .collect()
+}
+
+/// Reads until an unsubscribe push arrives; returns it.
+async fn unsubscribe_push(ws: &mut Ws) -> Value {
+    loop {
+        match next(ws).await {
+            Got::Json(msgs) => {
+                if let Some(m) = msgs.into_iter().find(|m| m["push"].get("unsubscribe").is_some()) {
+                    return m["push"].clone();
+                }
+            }
+            Got::Closed(c) => panic!("closed: {c:?}"),
+        }
+    }
+}
+
+/// Reads pushes until `count` publications of `channel` arrived; returns their offsets in order.
+async fn read_publications(ws: &mut Ws, channel: &str, count: usize, mut got: Vec<u64>) -> Vec<u64> {
+    while got.len() < count {
+        match next(ws).await {
+            Got::Json(msgs) => got.extend(offsets(&msgs, channel)),
+            Got::Closed(c) => panic!("closed after {} of {count} publications: {c:?}", got.len()),
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_publishers_on_two_nodes_every_subscriber_gets_every_publication_in_offset_order() {
+    let cluster = Cluster::start("order", 2);
+    const EACH: usize = 50;
+    const PUBLISHERS: usize = 4;
+    let mut subs = Vec::new();
+    for i in 0..2 {
+        let mut ws = client(cluster.port(i), &format!("sub{i}")).await;
+        let (r, _) = call(&mut ws, json!({"id":2,"subscribe":{"channel":"race"}})).await;
+        assert!(r.get("error").is_none(), "{r}");
+        subs.push(ws);
+    }
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let port = cluster.port(p % 2);
+        publishers.push(tokio::spawn(async move {
+            let mut ws = client(port, &format!("pub{p}")).await;
+            for n in 0..EACH {
+                let (r, _) =
+                    call(&mut ws, json!({"id": 10 + n, "publish":{"channel":"race","data":{"p":p,"n":n}}})).await;
+                assert!(r.get("error").is_none(), "{r}");
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let expected: Vec<u64> = (1..=(PUBLISHERS * EACH) as u64).collect();
+    for (i, ws) in subs.iter_mut().enumerate() {
+        let got = read_publications(ws, "race", expected.len(), Vec::new()).await;
+        assert_eq!(got, expected, "subscriber on node {i}: every offset once, in order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reconnecting_to_another_node_recovers_exactly_while_publications_race_it() {
+    let cluster = Cluster::start("recover", 2);
+    let (a, b) = (cluster.port(0), cluster.port(1));
+    let mut ws = client(a, "reader").await;
+    let (r, _) = call(&mut ws, json!({"id":2,"subscribe":{"channel":"feed","recoverable":true}})).await;
+    let epoch = r["subscribe"]["epoch"].as_str().expect("epoch").to_string();
+    for n in 0..3 {
+        let r = api(b, "publish", &json!({"channel":"feed","data":{"n":n}}));
+        assert!(r["result"]["offset"].is_u64(), "{r}");
+    }
+    let seen = read_publications(&mut ws, "feed", 3, Vec::new()).await;
+    assert_eq!(seen, [1, 2, 3], "published on B, delivered on A");
+    drop(ws);
+    // Missed while away: 5 publications; and a publisher that keeps going while the client recovers.
+    for n in 3..8 {
+        api(a, "publish", &json!({"channel":"feed","data":{"n":n}}));
+    }
+    let racer = std::thread::spawn(move || {
+        let mut last = 0;
+        for n in 8..68 {
+            let r = api(a, "publish", &json!({"channel":"feed","data":{"n":n}}));
+            last = r["result"]["offset"].as_u64().expect("offset");
+        }
+        last
+    });
+    let mut ws = client(b, "reader").await;
+    let (r, pushes) = call(
+        &mut ws,
+        json!({"id":2,"subscribe":{"channel":"feed","recoverable":true,"recover":true,"offset":3,"epoch":epoch}}),
+    )
+    .await;
+    assert_eq!(r["subscribe"]["recovered"], true, "{r}");
+    assert_eq!(r["subscribe"]["epoch"].as_str(), Some(epoch.as_str()), "one epoch across nodes");
+    let replay: Vec<u64> = r["subscribe"]["publications"]
+        .as_array()
+        .map(|p| p.iter().map(|p| p["offset"].as_u64().unwrap_or(0)).collect())
+        .unwrap_or_default();
+    assert!(replay.len() >= 5 && replay[..5] == [4, 5, 6, 7, 8][..], "the missed five first: {replay:?}");
+    assert!(offsets(&pushes, "feed").is_empty(), "no push before the subscribe reply");
+    let last = racer.join().unwrap();
+    let all = read_publications(&mut ws, "feed", (last - 3) as usize, replay).await;
+    let expected: Vec<u64> = (4..=last).collect();
+    assert_eq!(all, expected, "replay then pushes: each publication once, none missing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_cluster_wide() {
+    let cluster = Cluster::start("presence", 2);
+    let (a, b) = (cluster.port(0), cluster.port(1));
+    let mut alice = client(a, "alice").await;
+    let mut bob = client(b, "bob").await;
+    let mut bob2 = client(b, "bob").await;
+    for ws in [&mut alice, &mut bob, &mut bob2] {
+        let (r, _) = call(ws, json!({"id":2,"subscribe":{"channel":"room"}})).await;
+        assert!(r.get("error").is_none(), "{r}");
+    }
+    let p = api(a, "presence", &json!({"channel":"room"}));
+    let users: std::collections::BTreeSet<String> = p["result"]["presence"]
+        .as_object()
+        .expect("presence")
+        .values()
+        .map(|v| v["user"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(users, ["alice".to_string(), "bob".to_string()].into(), "{p}");
+    assert_eq!(p["result"]["presence"].as_object().map(|o| o.len()), Some(3), "{p}");
+    let s = api(b, "presence_stats", &json!({"channel":"room"}));
+    assert_eq!((s["result"]["num_clients"].as_u64(), s["result"]["num_users"].as_u64()), (Some(3), Some(2)), "{s}");
+    // The client protocol's presence answers the same, from the other node.
+    let (r, _) = call(&mut alice, json!({"id":3,"presence_stats":{"channel":"room"}})).await;
+    assert_eq!(r["presence_stats"]["num_clients"], 3, "{r}");
+    let (r, _) = call(&mut bob, json!({"id":3,"unsubscribe":{"channel":"room"}})).await;
+    assert!(r.get("error").is_none(), "{r}");
+    let s = api(a, "presence_stats", &json!({"channel":"room"}));
+    assert_eq!((s["result"]["num_clients"].as_u64(), s["result"]["num_users"].as_u64()), (Some(2), Some(2)), "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_disconnect_and_unsubscribe_reach_a_client_on_another_node() {
+    let cluster = Cluster::start("control", 2);
+    let (a, b) = (cluster.port(0), cluster.port(1));
+    let mut carol = client(b, "carol").await;
+    let (r, _) = call(&mut carol, json!({"id":2,"subscribe":{"channel":"news"}})).await;
+    assert!(r.get("error").is_none(), "{r}");
+    let r = api(a, "unsubscribe", &json!({"user":"carol","channel":"news"}));
+    assert!(r.get("error").is_none(), "{r}");
+    let push = unsubscribe_push(&mut carol).await;
+    assert_eq!(push["channel"], "news", "{push}");
+    let r = api(a, "disconnect", &json!({"user":"carol","disconnect":{"code":4005,"reason":"moved"}}));
+    assert!(r.get("error").is_none(), "{r}");
+    loop {
+        match next(&mut carol).await {
+            Got::Json(_) => continue,
+            Got::Closed(c) => {
+                assert_eq!(c, Some((4005, "moved".to_string())), "the API's code and reason, from the other node");
+                break;
+            }
+        }
+    }
+}
+
+/// A redis-server of this test's own (port 6390-6399), stopped when dropped.
+struct OwnRedis {
+    child: Child,
+    port: u16,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> OwnRedis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server on {port} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        OwnRedis { child, port }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the redis-server this test started.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The error code of an API reply (0: none).
+fn api_error_code(r: &Value) -> u64 {
+    r["error"]["code"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_times_out_redis_restarted_resubscribes_and_tells_clients_2500() {
+    let mut redis = OwnRedis::start(6391);
+    let node = Node::start_on(&format!("rc-fault-{}", std::process::id()), 0, redis.port, "300ms");
+    let port = node.port;
+    let mut ws = client(port, "watcher").await;
+    let (r, _) = call(&mut ws, json!({"id":2,"subscribe":{"channel":"f","recoverable":true}})).await;
+    assert!(r.get("error").is_none(), "{r}");
+    let ok = api(port, "publish", &json!({"channel":"f","data":{"n":1}}));
+    assert_eq!(ok["result"]["offset"], 1, "{ok}");
+    assert_eq!(read_publications(&mut ws, "f", 1, Vec::new()).await, [1]);
+    // A paused Redis: the publish answers error 100 (the timeout), not a hang and not a success.
+    redis.signal(libc::SIGSTOP);
+    let r = api(port, "publish", &json!({"channel":"f","data":{"n":2}}));
+    assert_eq!(api_error_code(&r), 100, "{r}");
+    let (r, _) = call(&mut ws, json!({"id":3,"publish":{"channel":"f","data":{"n":2}}})).await;
+    assert_eq!(r["error"]["code"], 100, "a client publish too: {r}");
+    redis.signal(libc::SIGCONT);
+    // Redis killed: publishes fail with 100 while it is away.
+    redis.signal(libc::SIGKILL);
+    let _ = redis.child.wait();
+    let r = api(port, "publish", &json!({"channel":"f","data":{"n":3}}));
+    assert_eq!(api_error_code(&r), 100, "{r}");
+    // Back (empty: a new epoch). The node reconnects and resubscribes; its subscriber may have missed
+    // publications, so it is unsubscribed with 2500 (insufficient state) and resubscribes.
+    redis = OwnRedis::start(6391);
+    let push = unsubscribe_push(&mut ws).await;
+    assert_eq!(push["unsubscribe"]["code"], 2500, "{push}");
+    // As an SDK does: error 100 is temporary, retried (the command connection may still be reconnecting).
+    let mut r = Value::Null;
+    for id in 4..54 {
+        r = call(&mut ws, json!({"id":id,"subscribe":{"channel":"f","recoverable":true}})).await.0;
+        if r.get("error").is_none() {
+            break;
+        }
+        assert_eq!(r["error"]["code"], 100, "{r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(r.get("error").is_none(), "{r}");
+    // Publishing works again (the command connection reconnects on its own, with backoff).
+    let mut published = Value::Null;
+    for _ in 0..50 {
+        published = api(port, "publish", &json!({"channel":"f","data":{"n":4}}));
+        if api_error_code(&published) == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let offset = published["result"]["offset"].as_u64().unwrap_or_else(|| panic!("{published}"));
+    assert_eq!(read_publications(&mut ws, "f", 1, Vec::new()).await, [offset]);
+    drop(node);
+    drop(redis);
+}

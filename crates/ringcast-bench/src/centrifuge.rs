@@ -68,12 +68,12 @@ pub fn parse_line(line: &[u8]) -> Line {
 }
 
 /// Index just past the first occurrence of `needle`.
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle).map(|i| i + needle.len())
 }
 
 /// The unsigned integer after the first `key` (e.g. `"t":`).
-fn field_u64(hay: &[u8], key: &[u8]) -> Option<u64> {
+pub(crate) fn field_u64(hay: &[u8], key: &[u8]) -> Option<u64> {
     let at = find(hay, key)?;
     let digits = hay[at..].iter().skip_while(|b| b.is_ascii_whitespace());
     let mut v: u64 = 0;
@@ -182,23 +182,50 @@ pub async fn setup(conn: &mut Conn, subscribe: bool, timeout: Duration) -> Resul
 /// Writes what is queued and waits for the reply to command `id` (a line with that id that `is_reply`
 /// accepts: an error, or the shape of the expected result).
 async fn command(conn: &mut Conn, id: u64, is_reply: impl Fn(&[u8]) -> bool) -> Result<(), Failure> {
+    command_with(conn, id, |seen| match seen {
+        Seen::Reply(line) => is_reply(line).then_some(()),
+        Seen::Push(_) => None,
+    })
+    .await
+}
+
+/// A line [`command_with`] hands to its caller.
+pub(crate) enum Seen<'a> {
+    /// A successful reply to the command.
+    Reply(&'a [u8]),
+    /// A push that arrived before it.
+    Push(&'a [u8]),
+}
+
+/// [`command`] for callers that need more: `seen` reads the result out of the reply line (`None`: not the
+/// reply, keep waiting) and sees every push that arrives before it. Pings are answered.
+pub(crate) async fn command_with<T>(
+    conn: &mut Conn,
+    id: u64,
+    mut seen: impl FnMut(Seen<'_>) -> Option<T>,
+) -> Result<T, Failure> {
     conn.tx.flush(&conn.stream)?;
     while conn.tx.pending() > 0 {
         conn.stream.writable().await?;
         conn.tx.flush(&conn.stream)?;
     }
     loop {
-        let mut outcome: Option<Result<(), Failure>> = None;
+        let mut outcome: Option<Result<T, Failure>> = None;
         let ended = conn.receive(&mut |_: OpCode, bytes: &[u8], tx: &mut crate::client::Tx| {
             for line in lines(bytes) {
                 match parse_line(line) {
                     Line::Ping => tx.frame(OpCode::Text, b"{}"),
-                    Line::Reply { id: got, error } if got == id && (error || is_reply(line)) => {
-                        outcome = Some(if error {
-                            Err(Failure::Protocol(format!("centrifuge: {}", String::from_utf8_lossy(line))))
-                        } else {
-                            Ok(())
-                        });
+                    Line::Push(_) => {
+                        seen(Seen::Push(line));
+                    }
+                    Line::Reply { id: got, error: true } if got == id => {
+                        outcome =
+                            Some(Err(Failure::Protocol(format!("centrifuge: {}", String::from_utf8_lossy(line)))));
+                    }
+                    Line::Reply { id: got, error: false } if got == id => {
+                        if let Some(v) = seen(Seen::Reply(line)) {
+                            outcome = Some(Ok(v));
+                        }
                     }
                     _ => {}
                 }

@@ -13,13 +13,14 @@ use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
 use crate::error::BenchError;
 use crate::params::{parse_duration, parse_source_ips, Params, PayloadKind, Protocol, Scenario};
 use crate::proc::raise_nofile_limit;
+use crate::reconnect::ReconnectParams;
 
 const DEFAULT_URL: &str = "ws://127.0.0.1:8000/echo";
 
 /// The `bench` subcommand and its scenarios.
 pub fn command() -> Command {
     Command::new("bench")
-        .about("Generate load against any WebSocket server: echo, fanout, connect, idle")
+        .about("Generate load against any WebSocket server: echo, fanout, connect, idle; reconnect (Centrifugo clients across a restart)")
         .subcommand_required(true)
         .arg_required_else_help(true)
         .subcommand(scenario(
@@ -35,6 +36,7 @@ pub fn command() -> Command {
             Scenario::Idle,
             "Hold N idle connections; with --server-pid, the server's memory per connection",
         ))
+        .subcommand(reconnect_command())
         .subcommand(Command::new("worker").hide(true).about("Internal: one worker process of --processes"))
 }
 
@@ -307,6 +309,9 @@ pub fn main(m: &ArgMatches) -> ExitCode {
             }
         };
     }
+    if name == "reconnect" {
+        return reconnect_main(&runtime, sub);
+    }
     let Some(scenario) = Scenario::parse(name) else { return ExitCode::from(2) };
     let params = match params_from(scenario, sub) {
         Ok(p) => p,
@@ -394,6 +399,125 @@ fn compare_main(
     }
     if !cmp.measured() {
         eprintln!("ringcast bench: a round measured nothing (see the table)");
+        return ExitCode::FAILURE;
+    }
+    status
+}
+
+/// `reconnect`: clients that come back whenever the server lets them go (see [`crate::reconnect`]).
+fn reconnect_command() -> Command {
+    let d = ReconnectParams::new("");
+    let secs = |v: std::time::Duration| format!("{}s", v.as_secs_f64());
+    let dur = |name: &'static str, help: String| Arg::new(name).long(name).value_name("DURATION").help(help);
+    Command::new("reconnect")
+        .about("Hold N Centrifugo clients that reconnect and recover; handshakes per second over time (for upgrades and restarts)")
+        .arg(
+            Arg::new("url")
+                .long("url")
+                .value_name("ws://HOST:PORT/connection/websocket")
+                .default_value("ws://127.0.0.1:8000/connection/websocket")
+                .help("Centrifugo client endpoint (the channel \"bench\" needs history and allow_recovery for recovery)"),
+        )
+        .arg(
+            Arg::new("clients")
+                .long("clients")
+                .value_name("N")
+                .value_parser(value_parser!(u64))
+                .help(format!("Clients [default: {}]", d.clients)),
+        )
+        .arg(
+            Arg::new("window")
+                .long("window")
+                .value_name("N")
+                .value_parser(value_parser!(u64))
+                .help(format!("Handshakes in flight while the clients connect the first time [default: {}]", d.window)),
+        )
+        .arg(dur("duration", format!("Run time from the start, the first connections included; the publisher stops then [default: {}]", secs(d.duration))))
+        .arg(dur("settle", format!("After --duration: time for clients to receive the last publication [default: {}]", secs(d.settle))))
+        .arg(dur("bucket", format!("Width of one timeline bucket [default: {}]", secs(d.bucket))))
+        .arg(dur("backoff-min", format!("Reconnect backoff: the first retry waits up to this (full jitter), doubling per failure [default: {}]", secs(d.backoff_min))))
+        .arg(dur("backoff-max", format!("Reconnect backoff cap [default: {}]", secs(d.backoff_max))))
+        .arg(dur("connect-timeout", format!("Bound on connect + upgrade + connect/subscribe replies [default: {}]", secs(d.connect_timeout))))
+        .arg(Arg::new("api-key").long("api-key").value_name("KEY").help("Run a publisher over the HTTP API (POST /api/publish) with this key; without it, no publisher"))
+        .arg(
+            Arg::new("rate")
+                .long("rate")
+                .value_name("PER_SEC")
+                .value_parser(value_parser!(f64))
+                .help(format!("Publications per second [default: {}]", d.rate)),
+        )
+        .arg(
+            Arg::new("size")
+                .long("size")
+                .value_name("BYTES")
+                .value_parser(value_parser!(usize))
+                .help(format!("Publication size [default: {}]", d.size)),
+        )
+        .arg(Arg::new("json").long("json").value_name("FILE").value_parser(value_parser!(PathBuf)).help("Write the report (timeline included) as JSON"))
+        .arg(Arg::new("plot").long("plot").value_name("FILE.svg").value_parser(value_parser!(PathBuf)).help("Draw handshakes and disconnects per second as SVG"))
+        .arg(Arg::new("title").long("title").value_name("TEXT").help("The plot's title [default: the URL]"))
+        .arg(Arg::new("quiet").long("quiet").short('q').action(ArgAction::SetTrue).help("No progress lines"))
+}
+
+fn reconnect_params(m: &ArgMatches) -> Result<ReconnectParams, BenchError> {
+    let url = m.get_one::<String>("url").cloned().unwrap_or_default();
+    let mut p = ReconnectParams::new(url);
+    if let Some(v) = m.get_one::<u64>("clients") {
+        p.clients = *v;
+    }
+    if let Some(v) = m.get_one::<u64>("window") {
+        p.window = *v;
+    }
+    for (id, slot) in [
+        ("duration", &mut p.duration),
+        ("settle", &mut p.settle),
+        ("bucket", &mut p.bucket),
+        ("backoff-min", &mut p.backoff_min),
+        ("backoff-max", &mut p.backoff_max),
+        ("connect-timeout", &mut p.connect_timeout),
+    ] {
+        if let Some(s) = m.get_one::<String>(id) {
+            *slot = parse_duration(id, s)?;
+        }
+    }
+    p.api_key = m.get_one::<String>("api-key").cloned();
+    if let Some(v) = m.get_one::<f64>("rate") {
+        p.rate = *v;
+    }
+    if let Some(v) = m.get_one::<usize>("size") {
+        p.size = *v;
+    }
+    p.progress = !m.get_flag("quiet");
+    Ok(p)
+}
+
+fn reconnect_main(runtime: &tokio::runtime::Runtime, m: &ArgMatches) -> ExitCode {
+    let report = match reconnect_params(m).and_then(|p| runtime.block_on(crate::reconnect::run(&p))) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ringcast bench: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    print!("{}", report.table());
+    let mut status = ExitCode::SUCCESS;
+    if let Some(path) = m.get_one::<PathBuf>("json") {
+        if let Err(e) = std::fs::write(path, report.to_json()) {
+            eprintln!("ringcast bench: writing {}: {e}", path.display());
+            status = ExitCode::FAILURE;
+        }
+    }
+    if let Some(path) = m.get_one::<PathBuf>("plot") {
+        let title = m.get_one::<String>("title").cloned().unwrap_or_else(|| {
+            report.params.as_ref().map(|p| format!("ringcast bench reconnect — {}", p.url)).unwrap_or_default()
+        });
+        if let Err(e) = crate::reconnect::write_svg(&report, &title, path) {
+            eprintln!("ringcast bench: {e}");
+            status = ExitCode::FAILURE;
+        }
+    }
+    if report.initial == 0 {
+        eprintln!("ringcast bench: no client could subscribe — failures: {:?}", report.failure_reasons);
         return ExitCode::FAILURE;
     }
     status

@@ -14,6 +14,8 @@
 //! Modules, by what they hold:
 //! * [`params`]: what a run is asked to do; [`report`]: what it found (table, JSON); [`plot`]: SVG.
 //! * [`scenario`]: echo, fanout, connect, idle, and the phases and splitting they share.
+//! * [`reconnect`]: clients that come back (and recover) whenever the server lets them go, recorded as a
+//!   timeline of handshakes per second: the curve of an upgrade or a restart.
 //! * [`client`]: one client connection over tokio; [`centrifuge`]: Centrifugo protocol v2 client bits;
 //!   [`payload`]: what a message carries; [`tcp`]: a client of ringcast's TCP binary protocol.
 //! * [`meter`], [`histogram`]: recording; [`proc`]: CPU and memory from /proc and getrusage;
@@ -46,6 +48,7 @@ pub mod payload;
 pub mod plot;
 pub mod proc;
 mod progress;
+pub mod reconnect;
 pub mod report;
 pub mod scenario;
 pub mod stream;

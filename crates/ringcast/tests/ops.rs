@@ -25,14 +25,20 @@ struct Proc {
 
 impl Proc {
     fn start(name: &str, config: &str) -> (Proc, u16) {
+        Proc::start_as(name, config, free_port(), |config| {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_ringcast"));
+            c.args(["serve", "--config"]).arg(config);
+            c
+        })
+    }
+
+    /// Starts the command `command(config file)` makes, with `listen` on `port` in the config.
+    fn start_as(name: &str, config: &str, port: u16, command: impl FnOnce(&Path) -> Command) -> (Proc, u16) {
         let dir = std::env::temp_dir().join(format!("ringcast-ops-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let port = free_port();
         let header = format!("listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\n");
         std::fs::write(dir.join("c.toml"), format!("{header}{config}")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringcast"))
-            .args(["serve", "--config"])
-            .arg(dir.join("c.toml"))
+        let mut child = command(&dir.join("c.toml"))
             .env("NO_COLOR", "1")
             .env_remove("RUST_LOG")
             // The log goes to standard output.
@@ -471,12 +477,7 @@ async fn sigusr2_upgrade_under_load_refuses_no_handshake_and_loses_no_publicatio
     }
     p.signal(libc::SIGUSR2);
     // The new process rewrites the pid file; the old one exits after its drain window.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while read_pid(&pid_file) == old_pid {
-        assert!(Instant::now() < deadline, "the pid file was not rewritten:\n{}", p.log());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let new_pid = read_pid(&pid_file);
+    let new_pid = successor(&p, &pid_file, old_pid).await;
     assert!(tokio::task::block_in_place(|| p.wait_exit()), "the old process failed:\n{}", p.log());
     assert!(alive(new_pid), "the new process is running");
     let retries = publisher.await.unwrap();
@@ -506,12 +507,7 @@ async fn sigusr2_upgrade_under_load_refuses_no_handshake_and_loses_no_publicatio
         load.handshakes.load(Ordering::SeqCst),
         all.iter().map(|g| g.reconnects).sum::<usize>()
     );
-    signal(new_pid, libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while alive(new_pid) {
-        assert!(Instant::now() < deadline, "the new process did not exit on SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    terminate(new_pid).await;
     std::fs::remove_dir_all(&pid_dir).ok();
 }
 
@@ -523,5 +519,255 @@ fn read_pid(path: &Path) -> u32 {
         }
         assert!(Instant::now() < deadline, "no pid file at {}", path.display());
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `ringcast bench reconnect` (the load generator's reconnect mode, as the CLI runs it) across a SIGUSR2
+/// upgrade: every client is let go by the old process with 3001, comes back to the new one, and recovers
+/// exactly — the figures BENCHMARKS.md's upgrade curve is made of, checked here at a small scale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reconnect_follows_an_upgrade_and_every_client_recovers() {
+    const CLIENTS: u64 = 40;
+    let pid_dir = std::env::temp_dir().join(format!("ringcast-ops-bench-pid-{}", std::process::id()));
+    std::fs::create_dir_all(&pid_dir).unwrap();
+    let pid_file = pid_dir.join("ringcast.pid");
+    let config = format!(
+        "allow_anonymous = true\ndrain_window = \"1s\"\npid_file = \"{}\"\n[channels]\nallow_subscribe_for_client = true\nallow_subscribe_for_anonymous = true\nallow_recovery = true\nhistory_size = 1000\nhistory_ttl = \"600s\"\n",
+        pid_file.display()
+    );
+    let (mut p, port) = Proc::start("bench-reconnect", &config);
+    let old_pid = read_pid(&pid_file);
+    let mut params =
+        ringcast_bench::reconnect::ReconnectParams::new(format!("ws://127.0.0.1:{port}/connection/websocket"));
+    params.clients = CLIENTS;
+    params.duration = Duration::from_secs(8);
+    params.settle = Duration::from_secs(10);
+    params.bucket = Duration::from_millis(250);
+    params.backoff_min = Duration::from_millis(100);
+    params.api_key = Some(KEY.to_string());
+    params.rate = 20.0;
+    let run = tokio::spawn(async move { ringcast_bench::reconnect::run(&params).await });
+    // Every client subscribed (the server says so) before the upgrade.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let subscribed = tokio::task::block_in_place(|| api(port, "channels", &json!({})))
+            .and_then(|r| r["result"]["channels"]["bench"]["num_clients"].as_u64());
+        if subscribed == Some(CLIENTS) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "clients did not subscribe ({subscribed:?}):\n{}", p.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.signal(libc::SIGUSR2);
+    let new_pid = successor(&p, &pid_file, old_pid).await;
+    assert!(tokio::task::block_in_place(|| p.wait_exit()), "the old process failed:\n{}", p.log());
+    let report = run.await.unwrap().expect("the run takes place");
+    eprintln!("{}", report.table());
+    let log = p.log();
+    assert_eq!(report.initial, CLIENTS, "{log}");
+    assert_eq!(report.disconnect_reasons.get("close 3001"), Some(&CLIENTS), "one drain close each: {report:?}");
+    assert_eq!(report.disconnect_reasons.len(), 1, "{report:?}");
+    assert_eq!(report.reconnected, CLIENTS, "{report:?}");
+    assert_eq!(report.recovered, CLIENTS, "recovery across the upgrade is exact: {report:?}");
+    assert_eq!(report.not_connected_at_end, 0, "{report:?}");
+    assert!(report.failure_reasons.is_empty(), "no attempt failed: {report:?}");
+    assert!(report.published > 0);
+    assert_eq!(report.lost, 0, "{report:?}");
+    assert_eq!(report.duplicated, 0, "{report:?}");
+    assert_eq!(report.received, report.published * CLIENTS, "{report:?}");
+    let handshakes: u64 = report.timeline.iter().map(|b| b.handshakes).sum();
+    let resubscribes: u64 = report.timeline.iter().map(|b| b.resubscribes).sum();
+    assert_eq!((handshakes, resubscribes), (2 * CLIENTS, CLIENTS), "the timeline counts every handshake");
+    terminate(new_pid).await;
+    std::fs::remove_dir_all(&pid_dir).ok();
+}
+
+/// One client of the presence test: subscribes to "p", and whenever the server lets it go, connects and
+/// subscribes again, publishing its current client id in `ids[i]`.
+async fn present(port: u16, i: usize, ids: Arc<Mutex<Vec<String>>>, stop: Arc<AtomicBool>) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        let Ok(mut c) = ws(port).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let Ok((reply, _)) = call(&mut c, json!({"id":1,"connect":{}})).await else { continue };
+        let id = reply["connect"]["client"].as_str().unwrap_or_default().to_string();
+        if call(&mut c, json!({"id":2,"subscribe":{"channel":"p"}})).await.is_err() {
+            continue;
+        }
+        ids.lock().unwrap()[i] = id;
+        while !stop.load(Ordering::SeqCst) {
+            match tokio::time::timeout(Duration::from_millis(100), next(&mut c)).await {
+                Ok(Got::Closed(_)) => break,
+                Ok(Got::Json(msgs)) => {
+                    if msgs.iter().any(|m| m == &json!({})) {
+                        let _ = c.send(Message::Text("{}".into())).await;
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Presence across an upgrade, with the memory broker: presence is not handed over (README, "Presence
+/// across an upgrade"). Each process holds the entries of its own clients; a handed-over entry would be a
+/// ghost, since the client it names leaves the old process and comes back under a new client id. So the
+/// new process never counts a client twice while the old one drains, and once the old one is gone its
+/// presence is exact: every client, under its new id, and none of the old ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_after_an_upgrade_is_exact_and_never_counts_a_client_twice() {
+    const CLIENTS: usize = 8;
+    let pid_dir = std::env::temp_dir().join(format!("ringcast-ops-presence-pid-{}", std::process::id()));
+    std::fs::create_dir_all(&pid_dir).unwrap();
+    let pid_file = pid_dir.join("ringcast.pid");
+    let config = format!(
+        "allow_anonymous = true\ndrain_window = \"2s\"\npid_file = \"{}\"\n[channels]\nallow_subscribe_for_client = true\nallow_subscribe_for_anonymous = true\npresence = true\n",
+        pid_file.display()
+    );
+    let (mut p, port) = Proc::start("presence", &config);
+    let old_pid = read_pid(&pid_file);
+    let ids = Arc::new(Mutex::new(vec![String::new(); CLIENTS]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS).map(|i| tokio::spawn(present(port, i, ids.clone(), stop.clone()))).collect();
+    let stats = || {
+        tokio::task::block_in_place(|| api(port, "presence_stats", &json!({"channel":"p"})))
+            .and_then(|r| r["result"]["num_clients"].as_u64())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats() != Some(CLIENTS as u64) {
+        assert!(Instant::now() < deadline, "clients did not subscribe:\n{}", p.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before: Vec<String> = ids.lock().unwrap().clone();
+    p.signal(libc::SIGUSR2);
+    // While the old process drains, the process answering the API (the new one, once it accepts) counts
+    // the clients that moved: never more than there are.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while p.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the old process did not exit:\n{}", p.log());
+        if let Some(n) = stats() {
+            seen.push(n);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen.iter().all(|&n| n <= CLIENTS as u64), "a client counted twice: {seen:?}");
+    let new_pid = read_pid(&pid_file);
+    assert_ne!(new_pid, old_pid);
+    // After the drain: exactly the clients, under their new ids.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let present = loop {
+        let r = tokio::task::block_in_place(|| api(port, "presence", &json!({"channel":"p"})));
+        let now: Vec<String> = ids.lock().unwrap().clone();
+        if let Some(map) = r.as_ref().and_then(|r| r["result"]["presence"].as_object()) {
+            let mut got: Vec<String> = map.keys().cloned().collect();
+            got.sort();
+            let mut want = now.clone();
+            want.sort();
+            if got == want {
+                break got;
+            }
+        }
+        assert!(Instant::now() < deadline, "presence never matched the clients: {r:?} vs {now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(before.iter().all(|id| !present.contains(id)), "an old client id survived the upgrade: {present:?}");
+    eprintln!("presence during the drain (API, every 50 ms): {seen:?}");
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    terminate(new_pid).await;
+    std::fs::remove_dir_all(&pid_dir).ok();
+}
+
+/// Socket activation as systemd does it: the test holds the listening socket (as `ringcast.socket`
+/// would) and starts `ringcast serve` with it as fd 3, `LISTEN_FDS=1` and `LISTEN_PID` its own pid. A
+/// client that connected before the server ran waits in the backlog and is served; the server binds
+/// nothing itself (the port is taken by the test's socket, so a bind would fail); and a SIGUSR2 upgrade
+/// from a socket-activated process hands the same socket on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_serves_the_backlog_and_upgrades() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Before the server exists: the TCP handshake completes in the kernel, the upgrade waits.
+    let early = tokio::spawn(async move {
+        let mut c = ws(port).await?;
+        call(&mut c, json!({"id":1,"connect":{}})).await.map_err(|e| format!("{e:?}"))?;
+        Ok::<_, String>(c)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!early.is_finished(), "nobody accepts yet");
+    let pid_dir = std::env::temp_dir().join(format!("ringcast-ops-activation-pid-{}", std::process::id()));
+    std::fs::create_dir_all(&pid_dir).unwrap();
+    let pid_file = pid_dir.join("ringcast.pid");
+    let config = format!("allow_anonymous = true\ndrain_window = \"1s\"\npid_file = \"{}\"\n", pid_file.display());
+    let fd = listener.as_raw_fd();
+    let (mut p, _) = Proc::start_as("activation", &config, port, |config| {
+        // `sh` sets LISTEN_PID to its own pid, which `exec` keeps: what systemd sets.
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg("LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=listen exec \"$0\" serve --config \"$1\"")
+            .arg(env!("CARGO_BIN_EXE_ringcast"))
+            .arg(config);
+        // SAFETY: only dup2/fcntl (async-signal-safe) between fork and exec; `fd` stays open in the parent.
+        unsafe {
+            c.pre_exec(move || {
+                if fd == 3 {
+                    let flags = libc::fcntl(3, libc::F_GETFD);
+                    libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                } else if libc::dup2(fd, 3) != 3 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        c
+    });
+    let early = tokio::time::timeout(Duration::from_secs(30), early).await;
+    let mut early = early.expect("the backlog was served").unwrap().expect("upgraded and connected");
+    assert_eq!(read_pid(&pid_file), p.child.id(), "socket-activated, same pid as started");
+    // The upgrade hands the inherited socket on.
+    let old_pid = p.child.id();
+    p.signal(libc::SIGUSR2);
+    let new_pid = successor(&p, &pid_file, old_pid).await;
+    // The early client is drained by the old process (3001) and the new one accepts on the same socket.
+    let closed = loop {
+        match next(&mut early).await {
+            Got::Closed(c) => break c,
+            Got::Json(_) => continue,
+        }
+    };
+    assert_eq!(closed.map(|c| c.0), Some(3001), "{}", p.log());
+    assert!(tokio::task::block_in_place(|| p.wait_exit()), "the old process failed:\n{}", p.log());
+    let mut late = ws(port).await.expect("the new process accepts");
+    call(&mut late, json!({"id":1,"connect":{}})).await.expect("and serves");
+    drop(listener);
+    terminate(new_pid).await;
+    std::fs::remove_dir_all(&pid_dir).ok();
+}
+
+/// Waits (bounded) until the pid file names a process other than `old_pid`, and returns it.
+async fn successor(p: &Proc, pid_file: &Path, old_pid: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read_pid(pid_file) == old_pid {
+        assert!(Instant::now() < deadline, "the pid file was not rewritten:\n{}", p.log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    read_pid(pid_file)
+}
+
+/// SIGTERM to a process this test did not spawn itself (an upgrade's successor), and waits (bounded)
+/// for it to exit.
+async fn terminate(pid: u32) {
+    signal(pid, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "process {pid} did not exit on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

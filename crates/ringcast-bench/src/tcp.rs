@@ -54,9 +54,14 @@ pub enum TcpClientError {
     Unexpected(String),
 }
 
-/// One frame received by [`TcpClient::receive_now`], borrowed from the read buffer.
+/// One frame received by [`TcpClient::receive_now`], borrowed from the read buffer (or the mark of a
+/// read).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
+    /// Bytes were just read from the socket; the frames that follow come (at least partly) from them.
+    /// A caller that stamps frames with a receive time takes a new one here: one `receive_now` may read
+    /// several times, and a frame of a later read can have been sent after an earlier read.
+    Read,
     /// A publication pushed to this client.
     Message { channel: &'a str, offset: u64, data: &'a [u8] },
     /// The reply to a PUBLISH sent without waiting.
@@ -256,7 +261,8 @@ impl TcpClient {
                 Ok(0) => open = false,
                 Ok(n) => {
                     self.received += n as u64;
-                    self.buf.commit(n)
+                    self.buf.commit(n);
+                    on(Event::Read);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

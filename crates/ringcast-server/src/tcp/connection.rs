@@ -168,6 +168,9 @@ impl Connection {
 
     async fn serve(&mut self) -> io::Result<()> {
         loop {
+            // One unit of tokio's cooperative budget a turn: a connection whose wake-ups keep coming
+            // (a flood of pushes, say) yields its worker now and then instead of holding it.
+            tokio::task::coop::consume_budget().await;
             if self.phase == Phase::Open && self.ctx.deadlines.is_shutdown() {
                 tracing::debug!("tcp: closing for shutdown");
                 self.close(None);
@@ -184,14 +187,18 @@ impl Connection {
             if self.out.is_empty() {
                 match self.phase {
                     Phase::Done => return Ok(()),
-                    Phase::Draining(_) if !self.fin_sent => {
-                        self.fin_sent = true;
-                        let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write);
+                    Phase::Draining(_) => {
+                        if !self.fin_sent {
+                            self.fin_sent = true;
+                            let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write);
+                        }
+                        // Our FIN is out and the peer's has come: nothing is left to wait for (not
+                        // even `close_timeout`).
                         if self.read_closed {
                             return Ok(());
                         }
                     }
-                    _ => {}
+                    Phase::Open => {}
                 }
             }
             let deadline = self.next_deadline(now);
@@ -218,7 +225,7 @@ impl Connection {
                         return Poll::Ready(Wake::Queue(request));
                     }
                 }
-                match poll_timer(ctx, *key, armed, deadline, cx) {
+                match poll_timer(ctx, *key, armed, deadline, open, cx) {
                     Poll::Ready(()) => Poll::Ready(Wake::Timer),
                     Poll::Pending => Poll::Pending,
                 }
@@ -469,7 +476,9 @@ impl Connection {
     fn next_deadline(&self, now: u32) -> u32 {
         let cfg = &self.ctx.config;
         let mut d = now.wrapping_add(ms(Duration::from_secs(86_400)));
-        if let Some(t) = self.write_stalled_since {
+        // Only a stall with bytes waiting is a deadline (`on_timer` acts on nothing else): a stale
+        // one would be a deadline forever passed, a timer always ready.
+        if let Some(t) = self.write_stalled_since.filter(|_| !self.out.is_empty()) {
             d = earlier(d, t.wrapping_add(ms(cfg.write_timeout)));
         }
         match self.phase {
@@ -568,17 +577,23 @@ fn poll_queue(
     }
 }
 
-/// Ready when `deadline` passes or shutdown begins. The table entry is armed lazily, as the WebSocket
-/// connection does: only when the new deadline is earlier than the armed one, or that one fired.
+/// Ready when `deadline` passes or, for an `open` connection, shutdown begins. The table entry is armed
+/// lazily, as the WebSocket connection does: only when the new deadline is earlier than the armed one,
+/// or that one fired.
+///
+/// Shutdown wakes only an open connection: one that is already closing has acted on it, and a timer
+/// that stayed ready would turn its wait into a busy loop inside one poll (it held a worker thread
+/// until `close_timeout`, starving every task queued behind it).
 fn poll_timer(
     ctx: &Context,
     key: Key,
     armed: &mut Option<u32>,
     deadline: u32,
+    open: bool,
     cx: &mut std::task::Context<'_>,
 ) -> Poll<()> {
     let now = ctx.deadlines.now_ms();
-    if ctx.deadlines.is_shutdown() || reached(now, deadline) {
+    if (open && ctx.deadlines.is_shutdown()) || reached(now, deadline) {
         return Poll::Ready(());
     }
     let arm = match *armed {

@@ -195,14 +195,21 @@ pub(super) async fn subscriber(
                         failure = Some(classify(&e));
                         break;
                     }
+                    // Each read is its own batch with its own receive time, as for WebSocket subscribers
+                    // (`Handler::begin`). One clock read per `service` call used to stamp later reads'
+                    // frames too: a publication sent after that stamp looked like it came from the
+                    // future, was counted "not ours" and so as lost (2–7 per million in bench-tcp.sh).
                     d.begin();
-                    let r = service(&mut c, |ev| {
-                        if let Event::Message { data, .. } = *ev {
-                            match fanout_header(data) {
-                                Some((ts, p, s)) if data.len() >= FANOUT_HEADER => d.deliver(ts, p, s, data.len()),
-                                _ => d.foreign += 1,
-                            }
+                    let r = service(&mut c, |ev| match *ev {
+                        Event::Read => {
+                            d.end();
+                            d.begin();
                         }
+                        Event::Message { data, .. } => match fanout_header(data) {
+                            Some((ts, p, s)) if data.len() >= FANOUT_HEADER => d.deliver(ts, p, s, data.len()),
+                            _ => d.foreign += 1,
+                        },
+                        _ => {}
                     });
                     d.end();
                     if let Err(f) = r {

@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 const KEY: &str = "cluster-key";
 const SECRET: &str = "cluster-secret";
+const ADMIN_PASSWORD: &str = "cluster-admin";
 
 /// The channel options every node of a test shares.
 const CHANNELS: &str = r#"
@@ -49,7 +50,7 @@ impl Node {
         let dir = std::env::temp_dir().join(format!("ringcast-cluster-{prefix}-{n}"));
         std::fs::create_dir_all(&dir).unwrap();
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\nbroker = \"redis\"\nredis_url = [\"redis://127.0.0.1:{redis_port}\"]\nredis_prefix = \"{prefix}\"\nredis_timeout = \"{timeout}\"\n{CHANNELS}"
+            "listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\nadmin = true\nadmin_password = \"{ADMIN_PASSWORD}\"\nbroker = \"redis\"\nredis_url = [\"redis://127.0.0.1:{redis_port}\"]\nredis_prefix = \"{prefix}\"\nredis_timeout = \"{timeout}\"\n{CHANNELS}"
         );
         std::fs::write(dir.join("c.toml"), config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringcast"))
@@ -126,20 +127,50 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// One HTTP API call: the JSON reply.
-fn api(port: u16, method: &str, body: &Value) -> Value {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("api connect");
+/// One HTTP/1.1 request (`Connection: close`); the whole response, head and body.
+fn http(port: u16, method: &str, path: &str, headers: &str, body: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("http connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let body = body.to_string();
     let req = format!(
-        "POST /api/{method} HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// One HTTP API call: the JSON reply.
+fn api(port: u16, method: &str, body: &Value) -> Value {
+    let headers = format!("X-API-Key: {KEY}\r\nContent-Type: application/json\r\n");
+    let out = http(port, "POST", &format!("/api/{method}"), &headers, &body.to_string());
     let (_, body) = out.split_once("\r\n\r\n").expect("http reply");
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// The `/admin` dashboard's engine panel of the node on `port` (`kind`, `state`, `detail`), polled until
+/// its state is `want` (the sampler makes a snapshot once a second while someone polls), bounded.
+fn engine_panel(port: u16, want: &str) -> Value {
+    let form = "Content-Type: application/x-www-form-urlencoded\r\n";
+    let login = http(port, "POST", "/admin/login", form, &format!("password={ADMIN_PASSWORD}"));
+    let cookie = login
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie")))
+        .and_then(|(_, v)| v.trim().split(';').next())
+        .unwrap_or_else(|| panic!("no session: {login}"))
+        .to_string();
+    let mut engine = Value::Null;
+    for _ in 0..100 {
+        let out = http(port, "GET", "/admin/snapshot", &format!("Cookie: {cookie}\r\n"), "");
+        let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        engine = serde_json::from_str::<Value>(body).map_or(Value::Null, |s| s["engine"].clone());
+        if engine["state"] == want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    engine
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -415,18 +446,24 @@ async fn redis_paused_times_out_redis_restarted_resubscribes_and_tells_clients_2
     let ok = api(port, "publish", &json!({"channel":"f","data":{"n":1}}));
     assert_eq!(ok["result"]["offset"], 1, "{ok}");
     assert_eq!(read_publications(&mut ws, "f", 1, Vec::new()).await, [1]);
+    let panel = engine_panel(port, "up");
+    assert_eq!((&panel["kind"], &panel["state"]), (&json!("redis"), &json!("up")), "{panel}");
+    assert!(panel["detail"].as_str().is_some_and(|d| d.contains("127.0.0.1:6391")), "{panel}");
     // A paused Redis: the publish answers error 100 (the timeout), not a hang and not a success.
     redis.signal(libc::SIGSTOP);
     let r = api(port, "publish", &json!({"channel":"f","data":{"n":2}}));
     assert_eq!(api_error_code(&r), 100, "{r}");
     let (r, _) = call(&mut ws, json!({"id":3,"publish":{"channel":"f","data":{"n":2}}})).await;
     assert_eq!(r["error"]["code"], 100, "a client publish too: {r}");
+    // Its PUB/SUB connection is still open, but commands fail: the dashboard says degraded.
+    assert_eq!(engine_panel(port, "degraded")["state"], "degraded");
     redis.signal(libc::SIGCONT);
-    // Redis killed: publishes fail with 100 while it is away.
+    // Redis killed: publishes fail with 100 while it is away, and nothing arrives: down.
     redis.signal(libc::SIGKILL);
     let _ = redis.child.wait();
     let r = api(port, "publish", &json!({"channel":"f","data":{"n":3}}));
     assert_eq!(api_error_code(&r), 100, "{r}");
+    assert_eq!(engine_panel(port, "down")["state"], "down");
     // Back (empty: a new epoch). The node reconnects and resubscribes; its subscriber may have missed
     // publications, so it is unsubscribed with 2500 (insufficient state) and resubscribes.
     redis = OwnRedis::start(6391);
@@ -454,6 +491,7 @@ async fn redis_paused_times_out_redis_restarted_resubscribes_and_tells_clients_2
     }
     let offset = published["result"]["offset"].as_u64().unwrap_or_else(|| panic!("{published}"));
     assert_eq!(read_publications(&mut ws, "f", 1, Vec::new()).await, [offset]);
+    assert_eq!(engine_panel(port, "up")["state"], "up", "the dashboard sees the engine back");
     drop(node);
     drop(redis);
 }

@@ -122,9 +122,17 @@ impl Admin {
     }
 
     /// The broker's state for the dashboard. The memory broker is embedded and always up; a networked
-    /// broker (Redis, NATS) reports its connection state and address here.
+    /// engine (Redis) reports whether publications reach this node and whether its last command failed.
     fn engine(&self) -> serde_json::Value {
-        serde_json::json!({ "kind": "memory", "state": "up", "detail": "embedded: positions, history and presence in this process" })
+        match &self.node.remote {
+            None => {
+                serde_json::json!({ "kind": "memory", "state": "up", "detail": "embedded: positions, history and presence in this process" })
+            }
+            Some(remote) => {
+                let status = remote.broker.status();
+                serde_json::json!({ "kind": status.kind, "state": status.state.label(), "detail": status.detail })
+            }
+        }
     }
 
     /// Makes one snapshot and hands it to every viewer.

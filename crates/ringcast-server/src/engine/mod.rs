@@ -103,6 +103,38 @@ pub trait Broker: Send + Sync + 'static {
     fn unsubscribe_node(&self, channel: &str);
     /// Sends a control message to every node (this one included).
     fn control<'a>(&'a self, control: &'a Control) -> EngineFuture<'a, ()>;
+    /// What the dashboard shows of the engine (read by the admin sampler once a second while watched).
+    fn status(&self) -> EngineStatus;
+}
+
+/// An engine's state as an operator sees it (the `/admin` dashboard's engine panel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineStatus {
+    /// "redis", ...
+    pub kind: &'static str,
+    pub state: EngineState,
+    /// Where it is and what this node holds there, in words.
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineState {
+    /// Publications arrive and the last command was answered.
+    Up,
+    /// Publications arrive, but the last command failed (a slow or overloaded engine).
+    Degraded,
+    /// The node is not receiving publications: its subscription connection is down.
+    Down,
+}
+
+impl EngineState {
+    pub fn label(self) -> &'static str {
+        match self {
+            EngineState::Up => "up",
+            EngineState::Degraded => "degraded",
+            EngineState::Down => "down",
+        }
+    }
 }
 
 /// Positions and history of channels.

@@ -24,6 +24,7 @@
 //! to every wanted channel again, and tells the node ([`Inbound::resubscribed`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
@@ -34,7 +35,9 @@ use redis::Script;
 use ringcast_protocol::messages::{ClientInfo, Publication};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Broker, Control, EngineError, EngineFuture, HistoryStore, Inbound, PresenceManager};
+use super::{
+    Broker, Control, EngineError, EngineFuture, EngineState, EngineStatus, HistoryStore, Inbound, PresenceManager,
+};
 use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
 use crate::pubsub::client::ClientId;
 
@@ -115,6 +118,7 @@ struct Scripts {
 
 pub struct RedisEngine {
     conn: ConnectionManager,
+    url: String,
     prefix: String,
     timeout: Duration,
     scripts: Scripts,
@@ -124,6 +128,10 @@ pub struct RedisEngine {
     inbound: OnceLock<Weak<dyn Inbound>>,
     /// This node's presence entries, re-added on a timer: (channel, client) → encoded info.
     present: Mutex<HashMap<(String, ClientId), Vec<u8>>>,
+    /// The PUB/SUB connection is made and subscribed (the dashboard's "up"/"down").
+    receiving: AtomicBool,
+    /// The last command (publish, history, presence, control) failed ("degraded").
+    last_failed: AtomicBool,
 }
 
 impl std::fmt::Debug for RedisEngine {
@@ -167,6 +175,14 @@ fn parse_message(msg: &[u8]) -> Option<(u64, &str, Publication)> {
     Some((offset, epoch, publication))
 }
 
+/// `redis_url` as the dashboard shows it: any user and password left out.
+fn without_password(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://{host}"),
+        _ => url.to_string(),
+    }
+}
+
 fn random_epoch() -> String {
     format!("{:08x}", fastrand::u32(..))
 }
@@ -188,6 +204,7 @@ impl RedisEngine {
         let (tx, rx) = mpsc::unbounded_channel();
         let engine = Arc::new(RedisEngine {
             conn,
+            url: settings.url.clone(),
             prefix: settings.prefix.clone(),
             timeout: settings.timeout,
             scripts: Scripts {
@@ -200,6 +217,8 @@ impl RedisEngine {
             requests: tx,
             inbound: OnceLock::new(),
             present: Mutex::new(HashMap::new()),
+            receiving: AtomicBool::new(false),
+            last_failed: AtomicBool::new(false),
         });
         tokio::spawn(subscriptions(Arc::downgrade(&engine), client, rx));
         tokio::spawn(refresh_presence(Arc::downgrade(&engine)));
@@ -228,10 +247,18 @@ impl RedisEngine {
 
     /// Bounds a call by `redis_timeout`.
     async fn bounded<T>(&self, f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, EngineError> {
-        match tokio::time::timeout(self.timeout, f).await {
+        let r = match tokio::time::timeout(self.timeout, f).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(map_err(&e)),
             Err(_) => Err(EngineError::Timeout),
+        };
+        self.last_failed.store(r.is_err(), Ordering::Relaxed);
+        r
+    }
+
+    fn set_receiving(engine: &Weak<RedisEngine>, up: bool) {
+        if let Some(e) = engine.upgrade() {
+            e.receiving.store(up, Ordering::Relaxed);
         }
     }
 
@@ -266,6 +293,8 @@ async fn subscriptions(engine: Weak<RedisEngine>, client: redis::Client, mut rx:
     let mut backoff = Duration::from_millis(50);
     let mut connected_before = false;
     'connect: loop {
+        // Down from here until this connection is made and subscribed.
+        RedisEngine::set_receiving(&engine, false);
         let Some(prefix_control) = engine.upgrade().map(|e| e.control_channel()) else { return };
         let pubsub = match client.get_async_pubsub().await {
             Ok(p) => p,
@@ -308,6 +337,7 @@ async fn subscriptions(engine: Weak<RedisEngine>, client: redis::Client, mut rx:
             }
         }
         connected_before = true;
+        RedisEngine::set_receiving(&engine, true);
         loop {
             tokio::select! {
                 req = rx.recv() => {
@@ -472,6 +502,26 @@ impl Broker for RedisEngine {
             Ok(())
         })
     }
+
+    fn status(&self) -> EngineStatus {
+        let state = if !self.receiving.load(Ordering::Relaxed) {
+            EngineState::Down
+        } else if self.last_failed.load(Ordering::Relaxed) {
+            EngineState::Degraded
+        } else {
+            EngineState::Up
+        };
+        let channels = self.wanted().len();
+        EngineStatus {
+            kind: "redis",
+            state,
+            detail: format!(
+                "{} (prefix {}): {channels} channels received by this node",
+                without_password(&self.url),
+                self.prefix
+            ),
+        }
+    }
 }
 
 impl HistoryStore for RedisEngine {
@@ -574,5 +624,12 @@ mod tests {
         assert_eq!((got.offset, got.data), (17, p.data));
         assert!(parse_message(b"x:y:z").is_none());
         assert!(parse_message(b"12").is_none());
+    }
+
+    #[test]
+    fn the_dashboard_never_shows_a_redis_password() {
+        assert_eq!(without_password("redis://:s3cret@10.0.0.1:6379/0"), "redis://10.0.0.1:6379/0");
+        assert_eq!(without_password("rediss://user:p@ss@host:6380"), "rediss://host:6380");
+        assert_eq!(without_password("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }

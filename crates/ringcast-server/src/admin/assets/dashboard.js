@@ -100,6 +100,7 @@ function show(s) {
   set("latency", `${fmt(s.latency_ms.p50, 2)} / ${fmt(s.latency_ms.p99, 2)}`);
   set("slow", fmt(s.totals.slow_disconnects));
   set("engine", `${s.engine.kind}: ${s.engine.state}`);
+  document.getElementById("engine").title = s.engine.detail;
   set("rss", bytes(s.process.rss_bytes));
   set("cpu", s.process.cpu_percent == null ? "–" : fmt(s.process.cpu_percent, 1) + "%");
   for (const c of CHARTS) {

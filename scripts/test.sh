@@ -69,8 +69,8 @@ count_cargo "$log_dir/cargo-test.log"
 # merged report is judged here by check.py. 12/13 run on every strategy. Most of a 12/13 run's server
 # time is zlib compressing the echoed messages at the level in force, and that sending code is the same
 # whatever the strategy (they differ in how the server reads), so the pool server runs at the default
-# level and ring and growable at level 1 (AUTOBAHN_COMPRESSION_LEVELS; empty: all at the default),
-# which keeps the whole run inside CI's budget (BENCHMARKS.md, "Autobahn in the test command").
+# level and ring and growable at level 1 (AUTOBAHN_COMPRESSION_LEVELS; empty: all at the default).
+# BENCHMARKS.md, "Autobahn in the test command", has the measured times of this part and of the run.
 step "autobahn|testsuite: groups 1-7, 9, 10 on every read-buffer strategy, and 12, 13 with --compression"
 cargo build --release -p ringcast
 strategies=${AUTOBAHN_STRATEGIES-pool ring growable}

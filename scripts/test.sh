@@ -2,15 +2,17 @@
 # The whole ringcast test suite, runnable on a fresh machine of this project's kind:
 #   1. starts Redis (127.0.0.1:6379) and NATS (127.0.0.1:4222) if they are not running, installing
 #      them with apt-get only when missing;
-#   2. cargo test for every crate (unit, property and real-socket integration tests);
-#   3. the Autobahn|Testsuite server cases against a release build, on every read-buffer strategy:
-#      groups 1-7, 9, 10, and the compression groups 12, 13 with --compression, concurrently
-#      (scripts/autobahn/suite.sh), failing on anything that is not OK;
+#   2. a release build, then the Autobahn|Testsuite compression groups 12, 13 (--compression) on every
+#      read-buffer strategy, started in the background at the lowest CPU priority: they are most of the
+#      run's CPU and have no timing in them, so they use what the steps below leave idle;
+#   3. cargo test for every crate (unit, property and real-socket integration tests);
 #   4. the official Centrifugo JavaScript SDK (npm centrifuge + ws, with and without compression), the
 #      admin dashboard in headless Chromium (Debian's chromium, installed when missing; npm
 #      playwright-core) under a bounded `ringcast bench fanout`, and the Python SDKs (centrifuge-python,
 #      cent) against the release build, also over wss:// and https://;
-#   5. a short libFuzzer smoke run of the frame decoder, the handshake parser and the TCP decoder.
+#   5. a short libFuzzer smoke run of the frame decoder, the handshake parser and the TCP decoder;
+#   6. Autobahn groups 1-7, 9, 10 on every strategy at normal priority (they time the server), then the
+#      wait for 12, 13; every run's report judged by check.py, failing on anything that is not OK.
 # Ends with one line: "total: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,47 +61,37 @@ count_cargo() {
 step "services: redis and nats on loopback"
 ensure_services
 
-step "cargo test --workspace"
-cargo test --workspace 2>&1 | tee "$log_dir/cargo-test.log"
-count_cargo "$log_dir/cargo-test.log"
-
-# The Autobahn part, all at once (scripts/autobahn/suite.sh): for every read-buffer strategy, groups
-# 1-7, 9, 10 against a plain server and the compression groups 12, 13 against one with --compression,
-# the slow compression cases split into chunks that run in concurrent wstest processes. Each run's
-# merged report is judged here by check.py. 12/13 run on every strategy. Most of a 12/13 run's server
-# time is zlib compressing the echoed messages at the level in force, and that sending code is the same
-# whatever the strategy (they differ in how the server reads), so the pool server runs at the default
-# level and ring and growable at level 1 (AUTOBAHN_COMPRESSION_LEVELS; empty: all at the default).
-# BENCHMARKS.md, "Autobahn in the test command", has the measured times of this part and of the run.
-step "autobahn|testsuite: groups 1-7, 9, 10 on every read-buffer strategy, and 12, 13 with --compression"
+# The Autobahn part (scripts/autobahn/suite.sh), in two invocations. The compression groups 12 and 13
+# on every read-buffer strategy are most of this script's CPU (1,000 echoed messages of up to 128 KiB per
+# case, compressed both ways), and have no timing in them (a case may take 480 s), so they start right
+# after the release build, at the lowest CPU priority, and use the CPU the cargo tests, the SDK steps and
+# the fuzz run leave idle. Groups 1-7, 9, 10 hold cases that time the server (a close expected within a
+# second), so they run at normal priority once the other steps are done. Each run's merged report is
+# judged here by check.py. Most of a 12/13 run's server time is zlib compressing the echoed messages at
+# the level in force, and that sending code is the same whatever the strategy (they differ in how the
+# server reads), so the pool server runs at the default level and ring and growable at level 1
+# (AUTOBAHN_COMPRESSION_LEVELS; empty: all at the default). BENCHMARKS.md, "Autobahn in the test command",
+# has the measured times of this part and of the run.
+step "release build; autobahn|testsuite groups 12, 13 with --compression started in the background"
 cargo build --release -p ringcast
 strategies=${AUTOBAHN_STRATEGIES-pool ring growable}
 deflate_strategies=${AUTOBAHN_COMPRESSION_STRATEGIES-pool ring growable}
 deflate_levels=${AUTOBAHN_COMPRESSION_LEVELS-ring=1 growable=1}
-set +e
-AUTOBAHN_STRATEGIES="$strategies" AUTOBAHN_COMPRESSION_STRATEGIES="$deflate_strategies" \
+autobahn_start=$(date +%s)
+AUTOBAHN_STRATEGIES="" AUTOBAHN_COMPRESSION_STRATEGIES="$deflate_strategies" \
     AUTOBAHN_COMPRESSION_LEVELS="$deflate_levels" AUTOBAHN_LOG_DIR="$log_dir" \
-    scripts/autobahn/suite.sh ./target/release/ringcast >"$log_dir/autobahn.log" 2>&1
-suite_rc=$?
-set -e
-tail -n 1 "$log_dir/autobahn.log"
-for name in $strategies $(for s in $deflate_strategies; do echo "deflate-$s"; done); do
-    set +e
-    result=$(python3 scripts/autobahn/check.py "target/autobahn/$name")
-    check_rc=$?
-    set -e
-    echo "$name: $(echo "$result" | tail -n 1)"
-    echo "$result" | grep -E '^(FAIL|ERROR)' | head -n 5 || true
-    line=$(echo "$result" | tail -n 1)
-    p=$(echo "$line" | sed -nE 's/^([0-9]+) passed, ([0-9]+) failed$/\1/p')
-    f=$(echo "$line" | sed -nE 's/^([0-9]+) passed, ([0-9]+) failed$/\2/p')
-    if [ $suite_rc -ne 0 ] || [ $check_rc -ne 0 ] || [ -z "$p" ]; then
-        echo "autobahn ($name) failed: suite exit $suite_rc, check exit $check_rc; see $log_dir/autobahn.log" >&2
-        f=${f:-0}
-        failed=$((failed + (f > 0 ? f : 1)))
-    fi
-    passed=$((passed + ${p:-0}))
-done
+    AUTOBAHN_WORK="$root/target/autobahn/.suite-deflate" \
+    setsid nice -n 19 scripts/autobahn/suite.sh ./target/release/ringcast >"$log_dir/autobahn-deflate.log" 2>&1 &
+deflate_pid=$!
+# Whatever ends this script early also ends the background run: setsid made it a process group of its
+# own (the suite, its wstest processes and its servers).
+trap 'kill -- "-$deflate_pid" 2>/dev/null || true' EXIT
+
+# Every target but the examples (peer servers for the benchmarks, which clippy --all-targets checks), then
+# the doc tests.
+step "cargo test --workspace"
+{ cargo test --workspace --lib --bins --tests && cargo test --workspace --doc; } 2>&1 | tee "$log_dir/cargo-test.log"
+count_cargo "$log_dir/cargo-test.log"
 
 step "official JavaScript SDK (npm centrifuge) against the release build"
 command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
@@ -170,6 +162,38 @@ else
     tail -n 30 "$log_dir/fuzz.log"
     failed=$((failed + 1))
 fi
+
+step "autobahn|testsuite: groups 1-7, 9, 10 on every read-buffer strategy; then 12, 13 (started above)"
+set +e
+AUTOBAHN_STRATEGIES="$strategies" AUTOBAHN_COMPRESSION_STRATEGIES="" AUTOBAHN_LOG_DIR="$log_dir" \
+    AUTOBAHN_WORK="$root/target/autobahn/.suite-plain" \
+    scripts/autobahn/suite.sh ./target/release/ringcast >"$log_dir/autobahn-plain.log" 2>&1
+plain_rc=$?
+wait "$deflate_pid"
+deflate_rc=$?
+set -e
+trap - EXIT
+tail -n 1 "$log_dir/autobahn-plain.log"
+tail -n 1 "$log_dir/autobahn-deflate.log"
+echo "autobahn part: $(($(date +%s) - autobahn_start)) s from the start of the compression run"
+for name in $strategies $(for s in $deflate_strategies; do echo "deflate-$s"; done); do
+    case $name in deflate-*) suite_rc=$deflate_rc; suite_log=autobahn-deflate.log ;; *) suite_rc=$plain_rc; suite_log=autobahn-plain.log ;; esac
+    set +e
+    result=$(python3 scripts/autobahn/check.py "target/autobahn/$name")
+    check_rc=$?
+    set -e
+    echo "$name: $(echo "$result" | tail -n 1)"
+    echo "$result" | grep -E '^(FAIL|ERROR)' | head -n 5 || true
+    line=$(echo "$result" | tail -n 1)
+    p=$(echo "$line" | sed -nE 's/^([0-9]+) passed, ([0-9]+) failed$/\1/p')
+    f=$(echo "$line" | sed -nE 's/^([0-9]+) passed, ([0-9]+) failed$/\2/p')
+    if [ $suite_rc -ne 0 ] || [ $check_rc -ne 0 ] || [ -z "$p" ]; then
+        echo "autobahn ($name) failed: suite exit $suite_rc, check exit $check_rc; see $log_dir/$suite_log" >&2
+        f=${f:-0}
+        failed=$((failed + (f > 0 ? f : 1)))
+    fi
+    passed=$((passed + ${p:-0}))
+done
 
 printf '\n'
 echo "total: $passed passed, $failed failed"

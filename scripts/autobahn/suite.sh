@@ -30,6 +30,8 @@
 #                                    server time is zlib compressing the echo at the level in force.
 #   AUTOBAHN_TIMEOUT                 wall-clock limit per wstest process, seconds (default: 1800)
 #   AUTOBAHN_LOG_DIR                 server logs (default: <repo>/target/test-logs)
+#   AUTOBAHN_WORK                    this invocation's scratch directory (default: target/autobahn/.suite);
+#                                    two invocations running at once need two
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -43,7 +45,7 @@ chunks=${AUTOBAHN_CHUNKS:-$((2 * jobs))}
 export AUTOBAHN_TIMEOUT=${AUTOBAHN_TIMEOUT:-1800}
 log_dir=${AUTOBAHN_LOG_DIR:-$repo/target/test-logs}
 root="$repo/target/autobahn"
-work="$root/.suite"
+work=${AUTOBAHN_WORK:-$root/.suite}
 mkdir -p "$log_dir" "$root"
 rm -rf "$work"
 mkdir -p "$work/jobs"
@@ -68,7 +70,7 @@ start() {
     local name=$1 strategy=$2
     shift 2
     for _ in $(seq 1 20); do
-        port=$((9100 + RANDOM % 800))
+        port=$((20000 + RANDOM % 800))
         port_open "$port" || break
     done
     "$bin" serve --dev --tcp-listen off --echo-path / --listen "127.0.0.1:$port" --read-buffer "$strategy" \

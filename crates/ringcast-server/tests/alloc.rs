@@ -4,70 +4,26 @@
 //! * 1,000 connections opened and closed give back their memory.
 //!
 //! The allocator counts the whole process and tests in one binary run concurrently, so every test here
-//! holds [`SERIAL`] while it measures.
+//! holds `heap::serial()` while it measures.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use ringcast_server::{Config, Server};
 use ringcast_wire::frame::{encode_client_frame, OpCode};
 
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-static LIVE: AtomicI64 = AtomicI64::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Relaxed);
-        LIVE.fetch_add(layout.size() as i64, Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as i64, Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Relaxed);
-        LIVE.fetch_add(new_size as i64 - layout.size() as i64, Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// One measuring test at a time (the counters are process-wide).
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+#[path = "support/heap.rs"]
+mod heap;
+use heap::{serial, start_on, upgraded, ALLOCS, LIVE};
 
 fn start(
     rt: &tokio::runtime::Runtime,
     strategy: &str,
     pooled: usize,
 ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let flags = vec![
-        ("listen".to_string(), "127.0.0.1:0".to_string()),
-        ("dev".to_string(), "true".to_string()),
-        ("read_buffer".to_string(), strategy.to_string()),
-        ("pool_max_buffers".to_string(), pooled.to_string()),
-    ];
-    let (config, settings) = Config::load(None, |_| None, &flags).expect("config");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let addr = rt.block_on(async {
-        let server = Server::bind(config, settings).expect("bind");
-        let addr = server.local_addr().expect("addr");
-        tokio::spawn(server.run(async move {
-            let _ = rx.await;
-        }));
-        addr
-    });
-    (addr, tx)
+    let pooled = pooled.to_string();
+    heap::start(rt, &[("dev", "true"), ("read_buffer", strategy), ("pool_max_buffers", &pooled)])
 }
 
 /// A blocking client: handshake, then echo round trips with no allocation of its own.
@@ -76,20 +32,7 @@ fn client(addr: SocketAddr) -> TcpStream {
 }
 
 fn client_at(addr: SocketAddr, path: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_nodelay(true).expect("nodelay");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    let mut req = Vec::new();
-    ringcast_wire::handshake::write_client_request(&mut req, &addr.to_string(), path, "dGhlIHNhbXBsZSBub25jZQ==", &[]);
-    s.write_all(&req).expect("upgrade");
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).expect("read"), 1, "closed during handshake");
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
-    s
+    upgraded(addr, path, None, Duration::from_secs(10)).0
 }
 
 /// Sends `rounds` bursts of `window` 20-byte messages, reading every echo back.
@@ -172,7 +115,7 @@ fn fanout_allocations(rt: &tokio::runtime::Runtime, subscribers: usize, publicat
 
 #[test]
 fn fan_out_allocates_per_publication_never_per_delivery() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let few = fanout_allocations(&rt, 10, 200);
     let many = fanout_allocations(&rt, 60, 200);
@@ -190,7 +133,7 @@ fn fan_out_allocates_per_publication_never_per_delivery() {
 
 #[test]
 fn echo_allocates_nothing_per_message_and_closed_connections_give_memory_back() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
 
     for strategy in ["pool", "ring", "growable"] {
@@ -250,23 +193,7 @@ fn echo_allocates_nothing_per_message_and_closed_connections_give_memory_back() 
 
 /// The server in dev mode with the TCP binary protocol on an ephemeral port: its TCP address.
 fn start_tcp(rt: &tokio::runtime::Runtime) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let flags = vec![
-        ("listen".to_string(), "127.0.0.1:0".to_string()),
-        ("tcp_listen".to_string(), "127.0.0.1:0".to_string()),
-        ("dev".to_string(), "true".to_string()),
-        ("pool_max_buffers".to_string(), "8".to_string()),
-    ];
-    let (config, settings) = Config::load(None, |_| None, &flags).expect("config");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let addr = rt.block_on(async {
-        let server = Server::bind(config, settings).expect("bind");
-        let addr = server.tcp_addr().expect("tcp_listen is on");
-        tokio::spawn(server.run(async move {
-            let _ = rx.await;
-        }));
-        addr
-    });
-    (addr, tx)
+    start_on(rt, None, &[("tcp_listen", "127.0.0.1:0"), ("dev", "true"), ("pool_max_buffers", "8")], true)
 }
 
 fn tcp_frame(cmd: ringcast_wire::tcp::Command<'_>) -> Vec<u8> {
@@ -298,7 +225,7 @@ fn tcp_client(addr: SocketAddr, channel: Option<&str>) -> TcpStream {
 #[test]
 fn tcp_commands_allocate_nothing_per_message() {
     use ringcast_wire::tcp::Command;
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let (addr, stop) = start_tcp(&rt);
     for window in [1usize, 16] {
@@ -359,7 +286,7 @@ fn tcp_fanout_allocations(rt: &tokio::runtime::Runtime, subscribers: usize, publ
 /// shutdown, spun on an always-ready timer and held the runtime's workers.)
 #[test]
 fn tcp_fan_out_allocates_per_publication_never_per_delivery() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let few = tcp_fanout_allocations(&rt, 10, 200);
     let many = tcp_fanout_allocations(&rt, 60, 200);

@@ -2,68 +2,23 @@
 //! real socket (`--dev`: history and presence on every channel) give the server's live heap back, and
 //! publications of channels nobody reads are freed after `history_ttl`.
 //!
-//! Measured with a counting global allocator (the pattern of `alloc.rs`): the figure is every byte the
+//! Measured with the counting global allocator of `support/heap.rs`: the figure is every byte the
 //! process holds, server and client alike. The client reuses its buffers, so what it holds does not grow.
-//! The one test here holds [`SERIAL`] while it measures, should another test join this binary.
+//! The one test here holds `heap::serial()` while it measures, should another test join this binary.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use ringcast_server::{Config, Server};
 use ringcast_wire::frame::{encode_client_frame, OpCode};
 
-struct Counting;
-
-static LIVE: AtomicI64 = AtomicI64::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as i64, Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as i64, Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as i64 - layout.size() as i64, Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+#[path = "support/heap.rs"]
+mod heap;
+use heap::{serial, start_on, upgraded, LIVE};
 
 fn start(rt: &tokio::runtime::Runtime) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    start_with(rt, None, &[("dev", "true")])
-}
-
-fn start_with(
-    rt: &tokio::runtime::Runtime,
-    file: Option<&std::path::Path>,
-    extra: &[(&str, &str)],
-) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let mut flags = vec![("listen".to_string(), "127.0.0.1:0".to_string())];
-    flags.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let (config, settings) = Config::load(file, |_| None, &flags).expect("config");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let addr = rt.block_on(async {
-        let server = Server::bind(config, settings).expect("bind");
-        let addr = server.local_addr().expect("addr");
-        tokio::spawn(server.run(async move {
-            let _ = rx.await;
-        }));
-        addr
-    });
-    (addr, tx)
+    start_on(rt, None, &[("dev", "true")], false)
 }
 
 /// A blocking client-protocol client whose buffers are allocated once.
@@ -77,20 +32,7 @@ struct Client {
 
 impl Client {
     fn connect(addr: SocketAddr) -> Client {
-        let mut stream = TcpStream::connect(addr).expect("connect");
-        stream.set_nodelay(true).expect("nodelay");
-        stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-        let mut req = Vec::new();
-        let key = "dGhlIHNhbXBsZSBub25jZQ==";
-        ringcast_wire::handshake::write_client_request(&mut req, &addr.to_string(), "/connection/websocket", key, &[]);
-        stream.write_all(&req).expect("upgrade");
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            assert_eq!(stream.read(&mut b).expect("read"), 1, "closed during handshake");
-            head.push(b[0]);
-        }
-        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        let (stream, _) = upgraded(addr, "/connection/websocket", None, Duration::from_secs(30));
         let mut c = Client {
             stream,
             frame: Vec::with_capacity(64 << 10),
@@ -154,7 +96,7 @@ const BATCH: u32 = 100;
 
 #[test]
 fn a_hundred_thousand_channels_subscribed_and_left_give_the_heap_back() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let (addr, stop) = start(&rt);
     let mut client = Client::connect(addr);
@@ -239,13 +181,13 @@ const PUBLISHED: usize = 3_000;
 
 #[test]
 fn publications_nobody_reads_are_freed_after_the_history_ttl() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let dir = std::env::temp_dir().join(format!("ringcast-channel-memory-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let file = dir.join("ringcast.toml");
     std::fs::write(&file, "api_key = \"k\"\n[channels]\nhistory_size = 10\nhistory_ttl = \"10s\"\n").expect("config");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let (addr, stop) = start_with(&rt, Some(&file), &[]);
+    let (addr, stop) = start_on(&rt, Some(&file), &[], false);
     let mut api = Api::connect(addr);
     // Every publication its own 1 KB of data (one request each, so none shares another's buffer).
     let data = format!("\"{}\"", "x".repeat(1000));

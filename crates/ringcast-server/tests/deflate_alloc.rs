@@ -1,5 +1,5 @@
 //! permessage-deflate's heap discipline through the real server, measured with a counting allocator
-//! (the pattern of `alloc.rs`; a binary of its own, because the allocator is process-wide):
+//! (`support/heap.rs`; a binary of its own, because the allocator is process-wide):
 //! * a deflate bomb (16 KiB on the wire, 32 MiB inflated) closes 1009 and the heap never grows by
 //!   more than the message limit and an inflater, on every read-buffer strategy;
 //! * a subscribed client with compression negotiated holds no more heap than one without it;
@@ -7,99 +7,29 @@
 //!   once idle (no server context takeover, our default) — and with server context takeover it does,
 //!   which shows the measurement sees it.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use ringcast_server::{Config, Server};
 use ringcast_wire::deflate::compressed_frame;
 use ringcast_wire::frame::{encode_client_frame, OpCode};
 
-struct Counting;
-
-static LIVE: AtomicI64 = AtomicI64::new(0);
-static PEAK: AtomicI64 = AtomicI64::new(0);
-#[allow(clippy::declare_interior_mutable_const)]
-const Z: AtomicI64 = AtomicI64::new(0);
-static SIZES: [AtomicI64; 1025] = [Z; 1025];
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        SIZES[layout.size().min(1024)].fetch_add(1, Relaxed);
-        let now = LIVE.fetch_add(layout.size() as i64, Relaxed) + layout.size() as i64;
-        PEAK.fetch_max(now, Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        SIZES[layout.size().min(1024)].fetch_sub(1, Relaxed);
-        LIVE.fetch_sub(layout.size() as i64, Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        SIZES[layout.size().min(1024)].fetch_sub(1, Relaxed);
-        SIZES[new_size.min(1024)].fetch_add(1, Relaxed);
-        let delta = new_size as i64 - layout.size() as i64;
-        let now = LIVE.fetch_add(delta, Relaxed) + delta;
-        PEAK.fetch_max(now, Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// One measuring test at a time (the counters are process-wide).
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+#[path = "support/heap.rs"]
+mod heap;
+use heap::{serial, upgraded, LIVE, PEAK, SIZES};
 
 fn start(rt: &tokio::runtime::Runtime, flags: &[(&str, &str)]) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let mut all = vec![
-        ("listen".to_string(), "127.0.0.1:0".to_string()),
-        ("dev".to_string(), "true".to_string()),
-        ("compression".to_string(), "true".to_string()),
-    ];
-    all.extend(flags.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let (config, settings) = Config::load(None, |_| None, &all).expect("config");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let addr = rt.block_on(async {
-        let server = Server::bind(config, settings).expect("bind");
-        let addr = server.local_addr().expect("addr");
-        tokio::spawn(server.run(async move {
-            let _ = rx.await;
-        }));
-        addr
-    });
-    (addr, tx)
+    let mut all = vec![("dev", "true"), ("compression", "true")];
+    all.extend_from_slice(flags);
+    heap::start(rt, &all)
 }
 
 /// A blocking client on the echo endpoint that offered permessage-deflate (and got it).
 fn client(addr: SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_nodelay(true).expect("nodelay");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    let mut req = Vec::new();
-    ringcast_wire::handshake::write_client_request_with(
-        &mut req,
-        &addr.to_string(),
-        "/echo",
-        "dGhlIHNhbXBsZSBub25jZQ==",
-        &[],
-        Some("permessage-deflate; client_max_window_bits"),
-    );
-    s.write_all(&req).expect("upgrade");
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).expect("read"), 1, "closed during handshake");
-        head.push(b[0]);
-    }
-    let text = String::from_utf8_lossy(&head);
-    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
-    assert!(text.contains("permessage-deflate"), "not negotiated: {text}");
+    let offer = Some("permessage-deflate; client_max_window_bits");
+    let (s, head) = upgraded(addr, "/echo", offer, Duration::from_secs(10));
+    assert!(head.contains("permessage-deflate"), "not negotiated: {head}");
     s
 }
 
@@ -154,7 +84,7 @@ fn json(n: usize) -> Vec<u8> {
 
 #[test]
 fn deflate_bomb_closes_1009_with_the_heap_bounded_by_the_limit() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     // Made before measuring: the test's own 32 MiB input is not the server's.
     let bomb = compressed_client_frame(OpCode::Binary, &vec![0u8; 32 << 20]);
@@ -214,7 +144,7 @@ fn held_after_compressed_traffic(flags: &[(&str, &str)]) -> i64 {
 
 #[test]
 fn idle_connection_with_compression_negotiated_holds_no_zlib_state() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let held = held_after_compressed_traffic(&[]);
     println!("no server context takeover: {held} B held after 50 compressed echoes");
     // An inflater kept would be ~47 KiB, a compressor ~370 KiB.
@@ -288,7 +218,7 @@ fn held_per_subscribed_client(addr: SocketAddr, offer: bool, channel: &str) -> (
 /// no zlib state. (Its replies were compressed by the worker thread's compressor, made once per thread.)
 #[test]
 fn subscribed_client_with_compression_negotiated_holds_what_one_without_holds() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
     let (addr, stop) = start(&rt, &[]);
     let channel = format!("deflate-idle-{}", std::process::id());

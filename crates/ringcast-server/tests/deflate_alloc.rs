@@ -158,28 +158,9 @@ fn idle_connection_with_compression_negotiated_holds_no_zlib_state() {
 /// A Centrifugo-protocol client (offering permessage-deflate or not) that has connected and subscribed
 /// to `channel`; with the extension the connect reply arrives compressed.
 fn subscribed_client(addr: SocketAddr, offer: bool, channel: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_nodelay(true).expect("nodelay");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    let mut req = Vec::new();
-    ringcast_wire::handshake::write_client_request_with(
-        &mut req,
-        &addr.to_string(),
-        "/connection/websocket",
-        "dGhlIHNhbXBsZSBub25jZQ==",
-        &[],
-        offer.then_some("permessage-deflate; client_max_window_bits"),
-    );
-    s.write_all(&req).expect("upgrade");
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).expect("read"), 1, "closed during handshake");
-        head.push(b[0]);
-    }
-    let text = String::from_utf8_lossy(&head);
-    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
-    assert_eq!(text.contains("permessage-deflate"), offer, "{text}");
+    let extensions = offer.then_some("permessage-deflate; client_max_window_bits");
+    let (mut s, head) = upgraded(addr, "/connection/websocket", extensions, Duration::from_secs(10));
+    assert_eq!(head.contains("permessage-deflate"), offer, "{head}");
     let mut payload = Vec::new();
     let subscribe = format!(r#"{{"id":2,"subscribe":{{"channel":"{channel}"}}}}"#);
     for (i, cmd) in [r#"{"id":1,"connect":{}}"#, subscribe.as_str()].into_iter().enumerate() {

@@ -447,8 +447,13 @@ async fn redis_paused_times_out_redis_restarted_resubscribes_and_tells_clients_2
     let mut redis = OwnRedis::start(6391);
     // The engine's own recovery, without the circuit breaker (tested on its own below) deciding when
     // calls reach it.
-    let node =
-        Node::start_with(&format!("rc-fault-{}", std::process::id()), 0, redis.port, "300ms", "engine_breaker_failures = 0");
+    let node = Node::start_with(
+        &format!("rc-fault-{}", std::process::id()),
+        0,
+        redis.port,
+        "300ms",
+        "engine_breaker_failures = 0",
+    );
     let port = node.port;
     let mut ws = client(port, "watcher").await;
     let (r, _) = call(&mut ws, json!({"id":2,"subscribe":{"channel":"f","recoverable":true}})).await;

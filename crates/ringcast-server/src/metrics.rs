@@ -56,6 +56,10 @@ pub const HTTP_ERRORS_TOTAL: &str = "ringcast_http_errors_total";
 pub const API_REQUESTS_TOTAL: &str = "ringcast_api_requests_total";
 pub const API_ERRORS_TOTAL: &str = "ringcast_api_errors_total";
 pub const API_REJECTED_TOTAL: &str = "ringcast_api_rejected_total";
+// The networked engine's circuit breaker (emitted by `engine::breaker`).
+pub const ENGINE_BREAKER_STATE: &str = crate::engine::breaker::STATE_GAUGE;
+pub const ENGINE_BREAKER_TRIPS_TOTAL: &str = crate::engine::breaker::TRIPS_TOTAL;
+pub const ENGINE_BREAKER_REJECTED_TOTAL: &str = crate::engine::breaker::REJECTED_TOTAL;
 // The admin dashboard (emitted by `admin`).
 pub const ADMIN_LOGIN_FAILURES_TOTAL: &str = "ringcast_admin_login_failures_total";
 
@@ -247,6 +251,21 @@ fn describe() {
         API_REJECTED_TOTAL,
         Unit::Count,
         "Server API requests refused with an HTTP status (401, 400, 404), by `status`."
+    );
+    describe_gauge!(
+        ENGINE_BREAKER_STATE,
+        Unit::Count,
+        "The engine's circuit breaker: 0 closed, 1 open (engine calls fail fast with error 100), 2 half-open (one probe call out)."
+    );
+    describe_counter!(
+        ENGINE_BREAKER_TRIPS_TOTAL,
+        Unit::Count,
+        "Times the engine's circuit breaker opened (after engine_breaker_failures consecutive failures, or a failed probe)."
+    );
+    describe_counter!(
+        ENGINE_BREAKER_REJECTED_TOTAL,
+        Unit::Count,
+        "Engine calls failed fast (error 100) by the open circuit breaker, without touching the engine."
     );
     describe_counter!(
         ADMIN_LOGIN_FAILURES_TOTAL,

@@ -12,6 +12,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+mod support;
+
 const KEY: &str = "cluster-key";
 const SECRET: &str = "cluster-secret";
 const ADMIN_PASSWORD: &str = "cluster-admin";
@@ -46,11 +48,16 @@ impl Node {
 
     /// A node on the Redis at `redis_port`, with `redis_timeout`.
     fn start_on(prefix: &str, n: usize, redis_port: u16, timeout: &str) -> Node {
+        Node::start_with(prefix, n, redis_port, timeout, "")
+    }
+
+    /// [`Node::start_on`] with more top-level configuration lines (`extra`).
+    fn start_with(prefix: &str, n: usize, redis_port: u16, timeout: &str, extra: &str) -> Node {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("ringcast-cluster-{prefix}-{n}"));
         std::fs::create_dir_all(&dir).unwrap();
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\nadmin = true\nadmin_password = \"{ADMIN_PASSWORD}\"\nbroker = \"redis\"\nredis_url = [\"redis://127.0.0.1:{redis_port}\"]\nredis_prefix = \"{prefix}\"\nredis_timeout = \"{timeout}\"\n{CHANNELS}"
+            "listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\nadmin = true\nadmin_password = \"{ADMIN_PASSWORD}\"\nbroker = \"redis\"\nredis_url = [\"redis://127.0.0.1:{redis_port}\"]\nredis_prefix = \"{prefix}\"\nredis_timeout = \"{timeout}\"\n{extra}\n{CHANNELS}"
         );
         std::fs::write(dir.join("c.toml"), config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringcast"))
@@ -438,7 +445,15 @@ fn api_error_code(r: &Value) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_times_out_redis_restarted_resubscribes_and_tells_clients_2500() {
     let mut redis = OwnRedis::start(6391);
-    let node = Node::start_on(&format!("rc-fault-{}", std::process::id()), 0, redis.port, "300ms");
+    // The engine's own recovery, without the circuit breaker (tested on its own below) deciding when
+    // calls reach it.
+    let node = Node::start_with(
+        &format!("rc-fault-{}", std::process::id()),
+        0,
+        redis.port,
+        "300ms",
+        "engine_breaker_failures = 0",
+    );
     let port = node.port;
     let mut ws = client(port, "watcher").await;
     let (r, _) = call(&mut ws, json!({"id":2,"subscribe":{"channel":"f","recoverable":true}})).await;
@@ -492,6 +507,102 @@ async fn redis_paused_times_out_redis_restarted_resubscribes_and_tells_clients_2
     let offset = published["result"]["offset"].as_u64().unwrap_or_else(|| panic!("{published}"));
     assert_eq!(read_publications(&mut ws, "f", 1, Vec::new()).await, [offset]);
     assert_eq!(engine_panel(port, "up")["state"], "up", "the dashboard sees the engine back");
+    drop(node);
+    drop(redis);
+}
+
+/// A series of the node's /metrics (0 when absent).
+async fn metric(port: u16, series: &str) -> f64 {
+    support::metric(std::net::SocketAddr::from(([127, 0, 0, 1], port)), series).await
+}
+
+/// The body of the node's `GET /health`, which must answer 200.
+fn health(port: u16) -> String {
+    let out = http(port, "GET", "/health", "", "");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string())
+}
+
+/// Reads pushes until the publication of `channel` at `offset` arrived (earlier ones may come first:
+/// publishes that timed out against a paused Redis are still run by it when it resumes).
+async fn read_until_offset(ws: &mut Ws, channel: &str, offset: u64) {
+    for _ in 0..100 {
+        match next(ws).await {
+            Got::Json(msgs) if offsets(&msgs, channel).contains(&offset) => return,
+            Got::Json(_) => {}
+            Got::Closed(c) => panic!("closed before offset {offset}: {c:?}"),
+        }
+    }
+    panic!("offset {offset} of {channel} never arrived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_opens_the_circuit_breaker_calls_fail_fast_with_100_and_a_probe_closes_it() {
+    const STATE: &str = "ringcast_engine_breaker_state";
+    const TRIPS: &str = "ringcast_engine_breaker_trips_total";
+    const REJECTED: &str = "ringcast_engine_breaker_rejected_total";
+    let redis = OwnRedis::start(21000);
+    let node = Node::start_with(
+        &format!("rc-breaker-{}", std::process::id()),
+        0,
+        redis.port,
+        "300ms",
+        "engine_breaker_failures = 3\nengine_breaker_cooldown = \"2s\"",
+    );
+    let port = node.port;
+    let mut ws = client(port, "watcher").await;
+    let (r, _) = call(&mut ws, json!({"id":2,"subscribe":{"channel":"b"}})).await;
+    assert!(r.get("error").is_none(), "{r}");
+    let ok = api(port, "publish", &json!({"channel":"b","data":{"n":1}}));
+    assert_eq!(api_error_code(&ok), 0, "{ok}");
+    assert_eq!((metric(port, STATE).await, metric(port, TRIPS).await), (0.0, 0.0), "closed at start");
+    assert_eq!(health(port), "{}");
+
+    // Paused: each publish waits out redis_timeout and answers 100; the third failure in a row opens it.
+    redis.signal(libc::SIGSTOP);
+    for n in 2..5 {
+        let r = api(port, "publish", &json!({"channel":"b","data":{"n":n}}));
+        assert_eq!(api_error_code(&r), 100, "{r}");
+    }
+    assert_eq!(metric(port, STATE).await, 1.0, "open after 3 consecutive failures");
+    assert_eq!(metric(port, TRIPS).await, 1.0);
+    let h = health(port);
+    assert!(h.contains("\"status\":\"degraded\"") && h.contains("open"), "{h}");
+    let panel = engine_panel(port, "degraded");
+    assert!(panel["detail"].as_str().is_some_and(|d| d.contains("circuit breaker open")), "{panel}");
+
+    // Open: publishes (API and client) still answer 100, now without reaching the engine: the
+    // fast-failed counter moves. (A call after the cool-down would be the probe instead and time out;
+    // so the loop is bounded, not a single call.)
+    let rejected = metric(port, REJECTED).await;
+    let mut fast = false;
+    for n in 5..25 {
+        let r = api(port, "publish", &json!({"channel":"b","data":{"n":n}}));
+        assert_eq!(api_error_code(&r), 100, "{r}");
+        let (r, _) = call(&mut ws, json!({"id":n,"publish":{"channel":"b","data":{"n":n}}})).await;
+        assert_eq!(r["error"]["code"], 100, "a client publish too: {r}");
+        if metric(port, REJECTED).await >= rejected + 2.0 {
+            fast = true;
+            break;
+        }
+    }
+    assert!(fast, "no publish was failed fast by the open breaker");
+
+    // Resumed: after the cool-down one probe goes through, succeeds, and closes the breaker.
+    redis.signal(libc::SIGCONT);
+    let mut published = Value::Null;
+    for _ in 0..100 {
+        published = api(port, "publish", &json!({"channel":"b","data":{"n":"after"}}));
+        if api_error_code(&published) == 0 {
+            break;
+        }
+        assert_eq!(api_error_code(&published), 100, "{published}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let offset = published["result"]["offset"].as_u64().unwrap_or_else(|| panic!("never closed: {published}"));
+    assert_eq!(metric(port, STATE).await, 0.0, "closed after the probe");
+    assert_eq!(health(port), "{}", "healthy again");
+    read_until_offset(&mut ws, "b", offset).await;
     drop(node);
     drop(redis);
 }

@@ -67,6 +67,11 @@ use dispatch::{Call, Method};
 /// itself: [`ApiError::UnknownChannel`] for an undefined namespace, [`ApiError::NotAvailable`] for history
 /// or presence on a channel without them, [`ApiError::UnrecoverablePosition`] for a `since` it cannot serve.
 pub trait ApiBackend: Send + Sync + 'static {
+    /// Why the node is degraded (it serves, but a part it relies on is failing), for `GET /health`;
+    /// `None`: healthy.
+    fn degraded(&self) -> Option<&'static str> {
+        None
+    }
     /// Publishes `data` (one JSON value, exactly as the caller sent it) to `channel`.
     fn publish(&self, channel: &str, data: Bytes, skip_history: bool) -> Result<PublishResult, ApiError>;
     /// Publishes the same `data` to every channel; one result per channel, in order.
@@ -273,7 +278,8 @@ struct ApiState {
     config: Arc<ApiConfig>,
 }
 
-/// The HTTP routes served on the WebSocket listener: the API under `/api`, `GET /health` (200 `{}`), and
+/// The HTTP routes served on the WebSocket listener: the API under `/api`, `GET /health` (200; see
+/// [`health_router`]), and
 /// `GET /metrics` (Prometheus text) when a handle is given.
 pub fn router(backend: Arc<dyn ApiBackend>, api: ApiConfig, metrics: Option<PrometheusHandle>) -> Router {
     router_with_reload(backend, api, metrics, None)
@@ -289,6 +295,7 @@ pub fn router_with_reload(
     metrics: Option<PrometheusHandle>,
     reload: Option<ReloadFn>,
 ) -> Router {
+    let health = health_router(backend.clone());
     let state = ApiState { backend, config: Arc::new(api) };
     let mut api = Router::new();
     if let Some(reload) = reload {
@@ -310,17 +317,22 @@ pub fn router_with_reload(
         .route("/api/{method}", post(method_route))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key))
         .with_state(state);
-    let mut router = Router::new().route("/health", get(health)).merge(api);
+    let mut router = health.merge(api);
     if let Some(handle) = metrics {
         router = router.route("/metrics", get(move || std::future::ready(render_metrics(&handle))));
     }
     router
 }
 
-/// The routes of a public listener whose API and metrics are served on `internal_listen`: `GET /health`
-/// only (everything else is 404).
-pub fn health_router() -> Router {
-    Router::new().route("/health", get(health))
+/// `GET /health` alone: the routes of a public listener whose API and metrics are served on
+/// `internal_listen` (everything else is 404), and part of [`router`].
+///
+/// Always 200 while the process serves: a load balancer must not take a node out because its engine
+/// is failing (every node shares the engine; clients still get their replies, error 100 included).
+/// The body is `{}` when healthy, as Centrifugo's, and says why when degraded:
+/// `{"status":"degraded","reason":"..."}` (the engine's circuit breaker is open or half-open).
+pub fn health_router(backend: Arc<dyn ApiBackend>) -> Router {
+    Router::new().route("/health", get(move || std::future::ready(health(&*backend))))
 }
 
 async fn require_key(State(state): State<ApiState>, request: Request, next: Next) -> Response {
@@ -353,8 +365,12 @@ async fn legacy_route(State(state): State<ApiState>, body: Bytes) -> Result<Resp
     Ok(with_json(StatusCode::OK, dispatch::legacy(&*state.backend, &body)?))
 }
 
-async fn health() -> Response {
-    with_json(StatusCode::OK, "{}".to_string())
+fn health(backend: &dyn ApiBackend) -> Response {
+    let body = match backend.degraded() {
+        None => "{}".to_string(),
+        Some(reason) => serde_json::json!({"status": "degraded", "reason": reason}).to_string(),
+    };
+    with_json(StatusCode::OK, body)
 }
 
 fn render_metrics(handle: &PrometheusHandle) -> Response {

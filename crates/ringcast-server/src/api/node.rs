@@ -62,6 +62,15 @@ fn glob(pattern: &str, text: &str) -> bool {
 }
 
 impl ApiBackend for Node {
+    fn degraded(&self) -> Option<&'static str> {
+        use crate::engine::breaker::BreakerState;
+        match self.remote.as_ref()?.breaker.state() {
+            BreakerState::Closed => None,
+            BreakerState::Open => Some("engine circuit breaker open"),
+            BreakerState::HalfOpen => Some("engine circuit breaker half-open"),
+        }
+    }
+
     fn publish(&self, channel: &str, data: Bytes, skip_history: bool) -> Result<PublishResult, ApiError> {
         let (pos, _) = if skip_history {
             self.publish_without_history(channel, data)

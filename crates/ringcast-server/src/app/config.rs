@@ -109,6 +109,8 @@ pub const KEYS: &[Key] = &[
     key("redis_url", Kind::List, "broker = \"redis\": the Redis instance (redis://HOST:PORT[/DB], rediss:// for TLS). One URL; sharding over several is not implemented yet (more than one is refused)."),
     key("redis_prefix", Kind::Str, "broker = \"redis\": prefix of every Redis key and PUB/SUB channel ringcast uses, so several clusters (or tests) can share one Redis."),
     key("redis_timeout", Kind::Str, "broker = \"redis\": bound of every Redis call (10ms to 60s); a publish, history or presence call that takes longer answers error 100 (internal, temporary)."),
+    key("engine_breaker_failures", Kind::Int, "broker = \"redis\": circuit breaker in front of the engine: after this many consecutive failed engine calls (unavailable or over redis_timeout), publish, history, presence and subscribe calls fail fast with error 100 (internal, temporary) without touching the engine, and /health reports degraded. 0: off. At most 10000."),
+    key("engine_breaker_cooldown", Kind::Str, "broker = \"redis\": how long the circuit breaker stays open before letting one probe call through (100ms to 10m); the probe's success closes it, its failure opens it for another cool-down."),
     key("nats_url", Kind::Str, "broker = \"nats\" (not implemented yet): the NATS server URL."),
     key("channels", Kind::Table, "Options of channels outside any namespace ([channels] table: allow_subscribe_for_client, presence, history_size, ...)."),
     key("namespaces", Kind::Table, "Channel namespaces ([[namespaces]] with name = \"ns\" and the channel options); channel \"ns:x\" uses namespace \"ns\"."),
@@ -208,6 +210,9 @@ pub struct Config {
     pub redis_prefix: String,
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
+    pub engine_breaker_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub engine_breaker_cooldown: Duration,
     pub nats_url: String,
     #[serde(deserialize_with = "crate::policy::namespace::deserialize_options")]
     pub channels: crate::policy::namespace::ChannelOptions,
@@ -284,6 +289,8 @@ impl Default for Config {
             redis_url: vec!["redis://127.0.0.1:6379".into()],
             redis_prefix: "ringcast".into(),
             redis_timeout: Duration::from_secs(1),
+            engine_breaker_failures: 5,
+            engine_breaker_cooldown: Duration::from_secs(5),
             nats_url: "nats://127.0.0.1:4222".into(),
             channels: crate::policy::namespace::ChannelOptions::default(),
             namespaces: Vec::new(),
@@ -511,6 +518,14 @@ impl Config {
             "nats" => return Err(invalid("broker", "\"nats\" is not implemented yet; use \"memory\" or \"redis\"")),
             other => return Err(invalid("broker", format!("{other:?} is not one of \"memory\", \"redis\""))),
         }
+        if self.engine_breaker_failures > 10_000 {
+            return Err(invalid("engine_breaker_failures", "must be at most 10000 (0 turns the breaker off)"));
+        }
+        if self.engine_breaker_cooldown < Duration::from_millis(100)
+            || self.engine_breaker_cooldown > Duration::from_secs(600)
+        {
+            return Err(invalid("engine_breaker_cooldown", "must be between 100ms and 10m"));
+        }
         if !self.echo_path.starts_with('/') {
             return Err(invalid("echo_path", "must start with '/'"));
         }
@@ -699,6 +714,25 @@ mod tests {
         assert!(e.to_string().contains("idle_timeout"), "{e}");
         let e = Config::load(None, |k| (k == "RINGCAST_LISTEN").then(|| "nowhere".into()), &[]).unwrap_err();
         assert!(e.to_string().contains("`listen`"), "{e}");
+    }
+
+    #[test]
+    fn engine_breaker_keys_have_defaults_and_refuse_values_out_of_range() {
+        let (c, _) = Config::load(None, no_env, &[]).unwrap();
+        assert_eq!((c.engine_breaker_failures, c.engine_breaker_cooldown), (5, Duration::from_secs(5)));
+        let (c, _) = Config::load(None, no_env, &[("engine_breaker_failures".into(), "0".into())]).unwrap();
+        assert_eq!(c.engine_breaker_failures, 0, "0 turns it off");
+        for (key, value) in [
+            ("engine_breaker_failures", "10001"),
+            ("engine_breaker_failures", "-1"),
+            ("engine_breaker_failures", "many"),
+            ("engine_breaker_cooldown", "10ms"),
+            ("engine_breaker_cooldown", "11m"),
+            ("engine_breaker_cooldown", "soon"),
+        ] {
+            let e = Config::load(None, no_env, &[(key.into(), value.into())]).unwrap_err();
+            assert!(e.to_string().contains(key), "{key} = {value}: {e}");
+        }
     }
 
     #[test]

@@ -152,11 +152,11 @@ impl Context {
         let mut redis = None;
         if config.broker == "redis" {
             let engine = connect_redis(&config)?;
-            node = node.with_remote(crate::engine::Remote {
-                broker: engine.clone(),
-                history: engine.clone(),
-                presence: engine.clone(),
-            });
+            let policy = crate::engine::breaker::BreakerPolicy {
+                failures: config.engine_breaker_failures,
+                cooldown: config.engine_breaker_cooldown,
+            };
+            node = node.with_remote(crate::engine::Remote::guarded(engine.clone(), policy));
             redis = Some(engine);
         }
         let node = Arc::new(node);
@@ -174,6 +174,10 @@ impl Context {
             Arc::new(move || reload_reply(&reloader))
         };
         let mut full = crate::api::router_with_reload(node.clone(), api, crate::metrics::install(), Some(reload));
+        if let Some(remote) = &node.remote {
+            // After `install`, so the breaker's state gauge is there (0, closed) before its first change.
+            remote.breaker.report();
+        }
         let admin = settings.admin.then(|| {
             if config.admin_password.is_empty() {
                 // Only reachable with --dev (validation refuses `admin` without a password otherwise).
@@ -187,7 +191,7 @@ impl Context {
         }
         // Centrifugo's internal port: operators keep the API, metrics and dashboard off the port clients reach.
         let (router, internal_router) = match settings.internal_listen {
-            Some(_) => (crate::api::health_router(), Some(full)),
+            Some(_) => (crate::api::health_router(node.clone()), Some(full)),
             None => (full, None),
         };
         // After `install`: a handle taken before a recorder exists stays a no-op.

@@ -11,7 +11,8 @@
 //!
 //! Errors are [`EngineError::Unavailable`] and [`EngineError::Timeout`]: a client publish, history or
 //! presence answers error 100 (internal, temporary: SDKs retry), an API call answers error 100. Nothing is
-//! dropped silently.
+//! dropped silently. Every call goes through one circuit breaker ([`breaker`]): after repeated failures
+//! calls fail fast with `Unavailable` for a cool-down instead of waiting for a dead engine.
 //!
 //! # Delivery with a networked engine
 //! The node that publishes does not deliver locally. Every node, the origin included, receives the
@@ -26,6 +27,7 @@
 //! connection's worker thread hands its other tasks to the runtime and waits for the call
 //! (`block_in_place`), bounded by the engine's timeout. No lock is held while it waits.
 
+pub mod breaker;
 pub mod redis;
 
 use std::collections::BTreeMap;
@@ -176,6 +178,8 @@ pub struct Remote {
     pub broker: std::sync::Arc<dyn Broker>,
     pub history: std::sync::Arc<dyn HistoryStore>,
     pub presence: std::sync::Arc<dyn PresenceManager>,
+    /// The circuit breaker every call above goes through ([`Remote::guarded`]).
+    pub breaker: std::sync::Arc<breaker::Breaker>,
 }
 
 impl std::fmt::Debug for Remote {

@@ -27,6 +27,7 @@
 //! (`block_in_place`), bounded by the engine's timeout. No lock is held while it waits.
 
 pub mod redis;
+pub mod shards;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -11,12 +11,17 @@
 #   cross    2 nodes; publishers on node A, every subscriber on node B (`--urls B`): cross-node
 #            publish-to-delivery latency (the publication goes A -> Redis -> B -> subscriber)
 # The Redis is this script's own redis-server on 127.0.0.1:$REDIS_PORT (default 21250), started and stopped
-# here, so its CPU time is only this benchmark's: read from /proc/PID/stat (utime + stime) before and
-# after each run and divided by the publications of the run (warm-up included on both sides). Node CPU
-# is read the same way and divided by the deliveries.
+# here, so its CPU time is only this benchmark's. It is the generator's `--server-pid`: its utime + stime
+# over the measured window (from /proc/PID/stat), divided by the publications of that window (messages
+# received in the window / subscribers; every subscriber gets every publication). Connect, subscribe and
+# presence writes of the 1,000 subscribers fall outside the window. Node CPU (both nodes together) is read
+# from /proc around the whole run, connects included, and divided by all deliveries. Before the rounds,
+# Redis's own idle cost is measured the same way over IDLE seconds with two nodes connected and no
+# clients: the floor under the per-publication figure (Redis's timers run whether or not anyone publishes).
 #
 # Knobs: SUBSCRIBERS (1000), PUBLISHERS (10), RATE (publications/s in all, 100), SIZE (128), DURATION
-# (measured seconds, 8), WARMUP (2), ROUNDS (3), REDIS_PORT (21250), NO_BUILD=1 (use target/release as is).
+# (measured seconds, 8), WARMUP (2), ROUNDS (3), IDLE (seconds, 10), REDIS_PORT (21250), NO_BUILD=1 (use
+# target/release as is).
 # Results: target/bench/cluster-CONFIG-ROUND.json (the generator's reports) and the table on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,8 +85,21 @@ node() {
 }
 ws() { echo "ws://127.0.0.1:$1/connection/websocket"; }
 
-printf '%-6s %-5s %12s %10s %10s %8s %14s %14s\n' config round deliveries/s p50_ms p99_ms lost \
-    redis_us/pub nodes_us/deliv
+prefix="rc-bench-$$-idle"
+node
+idle_a=$node_pid
+node
+idle_b=$node_pid
+i0=$(ticks "$redis_pid")
+sleep "${IDLE:-10}"
+i1=$(ticks "$redis_pid")
+stop "$idle_a"
+stop "$idle_b"
+awk -v t=$((i1 - i0)) -v hz="$hz" -v s="${IDLE:-10}" \
+    'BEGIN { printf "redis idle, two nodes connected: %.2f%% of a core (%d ticks of 1/%d s in %d s)\n", t * 100 / hz / s, t, hz, s }'
+
+printf '%-6s %-5s %12s %9s %9s %9s %6s %13s %11s %15s\n' config round deliveries/s p50_ms p99_ms p999_ms lost \
+    redis_us/pub redis_core% nodes_us/deliv
 for r in $(seq 1 "$rounds"); do
     for config in one two cross; do
         prefix="rc-bench-$$-$config-$r"
@@ -96,29 +114,30 @@ for r in $(seq 1 "$rounds"); do
             if [ "$config" = two ]; then urls=(--urls "$(ws "$a_port"),$(ws "$b_port")"); else urls=(--urls "$(ws "$b_port")"); fi
         fi
         json="$out/cluster-$config-$r.json"
-        r0=$(ticks "$redis_pid")
         n0=0; for p in "${node_pids[@]}"; do n0=$((n0 + $(ticks "$p"))); done
         timeout $((dur + warmup + 120)) "$bin" bench fanout --url "$(ws "$a_port")" "${urls[@]}" \
-            --protocol centrifuge --subscribers "$subs" --publishers "$pubs" --rate "$rate" --size "$size" \
+            --server-pid "$redis_pid" --protocol centrifuge --subscribers "$subs" --publishers "$pubs" --rate "$rate" --size "$size" \
             --duration "$dur" --warmup "$warmup" --quiet --json "$json" >"$out/cluster-$config-$r.txt" 2>&1 \
             || echo "!! $config round $r: the generator failed (see $out/cluster-$config-$r.txt)" >&2
-        r1=$(ticks "$redis_pid")
         n1=0; for p in "${node_pids[@]}"; do n1=$((n1 + $(ticks "$p"))); done
         for p in "${node_pids[@]}"; do stop "$p"; done
         redis-cli -p "$redis_port" --scan --pattern "$prefix:*" | xargs -r redis-cli -p "$redis_port" DEL >/dev/null
-        python3 - "$json" "$config" "$r" $((r1 - r0)) $((n1 - n0)) "$hz" <<'EOF'
+        python3 - "$json" "$config" "$r" $((n1 - n0)) "$hz" <<'EOF'
 import json, sys
-path, config, rnd, rticks, nticks, hz = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+path, config, rnd, nticks, hz = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 try:
     rep = json.load(open(path))
 except (OSError, ValueError):
     print(f"{config:<6} {rnd:<5} (no report)")
     sys.exit(0)
-f, lat, msg = rep.get("fanout") or {}, rep.get("latency") or {}, rep.get("messages") or {}
-pubs, deliv = f.get("published", 0), f.get("delivered", 0)
-us = lambda t: t * 1e6 / hz
-print(f"{config:<6} {rnd:<5} {msg.get('per_sec', 0):12.0f} {lat.get('p50_us', 0) / 1e3:10.2f} {lat.get('p99_us', 0) / 1e3:10.2f} "
-      f"{f.get('lost', 0):8d} {us(rticks) / max(pubs, 1):14.1f} {us(nticks) / max(deliv, 1):14.2f}")
+f, lat, msg, cpu = rep.get("fanout") or {}, rep.get("latency") or {}, rep.get("messages") or {}, rep.get("cpu") or {}
+subs = max(f.get("subscribers", 1), 1)
+pubs_in_window = msg.get("received_in_window", 0) / subs
+redis_us, window = cpu.get("server_us") or 0, cpu.get("window_secs") or 0
+node_us = nticks * 1e6 / hz
+print(f"{config:<6} {rnd:<5} {msg.get('per_sec', 0):12.0f} {lat.get('p50_us', 0) / 1e3:9.2f} {lat.get('p99_us', 0) / 1e3:9.2f} "
+      f"{lat.get('p999_us', 0) / 1e3:9.2f} {f.get('lost', 0):6d} {redis_us / max(pubs_in_window, 1):13.1f} "
+      f"{redis_us / 1e4 / max(window, 1e-9):11.2f} {node_us / max(f.get('delivered', 0), 1):15.2f}")
 EOF
     done
 done

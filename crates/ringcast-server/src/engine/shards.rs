@@ -200,6 +200,24 @@ mod tests {
         assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
     }
 
+    /// Values from a separate implementation of Centrifugo's shard choice (a Python port of its Go code:
+    /// FNV-1a 64 of the name, then jump hash), so a ringcast node and a Centrifugo node given the same
+    /// address list put these channels on the same instance.
+    #[test]
+    fn shard_choice_agrees_with_centrifugos() {
+        let cases: [(&str, [usize; 4]); 5] = [
+            ("news", [1, 2, 3, 3]),
+            ("chat:index", [0, 0, 0, 0]),
+            ("a", [1, 2, 2, 2]),
+            ("spread-1", [0, 2, 2, 2]),
+            ("user#42", [1, 2, 2, 2]),
+        ];
+        for (channel, want) in cases {
+            let got = [2, 3, 5, 10].map(|n| shard_index(channel, n));
+            assert_eq!(got, want, "{channel}");
+        }
+    }
+
     #[test]
     fn one_shard_takes_every_channel() {
         for c in ["", "a", "news", "chat:room#1"] {

@@ -22,7 +22,8 @@
 # Knobs: SUBSCRIBERS (1000), PUBLISHERS (10), RATE (publications/s in all, 100), SIZE (128), DURATION
 # (measured seconds, 8), WARMUP (2), ROUNDS (3), IDLE (seconds, 10), REDIS_PORT (21250), NO_BUILD=1 (use
 # target/release as is).
-# Results: target/bench/cluster-CONFIG-ROUND.json (the generator's reports) and the table on stdout.
+# Results: target/bench/cluster-CONFIG-ROUND.json (the generator's reports), cluster-CONFIG-ROUND.redis.txt
+# (Redis's INFO commandstats over the whole run: calls and µs per command) and the table on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=target/bench
@@ -114,12 +115,15 @@ for r in $(seq 1 "$rounds"); do
             if [ "$config" = two ]; then urls=(--urls "$(ws "$a_port"),$(ws "$b_port")"); else urls=(--urls "$(ws "$b_port")"); fi
         fi
         json="$out/cluster-$config-$r.json"
+        redis-cli -p "$redis_port" CONFIG RESETSTAT >/dev/null
         n0=0; for p in "${node_pids[@]}"; do n0=$((n0 + $(ticks "$p"))); done
         timeout $((dur + warmup + 120)) "$bin" bench fanout --url "$(ws "$a_port")" "${urls[@]}" \
             --server-pid "$redis_pid" --protocol centrifuge --subscribers "$subs" --publishers "$pubs" --rate "$rate" --size "$size" \
             --duration "$dur" --warmup "$warmup" --quiet --json "$json" >"$out/cluster-$config-$r.txt" 2>&1 \
             || echo "!! $config round $r: the generator failed (see $out/cluster-$config-$r.txt)" >&2
         n1=0; for p in "${node_pids[@]}"; do n1=$((n1 + $(ticks "$p"))); done
+        # Where Redis's time went (whole run): calls and µs per command.
+        redis-cli -p "$redis_port" INFO commandstats >"$out/cluster-$config-$r.redis.txt"
         for p in "${node_pids[@]}"; do stop "$p"; done
         redis-cli -p "$redis_port" --scan --pattern "$prefix:*" | xargs -r redis-cli -p "$redis_port" DEL >/dev/null
         python3 - "$json" "$config" "$r" $((n1 - n0)) "$hz" <<'EOF'

@@ -76,6 +76,7 @@ fn scenario(s: Scenario, about: &'static str) -> Command {
                         .value_parser(["filler", "json"])
                         .help("centrifuge: what pads a publication to --size; json: a realistic JSON document that changes per message (for --compression) [default: filler]"),
                 )
+                .arg(Arg::new("urls").long("urls").value_name("URL,URL").help("Subscribers connect to these servers (split into contiguous blocks) instead of --url; publishers stay on --url. E.g. two nodes of one cluster: --url NODE_A --urls NODE_A,NODE_B spreads subscribers, --urls NODE_B measures cross-node delivery"))
                 .arg(Arg::new("api-key").long("api-key").value_name("KEY").help("Centrifugo: publish through POST /api/publish with this X-API-Key instead of over WebSocket"))
         }
         Scenario::Connect => {
@@ -259,6 +260,11 @@ pub fn params_from(scenario: Scenario, m: &ArgMatches) -> Result<Params, BenchEr
             Some(_) => Protocol::Raw,
             None => Protocol::for_url(&p.url),
         };
+    }
+    if has("urls") {
+        if let Some(s) = m.get_one::<String>("urls") {
+            p.sub_urls = s.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect();
+        }
     }
     if has("api-key") {
         p.api_key = m.get_one::<String>("api-key").cloned();

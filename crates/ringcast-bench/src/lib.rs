@@ -96,7 +96,13 @@ pub async fn run(params: &Params) -> Result<Report, BenchError> {
 
 /// Resolves the target once per process.
 pub(crate) async fn endpoint(params: &Params) -> Result<Endpoint, BenchError> {
-    let target = params.validate()?;
+    params.validate()?;
+    endpoint_of(params, &params.url).await
+}
+
+/// Resolves one server URL (`--url` or one of `--urls`).
+pub(crate) async fn endpoint_of(params: &Params, url: &str) -> Result<Endpoint, BenchError> {
+    let target = params::Target::parse(url)?;
     let prefer_v4 = params.source_ips.first().map(|ip| ip.is_ipv4());
     let addr = target.resolve(prefer_v4).await?;
     let tls = match target.tls {

@@ -132,6 +132,11 @@ pub struct Params {
     /// What a Centrifugo fan-out publication's padding is (see [`PayloadKind`]).
     #[serde(default)]
     pub payload: PayloadKind,
+    /// Fan-out: servers the subscribers connect to instead of `url`, in contiguous blocks (subscriber i
+    /// of S goes to `sub_urls[i * len / S]`); publishers stay on `url`. Empty: everything on `url`.
+    /// Several nodes of one cluster, to measure fan-out spread over nodes and cross-node delivery.
+    #[serde(default)]
+    pub sub_urls: Vec<String>,
     /// Draw the live progress line (the CLI sets this when attached to a terminal).
     #[serde(skip)]
     pub progress: bool,
@@ -169,6 +174,7 @@ impl Params {
             connect_timeout: Duration::from_secs(10),
             compression: false,
             payload: PayloadKind::Filler,
+            sub_urls: Vec::new(),
             progress: false,
         }
     }
@@ -225,6 +231,14 @@ impl Params {
         }
         if self.api_key.is_some() && self.protocol != Protocol::Centrifuge {
             return Err(BenchError::invalid("api-key", "only applies to --protocol centrifuge"));
+        }
+        if !self.sub_urls.is_empty() {
+            if self.scenario != Scenario::Fanout || self.protocol == Protocol::Tcp {
+                return Err(BenchError::invalid("urls", "applies to fanout over WebSocket (raw or centrifuge)"));
+            }
+            for u in &self.sub_urls {
+                Target::parse(u).map_err(|e| BenchError::invalid("urls", e.to_string()))?;
+            }
         }
         let tcp_url = self.url.starts_with("tcp://");
         if tcp_url != (self.protocol == Protocol::Tcp) {
@@ -456,6 +470,19 @@ mod tests {
         let mut p = Params::new(Scenario::Echo, "tcp://127.0.0.1:7070");
         p.protocol = Protocol::Tcp;
         assert!(p.validate().unwrap_err().to_string().starts_with("--protocol"));
+    }
+
+    #[test]
+    fn subscriber_urls_are_checked_and_only_for_websocket_fanout() {
+        let mut p = Params::new(Scenario::Fanout, "ws://127.0.0.1:8000/connection/websocket");
+        p.protocol = Protocol::Centrifuge;
+        p.sub_urls = vec!["ws://127.0.0.1:8001/connection/websocket".into()];
+        assert!(p.validate().is_ok());
+        p.sub_urls.push("http://x".into());
+        assert!(p.validate().is_err());
+        let mut e = Params::new(Scenario::Echo, "ws://127.0.0.1:8000/echo");
+        e.sub_urls = vec!["ws://127.0.0.1:8001/echo".into()];
+        assert!(e.validate().is_err());
     }
 
     #[test]

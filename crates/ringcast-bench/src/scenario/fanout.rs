@@ -60,6 +60,30 @@ struct Ack {
     notify: Notify,
 }
 
+/// Which server each of this share's subscribers connects to: all to `ep` (`--url`), or, with `--urls`,
+/// subscriber i of S to `sub_urls[i * len / S]` (contiguous blocks, the same split in every process).
+async fn subscriber_blocks(
+    p: &Params,
+    ep: &Endpoint,
+    share: &Share,
+) -> Result<Vec<(Endpoint, std::ops::Range<u64>)>, BenchError> {
+    if p.sub_urls.is_empty() {
+        return Ok(vec![(ep.clone(), share.subscribers.clone())]);
+    }
+    let n = p.sub_urls.len() as u64;
+    let mut out = Vec::with_capacity(p.sub_urls.len());
+    for (k, url) in p.sub_urls.iter().enumerate() {
+        let k = k as u64;
+        // First subscriber index of block k: the smallest i with i * n / S >= k.
+        let block = (k * p.subscribers).div_ceil(n)..((k + 1) * p.subscribers).div_ceil(n);
+        let range = block.start.max(share.subscribers.start)..block.end.min(share.subscribers.end);
+        if range.start < range.end {
+            out.push((crate::endpoint_of(p, url).await?, range));
+        }
+    }
+    Ok(out)
+}
+
 pub(crate) async fn run<L: Link>(p: &Params, ep: &Endpoint, share: &Share, link: &mut L) -> Result<Tally, BenchError> {
     let meter = Arc::new(Meter::new());
     let mut tally = Tally { rss_before: self_rss(), ..Tally::default() };
@@ -72,24 +96,27 @@ pub(crate) async fn run<L: Link>(p: &Params, ep: &Endpoint, share: &Share, link:
     } else {
         Vec::new()
     };
-    let subs = if p.protocol == Protocol::Tcp {
-        Vec::new()
-    } else {
-        open_many(
-            p,
-            ep,
-            share.subscribers.clone(),
-            Opening {
-                buffers: Buffers::Own,
-                concurrency: OPEN_CONCURRENCY,
-                setup: if centrifugo { Setup::CentrifugeSubscribe } else { Setup::None },
-            },
-            &mut tally,
-            &meter,
-            |o, e| link.preparing(o, e),
-        )
-        .await
-    };
+    let mut subs = Vec::new();
+    if p.protocol != Protocol::Tcp {
+        for (sub_ep, range) in subscriber_blocks(p, ep, share).await? {
+            subs.extend(
+                open_many(
+                    p,
+                    &sub_ep,
+                    range,
+                    Opening {
+                        buffers: Buffers::Own,
+                        concurrency: OPEN_CONCURRENCY,
+                        setup: if centrifugo { Setup::CentrifugeSubscribe } else { Setup::None },
+                    },
+                    &mut tally,
+                    &meter,
+                    |o, e| link.preparing(o, e),
+                )
+                .await,
+            );
+        }
+    }
 
     // Publishers; their source addresses continue after the subscribers'.
     let mut pubs: Vec<(u32, PubConn)> = Vec::new();

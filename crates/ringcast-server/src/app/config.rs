@@ -106,7 +106,7 @@ pub const KEYS: &[Key] = &[
     key("client_channel_publish_burst", Kind::Int, "Client protocol: publications one connection may make to one channel at once before client_channel_publish_rate applies (the bucket's size). 0: the rate (one second's worth)."),
     key("client_flood_disconnect_after", Kind::Str, "Client protocol: a connection whose commands are still refused this long after its first refusal is disconnected with 3013 (too many requests; SDKs reconnect with backoff). \"0s\": never."),
     key("broker", Kind::Str, "Engine of publications, history and presence: \"memory\" (default; this node only, nothing else needed) or \"redis\" (several nodes share channels through redis_url). \"nats\" is recognised and refused: not implemented yet."),
-    key("redis_url", Kind::List, "broker = \"redis\": the Redis instance (redis://HOST:PORT[/DB], rediss:// for TLS). One URL; sharding over several is not implemented yet (more than one is refused)."),
+    key("redis_url", Kind::List, "broker = \"redis\": the Redis instances (redis://HOST:PORT[/DB], rediss:// for TLS), 1 to 64. Several: each channel lives on one of them, chosen by a consistent hash of its name (FNV-1a + jump hash, as Centrifugo); every node must list the same URLs in the same order; control messages go through the first. Redis Cluster is not supported (redis_cluster_address is refused)."),
     key("redis_prefix", Kind::Str, "broker = \"redis\": prefix of every Redis key and PUB/SUB channel ringcast uses, so several clusters (or tests) can share one Redis."),
     key("redis_timeout", Kind::Str, "broker = \"redis\": bound of every Redis call (10ms to 60s); a publish, history or presence call that takes longer answers error 100 (internal, temporary)."),
     key("engine_breaker_failures", Kind::Int, "broker = \"redis\": circuit breaker in front of the engine: after this many consecutive failed engine calls (unavailable or over redis_timeout), publish, history, presence and subscribe calls fail fast with error 100 (internal, temporary) without touching the engine, and /health reports degraded. 0: off. At most 10000."),
@@ -114,6 +114,23 @@ pub const KEYS: &[Key] = &[
     key("nats_url", Kind::Str, "broker = \"nats\" (not implemented yet): the NATS server URL."),
     key("channels", Kind::Table, "Options of channels outside any namespace ([channels] table: allow_subscribe_for_client, presence, history_size, ...)."),
     key("namespaces", Kind::Table, "Channel namespaces ([[namespaces]] with name = \"ns\" and the channel options); channel \"ns:x\" uses namespace \"ns\"."),
+];
+
+/// The most Redis instances `redis_url` may list (each is a connection pair per node).
+const MAX_REDIS_SHARDS: usize = 64;
+
+/// Centrifugo options of Redis deployments ringcast does not support, refused by name with the reason
+/// (rather than as unknown keys). Redis Cluster: see `engine::shards`.
+const REFUSED_KEYS: &[(&str, &str)] = &[
+    (
+        "redis_cluster_address",
+        "Redis Cluster is not supported; list independent instances in redis_url (channels are sharded over them)",
+    ),
+    (
+        "redis_cluster_addrs",
+        "Redis Cluster is not supported; list independent instances in redis_url (channels are sharded over them)",
+    ),
+    ("redis_sentinel_address", "Redis Sentinel is not supported; list the instances in redis_url"),
 ];
 
 /// Whether `url` names a Redis server (the scheme only; the connection is what proves it).
@@ -402,6 +419,9 @@ impl Config {
             let k = KEYS.iter().find(|k| k.name == name).ok_or_else(|| ConfigError::UnknownKey(name.clone()))?;
             table.insert(k.name.to_string(), to_toml(k, raw)?);
         }
+        if let Some((key, why)) = REFUSED_KEYS.iter().find(|(k, _)| table.contains_key(*k)) {
+            return Err(invalid(key, *why));
+        }
         let config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
             // toml names the offending key in its message ("unknown field `x`", "invalid type ... for key `y`").
             ConfigError::Parse {
@@ -496,17 +516,19 @@ impl Config {
         match self.broker.as_str() {
             "memory" => {}
             "redis" => {
-                if self.redis_url.len() != 1 {
+                if self.redis_url.is_empty() || self.redis_url.len() > MAX_REDIS_SHARDS {
                     return Err(invalid(
                         "redis_url",
-                        "broker = \"redis\" takes exactly one URL (sharding over several is not implemented yet)",
+                        format!("broker = \"redis\" takes 1 to {MAX_REDIS_SHARDS} URLs (several: channels are sharded over them)"),
                     ));
                 }
-                if redis_client_url(&self.redis_url[0]).is_none() {
-                    return Err(invalid(
-                        "redis_url",
-                        format!("{:?} is not a redis:// or rediss:// URL", self.redis_url[0]),
-                    ));
+                for (i, url) in self.redis_url.iter().enumerate() {
+                    if redis_client_url(url).is_none() {
+                        return Err(invalid("redis_url", format!("{url:?} is not a redis:// or rediss:// URL")));
+                    }
+                    if self.redis_url[..i].contains(url) {
+                        return Err(invalid("redis_url", format!("{url:?} is listed twice")));
+                    }
                 }
                 if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
                     return Err(invalid("redis_prefix", "must be non-empty, without whitespace"));
@@ -754,6 +776,26 @@ mod tests {
         assert_eq!(c.client_stale_close_delay, Duration::from_secs(10));
         assert_eq!(c.client_user_connection_limit, 0, "unlimited");
         assert_eq!(c.history_max_publication_limit, 300);
+    }
+
+    #[test]
+    fn redis_url_takes_several_distinct_instances_and_redis_cluster_is_refused_by_name() {
+        let redis = |urls: &str| {
+            Config::load(None, no_env, &[("broker".into(), "redis".into()), ("redis_url".into(), urls.into())])
+        };
+        let (c, _) = redis("redis://127.0.0.1:6379,redis://127.0.0.1:6380").unwrap();
+        assert_eq!(c.redis_url.len(), 2);
+        let e = redis("redis://127.0.0.1:6379,redis://127.0.0.1:6379").unwrap_err();
+        assert!(e.to_string().contains("listed twice"), "{e}");
+        let e = redis("redis://127.0.0.1:6379,127.0.0.1:6380").unwrap_err();
+        assert!(e.to_string().contains("redis_url"), "{e}");
+        let dir = std::env::temp_dir().join(format!("ringcast-config-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "broker = \"redis\"\nredis_cluster_address = [\"127.0.0.1:7000\"]\n").unwrap();
+        let e = Config::load(Some(&file), no_env, &[]).unwrap_err();
+        assert!(e.to_string().contains("redis_cluster_address") && e.to_string().contains("not supported"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

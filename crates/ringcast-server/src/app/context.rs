@@ -219,19 +219,15 @@ impl Context {
     }
 }
 
-/// Connects the Redis engine (the node does not start without it: a cluster node that cannot reach its
-/// engine would serve a channel nobody else sees).
-fn connect_redis(config: &Config) -> Result<Arc<crate::engine::redis::RedisEngine>, ServerError> {
-    let settings = crate::engine::redis::RedisSettings {
-        url: config.redis_url.first().cloned().unwrap_or_default(),
-        prefix: config.redis_prefix.clone(),
-        timeout: config.redis_timeout,
-    };
+/// Connects the Redis engine, one shard per `redis_url` (the node does not start without every one of
+/// them: a cluster node that cannot reach its engine would serve a channel nobody else sees).
+fn connect_redis(config: &Config) -> Result<Arc<crate::engine::shards::ShardedRedis>, ServerError> {
     let handle = tokio::runtime::Handle::try_current()
         .map_err(|e| ServerError::Runtime(std::io::Error::other(format!("broker = \"redis\" needs a runtime: {e}"))))?;
-    let connect = crate::engine::redis::RedisEngine::connect(&settings);
+    let connect =
+        crate::engine::shards::ShardedRedis::connect(&config.redis_url, &config.redis_prefix, config.redis_timeout);
     let engine = tokio::task::block_in_place(|| handle.block_on(connect));
     let engine = engine.map_err(|e| ServerError::Runtime(std::io::Error::other(e)))?;
-    tracing::info!(url = %settings.url, prefix = %settings.prefix, "broker: redis");
+    tracing::info!(shards = engine.shard_count(), prefix = %config.redis_prefix, "broker: redis");
     Ok(engine)
 }

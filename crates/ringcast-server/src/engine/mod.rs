@@ -29,6 +29,7 @@
 
 pub mod breaker;
 pub mod redis;
+pub mod shards;
 
 use std::collections::BTreeMap;
 use std::future::Future;

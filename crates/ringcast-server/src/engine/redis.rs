@@ -96,12 +96,15 @@ redis.call('zremrangebyscore', KEYS[2], '-inf', ARGV[1])
 return redis.call('hgetall', KEYS[1])
 ";
 
-/// Settings of the Redis engine (from `redis_url`, `redis_prefix`, `redis_timeout`).
+/// Settings of one Redis instance of the engine (from `redis_url`, `redis_prefix`, `redis_timeout`).
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
     pub url: String,
     pub prefix: String,
     pub timeout: Duration,
+    /// This instance carries the control messages between nodes (the first of `redis_url`; see
+    /// [`super::shards`]): its PUB/SUB connection subscribes to `P:control` as well.
+    pub control: bool,
 }
 
 enum SubRequest {
@@ -121,6 +124,8 @@ pub struct RedisEngine {
     url: String,
     prefix: String,
     timeout: Duration,
+    /// Subscribed to the control channel (see [`RedisSettings::control`]).
+    control: bool,
     scripts: Scripts,
     /// Local subscribers per channel (of `subscribe_node` calls that succeeded or are under way).
     wanted: Mutex<HashMap<String, usize>>,
@@ -207,6 +212,7 @@ impl RedisEngine {
             url: settings.url.clone(),
             prefix: settings.prefix.clone(),
             timeout: settings.timeout,
+            control: settings.control,
             scripts: Scripts {
                 publish: Script::new(PUBLISH),
                 history: Script::new(HISTORY),
@@ -269,7 +275,7 @@ impl RedisEngine {
 
     fn dispatch(&self, channel: &str, payload: &[u8]) {
         let Some(inbound) = self.inbound() else { return };
-        if channel == self.control_channel() {
+        if self.control && channel == self.control_channel() {
             match serde_json::from_slice::<Control>(payload) {
                 Ok(c) => inbound.control(c),
                 Err(e) => tracing::warn!(error = %e, "redis: malformed control message"),
@@ -295,7 +301,7 @@ async fn subscriptions(engine: Weak<RedisEngine>, client: redis::Client, mut rx:
     'connect: loop {
         // Down from here until this connection is made and subscribed.
         RedisEngine::set_receiving(&engine, false);
-        let Some(prefix_control) = engine.upgrade().map(|e| e.control_channel()) else { return };
+        let Some(control) = engine.upgrade().map(|e| e.control.then(|| e.control_channel())) else { return };
         let pubsub = match client.get_async_pubsub().await {
             Ok(p) => p,
             Err(e) => {
@@ -314,8 +320,10 @@ async fn subscriptions(engine: Weak<RedisEngine>, client: redis::Client, mut rx:
         backoff = Duration::from_millis(50);
         let (mut sink, mut stream) = pubsub.split();
         let mut active: HashSet<String> = HashSet::new();
-        if sink.subscribe(&prefix_control).await.is_err() {
-            continue;
+        if let Some(control) = &control {
+            if sink.subscribe(control).await.is_err() {
+                continue;
+            }
         }
         // Everything wanted, in one SUBSCRIBE.
         let Some(e) = engine.upgrade() else { return };

@@ -105,11 +105,15 @@ pub const KEYS: &[Key] = &[
     key("client_channel_publish_rate", Kind::Int, "Client protocol: publications per second one connection may make to one channel (a token bucket per connection and channel, kept only while the client publishes there); a publication over it is answered error 111 (too many requests, temporary; TCP protocol: ERROR 9) and the connection stays. 0: unlimited."),
     key("client_channel_publish_burst", Kind::Int, "Client protocol: publications one connection may make to one channel at once before client_channel_publish_rate applies (the bucket's size). 0: the rate (one second's worth)."),
     key("client_flood_disconnect_after", Kind::Str, "Client protocol: a connection whose commands are still refused this long after its first refusal is disconnected with 3013 (too many requests; SDKs reconnect with backoff). \"0s\": never."),
-    key("broker", Kind::Str, "Engine of publications, history and presence: \"memory\" (default; this node only, nothing else needed) or \"redis\" (several nodes share channels through redis_url). \"nats\" is recognised and refused: not implemented yet."),
+    key("broker", Kind::Str, "Engine of publications, history and presence: \"memory\" (default; this node only, nothing else needed), \"redis\" (several nodes share channels, history and presence through redis_url) or \"nats\" (several nodes share publications through nats_url; no history, so history_size is refused; presence only with presence_manager = \"redis\")."),
     key("redis_url", Kind::List, "broker = \"redis\": the Redis instance (redis://HOST:PORT[/DB], rediss:// for TLS). One URL; sharding over several is not implemented yet (more than one is refused)."),
     key("redis_prefix", Kind::Str, "broker = \"redis\": prefix of every Redis key and PUB/SUB channel ringcast uses, so several clusters (or tests) can share one Redis."),
     key("redis_timeout", Kind::Str, "broker = \"redis\": bound of every Redis call (10ms to 60s); a publish, history or presence call that takes longer answers error 100 (internal, temporary)."),
-    key("nats_url", Kind::Str, "broker = \"nats\" (not implemented yet): the NATS server URL."),
+    key("nats_url", Kind::Str, "broker = \"nats\": the NATS server (nats://HOST:PORT, tls:// for TLS)."),
+    key("nats_prefix", Kind::Str, "broker = \"nats\": first subject tokens of every subject ringcast uses (Centrifugo's nats_prefix), so several clusters can share one NATS."),
+    key("nats_dial_timeout", Kind::Str, "broker = \"nats\": bound of the connection to NATS and of each reconnection attempt (Centrifugo's nats_dial_timeout)."),
+    key("nats_write_timeout", Kind::Str, "broker = \"nats\": bound of every publish, subscribe and control call (Centrifugo's nats_write_timeout); a publish that takes longer, or any while NATS is unreachable, answers error 100."),
+    key("presence_manager", Kind::Str, "Where presence is kept, when not in the broker: \"\" (default: the broker's own; none with broker = \"nats\") or \"redis\" (with broker = \"nats\": presence in Redis at redis_url under redis_prefix, as the Redis engine keeps it)."),
     key("channels", Kind::Table, "Options of channels outside any namespace ([channels] table: allow_subscribe_for_client, presence, history_size, ...)."),
     key("namespaces", Kind::Table, "Channel namespaces ([[namespaces]] with name = \"ns\" and the channel options); channel \"ns:x\" uses namespace \"ns\"."),
 ];
@@ -209,6 +213,12 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
     pub nats_url: String,
+    pub nats_prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub nats_dial_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub nats_write_timeout: Duration,
+    pub presence_manager: String,
     #[serde(deserialize_with = "crate::policy::namespace::deserialize_options")]
     pub channels: crate::policy::namespace::ChannelOptions,
     pub namespaces: Vec<crate::policy::namespace::NamespaceConfig>,
@@ -285,6 +295,10 @@ impl Default for Config {
             redis_prefix: "ringcast".into(),
             redis_timeout: Duration::from_secs(1),
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_prefix: "ringcast".into(),
+            nats_dial_timeout: Duration::from_secs(1),
+            nats_write_timeout: Duration::from_secs(1),
+            presence_manager: String::new(),
             channels: crate::policy::namespace::ChannelOptions::default(),
             namespaces: Vec::new(),
         }
@@ -407,6 +421,30 @@ impl Config {
     }
 
     /// Checks every value; errors name the key.
+    /// Under `broker = "nats"` (no stream positions in core NATS): history, and so positioning and
+    /// recovery, is refused in every namespace; presence is refused unless `presence_manager = "redis"`.
+    fn check_nats_channels(&self, redis_presence: bool) -> Result<(), ConfigError> {
+        let scopes = std::iter::once(("[channels]", &self.channels))
+            .chain(self.namespaces.iter().map(|n| (n.name.as_str(), &n.options)));
+        for (scope, opts) in scopes {
+            if opts.history_size > 0 || !opts.history_ttl.is_zero() {
+                return Err(invalid(
+                    "namespaces",
+                    format!(
+                        "{scope}: history_size/history_ttl need stream positions, which broker = \"nats\" does not keep (use broker = \"redis\" for history and recovery)"
+                    ),
+                ));
+            }
+            if opts.presence && !redis_presence {
+                return Err(invalid(
+                    "namespaces",
+                    format!("{scope}: presence under broker = \"nats\" needs presence_manager = \"redis\""),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<Settings, ConfigError> {
         let listen: SocketAddr =
             self.listen.parse().map_err(|e| invalid("listen", format!("{e} (expected HOST:PORT)")))?;
@@ -486,9 +524,43 @@ impl Config {
         if !self.ping_interval.is_zero() && self.pong_timeout.is_zero() {
             return Err(invalid("pong_timeout", "must be positive when ping_interval is"));
         }
-        match self.broker.as_str() {
-            "memory" => {}
+        if !matches!(self.broker.as_str(), "memory" | "redis" | "nats") {
+            return Err(invalid("broker", format!("{:?} is not one of \"memory\", \"redis\", \"nats\"", self.broker)));
+        }
+        let redis_presence = match self.presence_manager.as_str() {
+            "" => false,
+            "redis" if self.broker == "nats" => true,
             "redis" => {
+                return Err(invalid(
+                    "presence_manager",
+                    "\"redis\" is for broker = \"nats\" (the memory and redis engines keep their own presence)",
+                ))
+            }
+            other => return Err(invalid("presence_manager", format!("{other:?} is not one of \"\", \"redis\""))),
+        };
+        if self.broker == "nats" {
+            {
+                if !self.nats_url.starts_with("nats://") && !self.nats_url.starts_with("tls://") {
+                    return Err(invalid("nats_url", format!("{:?} is not a nats:// or tls:// URL", self.nats_url)));
+                }
+                if !crate::engine::nats::valid_prefix(&self.nats_prefix) {
+                    return Err(invalid(
+                        "nats_prefix",
+                        "must be non-empty subject tokens separated by '.', without wildcards or whitespace",
+                    ));
+                }
+                for (name, d) in
+                    [("nats_dial_timeout", self.nats_dial_timeout), ("nats_write_timeout", self.nats_write_timeout)]
+                {
+                    if d < Duration::from_millis(10) || d > Duration::from_secs(60) {
+                        return Err(invalid(name, "must be between 10ms and 60s"));
+                    }
+                }
+                self.check_nats_channels(redis_presence)?;
+            }
+        }
+        if self.broker == "redis" || redis_presence {
+            {
                 if self.redis_url.len() != 1 {
                     return Err(invalid(
                         "redis_url",
@@ -508,8 +580,6 @@ impl Config {
                     return Err(invalid("redis_timeout", "must be between 10ms and 60s"));
                 }
             }
-            "nats" => return Err(invalid("broker", "\"nats\" is not implemented yet; use \"memory\" or \"redis\"")),
-            other => return Err(invalid("broker", format!("{other:?} is not one of \"memory\", \"redis\""))),
         }
         if !self.echo_path.starts_with('/') {
             return Err(invalid("echo_path", "must start with '/'"));

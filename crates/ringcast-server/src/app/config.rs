@@ -427,11 +427,11 @@ impl Config {
         let scopes = std::iter::once(("[channels]", &self.channels))
             .chain(self.namespaces.iter().map(|n| (n.name.as_str(), &n.options)));
         for (scope, opts) in scopes {
-            if opts.history_size > 0 || !opts.history_ttl.is_zero() {
+            if opts.history_size > 0 {
                 return Err(invalid(
                     "namespaces",
                     format!(
-                        "{scope}: history_size/history_ttl need stream positions, which broker = \"nats\" does not keep (use broker = \"redis\" for history and recovery)"
+                        "{scope}: history_size needs stream positions, which broker = \"nats\" does not keep (use broker = \"redis\" for history and recovery)"
                     ),
                 ));
             }
@@ -899,5 +899,71 @@ mod tests {
         let text = Config::documented_toml();
         let c: Config = toml::from_str(&text).unwrap();
         assert_eq!(c, Config::default());
+    }
+}
+
+#[cfg(test)]
+mod nats_tests {
+    use super::*;
+
+    fn validate(src: &str) -> Result<Settings, ConfigError> {
+        let config: Config = match toml::from_str(src) {
+            Ok(c) => c,
+            Err(e) => panic!("test config does not parse: {e}"),
+        };
+        config.validate()
+    }
+
+    fn refused_key(src: &str) -> (String, String) {
+        match validate(src) {
+            Err(ConfigError::Invalid { key, message }) => (key, message),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nats_broker_alone_is_valid_without_history_or_presence() {
+        assert!(validate("broker = \"nats\"\n[channels]\nallow_subscribe_for_client = true\n").is_ok());
+    }
+
+    #[test]
+    fn nats_broker_refuses_history_by_namespace() {
+        let (key, message) = refused_key(
+            "broker = \"nats\"\n[[namespaces]]\nname = \"chat\"\nhistory_size = 10\nhistory_ttl = \"60s\"\n",
+        );
+        assert_eq!(key, "namespaces");
+        assert!(message.contains("chat") && message.contains("history_size"), "{message}");
+        let (_, message) = refused_key("broker = \"nats\"\n[channels]\nhistory_size = 10\nhistory_ttl = \"60s\"\n");
+        assert!(message.contains("[channels]"), "{message}");
+    }
+
+    #[test]
+    fn nats_presence_needs_the_redis_presence_manager() {
+        let src = "broker = \"nats\"\n[[namespaces]]\nname = \"room\"\npresence = true\n";
+        let (key, message) = refused_key(src);
+        assert_eq!(key, "namespaces");
+        assert!(message.contains("room") && message.contains("presence_manager"), "{message}");
+        assert!(validate(&format!("presence_manager = \"redis\"\n{src}")).is_ok());
+    }
+
+    #[test]
+    fn presence_manager_is_only_for_nats_and_only_redis() {
+        assert_eq!(refused_key("broker = \"redis\"\npresence_manager = \"redis\"\n").0, "presence_manager");
+        assert_eq!(refused_key("presence_manager = \"redis\"\n").0, "presence_manager");
+        assert_eq!(refused_key("broker = \"nats\"\npresence_manager = \"nats\"\n").0, "presence_manager");
+        assert_eq!(
+            refused_key("broker = \"nats\"\npresence_manager = \"redis\"\nredis_url = [\"http://x\"]\n").0,
+            "redis_url"
+        );
+    }
+
+    #[test]
+    fn nats_settings_are_checked_by_name() {
+        assert_eq!(refused_key("broker = \"nats\"\nnats_url = \"http://127.0.0.1:4222\"\n").0, "nats_url");
+        assert_eq!(refused_key("broker = \"nats\"\nnats_prefix = \"a.*\"\n").0, "nats_prefix");
+        assert_eq!(refused_key("broker = \"nats\"\nnats_prefix = \"\"\n").0, "nats_prefix");
+        assert_eq!(refused_key("broker = \"nats\"\nnats_write_timeout = \"0s\"\n").0, "nats_write_timeout");
+        assert_eq!(refused_key("broker = \"nats\"\nnats_dial_timeout = \"2m\"\n").0, "nats_dial_timeout");
+        assert_eq!(refused_key("broker = \"kafka\"\n").0, "broker");
     }
 }

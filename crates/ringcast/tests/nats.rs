@@ -354,9 +354,7 @@ async fn presence_from_redis_alongside_nats_is_cluster_wide() {
     let extra = format!(
         "presence_manager = \"redis\"\nredis_url = [\"redis://127.0.0.1:6379\"]\nredis_prefix = \"{prefix}\"\n"
     );
-    let tables = concat!(
-        "[[namespaces]]\nname = \"room\"\npresence = true\nallow_subscribe_for_client = true\nallow_presence_for_client = true\nallow_publish_for_client = true\n"
-    );
+    let tables = "[[namespaces]]\nname = \"room\"\npresence = true\nallow_subscribe_for_client = true\nallow_presence_for_client = true\nallow_publish_for_client = true\n";
     let nodes = [Node::start(&prefix, 0, 4222, &extra, tables), Node::start(&prefix, 1, 4222, &extra, tables)];
     let (a, b) = (nodes[0].port, nodes[1].port);
     let mut alice = client(a, "alice").await;

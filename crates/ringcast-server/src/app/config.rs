@@ -424,6 +424,12 @@ impl Config {
     /// Under `broker = "nats"` (no stream positions in core NATS): history, and so positioning and
     /// recovery, is refused in every namespace; presence is refused unless `presence_manager = "redis"`.
     fn check_nats_channels(&self, redis_presence: bool) -> Result<(), ConfigError> {
+        if self.dev {
+            return Err(invalid(
+                "dev",
+                "dev mode turns history on in every channel, which broker = \"nats\" cannot keep; set the [channels] options instead",
+            ));
+        }
         let scopes = std::iter::once(("[channels]", &self.channels))
             .chain(self.namespaces.iter().map(|n| (n.name.as_str(), &n.options)));
         for (scope, opts) in scopes {
@@ -965,5 +971,6 @@ mod nats_tests {
         assert_eq!(refused_key("broker = \"nats\"\nnats_write_timeout = \"0s\"\n").0, "nats_write_timeout");
         assert_eq!(refused_key("broker = \"nats\"\nnats_dial_timeout = \"2m\"\n").0, "nats_dial_timeout");
         assert_eq!(refused_key("broker = \"kafka\"\n").0, "broker");
+        assert_eq!(refused_key("broker = \"nats\"\ndev = true\n").0, "dev");
     }
 }

@@ -105,13 +105,17 @@ pub const KEYS: &[Key] = &[
     key("client_channel_publish_rate", Kind::Int, "Client protocol: publications per second one connection may make to one channel (a token bucket per connection and channel, kept only while the client publishes there); a publication over it is answered error 111 (too many requests, temporary; TCP protocol: ERROR 9) and the connection stays. 0: unlimited."),
     key("client_channel_publish_burst", Kind::Int, "Client protocol: publications one connection may make to one channel at once before client_channel_publish_rate applies (the bucket's size). 0: the rate (one second's worth)."),
     key("client_flood_disconnect_after", Kind::Str, "Client protocol: a connection whose commands are still refused this long after its first refusal is disconnected with 3013 (too many requests; SDKs reconnect with backoff). \"0s\": never."),
-    key("broker", Kind::Str, "Engine of publications, history and presence: \"memory\" (default; this node only, nothing else needed) or \"redis\" (several nodes share channels through redis_url). \"nats\" is recognised and refused: not implemented yet."),
+    key("broker", Kind::Str, "Engine of publications, history and presence: \"memory\" (default; this node only, nothing else needed), \"redis\" (several nodes share channels, history and presence through redis_url) or \"nats\" (several nodes share publications through nats_url; no history, so history_size is refused; presence only with presence_manager = \"redis\")."),
     key("redis_url", Kind::List, "broker = \"redis\": the Redis instances (redis://HOST:PORT[/DB], rediss:// for TLS), 1 to 64. Several: each channel lives on one of them, chosen by a consistent hash of its name (FNV-1a + jump hash, as Centrifugo); every node must list the same URLs in the same order; control messages go through the first. Redis Cluster is not supported (redis_cluster_address is refused)."),
     key("redis_prefix", Kind::Str, "broker = \"redis\": prefix of every Redis key and PUB/SUB channel ringcast uses, so several clusters (or tests) can share one Redis."),
     key("redis_timeout", Kind::Str, "broker = \"redis\": bound of every Redis call (10ms to 60s); a publish, history or presence call that takes longer answers error 100 (internal, temporary)."),
-    key("engine_breaker_failures", Kind::Int, "broker = \"redis\": circuit breaker in front of the engine: after this many consecutive failed engine calls (unavailable or over redis_timeout), publish, history, presence and subscribe calls fail fast with error 100 (internal, temporary) without touching the engine, and /health reports degraded. 0: off. At most 10000."),
-    key("engine_breaker_cooldown", Kind::Str, "broker = \"redis\": how long the circuit breaker stays open before letting one probe call through (100ms to 10m); the probe's success closes it, its failure opens it for another cool-down."),
-    key("nats_url", Kind::Str, "broker = \"nats\" (not implemented yet): the NATS server URL."),
+    key("engine_breaker_failures", Kind::Int, "broker = \"redis\" or \"nats\": circuit breaker in front of the engine: after this many consecutive failed engine calls (unavailable, or over redis_timeout / nats_write_timeout), publish, history, presence and subscribe calls fail fast with error 100 (internal, temporary) without touching the engine, and /health reports degraded. 0: off. At most 10000."),
+    key("engine_breaker_cooldown", Kind::Str, "broker = \"redis\" or \"nats\": how long the circuit breaker stays open before letting one probe call through (100ms to 10m); the probe's success closes it, its failure opens it for another cool-down."),
+    key("nats_url", Kind::Str, "broker = \"nats\": the NATS server (nats://HOST:PORT, tls:// for TLS)."),
+    key("nats_prefix", Kind::Str, "broker = \"nats\": first subject tokens of every subject ringcast uses (Centrifugo's nats_prefix), so several clusters can share one NATS."),
+    key("nats_dial_timeout", Kind::Str, "broker = \"nats\": bound of the connection to NATS and of each reconnection attempt (Centrifugo's nats_dial_timeout)."),
+    key("nats_write_timeout", Kind::Str, "broker = \"nats\": bound of every publish, subscribe and control call (Centrifugo's nats_write_timeout); a publish that takes longer, or any while NATS is unreachable, answers error 100."),
+    key("presence_manager", Kind::Str, "Where presence is kept, when not in the broker: \"\" (default: the broker's own; none with broker = \"nats\") or \"redis\" (with broker = \"nats\": presence in Redis at redis_url under redis_prefix, as the Redis engine keeps it)."),
     key("channels", Kind::Table, "Options of channels outside any namespace ([channels] table: allow_subscribe_for_client, presence, history_size, ...)."),
     key("namespaces", Kind::Table, "Channel namespaces ([[namespaces]] with name = \"ns\" and the channel options); channel \"ns:x\" uses namespace \"ns\"."),
 ];
@@ -231,6 +235,12 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub engine_breaker_cooldown: Duration,
     pub nats_url: String,
+    pub nats_prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub nats_dial_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub nats_write_timeout: Duration,
+    pub presence_manager: String,
     #[serde(deserialize_with = "crate::policy::namespace::deserialize_options")]
     pub channels: crate::policy::namespace::ChannelOptions,
     pub namespaces: Vec<crate::policy::namespace::NamespaceConfig>,
@@ -309,6 +319,10 @@ impl Default for Config {
             engine_breaker_failures: 5,
             engine_breaker_cooldown: Duration::from_secs(5),
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_prefix: "ringcast".into(),
+            nats_dial_timeout: Duration::from_secs(1),
+            nats_write_timeout: Duration::from_secs(1),
+            presence_manager: String::new(),
             channels: crate::policy::namespace::ChannelOptions::default(),
             namespaces: Vec::new(),
         }
@@ -434,6 +448,36 @@ impl Config {
     }
 
     /// Checks every value; errors name the key.
+    /// Under `broker = "nats"` (no stream positions in core NATS): history, and so positioning and
+    /// recovery, is refused in every namespace; presence is refused unless `presence_manager = "redis"`.
+    fn check_nats_channels(&self, redis_presence: bool) -> Result<(), ConfigError> {
+        if self.dev {
+            return Err(invalid(
+                "dev",
+                "dev mode turns history on in every channel, which broker = \"nats\" cannot keep; set the [channels] options instead",
+            ));
+        }
+        let scopes = std::iter::once(("[channels]", &self.channels))
+            .chain(self.namespaces.iter().map(|n| (n.name.as_str(), &n.options)));
+        for (scope, opts) in scopes {
+            if opts.history_size > 0 {
+                return Err(invalid(
+                    "namespaces",
+                    format!(
+                        "{scope}: history_size needs stream positions, which broker = \"nats\" does not keep (use broker = \"redis\" for history and recovery)"
+                    ),
+                ));
+            }
+            if opts.presence && !redis_presence {
+                return Err(invalid(
+                    "namespaces",
+                    format!("{scope}: presence under broker = \"nats\" needs presence_manager = \"redis\""),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<Settings, ConfigError> {
         let listen: SocketAddr =
             self.listen.parse().map_err(|e| invalid("listen", format!("{e} (expected HOST:PORT)")))?;
@@ -513,9 +557,43 @@ impl Config {
         if !self.ping_interval.is_zero() && self.pong_timeout.is_zero() {
             return Err(invalid("pong_timeout", "must be positive when ping_interval is"));
         }
-        match self.broker.as_str() {
-            "memory" => {}
+        if !matches!(self.broker.as_str(), "memory" | "redis" | "nats") {
+            return Err(invalid("broker", format!("{:?} is not one of \"memory\", \"redis\", \"nats\"", self.broker)));
+        }
+        let redis_presence = match self.presence_manager.as_str() {
+            "" => false,
+            "redis" if self.broker == "nats" => true,
             "redis" => {
+                return Err(invalid(
+                    "presence_manager",
+                    "\"redis\" is for broker = \"nats\" (the memory and redis engines keep their own presence)",
+                ))
+            }
+            other => return Err(invalid("presence_manager", format!("{other:?} is not one of \"\", \"redis\""))),
+        };
+        if self.broker == "nats" {
+            {
+                if !self.nats_url.starts_with("nats://") && !self.nats_url.starts_with("tls://") {
+                    return Err(invalid("nats_url", format!("{:?} is not a nats:// or tls:// URL", self.nats_url)));
+                }
+                if !crate::engine::nats::valid_prefix(&self.nats_prefix) {
+                    return Err(invalid(
+                        "nats_prefix",
+                        "must be non-empty subject tokens separated by '.', without wildcards or whitespace",
+                    ));
+                }
+                for (name, d) in
+                    [("nats_dial_timeout", self.nats_dial_timeout), ("nats_write_timeout", self.nats_write_timeout)]
+                {
+                    if d < Duration::from_millis(10) || d > Duration::from_secs(60) {
+                        return Err(invalid(name, "must be between 10ms and 60s"));
+                    }
+                }
+                self.check_nats_channels(redis_presence)?;
+            }
+        }
+        if self.broker == "redis" || redis_presence {
+            {
                 if self.redis_url.is_empty() || self.redis_url.len() > MAX_REDIS_SHARDS {
                     return Err(invalid(
                         "redis_url",
@@ -537,8 +615,6 @@ impl Config {
                     return Err(invalid("redis_timeout", "must be between 10ms and 60s"));
                 }
             }
-            "nats" => return Err(invalid("broker", "\"nats\" is not implemented yet; use \"memory\" or \"redis\"")),
-            other => return Err(invalid("broker", format!("{other:?} is not one of \"memory\", \"redis\""))),
         }
         if self.engine_breaker_failures > 10_000 {
             return Err(invalid("engine_breaker_failures", "must be at most 10000 (0 turns the breaker off)"));
@@ -905,5 +981,72 @@ mod tests {
         let text = Config::documented_toml();
         let c: Config = toml::from_str(&text).unwrap();
         assert_eq!(c, Config::default());
+    }
+}
+
+#[cfg(test)]
+mod nats_tests {
+    use super::*;
+
+    fn validate(src: &str) -> Result<Settings, ConfigError> {
+        let config: Config = match toml::from_str(src) {
+            Ok(c) => c,
+            Err(e) => panic!("test config does not parse: {e}"),
+        };
+        config.validate()
+    }
+
+    fn refused_key(src: &str) -> (String, String) {
+        match validate(src) {
+            Err(ConfigError::Invalid { key, message }) => (key, message),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nats_broker_alone_is_valid_without_history_or_presence() {
+        assert!(validate("broker = \"nats\"\n[channels]\nallow_subscribe_for_client = true\n").is_ok());
+    }
+
+    #[test]
+    fn nats_broker_refuses_history_by_namespace() {
+        let (key, message) = refused_key(
+            "broker = \"nats\"\n[[namespaces]]\nname = \"chat\"\nhistory_size = 10\nhistory_ttl = \"60s\"\n",
+        );
+        assert_eq!(key, "namespaces");
+        assert!(message.contains("chat") && message.contains("history_size"), "{message}");
+        let (_, message) = refused_key("broker = \"nats\"\n[channels]\nhistory_size = 10\nhistory_ttl = \"60s\"\n");
+        assert!(message.contains("[channels]"), "{message}");
+    }
+
+    #[test]
+    fn nats_presence_needs_the_redis_presence_manager() {
+        let src = "broker = \"nats\"\n[[namespaces]]\nname = \"room\"\npresence = true\n";
+        let (key, message) = refused_key(src);
+        assert_eq!(key, "namespaces");
+        assert!(message.contains("room") && message.contains("presence_manager"), "{message}");
+        assert!(validate(&format!("presence_manager = \"redis\"\n{src}")).is_ok());
+    }
+
+    #[test]
+    fn presence_manager_is_only_for_nats_and_only_redis() {
+        assert_eq!(refused_key("broker = \"redis\"\npresence_manager = \"redis\"\n").0, "presence_manager");
+        assert_eq!(refused_key("presence_manager = \"redis\"\n").0, "presence_manager");
+        assert_eq!(refused_key("broker = \"nats\"\npresence_manager = \"nats\"\n").0, "presence_manager");
+        assert_eq!(
+            refused_key("broker = \"nats\"\npresence_manager = \"redis\"\nredis_url = [\"http://x\"]\n").0,
+            "redis_url"
+        );
+    }
+
+    #[test]
+    fn nats_settings_are_checked_by_name() {
+        assert_eq!(refused_key("broker = \"nats\"\nnats_url = \"http://127.0.0.1:4222\"\n").0, "nats_url");
+        assert_eq!(refused_key("broker = \"nats\"\nnats_prefix = \"a.*\"\n").0, "nats_prefix");
+        assert_eq!(refused_key("broker = \"nats\"\nnats_prefix = \"\"\n").0, "nats_prefix");
+        assert_eq!(refused_key("broker = \"nats\"\nnats_write_timeout = \"0s\"\n").0, "nats_write_timeout");
+        assert_eq!(refused_key("broker = \"nats\"\nnats_dial_timeout = \"2m\"\n").0, "nats_dial_timeout");
+        assert_eq!(refused_key("broker = \"kafka\"\n").0, "broker");
+        assert_eq!(refused_key("broker = \"nats\"\ndev = true\n").0, "dev");
     }
 }

@@ -150,18 +150,34 @@ impl Context {
         // The policy from the configuration replaces the placeholder at once; reloads replace it again.
         let mut node = Node::new(memory.clone(), Namespaces::default(), None, false);
         let mut redis = None;
+        let mut nats = None;
+        let breaker = crate::engine::breaker::BreakerPolicy {
+            failures: config.engine_breaker_failures,
+            cooldown: config.engine_breaker_cooldown,
+        };
         if config.broker == "redis" {
             let engine = connect_redis(&config)?;
-            let policy = crate::engine::breaker::BreakerPolicy {
-                failures: config.engine_breaker_failures,
-                cooldown: config.engine_breaker_cooldown,
-            };
-            node = node.with_remote(crate::engine::Remote::guarded(engine.clone(), policy));
+            node = node.with_remote(crate::engine::Remote::guarded(engine.clone(), breaker));
             redis = Some(engine);
+        } else if config.broker == "nats" {
+            let engine = connect_nats(&config)?;
+            // Presence from Redis when asked (its PUB/SUB side stays unused: no inbound is set on it).
+            let presence: Arc<dyn crate::engine::PresenceManager> =
+                if config.presence_manager == "redis" { connect_redis(&config)? } else { engine.clone() };
+            node = node.with_remote(crate::engine::Remote::guarded_parts(
+                engine.clone(),
+                engine.clone(),
+                presence,
+                breaker,
+            ));
+            nats = Some(engine);
         }
         let node = Arc::new(node);
+        let inbound: Arc<dyn crate::engine::Inbound> = node.clone();
         if let Some(engine) = redis {
-            let inbound: Arc<dyn crate::engine::Inbound> = node.clone();
+            engine.set_inbound(Arc::downgrade(&inbound));
+        }
+        if let Some(engine) = nats {
             engine.set_inbound(Arc::downgrade(&inbound));
         }
         node.set_policy(policy);
@@ -229,5 +245,22 @@ fn connect_redis(config: &Config) -> Result<Arc<crate::engine::shards::ShardedRe
     let engine = tokio::task::block_in_place(|| handle.block_on(connect));
     let engine = engine.map_err(|e| ServerError::Runtime(std::io::Error::other(e)))?;
     tracing::info!(shards = engine.shard_count(), prefix = %config.redis_prefix, "broker: redis");
+    Ok(engine)
+}
+
+/// Connects the NATS broker (the node does not start without it, as with Redis).
+fn connect_nats(config: &Config) -> Result<Arc<crate::engine::nats::NatsEngine>, ServerError> {
+    let settings = crate::engine::nats::NatsSettings {
+        url: config.nats_url.clone(),
+        prefix: config.nats_prefix.clone(),
+        dial_timeout: config.nats_dial_timeout,
+        write_timeout: config.nats_write_timeout,
+    };
+    let handle = tokio::runtime::Handle::try_current()
+        .map_err(|e| ServerError::Runtime(std::io::Error::other(format!("broker = \"nats\" needs a runtime: {e}"))))?;
+    let connect = crate::engine::nats::NatsEngine::connect(&settings);
+    let engine = tokio::task::block_in_place(|| handle.block_on(connect));
+    let engine = engine.map_err(|e| ServerError::Runtime(std::io::Error::other(e)))?;
+    tracing::info!(prefix = %settings.prefix, presence_manager = %config.presence_manager, "broker: nats");
     Ok(engine)
 }

@@ -383,13 +383,19 @@ impl Remote {
     where
         E: Broker + HistoryStore + PresenceManager,
     {
+        Remote::guarded_parts(engine.clone(), engine.clone(), engine, policy)
+    }
+
+    /// [`Remote::guarded`] for capabilities from different engines (NATS publications with presence in
+    /// Redis): still one breaker, since a node serves its clients through all of them together.
+    pub fn guarded_parts(
+        broker: Arc<dyn Broker>,
+        history: Arc<dyn HistoryStore>,
+        presence: Arc<dyn PresenceManager>,
+        policy: BreakerPolicy,
+    ) -> Remote {
         let breaker = Arc::new(Breaker::new(policy));
-        let guarded = Arc::new(Guarded {
-            broker: engine.clone(),
-            history: engine.clone(),
-            presence: engine,
-            breaker: breaker.clone(),
-        });
+        let guarded = Arc::new(Guarded { broker, history, presence, breaker: breaker.clone() });
         Remote { broker: guarded.clone(), history: guarded.clone(), presence: guarded, breaker }
     }
 }

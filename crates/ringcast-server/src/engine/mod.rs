@@ -9,6 +9,8 @@
 //! * [`HistoryStore`]: positions and history reads (recovery);
 //! * [`PresenceManager`]: presence entries with a TTL, refreshed by the node that holds the client.
 //!
+//! The NATS broker ([`nats::NatsEngine`]) provides only the first; its presence may come from Redis.
+//!
 //! Errors are [`EngineError::Unavailable`] and [`EngineError::Timeout`]: a client publish, history or
 //! presence answers error 100 (internal, temporary: SDKs retry), an API call answers error 100. Nothing is
 //! dropped silently. Every call goes through one circuit breaker ([`breaker`]): after repeated failures
@@ -28,6 +30,7 @@
 //! (`block_in_place`), bounded by the engine's timeout. No lock is held while it waits.
 
 pub mod breaker;
+pub mod nats;
 pub mod redis;
 pub mod shards;
 

@@ -1,0 +1,567 @@
+//! The NATS broker (`broker = "nats"`): publications and control messages between the nodes that point
+//! at the same NATS server and `nats_prefix`, over core NATS subjects.
+//!
+//! # What it is, and what it refuses
+//! A broker only, as Centrifugo's NATS broker is: core NATS is at-most-once PUB/SUB with no memory, so
+//! there are no stream positions (a publication's offset is 0 and its epoch empty), no history and no
+//! recovery. Configuration validation refuses `history_size` in any namespace under `broker = "nats"`
+//! (and so positioning and recovery, which need history). Presence is not kept in NATS: with
+//! `presence_manager = "redis"` it is kept in Redis by the Redis engine's presence manager (the same
+//! entries a Redis-engine cluster keeps); without it, `presence = true` is refused. JetStream (offsets
+//! from a per-channel counter, history read by subject) was considered and left out: see
+//! ARCHITECTURE.md.
+//!
+//! # Subjects (prefix `P`)
+//! * `P.ch.T` — channel C's publications, `T` = [`escape`]`(C)`: one subject token whatever C holds, so
+//!   `.`, `*`, `>` and whitespace in a channel name cannot split it, widen a subscription or collide
+//!   with another channel.
+//! * `P.control` — control messages (API disconnect, subscribe, unsubscribe, refresh of a client on
+//!   whichever node holds it), JSON, as with Redis.
+//!
+//! A publication travels as its protobuf encoding.
+//!
+//! # Order and delivery
+//! The publishing node does not deliver locally: every node subscribed to the subject, the origin
+//! included, receives the publication on its one subscription for the channel and delivers it through
+//! the hub ([`Inbound::publication`]), so a node's own publications are delivered once. NATS keeps the
+//! order of one connection's publications to a subject, so a node's publications to a channel reach
+//! every node in the order it made them; publications of different nodes may interleave differently on
+//! different nodes (there is no offset to order them by).
+//!
+//! # Subscriptions
+//! One NATS subscription per channel per node: the first local subscriber opens it, the last one to
+//! leave drops it. `subscribe_node` resolves only after a round trip through the server made after the
+//! SUB (a request nobody answers: the server's "no responders" status comes back on the same
+//! connection, after it has processed the SUB), so a publication made after it arrives.
+//!
+//! # Connection loss
+//! async-nats reconnects by itself (backoff up to 2 s) and sends every subscription again. While the
+//! connection is down a publish or control call answers error 100 at once rather than queueing a
+//! message that may be lost. Once connected again, after a round trip (the re-sent subscriptions are
+//! then in force), the node is told ([`Inbound::resubscribed`]), which makes each affected client
+//! resubscribe: publications made while it was down are gone, and the client learns it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
+
+use async_nats::connection::State;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use prost::Message;
+use ringcast_protocol::messages::{ClientInfo, Publication};
+use tokio::sync::{mpsc, OnceCell};
+
+use super::{
+    Broker, Control, EngineError, EngineFuture, EngineState, EngineStatus, HistoryStore, Inbound, PresenceManager,
+};
+use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
+use crate::pubsub::client::ClientId;
+
+/// Settings of the NATS broker (`nats_url`, `nats_prefix`, `nats_dial_timeout`, `nats_write_timeout`).
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    pub url: String,
+    pub prefix: String,
+    /// Bound of the first connection and of each reconnection attempt.
+    pub dial_timeout: Duration,
+    /// Bound of every publish, subscribe and control call.
+    pub write_timeout: Duration,
+}
+
+/// One channel this node receives: how many local subscribers want it, and the task that reads it.
+struct Channel {
+    count: usize,
+    /// Set once the NATS subscription is confirmed; a failed attempt leaves it unset for the next caller.
+    ready: Arc<OnceCell<()>>,
+    task: Option<tokio::task::AbortHandle>,
+}
+
+pub struct NatsEngine {
+    client: async_nats::Client,
+    me: Weak<NatsEngine>,
+    url: String,
+    prefix: String,
+    timeout: Duration,
+    channels: Mutex<HashMap<String, Channel>>,
+    inbound: OnceLock<Weak<dyn Inbound>>,
+    /// The last publish, subscribe or control call failed (the dashboard's "degraded").
+    last_failed: AtomicBool,
+}
+
+impl std::fmt::Debug for NatsEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsEngine").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+fn relock<G>(r: Result<G, std::sync::PoisonError<G>>) -> G {
+    match r {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Whether a byte stands for itself in an escaped channel name: printable ASCII other than the subject
+/// separator `.`, the wildcards `*` and `>`, and the escape character `%`.
+fn plain(b: u8) -> bool {
+    b.is_ascii_graphic() && !matches!(b, b'.' | b'*' | b'>' | b'%')
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// A channel name as one NATS subject token: plain bytes as they are, every other byte (UTF-8 bytes of
+/// non-ASCII characters included) as `%XX` in upper-case hex. The empty name is `%` alone (no escape is
+/// a lone `%`). Reversible by [`unescape`], so two channels never share a subject.
+pub fn escape(channel: &str) -> String {
+    if channel.is_empty() {
+        return "%".to_string();
+    }
+    let mut out = String::with_capacity(channel.len());
+    for &b in channel.as_bytes() {
+        if plain(b) {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
+        }
+    }
+    out
+}
+
+/// The channel name an [`escape`]d token stands for; `None` for a token `escape` never makes.
+pub fn unescape(token: &str) -> Option<String> {
+    if token == "%" {
+        return Some(String::new());
+    }
+    if token.is_empty() {
+        return None;
+    }
+    let digit = |b: u8| HEX.iter().position(|&h| h == b).map(|v| v as u8);
+    let bytes = token.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let hi = digit(*bytes.get(i + 1)?)?;
+            let lo = digit(*bytes.get(i + 2)?)?;
+            let v = hi << 4 | lo;
+            if plain(v) {
+                return None;
+            }
+            out.push(v);
+            i += 3;
+        } else if plain(b) {
+            out.push(b);
+            i += 1;
+        } else {
+            return None;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Whether `prefix` can lead a subject: non-empty dot-separated tokens without wildcards or whitespace.
+pub fn valid_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix.split('.').all(|t| !t.is_empty() && t != "*" && t != ">" && t.bytes().all(|b| b.is_ascii_graphic()))
+        && !prefix.contains(['*', '>'])
+}
+
+/// `nats_url` as the dashboard shows it: any user, password or token left out.
+fn without_credentials(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://{host}"),
+        _ => url.to_string(),
+    }
+}
+
+/// Bounds a NATS call by `nats_write_timeout`.
+async fn bounded<T, E>(
+    timeout: Duration,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, EngineError> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(_)) => Err(EngineError::Unavailable),
+        Err(_) => Err(EngineError::Timeout),
+    }
+}
+
+impl NatsEngine {
+    /// Connects (the first connection must succeed: a node that starts without its broker says so),
+    /// subscribes to the control subject and starts the connection-event task. `inbound` is set later
+    /// ([`NatsEngine::set_inbound`]).
+    pub async fn connect(settings: &NatsSettings) -> Result<Arc<NatsEngine>, String> {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let options = async_nats::ConnectOptions::new()
+            .name("ringcast")
+            .connection_timeout(settings.dial_timeout)
+            .request_timeout(Some(settings.write_timeout))
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis(50).saturating_mul(1u32 << attempts.min(6)).min(Duration::from_secs(2))
+            })
+            .event_callback(move |event| {
+                let tx = events_tx.clone();
+                async move {
+                    let _ = tx.send(event);
+                }
+            });
+        let client = tokio::time::timeout(settings.dial_timeout * 5, options.connect(settings.url.as_str()))
+            .await
+            .map_err(|_| format!("nats at {}: no answer within {:?}", settings.url, settings.dial_timeout * 5))?
+            .map_err(|e| format!("nats at {}: {e}", without_credentials(&settings.url)))?;
+        let control = client
+            .subscribe(format!("{}.control", settings.prefix))
+            .await
+            .map_err(|e| format!("nats: control subscription: {e}"))?;
+        let engine = Arc::new_cyclic(|me| NatsEngine {
+            client,
+            me: me.clone(),
+            url: settings.url.clone(),
+            prefix: settings.prefix.clone(),
+            timeout: settings.write_timeout,
+            channels: Mutex::new(HashMap::new()),
+            inbound: OnceLock::new(),
+            last_failed: AtomicBool::new(false),
+        });
+        tokio::spawn(receive_control(Arc::downgrade(&engine), control));
+        tokio::spawn(connection_events(Arc::downgrade(&engine), events_rx));
+        Ok(engine)
+    }
+
+    pub fn set_inbound(&self, inbound: Weak<dyn Inbound>) {
+        let _ = self.inbound.set(inbound);
+    }
+
+    fn inbound(&self) -> Option<Arc<dyn Inbound>> {
+        self.inbound.get().and_then(Weak::upgrade)
+    }
+
+    fn channels(&self) -> MutexGuard<'_, HashMap<String, Channel>> {
+        relock(self.channels.lock())
+    }
+
+    fn channel_subject(&self, channel: &str) -> String {
+        format!("{}.ch.{}", self.prefix, escape(channel))
+    }
+
+    fn connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    fn record<T>(&self, r: Result<T, EngineError>) -> Result<T, EngineError> {
+        self.last_failed.store(r.is_err(), Ordering::Relaxed);
+        r
+    }
+
+    /// A round trip through the server on this connection: when it returns, every command sent before it
+    /// (a SUB) has been processed. A request to a subject nobody serves; the server answers "no
+    /// responders" at once.
+    async fn round_trip(&self) -> Result<(), EngineError> {
+        let subject = format!("{}.sync", self.prefix);
+        match tokio::time::timeout(self.timeout, self.client.request(subject, Bytes::new())).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => Err(EngineError::Timeout),
+            Ok(Err(_)) => Err(EngineError::Unavailable),
+            Err(_) => Err(EngineError::Timeout),
+        }
+    }
+
+    /// Opens the channel's NATS subscription and its reading task, once confirmed. If every local
+    /// subscriber left meanwhile (the entry is gone or is another one), the subscription is dropped.
+    async fn open(&self, channel: &str, cell: &Arc<OnceCell<()>>) -> Result<(), EngineError> {
+        if !self.connected() {
+            return Err(EngineError::Unavailable);
+        }
+        let sub = bounded(self.timeout, self.client.subscribe(self.channel_subject(channel))).await?;
+        // Dropping `sub` on an error below sends UNSUB.
+        self.round_trip().await?;
+        let task = tokio::spawn(receive_channel(self.me.clone(), channel.to_string(), sub));
+        let mut channels = self.channels();
+        match channels.get_mut(channel) {
+            Some(c) if Arc::ptr_eq(&c.ready, cell) => c.task = Some(task.abort_handle()),
+            _ => task.abort(),
+        }
+        Ok(())
+    }
+
+    /// The channels this node receives.
+    fn wanted_channels(&self) -> Vec<String> {
+        self.channels().iter().filter(|(_, c)| c.ready.initialized()).map(|(n, _)| n.clone()).collect()
+    }
+}
+
+/// Reads one channel's subscription and hands each publication to the node, in arrival order.
+async fn receive_channel(engine: Weak<NatsEngine>, channel: String, mut sub: async_nats::Subscriber) {
+    while let Some(msg) = sub.next().await {
+        let Some(inbound) = engine.upgrade().and_then(|e| e.inbound()) else { return };
+        match Publication::decode(msg.payload) {
+            Ok(publication) => inbound.publication(&channel, publication),
+            Err(_) => {
+                metrics::counter!("ringcast_engine_errors_total", "op" => "inbound", "error" => "malformed")
+                    .increment(1);
+                tracing::warn!(channel, "nats: malformed publication");
+            }
+        }
+    }
+}
+
+async fn receive_control(engine: Weak<NatsEngine>, mut sub: async_nats::Subscriber) {
+    while let Some(msg) = sub.next().await {
+        let Some(engine) = engine.upgrade() else { return };
+        let Some(inbound) = engine.inbound() else { continue };
+        match serde_json::from_slice::<Control>(&msg.payload) {
+            Ok(c) => inbound.control(c),
+            Err(e) => tracing::warn!(error = %e, "nats: malformed control message"),
+        }
+    }
+}
+
+/// Logs connection loss and, once connected again and the re-sent subscriptions are in force, tells the
+/// node which channels may have lost publications.
+async fn connection_events(engine: Weak<NatsEngine>, mut rx: mpsc::UnboundedReceiver<async_nats::Event>) {
+    let mut lost = false;
+    while let Some(event) = rx.recv().await {
+        match event {
+            async_nats::Event::Disconnected => {
+                lost = true;
+                tracing::warn!("nats: connection lost; reconnecting");
+            }
+            async_nats::Event::Connected if lost => {
+                let Some(e) = engine.upgrade() else { return };
+                // Bounded: a few attempts; if the server is gone again, the next Connected event retries.
+                let mut confirmed = false;
+                for _ in 0..5 {
+                    if e.round_trip().await.is_ok() {
+                        confirmed = true;
+                        break;
+                    }
+                }
+                if !confirmed {
+                    continue;
+                }
+                lost = false;
+                let channels = e.wanted_channels();
+                tracing::info!(channels = channels.len(), "nats: connection made again; channels resubscribed");
+                metrics::counter!("ringcast_engine_reconnects_total").increment(1);
+                if let Some(inbound) = e.inbound() {
+                    inbound.resubscribed(&channels);
+                }
+            }
+            async_nats::Event::SlowConsumer(sid) => {
+                metrics::counter!("ringcast_engine_errors_total", "op" => "inbound", "error" => "slow_consumer")
+                    .increment(1);
+                tracing::warn!(sid, "nats: a subscription fell behind; the server dropped publications");
+            }
+            other => tracing::debug!(event = %other, "nats: connection event"),
+        }
+    }
+}
+
+impl Broker for NatsEngine {
+    /// Core NATS keeps no history: `history` is unused (validation refuses history under nats) and the
+    /// position is offset 0, no epoch.
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        publication: &'a Publication,
+        _history: HistoryOptions,
+    ) -> EngineFuture<'a, StreamPos> {
+        Box::pin(async move {
+            if !self.connected() {
+                return self.record(Err(EngineError::Unavailable));
+            }
+            let payload = Bytes::from(publication.encode_to_vec());
+            let r = bounded(self.timeout, self.client.publish(self.channel_subject(channel), payload)).await;
+            let r = match r {
+                Ok(()) => bounded(self.timeout, self.client.flush()).await,
+                Err(e) => Err(e),
+            };
+            self.record(r).map(|()| StreamPos::default())
+        })
+    }
+
+    fn subscribe_node<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, ()> {
+        Box::pin(async move {
+            let cell = {
+                let mut channels = self.channels();
+                let c = channels.entry(channel.to_string()).or_insert_with(|| Channel {
+                    count: 0,
+                    ready: Arc::new(OnceCell::new()),
+                    task: None,
+                });
+                c.count += 1;
+                c.ready.clone()
+            };
+            let r = match tokio::time::timeout(self.timeout * 2, cell.get_or_try_init(|| self.open(channel, &cell)))
+                .await
+            {
+                Ok(r) => r.map(|_| ()),
+                Err(_) => Err(EngineError::Timeout),
+            };
+            if r.is_err() {
+                self.unsubscribe_node(channel);
+            }
+            self.record(r)
+        })
+    }
+
+    fn unsubscribe_node(&self, channel: &str) {
+        let task = {
+            let mut channels = self.channels();
+            match channels.get_mut(channel) {
+                Some(c) if c.count > 1 => {
+                    c.count -= 1;
+                    None
+                }
+                Some(_) => channels.remove(channel).and_then(|c| c.task),
+                None => None,
+            }
+        };
+        // Dropping the subscription (with its task) sends UNSUB.
+        if let Some(task) = task {
+            task.abort();
+        }
+    }
+
+    fn control<'a>(&'a self, control: &'a Control) -> EngineFuture<'a, ()> {
+        Box::pin(async move {
+            if !self.connected() {
+                return self.record(Err(EngineError::Unavailable));
+            }
+            let payload = serde_json::to_vec(control).map_err(|_| EngineError::Unavailable)?;
+            let subject = format!("{}.control", self.prefix);
+            let r = bounded(self.timeout, self.client.publish(subject, Bytes::from(payload))).await;
+            let r = match r {
+                Ok(()) => bounded(self.timeout, self.client.flush()).await,
+                Err(e) => Err(e),
+            };
+            self.record(r)
+        })
+    }
+
+    fn status(&self) -> EngineStatus {
+        let state = if !self.connected() {
+            EngineState::Down
+        } else if self.last_failed.load(Ordering::Relaxed) {
+            EngineState::Degraded
+        } else {
+            EngineState::Up
+        };
+        let channels = self.channels().len();
+        EngineStatus {
+            kind: "nats",
+            state,
+            detail: format!(
+                "{} (prefix {}): {channels} channels received by this node",
+                without_credentials(&self.url),
+                self.prefix
+            ),
+        }
+    }
+}
+
+/// Never reached in a valid configuration (history is refused under `broker = "nats"`); answers error
+/// 100 rather than a position that does not exist.
+impl HistoryStore for NatsEngine {
+    fn history<'a>(
+        &'a self,
+        _channel: &'a str,
+        _filter: &'a HistoryFilter,
+        _history: HistoryOptions,
+    ) -> EngineFuture<'a, (Vec<Publication>, StreamPos)> {
+        Box::pin(async { Err(EngineError::Unavailable) })
+    }
+
+    fn remove_history<'a>(&'a self, _channel: &'a str) -> EngineFuture<'a, ()> {
+        Box::pin(async { Err(EngineError::Unavailable) })
+    }
+}
+
+/// Never reached in a valid configuration (presence under `broker = "nats"` needs
+/// `presence_manager = "redis"`, which replaces this one).
+impl PresenceManager for NatsEngine {
+    fn add_presence<'a>(&'a self, _channel: &'a str, _client: ClientId, _info: &'a ClientInfo) -> EngineFuture<'a, ()> {
+        Box::pin(async { Err(EngineError::Unavailable) })
+    }
+
+    fn remove_presence<'a>(&'a self, _channel: &'a str, _client: ClientId) -> EngineFuture<'a, ()> {
+        Box::pin(async { Err(EngineError::Unavailable) })
+    }
+
+    fn presence<'a>(&'a self, _channel: &'a str) -> EngineFuture<'a, BTreeMap<String, ClientInfo>> {
+        Box::pin(async { Err(EngineError::Unavailable) })
+    }
+
+    fn presence_stats<'a>(&'a self, _channel: &'a str) -> EngineFuture<'a, (u32, u32)> {
+        Box::pin(async { Err(EngineError::Unavailable) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn separators_wildcards_and_whitespace_are_escaped() {
+        assert_eq!(escape("news"), "news");
+        assert_eq!(escape("chat:room.1"), "chat:room%2E1");
+        assert_eq!(escape("a*b>c d\te"), "a%2Ab%3Ec%20d%09e");
+        assert_eq!(escape("100%"), "100%25");
+        assert_eq!(escape("é"), "%C3%A9");
+        assert_eq!(escape(""), "%");
+        assert_eq!(unescape("%"), Some(String::new()));
+        // Tokens escape never makes are not channel names.
+        for bad in ["", "%41", "%2e", "%2", "a.b", "a b", "a*", "%C3"] {
+            assert_eq!(unescape(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_prefix_must_be_subject_tokens_without_wildcards() {
+        assert!(valid_prefix("ringcast"));
+        assert!(valid_prefix("app.ringcast"));
+        for bad in ["", "a..b", ".a", "a.", "a.*", "a>", "a b", "a.>"] {
+            assert!(!valid_prefix(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_dashboard_never_shows_nats_credentials() {
+        assert_eq!(without_credentials("nats://user:pw@127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(without_credentials("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    }
+
+    proptest! {
+        #[test]
+        fn escaping_is_reversible(channel in any::<String>()) {
+            prop_assert_eq!(unescape(&escape(&channel)), Some(channel));
+        }
+
+        #[test]
+        fn an_escaped_name_is_one_plain_subject_token(channel in any::<String>()) {
+            let token = escape(&channel);
+            prop_assert!(!token.is_empty());
+            prop_assert!(token.bytes().all(|b| b.is_ascii_graphic() && b != b'.' && b != b'*' && b != b'>'));
+        }
+
+        #[test]
+        fn different_channels_never_share_a_subject(a in any::<String>(), b in any::<String>()) {
+            prop_assume!(a != b);
+            prop_assert_ne!(escape(&a), escape(&b));
+        }
+
+        #[test]
+        fn names_made_of_separators_stay_apart(parts in proptest::collection::vec("[a.*> %]{0,4}", 1..4)) {
+            let joined = parts.join(".");
+            prop_assert_eq!(unescape(&escape(&joined)), Some(joined));
+        }
+    }
+}

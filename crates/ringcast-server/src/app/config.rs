@@ -108,6 +108,8 @@ pub const KEYS: &[Key] = &[
     key("broker", Kind::Str, "Engine of publications, history and presence: \"memory\" (default; this node only, nothing else needed) or \"redis\" (several nodes share channels through redis_url). \"nats\" is recognised and refused: not implemented yet."),
     key("redis_url", Kind::List, "broker = \"redis\": the Redis instance (redis://HOST:PORT[/DB], rediss:// for TLS). One URL; sharding over several is not implemented yet (more than one is refused)."),
     key("redis_prefix", Kind::Str, "broker = \"redis\": prefix of every Redis key and PUB/SUB channel ringcast uses, so several clusters (or tests) can share one Redis."),
+    key("redis_presence_ttl", Kind::Str, "broker = \"redis\": how long a client's presence entry outlives its last refresh (1s to 24h), Centrifugo's option of that name; a node re-adds its clients' entries every third of it (at most every 20s), so a killed node's clients leave presence within this time."),
+    key("engine_max_waiting", Kind::Int, "broker = \"redis\": engine calls client commands may wait on at once (1 to 100000); a command over it answers error 100 (internal, temporary) at once and counts in ringcast_engine_refused_total, so a slow Redis cannot hold every worker thread."),
     key("redis_timeout", Kind::Str, "broker = \"redis\": bound of every Redis call (10ms to 60s); a publish, history or presence call that takes longer answers error 100 (internal, temporary)."),
     key("nats_url", Kind::Str, "broker = \"nats\" (not implemented yet): the NATS server URL."),
     key("channels", Kind::Table, "Options of channels outside any namespace ([channels] table: allow_subscribe_for_client, presence, history_size, ...)."),
@@ -208,6 +210,9 @@ pub struct Config {
     pub redis_prefix: String,
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub redis_presence_ttl: Duration,
+    pub engine_max_waiting: usize,
     pub nats_url: String,
     #[serde(deserialize_with = "crate::policy::namespace::deserialize_options")]
     pub channels: crate::policy::namespace::ChannelOptions,
@@ -284,6 +289,8 @@ impl Default for Config {
             redis_url: vec!["redis://127.0.0.1:6379".into()],
             redis_prefix: "ringcast".into(),
             redis_timeout: Duration::from_secs(1),
+            redis_presence_ttl: Duration::from_secs(60),
+            engine_max_waiting: 1024,
             nats_url: "nats://127.0.0.1:4222".into(),
             channels: crate::policy::namespace::ChannelOptions::default(),
             namespaces: Vec::new(),
@@ -507,6 +514,14 @@ impl Config {
                 if self.redis_timeout < Duration::from_millis(10) || self.redis_timeout > Duration::from_secs(60) {
                     return Err(invalid("redis_timeout", "must be between 10ms and 60s"));
                 }
+                if self.redis_presence_ttl < Duration::from_secs(1)
+                    || self.redis_presence_ttl > Duration::from_secs(86_400)
+                {
+                    return Err(invalid("redis_presence_ttl", "must be between 1s and 24h"));
+                }
+                if !(1..=100_000).contains(&self.engine_max_waiting) {
+                    return Err(invalid("engine_max_waiting", "must be between 1 and 100000"));
+                }
             }
             "nats" => return Err(invalid("broker", "\"nats\" is not implemented yet; use \"memory\" or \"redis\"")),
             other => return Err(invalid("broker", format!("{other:?} is not one of \"memory\", \"redis\""))),
@@ -699,6 +714,24 @@ mod tests {
         assert!(e.to_string().contains("idle_timeout"), "{e}");
         let e = Config::load(None, |k| (k == "RINGCAST_LISTEN").then(|| "nowhere".into()), &[]).unwrap_err();
         assert!(e.to_string().contains("`listen`"), "{e}");
+    }
+
+    #[test]
+    fn redis_presence_ttl_and_engine_max_waiting_are_checked_by_name() {
+        let redis =
+            |k: &str, v: &str| Config::load(None, no_env, &[("broker".into(), "redis".into()), (k.into(), v.into())]);
+        let (c, _) = redis("redis_presence_ttl", "15s").unwrap();
+        assert_eq!(c.redis_presence_ttl, Duration::from_secs(15));
+        assert_eq!(Config::default().redis_presence_ttl, Duration::from_secs(60), "Centrifugo's default");
+        for bad in ["500ms", "25h", "soon"] {
+            let e = redis("redis_presence_ttl", bad).unwrap_err();
+            assert!(e.to_string().contains("redis_presence_ttl"), "{bad}: {e}");
+        }
+        assert_eq!(redis("engine_max_waiting", "8").unwrap().0.engine_max_waiting, 8);
+        for bad in ["0", "100001", "-1"] {
+            let e = redis("engine_max_waiting", bad).unwrap_err();
+            assert!(e.to_string().contains("engine_max_waiting"), "{bad}: {e}");
+        }
     }
 
     #[test]

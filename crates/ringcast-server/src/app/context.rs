@@ -156,6 +156,7 @@ impl Context {
                 broker: engine.clone(),
                 history: engine.clone(),
                 presence: engine.clone(),
+                waiting: Arc::new(crate::engine::WaitLimit::new(config.engine_max_waiting)),
             });
             redis = Some(engine);
         }
@@ -163,6 +164,7 @@ impl Context {
         if let Some(engine) = redis {
             let inbound: Arc<dyn crate::engine::Inbound> = node.clone();
             engine.set_inbound(Arc::downgrade(&inbound));
+            tokio::spawn(crate::pubsub::registry::announce(Arc::downgrade(&node)));
         }
         node.set_policy(policy);
         let reloader = Arc::new(Reloader::new(ConfigSource::default(), loaded, config.clone(), node.clone()));
@@ -222,6 +224,7 @@ fn connect_redis(config: &Config) -> Result<Arc<crate::engine::redis::RedisEngin
         url: config.redis_url.first().cloned().unwrap_or_default(),
         prefix: config.redis_prefix.clone(),
         timeout: config.redis_timeout,
+        presence_ttl: config.redis_presence_ttl,
     };
     let handle = tokio::runtime::Handle::try_current()
         .map_err(|e| ServerError::Runtime(std::io::Error::other(format!("broker = \"redis\" needs a runtime: {e}"))))?;

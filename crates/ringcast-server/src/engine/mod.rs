@@ -25,12 +25,18 @@
 //! [`resolve`]: polled once (an engine that completes immediately costs nothing more), otherwise the
 //! connection's worker thread hands its other tasks to the runtime and waits for the call
 //! (`block_in_place`), bounded by the engine's timeout. No lock is held while it waits.
+//!
+//! Each waiting call holds a thread, so a slow engine under load would grow the runtime's threads with
+//! every command in flight. [`WaitLimit`] bounds them (`engine_max_waiting`): a call over the bound is
+//! not started and answers error 100 at once ([`EngineError::Busy`], counted in
+//! `ringcast_engine_refused_total`); `ringcast_engine_waiting` is the number waiting now.
 
 pub mod redis;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use ringcast_protocol::messages::{ClientInfo, Publication};
@@ -49,6 +55,9 @@ pub enum EngineError {
     /// The engine did not answer within the configured bound (`redis_timeout`).
     #[error("engine timed out")]
     Timeout,
+    /// `engine_max_waiting` calls are already waiting on the engine: this one was not started.
+    #[error("engine busy")]
+    Busy,
     /// `since` names another epoch, or publications after it are gone (protocol error 112).
     #[error("unrecoverable position")]
     UnrecoverablePosition,
@@ -59,7 +68,7 @@ impl EngineError {
     pub fn code(self) -> ErrorCode {
         match self {
             EngineError::UnrecoverablePosition => ErrorCode::UNRECOVERABLE_POSITION,
-            EngineError::Unavailable | EngineError::Timeout => ErrorCode::INTERNAL,
+            EngineError::Unavailable | EngineError::Timeout | EngineError::Busy => ErrorCode::INTERNAL,
         }
     }
 
@@ -67,6 +76,7 @@ impl EngineError {
         match self {
             EngineError::Unavailable => "unavailable",
             EngineError::Timeout => "timeout",
+            EngineError::Busy => "busy",
             EngineError::UnrecoverablePosition => "unrecoverable",
         }
     }
@@ -79,10 +89,30 @@ pub type EngineFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, EngineError
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Control {
-    Disconnect { user: String, client: Option<String>, code: u16, reason: String },
-    Subscribe { user: String, client: Option<String>, channel: String },
-    Unsubscribe { user: String, client: Option<String>, channel: String },
-    Refresh { user: String, client: Option<String>, expire_at: Option<i64>, expired: bool },
+    Disconnect {
+        user: String,
+        client: Option<String>,
+        code: u16,
+        reason: String,
+    },
+    Subscribe {
+        user: String,
+        client: Option<String>,
+        channel: String,
+    },
+    Unsubscribe {
+        user: String,
+        client: Option<String>,
+        channel: String,
+    },
+    Refresh {
+        user: String,
+        client: Option<String>,
+        expire_at: Option<i64>,
+        expired: bool,
+    },
+    /// A node's periodic announcement of itself ([`crate::pubsub::registry`]).
+    Node(crate::pubsub::registry::NodeStats),
 }
 
 /// Publications between nodes.
@@ -176,6 +206,8 @@ pub struct Remote {
     pub broker: std::sync::Arc<dyn Broker>,
     pub history: std::sync::Arc<dyn HistoryStore>,
     pub presence: std::sync::Arc<dyn PresenceManager>,
+    /// Bounds the calls waited on at once (shared by every clone).
+    pub waiting: std::sync::Arc<WaitLimit>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -184,9 +216,56 @@ impl std::fmt::Debug for Remote {
     }
 }
 
-/// Runs an engine call to completion from synchronous code (see the module docs): polled once, then, on
-/// a multi-threaded runtime, waited for with `block_in_place`. Outside one it cannot wait: `Unavailable`.
-pub fn resolve<T>(mut fut: EngineFuture<'_, T>) -> Result<T, EngineError> {
+/// How many engine calls are waited on at once, and how many may be (see the module docs).
+#[derive(Debug)]
+pub struct WaitLimit {
+    max: usize,
+    now: AtomicUsize,
+}
+
+/// One call counted in a [`WaitLimit`] until dropped.
+struct Waiting<'a>(&'a WaitLimit);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("ringcast_engine_waiting").decrement(1.0);
+    }
+}
+
+impl WaitLimit {
+    pub fn new(max: usize) -> WaitLimit {
+        WaitLimit { max, now: AtomicUsize::new(0) }
+    }
+
+    /// Calls being waited on now.
+    pub fn waiting(&self) -> usize {
+        self.now.load(Ordering::Acquire)
+    }
+
+    fn enter(&self) -> Option<Waiting<'_>> {
+        if self.now.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.now.fetch_sub(1, Ordering::AcqRel);
+            metrics::counter!("ringcast_engine_refused_total").increment(1);
+            return None;
+        }
+        metrics::gauge!("ringcast_engine_waiting").increment(1.0);
+        Some(Waiting(self))
+    }
+}
+
+impl Remote {
+    /// Runs an engine call to completion from synchronous code (see the module docs): refused with
+    /// [`EngineError::Busy`] before it starts when `engine_max_waiting` calls are waiting; else polled
+    /// once, then, on a multi-threaded runtime, waited for with `block_in_place`. Outside one it cannot
+    /// wait: `Unavailable`.
+    pub fn resolve<T>(&self, fut: EngineFuture<'_, T>) -> Result<T, EngineError> {
+        let Some(_counted) = self.waiting.enter() else { return Err(EngineError::Busy) };
+        resolve(fut)
+    }
+}
+
+fn resolve<T>(mut fut: EngineFuture<'_, T>) -> Result<T, EngineError> {
     if let Poll::Ready(r) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
         return r;
     }
@@ -208,4 +287,23 @@ pub fn failed(op: &'static str, e: EngineError) -> EngineError {
         tracing::warn!(op, error = %e, "engine call failed");
     }
     e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_over_engine_max_waiting_are_refused_and_the_others_counted_out() {
+        let limit = WaitLimit::new(2);
+        let a = limit.enter().expect("first");
+        let b = limit.enter().expect("second");
+        assert!(limit.enter().is_none(), "a third waits on nothing: refused");
+        assert_eq!(limit.waiting(), 2, "the refusal is not counted as waiting");
+        drop(a);
+        let c = limit.enter().expect("room again");
+        drop((b, c));
+        assert_eq!(limit.waiting(), 0);
+        assert_eq!(EngineError::Busy.code(), ErrorCode::INTERNAL, "error 100, as a timeout");
+    }
 }

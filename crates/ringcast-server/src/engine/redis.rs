@@ -8,8 +8,9 @@
 //! * `P:h:C` — the history list, newest first, trimmed to `history_size`, expiring `history_ttl` after
 //!   the last publication.
 //! * `P:p:C` — presence hash (client id → protobuf `ClientInfo`); `P:pe:C` — sorted set of the same
-//!   clients by expiry time. Each node re-adds its own clients' entries every [`PRESENCE_REFRESH`]; a
-//!   crashed node's entries pass their expiry and are dropped by the next presence read.
+//!   clients by expiry time. Each node re-adds its own clients' entries every [`refresh_every`] of
+//!   `redis_presence_ttl`; a crashed node's entries pass their expiry and are dropped by the next
+//!   presence read.
 //!
 //! # Order
 //! One Lua script assigns the offset (HINCRBY), appends to the list and PUBLISHes the publication with
@@ -41,10 +42,14 @@ use super::{
 use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
 use crate::pubsub::client::ClientId;
 
-/// How long a presence entry lives without being refreshed.
-pub const PRESENCE_TTL: Duration = Duration::from_secs(60);
-/// How often a node re-adds its clients' presence entries.
+/// The longest a node waits between re-adding its clients' presence entries.
 pub const PRESENCE_REFRESH: Duration = Duration::from_secs(20);
+
+/// How often entries living `ttl` are re-added: a third of it (two refreshes may fail before an entry of
+/// a live client expires), at most [`PRESENCE_REFRESH`].
+pub fn refresh_every(ttl: Duration) -> Duration {
+    (ttl / 3).min(PRESENCE_REFRESH)
+}
 
 const PUBLISH: &str = r"
 local size = tonumber(ARGV[3])
@@ -96,12 +101,14 @@ redis.call('zremrangebyscore', KEYS[2], '-inf', ARGV[1])
 return redis.call('hgetall', KEYS[1])
 ";
 
-/// Settings of the Redis engine (from `redis_url`, `redis_prefix`, `redis_timeout`).
+/// Settings of the Redis engine (from `redis_url`, `redis_prefix`, `redis_timeout`, `redis_presence_ttl`).
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
     pub url: String,
     pub prefix: String,
     pub timeout: Duration,
+    /// How long a presence entry lives without being refreshed.
+    pub presence_ttl: Duration,
 }
 
 enum SubRequest {
@@ -121,6 +128,7 @@ pub struct RedisEngine {
     url: String,
     prefix: String,
     timeout: Duration,
+    presence_ttl: Duration,
     scripts: Scripts,
     /// Local subscribers per channel (of `subscribe_node` calls that succeeded or are under way).
     wanted: Mutex<HashMap<String, usize>>,
@@ -207,6 +215,7 @@ impl RedisEngine {
             url: settings.url.clone(),
             prefix: settings.prefix.clone(),
             timeout: settings.timeout,
+            presence_ttl: settings.presence_ttl,
             scripts: Scripts {
                 publish: Script::new(PUBLISH),
                 history: Script::new(HISTORY),
@@ -221,7 +230,7 @@ impl RedisEngine {
             last_failed: AtomicBool::new(false),
         });
         tokio::spawn(subscriptions(Arc::downgrade(&engine), client, rx));
-        tokio::spawn(refresh_presence(Arc::downgrade(&engine)));
+        tokio::spawn(refresh_presence(Arc::downgrade(&engine), refresh_every(settings.presence_ttl)));
         Ok(engine)
     }
 
@@ -383,9 +392,9 @@ async fn subscriptions(engine: Weak<RedisEngine>, client: redis::Client, mut rx:
 }
 
 /// Re-adds this node's presence entries before they expire.
-async fn refresh_presence(engine: Weak<RedisEngine>) {
+async fn refresh_presence(engine: Weak<RedisEngine>, every: Duration) {
     loop {
-        tokio::time::sleep(PRESENCE_REFRESH).await;
+        tokio::time::sleep(every).await;
         let Some(e) = engine.upgrade() else { return };
         let entries: Vec<((String, ClientId), Vec<u8>)> =
             relock(e.present.lock()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -400,7 +409,7 @@ async fn refresh_presence(engine: Weak<RedisEngine>) {
 
 impl RedisEngine {
     async fn write_presence(&self, channel: &str, client: ClientId, info: Vec<u8>) -> Result<(), EngineError> {
-        let expire_at = unix_ms() + PRESENCE_TTL.as_millis() as u64;
+        let expire_at = unix_ms() + self.presence_ttl.as_millis() as u64;
         let mut conn = self.conn.clone();
         let mut inv = self.scripts.presence_add.prepare_invoke();
         inv.key(self.key("p", channel))
@@ -408,7 +417,7 @@ impl RedisEngine {
             .arg(client.to_string())
             .arg(info)
             .arg(expire_at)
-            .arg(secs(PRESENCE_TTL) * 2);
+            .arg(secs(self.presence_ttl) * 2);
         self.bounded(inv.invoke_async::<i64>(&mut conn)).await.map(|_| ())
     }
 

@@ -14,7 +14,7 @@ use ringcast_protocol::messages::{ClientInfo, Join, Leave, Publication, Push, Re
 use ringcast_protocol::{encode_reply, publication_push_bytes, ErrorCode, Format};
 
 use crate::broker::{Broker, BrokerError, HistoryFilter, HistoryOptions, StreamPos};
-use crate::engine::{failed, resolve, Control, Inbound, Remote};
+use crate::engine::{failed, Control, Inbound, Remote};
 use crate::policy::auth::TokenVerifier;
 use crate::policy::namespace::{ChannelOptions, Namespaces};
 use crate::pubsub::client::{ClientId, ServerCommand};
@@ -92,6 +92,8 @@ pub struct Node {
     pub name: String,
     /// This node's unique id (random per process), as reported by the API's `info`.
     pub uid: String,
+    /// The other nodes on the same engine, as they last announced themselves.
+    pub nodes: crate::pubsub::registry::NodeRegistry,
 }
 
 impl std::fmt::Debug for Node {
@@ -137,6 +139,7 @@ impl Node {
             started: Instant::now(),
             name: "ringcast".into(),
             uid: format!("{}", crate::pubsub::client::ClientId::random()),
+            nodes: Default::default(),
         }
     }
 
@@ -358,7 +361,7 @@ impl Node {
         if let Some(remote) = &self.remote {
             // The engine assigns the position; every node (this one too) delivers the publication when it
             // comes back on the channel's subscription (`deliver_inbound`).
-            let result = resolve(remote.broker.publish(channel, &publication, history));
+            let result = remote.resolve(remote.broker.publish(channel, &publication, history));
             self.publishing.fetch_sub(1, SeqCst);
             return result.map(|pos| (pos, FanOut::default())).map_err(|e| failed("publish", e).code());
         }
@@ -386,7 +389,8 @@ impl Node {
             return Err(ErrorCode::NOT_AVAILABLE);
         }
         if let Some(remote) = &self.remote {
-            return resolve(remote.history.history(channel, filter, Self::history_options(opts)))
+            return remote
+                .resolve(remote.history.history(channel, filter, Self::history_options(opts)))
                 .map_err(|e| failed("history", e).code());
         }
         self.broker.history(channel, filter).map_err(|e| match e {
@@ -423,7 +427,7 @@ impl Node {
             return Err(ErrorCode::NOT_AVAILABLE);
         }
         if let Some(remote) = &self.remote {
-            return resolve(remote.presence.presence(channel)).map_err(|e| failed("presence", e).code());
+            return remote.resolve(remote.presence.presence(channel)).map_err(|e| failed("presence", e).code());
         }
         Ok(self.broker.presence(channel))
     }
@@ -435,7 +439,9 @@ impl Node {
             return Err(ErrorCode::NOT_AVAILABLE);
         }
         if let Some(remote) = &self.remote {
-            return resolve(remote.presence.presence_stats(channel)).map_err(|e| failed("presence_stats", e).code());
+            return remote
+                .resolve(remote.presence.presence_stats(channel))
+                .map_err(|e| failed("presence_stats", e).code());
         }
         Ok(self.broker.presence_stats(channel))
     }
@@ -474,7 +480,8 @@ impl Node {
     pub fn add_presence(&self, channel: &str, client: ClientId, info: ClientInfo) {
         match &self.remote {
             Some(remote) => {
-                let _ = resolve(remote.presence.add_presence(channel, client, &info))
+                let _ = remote
+                    .resolve(remote.presence.add_presence(channel, client, &info))
                     .map_err(|e| failed("presence_add", e));
             }
             None => self.broker.add_presence(channel, client, info),
@@ -484,8 +491,9 @@ impl Node {
     pub fn remove_presence(&self, channel: &str, client: ClientId) {
         match &self.remote {
             Some(remote) => {
-                let _ =
-                    resolve(remote.presence.remove_presence(channel, client)).map_err(|e| failed("presence_remove", e));
+                let _ = remote
+                    .resolve(remote.presence.remove_presence(channel, client))
+                    .map_err(|e| failed("presence_remove", e));
             }
             None => self.broker.remove_presence(channel, client),
         }
@@ -524,7 +532,7 @@ impl Node {
         reply: impl FnOnce(Positioned) -> T,
     ) -> Result<(T, Arc<str>), ErrorCode> {
         let Some(remote) = &self.remote else { return Err(ErrorCode::INTERNAL) };
-        resolve(remote.broker.subscribe_node(channel)).map_err(|e| failed("subscribe", e).code())?;
+        remote.resolve(remote.broker.subscribe_node(channel)).map_err(|e| failed("subscribe", e).code())?;
         let filter = match &positioning {
             Positioning::None => {
                 return self.hub.subscribe_with(
@@ -543,13 +551,13 @@ impl Node {
             .entry(channel.to_string())
             .or_default()
             .push(Pending { client: client.clone(), arrived: Vec::new() });
-        let mut read = resolve(remote.history.history(channel, &filter, history));
+        let mut read = remote.resolve(remote.history.history(channel, &filter, history));
         let mut recovered = false;
         if let (Err(crate::engine::EngineError::UnrecoverablePosition), Positioning::Recover(..)) =
             (&read, &positioning)
         {
             let position = HistoryFilter { since: None, limit: 0, reverse: false };
-            read = resolve(remote.history.history(channel, &position, history));
+            read = remote.resolve(remote.history.history(channel, &position, history));
         } else if read.is_ok() {
             recovered = matches!(positioning, Positioning::Recover(..));
         }
@@ -632,13 +640,30 @@ impl Node {
                     c.command(ServerCommand::Refresh { expire_at, expired });
                 }
             }
+            Control::Node(stats) => self.nodes.record(stats, Instant::now()),
+        }
+    }
+
+    /// This node's figures, as `info` reports them and the registry announces them.
+    pub fn stats(&self) -> crate::pubsub::registry::NodeStats {
+        let (clients, users) = self.counts();
+        let channels = self.hub.channels();
+        crate::pubsub::registry::NodeStats {
+            uid: self.uid.clone(),
+            name: self.name.clone(),
+            version: crate::session::VERSION.to_string(),
+            num_clients: clients as u32,
+            num_users: users as u32,
+            num_subs: channels.iter().map(|(_, n)| *n as u32).sum(),
+            num_channels: channels.len() as u32,
+            uptime: self.started.elapsed().as_secs() as u32,
         }
     }
 
     /// Sends a control message to every node (with a networked engine) or runs it here.
     pub fn control(&self, control: Control) -> Result<(), ErrorCode> {
         match &self.remote {
-            Some(remote) => resolve(remote.broker.control(&control)).map_err(|e| failed("control", e).code()),
+            Some(remote) => remote.resolve(remote.broker.control(&control)).map_err(|e| failed("control", e).code()),
             None => {
                 self.apply_control(control);
                 Ok(())

@@ -132,3 +132,64 @@ async fn clients_of_a_killed_node_recover_exactly_on_another_while_publishers_ke
         assert_eq!(got, expected, "reader {i}: every offset once, in order, across the kill");
     }
 }
+
+/// A counter or gauge from /metrics on `port` (0 when absent).
+fn metric(port: u16, series: &str) -> f64 {
+    let out = http(port, "GET", "/metrics", "", "");
+    let prefix = format!("{series} ");
+    out.lines().find_map(|l| l.strip_prefix(prefix.as_str())).map_or(0.0, |v| v.trim().parse().unwrap_or(-1.0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_times_publishes_out_and_waiting_calls_never_exceed_engine_max_waiting() {
+    let redis = OwnRedis::start(21100);
+    let prefix = format!("rc-stall-{}", std::process::id());
+    let node = Node::start_with(&prefix, 0, redis.port, "15s", "engine_max_waiting = 2\n", "");
+    let port = node.port;
+    let ok = api(port, "publish", &json!({"channel":"s","data":{"n":0}}));
+    assert_eq!(ok["result"]["offset"], 1, "{ok}");
+    let mut stuck = Vec::new();
+    for i in 0..2 {
+        stuck.push(client(port, &format!("w{i}")).await);
+    }
+    redis.signal(libc::SIGSTOP);
+    // Two client publishes wait on the stalled Redis: the bound is reached.
+    let mut waiting = Vec::new();
+    for (i, mut ws) in stuck.into_iter().enumerate() {
+        waiting.push(tokio::spawn(async move {
+            call(&mut ws, json!({"id": 10 + i, "publish":{"channel":"s","data":{"i":i}}})).await.0
+        }));
+    }
+    let mut now = 0.0;
+    for _ in 0..100 {
+        now = metric(port, "ringcast_engine_waiting");
+        if now == 2.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(now, 2.0, "two calls wait on Redis");
+    // Over the bound: refused at once with error 100, counted, and nothing more waits.
+    for n in 0..5 {
+        let r = api(port, "publish", &json!({"channel":"s","data":{"n":n}}));
+        assert_eq!(api_error_code(&r), 100, "{r}");
+    }
+    assert_eq!(metric(port, "ringcast_engine_refused_total"), 5.0);
+    assert_eq!(metric(port, "ringcast_engine_waiting"), 2.0, "refused calls do not pile up");
+    // The two waiting ones time out (redis_timeout) with error 100.
+    for w in waiting {
+        let r = w.await.expect("publisher");
+        assert_eq!(r["error"]["code"], 100, "{r}");
+    }
+    assert_eq!(metric(port, "ringcast_engine_waiting"), 0.0);
+    redis.signal(libc::SIGCONT);
+    let mut published = Value::Null;
+    for _ in 0..50 {
+        published = api(port, "publish", &json!({"channel":"s","data":{"n":9}}));
+        if api_error_code(&published) == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(published["result"]["offset"].is_u64(), "publishing works again: {published}");
+}

@@ -113,6 +113,14 @@ pub enum Control {
     },
     /// A node's periodic announcement of itself ([`crate::pubsub::registry`]).
     Node(crate::pubsub::registry::NodeStats),
+    /// A client joined (`join: true`) or left `channel` on node `origin`; `info` is its protobuf
+    /// `ClientInfo`. The other nodes push it to their subscribers of the channel that listen for it.
+    Membership {
+        origin: String,
+        channel: String,
+        join: bool,
+        info: Vec<u8>,
+    },
 }
 
 /// Publications between nodes.

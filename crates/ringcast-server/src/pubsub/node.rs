@@ -398,25 +398,52 @@ impl Node {
         })
     }
 
-    /// Sends a join push to the channel's other subscribers.
+    /// Sends a join push to the channel's other subscribers, on every node.
     pub fn join(&self, channel: &str, info: &ClientInfo, skip: &Arc<ClientShared>) {
-        self.membership_push(channel, skip, |push| push.join = Some(Join { info: Some(info.clone()) }));
+        self.membership_push(channel, Some(skip), true, info);
+        self.announce_membership(channel, true, info);
     }
 
-    /// Sends a leave push to the channel's other subscribers.
+    /// Sends a leave push to the channel's other subscribers, on every node.
     pub fn leave(&self, channel: &str, info: &ClientInfo, skip: &Arc<ClientShared>) {
-        self.membership_push(channel, skip, |push| push.leave = Some(Leave { info: Some(info.clone()) }));
+        self.membership_push(channel, Some(skip), false, info);
+        self.announce_membership(channel, false, info);
+    }
+
+    /// With a networked engine, tells the other nodes (a control message, sent without waiting: a join
+    /// or leave never holds up the subscribe or unsubscribe that caused it). The origin has delivered
+    /// locally already and skips its own message ([`Node::apply_control`]). Control messages travel apart
+    /// from the channel's publications, so across nodes a join/leave is not ordered with them.
+    fn announce_membership(&self, channel: &str, join: bool, info: &ClientInfo) {
+        let Some(remote) = self.remote.clone() else { return };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        use prost::Message;
+        let control = Control::Membership {
+            origin: self.uid.clone(),
+            channel: channel.to_string(),
+            join,
+            info: info.encode_to_vec(),
+        };
+        handle.spawn(async move {
+            if let Err(e) = remote.broker.control(&control).await {
+                failed("membership", e);
+            }
+        });
     }
 
     /// Join/leave pushes go to the subscribers that asked for them (or all, when the namespace forces
     /// it; [`crate::pubsub::hub::Hub::listen_join_leave`]), in the channel's order with its publications.
-    fn membership_push(&self, channel: &str, skip: &Arc<ClientShared>, set: impl Fn(&mut Push)) {
+    fn membership_push(&self, channel: &str, skip: Option<&Arc<ClientShared>>, join: bool, info: &ClientInfo) {
         let push = |format| {
             let mut push = Push { channel: channel.to_string(), ..Default::default() };
-            set(&mut push);
+            if join {
+                push.join = Some(Join { info: Some(info.clone()) });
+            } else {
+                push.leave = Some(Leave { info: Some(info.clone()) });
+            }
             push_payload(format, push)
         };
-        self.hub.broadcast_join_leave(channel, Some(skip), &push);
+        self.hub.broadcast_join_leave(channel, skip, &push);
     }
 
     /// Presence of a channel, keyed by client id.
@@ -641,6 +668,16 @@ impl Node {
                 }
             }
             Control::Node(stats) => self.nodes.record(stats, Instant::now()),
+            Control::Membership { origin, channel, join, info } => {
+                if origin == self.uid {
+                    return;
+                }
+                use prost::Message;
+                match ClientInfo::decode(&info[..]) {
+                    Ok(info) => self.membership_push(&channel, None, join, &info),
+                    Err(e) => tracing::warn!(error = %e, "malformed join/leave from another node"),
+                }
+            }
         }
     }
 

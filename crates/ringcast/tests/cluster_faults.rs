@@ -99,11 +99,8 @@ async fn clients_of_a_killed_node_recover_exactly_on_another_while_publishers_ke
     for (i, ws) in readers.iter_mut().enumerate() {
         // What arrived before the kill was noticed counts: the client recovers from its last offset.
         let mut got = seen[i].clone();
-        loop {
-            match next(ws).await {
-                Got::Json(msgs) => got.extend(offsets(&msgs, "feed")),
-                Got::Closed(_) => break,
-            }
+        while let Got::Json(msgs) = next(ws).await {
+            got.extend(offsets(&msgs, "feed"));
         }
         let last = *got.last().expect("some before the kill");
         let mut ws = client(a, &format!("reader{i}")).await;
@@ -119,6 +116,8 @@ async fn clients_of_a_killed_node_recover_exactly_on_another_while_publishers_ke
             .as_array()
             .map(|p| p.iter().map(|p| p["offset"].as_u64().unwrap_or(0)).collect::<Vec<_>>())
             .unwrap_or_default();
+        let before = got.len();
+        eprintln!("reader {i}: {before} before the kill, up to {last}; replay {replay:?}");
         got.extend(replay);
         all.push((got, ws));
     }

@@ -141,6 +141,12 @@ pub trait Broker: Send + Sync + 'static {
     fn unsubscribe_node(&self, channel: &str);
     /// Sends a control message to every node (this one included).
     fn control<'a>(&'a self, control: &'a Control) -> EngineFuture<'a, ()>;
+    /// Resolves once every publication the engine sent this node before the call has been handed to
+    /// [`Inbound`]: a subscriber being recovered is registered only after it, so a publication its
+    /// history read already returned cannot reach it a second time as a push.
+    fn barrier(&self) -> EngineFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
     /// What the dashboard shows of the engine (read by the admin sampler once a second while watched).
     fn status(&self) -> EngineStatus;
 }

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use prost::Message;
 use redis::aio::ConnectionManager;
 use redis::Script;
@@ -370,6 +370,19 @@ async fn subscriptions(engine: Weak<RedisEngine>, client: redis::Client, mut rx:
                     if ok && !remove.is_empty() {
                         ok &= sink.unsubscribe(&remove).await.is_ok();
                     }
+                    // A barrier for the waiters (`Broker::barrier`): Redis answers this SUBSCRIBE after
+                    // every message it sent before, and those are queued on `stream` by the time the
+                    // answer is; hand them over before answering.
+                    if ok && !waiters.is_empty() {
+                        ok &= sink.subscribe(&prefix_control).await.is_ok();
+                        let Some(e) = engine.upgrade() else { return };
+                        for _ in 0..100_000 {
+                            match stream.next().now_or_never() {
+                                Some(Some(msg)) => e.dispatch(msg.get_channel_name(), msg.get_payload_bytes()),
+                                _ => break,
+                            }
+                        }
+                    }
                     for w in waiters {
                         let _ = w.send(if ok { Ok(()) } else { Err(EngineError::Unavailable) });
                     }
@@ -509,6 +522,20 @@ impl Broker for RedisEngine {
             let channel = self.control_channel();
             self.bounded(redis::cmd("PUBLISH").arg(channel).arg(payload).query_async::<i64>(&mut conn)).await?;
             Ok(())
+        })
+    }
+
+    fn barrier(&self) -> EngineFuture<'_, ()> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            if self.requests.send(SubRequest::Sync(Some(tx))).is_err() {
+                return Err(EngineError::Unavailable);
+            }
+            match tokio::time::timeout(self.timeout, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(EngineError::Unavailable),
+                Err(_) => Err(EngineError::Timeout),
+            }
         })
     }
 

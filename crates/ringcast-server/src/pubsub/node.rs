@@ -588,6 +588,13 @@ impl Node {
         } else if read.is_ok() {
             recovered = matches!(positioning, Positioning::Recover(..));
         }
+        // Publications the read returned may still be on their way in (the PUB/SUB connection lags the
+        // command one): wait until they were handed over and kept for this client, not pushed to it.
+        if read.is_ok() {
+            if let Err(e) = remote.resolve(remote.broker.barrier()) {
+                read = Err(e);
+            }
+        }
         let mut waiting = self.recovering();
         let arrived = match waiting.get_mut(channel) {
             Some(list) => {

@@ -4,6 +4,9 @@
   receive publications made through the HTTP API and by the client itself, presence, history, and exact
   recovery of what was published while a forced reconnect was in progress.
 - cent (the HTTP API client): every call shape it sends, checked against what a client observes.
+- Two nodes over Redis (127.0.0.1:6379, a key prefix per test): a client on node B receives what node A's
+  HTTP API publishes; B is SIGKILLed, the client reconnects (through a forwarder standing for a load
+  balancer) to A and recovers exactly what was published meanwhile.
 
 RINGCAST_BIN points at the server binary (scripts/test.sh builds it and runs this file).
 """
@@ -38,12 +41,14 @@ def free_port():
 
 
 class Server:
-    def __init__(self, tls_dir=None):
+    def __init__(self, tls_dir=None, redis_prefix=None):
         self.port = free_port()
         tls = ["--tls-cert", f"{tls_dir}/cert.pem", "--tls-key", f"{tls_dir}/key.pem"] if tls_dir else []
+        redis = ["--broker", "redis", "--redis-url", "redis://127.0.0.1:6379",
+                 "--redis-prefix", redis_prefix, "--tcp-listen", "off"] if redis_prefix else []
         self.proc = subprocess.Popen(
             [BIN, "serve", "--dev", "--listen", f"127.0.0.1:{self.port}", "--api-key", API_KEY,
-             "--token-hmac-secret-key", SECRET, "--log-level", "warn", *tls],
+             "--token-hmac-secret-key", SECRET, "--log-level", "warn", *tls, *redis],
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -67,6 +72,49 @@ class Server:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(10)
+
+    def kill(self):
+        """SIGKILL: a crash, no goodbye."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+class Forwarder:
+    """A TCP forwarder standing for a load balancer: each new connection goes to the port in `target`."""
+
+    def __init__(self, target):
+        self.target = target
+
+    async def start(self):
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def handle(self, reader, writer):
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(r, w):
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except OSError:
+                pass
+            finally:
+                w.close()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        except asyncio.CancelledError:  # the test's loop ends with connections still open
+            writer.close()
+            up_writer.close()
+
+    def close(self):
+        self.server.close()
 
 
 def decode(data, protobuf):
@@ -218,6 +266,51 @@ class ClientSdk(unittest.IsolatedAsyncioTestCase):
 
 class ClientSdkProtobuf(ClientSdk):
     protobuf = True
+
+
+class ClusterSdk(unittest.IsolatedAsyncioTestCase):
+    """Two nodes on one Redis and one key prefix (deleted afterwards; never a FLUSH)."""
+
+    def setUp(self):
+        self.prefix = f"rc-sdk-python-{os.getpid()}-{int(time.time() * 1000)}"
+        self.a = Server(redis_prefix=self.prefix)
+        self.b = Server(redis_prefix=self.prefix)
+
+    def tearDown(self):
+        self.a.stop()
+        self.b.stop()
+        keys = subprocess.run(["redis-cli", "--scan", "--pattern", f"{self.prefix}:*"], capture_output=True, text=True)
+        for key in keys.stdout.split():
+            subprocess.run(["redis-cli", "DEL", key], capture_output=True)
+
+    async def test_a_client_of_a_killed_node_reconnects_to_another_and_recovers(self):
+        lb = await Forwarder(self.b.port).start()
+        events = ClientEvents()
+        client = Client(f"ws://127.0.0.1:{lb.port}/connection/websocket", events=events,
+                        token=self.a.token("erin"), proxy=None, min_reconnect_delay=1.0, max_reconnect_delay=1.2)
+        sub, rec = await subscribed(client, "feed", recoverable=True)
+        try:
+            publish = lambda n: asyncio.to_thread(self.a.api.publish, cent.PublishRequest(channel="feed", data={"n": n}))
+            await publish(1)
+            await rec.wait(lambda: len(rec.publications) == 1, "node A's publication on node B")
+            lb.target = self.a.port
+            events.connecting.clear()
+            self.b.kill()
+            await asyncio.wait_for(events.connecting.wait(), T)
+            for n in (2, 3, 4):  # while the client moves to A (before or after its resubscribe)
+                await publish(n)
+            await rec.wait(lambda: len(rec.subscribed) == 2 and len(rec.publications) == 4, "recovery on A")
+            self.assertEqual([p.data for p in rec.publications], [{"n": n} for n in (1, 2, 3, 4)],
+                             "exactly once, in order")
+            self.assertEqual([p.offset for p in rec.publications], [1, 2, 3, 4])
+            again = rec.subscribed[1]
+            self.assertTrue(again.was_recovering)
+            self.assertTrue(again.recovered)
+            info = await asyncio.to_thread(self.a.api.info, cent.InfoRequest())
+            self.assertEqual(info.nodes[0].num_clients, 1, "the client is on A now")
+        finally:
+            await client.disconnect()
+            lb.close()
 
 
 class CentApi(unittest.IsolatedAsyncioTestCase):

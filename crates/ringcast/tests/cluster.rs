@@ -2,271 +2,12 @@
 //! `scripts/test.sh` starts): each test runs its nodes as child processes on their own ports, with a key
 //! prefix of its own (`redis_prefix`), so tests and other users of that Redis never meet.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
-
 mod support;
 
-const KEY: &str = "cluster-key";
-const SECRET: &str = "cluster-secret";
-const ADMIN_PASSWORD: &str = "cluster-admin";
+use std::time::Duration;
 
-/// The channel options every node of a test shares.
-const CHANNELS: &str = r#"
-token_hmac_secret_key = "cluster-secret"
-[channels]
-allow_subscribe_for_client = true
-allow_publish_for_client = true
-allow_presence_for_client = true
-allow_history_for_client = true
-allow_recovery = true
-allow_positioning = true
-presence = true
-history_size = 1000
-history_ttl = "300s"
-"#;
-
-/// One node: a `ringcast serve` process with its log collected.
-struct Node {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Node {
-    fn start(prefix: &str, n: usize) -> Node {
-        Node::start_on(prefix, n, 6379, "2s")
-    }
-
-    /// A node on the Redis at `redis_port`, with `redis_timeout`.
-    fn start_on(prefix: &str, n: usize, redis_port: u16, timeout: &str) -> Node {
-        Node::start_with(prefix, n, redis_port, timeout, "")
-    }
-
-    /// [`Node::start_on`] with more top-level configuration lines (`extra`).
-    fn start_with(prefix: &str, n: usize, redis_port: u16, timeout: &str, extra: &str) -> Node {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("ringcast-cluster-{prefix}-{n}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = format!(
-            "listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\nadmin = true\nadmin_password = \"{ADMIN_PASSWORD}\"\nbroker = \"redis\"\nredis_url = [\"redis://127.0.0.1:{redis_port}\"]\nredis_prefix = \"{prefix}\"\nredis_timeout = \"{timeout}\"\n{extra}\n{CHANNELS}"
-        );
-        std::fs::write(dir.join("c.toml"), config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringcast"))
-            .args(["serve", "--config"])
-            .arg(dir.join("c.toml"))
-            .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start ringcast");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stdout = child.stdout.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let node = Node { child, log, dir, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !node.log.lock().unwrap().contains("ringcast listening") {
-            assert!(Instant::now() < deadline, "node did not start:\n{}", node.log.lock().unwrap());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        node
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- node on port {} ---\n{}", self.port, self.log.lock().unwrap());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        std::fs::remove_dir_all(&self.dir).ok();
-    }
-}
-
-/// `n` nodes on one fresh prefix; the prefix's keys are deleted when the cluster is dropped.
-struct Cluster {
-    nodes: Vec<Node>,
-    prefix: String,
-}
-
-impl Cluster {
-    fn start(name: &str, n: usize) -> Cluster {
-        let prefix = format!("rc-test-{name}-{}-{:08x}", std::process::id(), fastrand::u32(..));
-        Cluster { nodes: (0..n).map(|i| Node::start(&prefix, i)).collect(), prefix }
-    }
-
-    fn port(&self, i: usize) -> u16 {
-        self.nodes[i].port
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.nodes.clear();
-        // Only this test's keys (never a FLUSH on the shared Redis).
-        let keys = Command::new("redis-cli").args(["--scan", "--pattern", &format!("{}:*", self.prefix)]).output();
-        if let Ok(out) = keys {
-            for key in String::from_utf8_lossy(&out.stdout).lines().filter(|k| !k.is_empty()) {
-                let _ = Command::new("redis-cli").args(["DEL", key]).output();
-            }
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// One HTTP/1.1 request (`Connection: close`); the whole response, head and body.
-fn http(port: u16, method: &str, path: &str, headers: &str, body: &str) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("http connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-/// One HTTP API call: the JSON reply.
-fn api(port: u16, method: &str, body: &Value) -> Value {
-    let headers = format!("X-API-Key: {KEY}\r\nContent-Type: application/json\r\n");
-    let out = http(port, "POST", &format!("/api/{method}"), &headers, &body.to_string());
-    let (_, body) = out.split_once("\r\n\r\n").expect("http reply");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
-}
-
-/// The `/admin` dashboard's engine panel of the node on `port` (`kind`, `state`, `detail`), polled until
-/// its state is `want` (the sampler makes a snapshot once a second while someone polls), bounded.
-fn engine_panel(port: u16, want: &str) -> Value {
-    let form = "Content-Type: application/x-www-form-urlencoded\r\n";
-    let login = http(port, "POST", "/admin/login", form, &format!("password={ADMIN_PASSWORD}"));
-    let cookie = login
-        .lines()
-        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie")))
-        .and_then(|(_, v)| v.trim().split(';').next())
-        .unwrap_or_else(|| panic!("no session: {login}"))
-        .to_string();
-    let mut engine = Value::Null;
-    for _ in 0..100 {
-        let out = http(port, "GET", "/admin/snapshot", &format!("Cookie: {cookie}\r\n"), "");
-        let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        engine = serde_json::from_str::<Value>(body).map_or(Value::Null, |s| s["engine"].clone());
-        if engine["state"] == want {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    engine
-}
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-enum Got {
-    Json(Vec<Value>),
-    Closed(Option<(u16, String)>),
-}
-
-async fn next(ws: &mut Ws) -> Got {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                return Got::Json(
-                    t.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect(),
-                )
-            }
-            Ok(Some(Ok(Message::Close(c)))) => {
-                return Got::Closed(c.map(|c| (u16::from(c.code), c.reason.to_string())))
-            }
-            Ok(Some(Ok(_))) => continue,
-            Ok(Some(Err(_))) | Ok(None) | Err(_) => return Got::Closed(None),
-        }
-    }
-}
-
-/// Sends a command; returns its reply and the pushes read before it.
-async fn call(ws: &mut Ws, cmd: Value) -> (Value, Vec<Value>) {
-    let id = cmd["id"].clone();
-    ws.send(Message::Text(cmd.to_string())).await.expect("send");
-    let mut pushes = Vec::new();
-    loop {
-        match next(ws).await {
-            Got::Json(msgs) => {
-                for m in msgs {
-                    if m.get("id") == Some(&id) {
-                        return (m, pushes);
-                    }
-                    pushes.push(m);
-                }
-            }
-            Got::Closed(c) => panic!("closed while waiting for reply {id}: {c:?}"),
-        }
-    }
-}
-
-/// A connected client of `user` on `port`.
-async fn client(port: u16, user: &str) -> Ws {
-    let url = format!("ws://127.0.0.1:{port}/connection/websocket");
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
-    let token = ringcast_server::policy::auth::make_hs256_token(SECRET, user, None, &[]).unwrap();
-    let (r, _) = call(&mut ws, json!({"id":1,"connect":{"token": token}})).await;
-    assert!(r["connect"]["client"].is_string(), "{r}");
-    ws
-}
-
-/// Offsets of the publications of `channel` among `msgs` (pushes).
-fn offsets(msgs: &[Value], channel: &str) -> Vec<u64> {
-    msgs.iter()
-        .filter_map(|m| m.get("push"))
-        .filter(|m| m["channel"] == channel && m.get("pub").is_some())
-        .map(|m| m["pub"]["offset"].as_u64().unwrap_or(0))
-        .collect()
-}
-
-/// Reads until an unsubscribe push arrives; returns it.
-async fn unsubscribe_push(ws: &mut Ws) -> Value {
-    loop {
-        match next(ws).await {
-            Got::Json(msgs) => {
-                if let Some(m) = msgs.into_iter().find(|m| m["push"].get("unsubscribe").is_some()) {
-                    return m["push"].clone();
-                }
-            }
-            Got::Closed(c) => panic!("closed: {c:?}"),
-        }
-    }
-}
-
-/// Reads pushes until `count` publications of `channel` arrived; returns their offsets in order.
-async fn read_publications(ws: &mut Ws, channel: &str, count: usize, mut got: Vec<u64>) -> Vec<u64> {
-    while got.len() < count {
-        match next(ws).await {
-            Got::Json(msgs) => got.extend(offsets(&msgs, channel)),
-            Got::Closed(c) => panic!("closed after {} of {count} publications: {c:?}", got.len()),
-        }
-    }
-    got
-}
+use serde_json::{json, Value};
+use support::cluster::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_publishers_on_two_nodes_every_subscriber_gets_every_publication_in_offset_order() {
@@ -404,44 +145,6 @@ async fn api_disconnect_and_unsubscribe_reach_a_client_on_another_node() {
 }
 
 /// A redis-server of this test's own (port 6390-6399), stopped when dropped.
-struct OwnRedis {
-    child: Child,
-    port: u16,
-}
-
-impl OwnRedis {
-    fn start(port: u16) -> OwnRedis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server on {port} did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        OwnRedis { child, port }
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on the redis-server this test started.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The error code of an API reply (0: none).
-fn api_error_code(r: &Value) -> u64 {
-    r["error"]["code"].as_u64().unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_times_out_redis_restarted_resubscribes_and_tells_clients_2500() {
     let mut redis = OwnRedis::start(6391);
@@ -453,6 +156,7 @@ async fn redis_paused_times_out_redis_restarted_resubscribes_and_tells_clients_2
         redis.port,
         "300ms",
         "engine_breaker_failures = 0",
+        "",
     );
     let port = node.port;
     let mut ws = client(port, "watcher").await;
@@ -511,6 +215,58 @@ async fn redis_paused_times_out_redis_restarted_resubscribes_and_tells_clients_2
     drop(redis);
 }
 
+/// Reads until a join or leave push (`kind`) of `channel` arrives; returns its client info.
+async fn membership_push(ws: &mut Ws, channel: &str, kind: &str) -> Value {
+    loop {
+        match next(ws).await {
+            Got::Json(msgs) => {
+                let found = msgs.into_iter().find(|m| m["push"]["channel"] == channel && m["push"].get(kind).is_some());
+                if let Some(m) = found {
+                    return m["push"][kind]["info"].clone();
+                }
+            }
+            Got::Closed(c) => panic!("closed waiting for {kind}: {c:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_and_leave_of_a_client_on_one_node_reach_subscribers_on_the_other() {
+    let cluster = Cluster::start_with("joinleave", 2, "", "join_leave = true\n");
+    let (a, b) = (cluster.port(0), cluster.port(1));
+    let mut watcher = client(b, "watcher").await;
+    let (r, _) = call(&mut watcher, json!({"id":2,"subscribe":{"channel":"room","join_leave":true}})).await;
+    assert!(r.get("error").is_none(), "{r}");
+    let mut joiner = client(a, "joiner").await;
+    let (r, _) = call(&mut joiner, json!({"id":2,"subscribe":{"channel":"room","join_leave":true}})).await;
+    assert!(r.get("error").is_none(), "{r}");
+    let info = membership_push(&mut watcher, "room", "join").await;
+    assert_eq!(info["user"], "joiner", "{info}");
+    let (r, _) = call(&mut joiner, json!({"id":3,"unsubscribe":{"channel":"room"}})).await;
+    assert!(r.get("error").is_none(), "{r}");
+    let info = membership_push(&mut watcher, "room", "leave").await;
+    assert_eq!(info["user"], "joiner", "{info}");
+    // The joiner got the watcher's join? No: it subscribed later. But its own join never comes back to
+    // it through the engine: after resubscribing, the first membership push it sees is the watcher's leave.
+    let (r, _) = call(&mut joiner, json!({"id":4,"subscribe":{"channel":"room","join_leave":true}})).await;
+    assert!(r.get("error").is_none(), "{r}");
+    let (r, _) = call(&mut watcher, json!({"id":3,"unsubscribe":{"channel":"room"}})).await;
+    assert!(r.get("error").is_none(), "{r}");
+    let mut first = Value::Null;
+    while first.is_null() {
+        match next(&mut joiner).await {
+            Got::Json(msgs) => {
+                first = msgs
+                    .into_iter()
+                    .find(|m| m["push"].get("join").is_some() || m["push"].get("leave").is_some())
+                    .map_or(Value::Null, |m| m["push"].clone());
+            }
+            Got::Closed(c) => panic!("closed: {c:?}"),
+        }
+    }
+    assert_eq!(first["leave"]["info"]["user"], "watcher", "no echo of its own join: {first}");
+}
+
 /// A series of the node's /metrics (0 when absent).
 async fn metric(port: u16, series: &str) -> f64 {
     support::metric(std::net::SocketAddr::from(([127, 0, 0, 1], port)), series).await
@@ -548,6 +304,7 @@ async fn redis_paused_opens_the_circuit_breaker_calls_fail_fast_with_100_and_a_p
         redis.port,
         "300ms",
         "engine_breaker_failures = 3\nengine_breaker_cooldown = \"2s\"",
+        "",
     );
     let port = node.port;
     let mut ws = client(port, "watcher").await;

@@ -160,7 +160,8 @@ impl ApiBackend for Node {
     fn history_remove(&self, channel: &str) -> Result<(), ApiError> {
         self.options(channel).map_err(api_error)?;
         match &self.remote {
-            Some(remote) => crate::engine::resolve(remote.history.remove_history(channel))
+            Some(remote) => remote
+                .resolve(remote.history.remove_history(channel))
                 .map_err(|e| api_error(crate::engine::failed("history_remove", e).code())),
             None => {
                 self.broker.remove_history(channel);
@@ -179,21 +180,21 @@ impl ApiBackend for Node {
             .collect())
     }
 
+    /// This node, then every peer that announced itself recently ([`crate::pubsub::registry`]).
     fn info(&self) -> Result<InfoJson, ApiError> {
-        let (clients, users) = self.counts();
-        let channels = self.hub.channels();
-        Ok(InfoJson {
-            nodes: vec![NodeJson {
-                uid: self.uid.clone(),
-                name: self.name.clone(),
-                version: crate::session::VERSION.to_string(),
-                num_clients: clients as u32,
-                num_users: users as u32,
-                num_subs: channels.iter().map(|(_, n)| *n as u32).sum(),
-                num_channels: channels.len() as u32,
-                uptime: self.started.elapsed().as_secs() as u32,
-            }],
-        })
+        let json = |s: crate::pubsub::registry::NodeStats| NodeJson {
+            uid: s.uid,
+            name: s.name,
+            version: s.version,
+            num_clients: s.num_clients,
+            num_users: s.num_users,
+            num_subs: s.num_subs,
+            num_channels: s.num_channels,
+            uptime: s.uptime,
+        };
+        let mut nodes = vec![json(self.stats())];
+        nodes.extend(self.nodes.live(&self.uid, std::time::Instant::now()).into_iter().map(json));
+        Ok(InfoJson { nodes })
     }
 }
 

@@ -108,6 +108,8 @@ pub const KEYS: &[Key] = &[
     key("broker", Kind::Str, "Engine of publications, history and presence: \"memory\" (default; this node only, nothing else needed), \"redis\" (several nodes share channels, history and presence through redis_url) or \"nats\" (several nodes share publications through nats_url; no history, so history_size is refused; presence only with presence_manager = \"redis\")."),
     key("redis_url", Kind::List, "broker = \"redis\": the Redis instances (redis://HOST:PORT[/DB], rediss:// for TLS), 1 to 64. Several: each channel lives on one of them, chosen by a consistent hash of its name (FNV-1a + jump hash, as Centrifugo); every node must list the same URLs in the same order; control messages go through the first. Redis Cluster is not supported (redis_cluster_address is refused)."),
     key("redis_prefix", Kind::Str, "broker = \"redis\": prefix of every Redis key and PUB/SUB channel ringcast uses, so several clusters (or tests) can share one Redis."),
+    key("redis_presence_ttl", Kind::Str, "broker = \"redis\": how long a client's presence entry outlives its last refresh (1s to 24h), Centrifugo's option of that name; a node re-adds its clients' entries every third of it (at most every 20s), so a killed node's clients leave presence within this time."),
+    key("engine_max_waiting", Kind::Int, "broker = \"redis\" or \"nats\": engine calls client commands may wait on at once (1 to 100000); a command over it answers error 100 (internal, temporary) at once and counts in ringcast_engine_refused_total, so a slow engine cannot hold every worker thread."),
     key("redis_timeout", Kind::Str, "broker = \"redis\": bound of every Redis call (10ms to 60s); a publish, history or presence call that takes longer answers error 100 (internal, temporary)."),
     key("engine_breaker_failures", Kind::Int, "broker = \"redis\" or \"nats\": circuit breaker in front of the engine: after this many consecutive failed engine calls (unavailable, or over redis_timeout / nats_write_timeout), publish, history, presence and subscribe calls fail fast with error 100 (internal, temporary) without touching the engine, and /health reports degraded. 0: off. At most 10000."),
     key("engine_breaker_cooldown", Kind::Str, "broker = \"redis\" or \"nats\": how long the circuit breaker stays open before letting one probe call through (100ms to 10m); the probe's success closes it, its failure opens it for another cool-down."),
@@ -234,6 +236,9 @@ pub struct Config {
     pub engine_breaker_failures: u32,
     #[serde(with = "humantime_serde")]
     pub engine_breaker_cooldown: Duration,
+    #[serde(with = "humantime_serde")]
+    pub redis_presence_ttl: Duration,
+    pub engine_max_waiting: usize,
     pub nats_url: String,
     pub nats_prefix: String,
     #[serde(with = "humantime_serde")]
@@ -318,6 +323,8 @@ impl Default for Config {
             redis_timeout: Duration::from_secs(1),
             engine_breaker_failures: 5,
             engine_breaker_cooldown: Duration::from_secs(5),
+            redis_presence_ttl: Duration::from_secs(60),
+            engine_max_waiting: 1024,
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_prefix: "ringcast".into(),
             nats_dial_timeout: Duration::from_secs(1),
@@ -614,7 +621,15 @@ impl Config {
                 if self.redis_timeout < Duration::from_millis(10) || self.redis_timeout > Duration::from_secs(60) {
                     return Err(invalid("redis_timeout", "must be between 10ms and 60s"));
                 }
+                if self.redis_presence_ttl < Duration::from_secs(1)
+                    || self.redis_presence_ttl > Duration::from_secs(86_400)
+                {
+                    return Err(invalid("redis_presence_ttl", "must be between 1s and 24h"));
+                }
             }
+        }
+        if !(1..=100_000).contains(&self.engine_max_waiting) {
+            return Err(invalid("engine_max_waiting", "must be between 1 and 100000"));
         }
         if self.engine_breaker_failures > 10_000 {
             return Err(invalid("engine_breaker_failures", "must be at most 10000 (0 turns the breaker off)"));
@@ -830,6 +845,24 @@ mod tests {
         ] {
             let e = Config::load(None, no_env, &[(key.into(), value.into())]).unwrap_err();
             assert!(e.to_string().contains(key), "{key} = {value}: {e}");
+        }
+    }
+
+    #[test]
+    fn redis_presence_ttl_and_engine_max_waiting_are_checked_by_name() {
+        let redis =
+            |k: &str, v: &str| Config::load(None, no_env, &[("broker".into(), "redis".into()), (k.into(), v.into())]);
+        let (c, _) = redis("redis_presence_ttl", "15s").unwrap();
+        assert_eq!(c.redis_presence_ttl, Duration::from_secs(15));
+        assert_eq!(Config::default().redis_presence_ttl, Duration::from_secs(60), "Centrifugo's default");
+        for bad in ["500ms", "25h", "soon"] {
+            let e = redis("redis_presence_ttl", bad).unwrap_err();
+            assert!(e.to_string().contains("redis_presence_ttl"), "{bad}: {e}");
+        }
+        assert_eq!(redis("engine_max_waiting", "8").unwrap().0.engine_max_waiting, 8);
+        for bad in ["0", "100001", "-1"] {
+            let e = redis("engine_max_waiting", bad).unwrap_err();
+            assert!(e.to_string().contains("engine_max_waiting"), "{bad}: {e}");
         }
     }
 

@@ -155,9 +155,11 @@ impl Context {
             failures: config.engine_breaker_failures,
             cooldown: config.engine_breaker_cooldown,
         };
+        // One bound for the engine calls sessions wait on, whichever engine (`engine_max_waiting`).
+        let waiting = Arc::new(crate::engine::WaitLimit::new(config.engine_max_waiting));
         if config.broker == "redis" {
             let engine = connect_redis(&config)?;
-            node = node.with_remote(crate::engine::Remote::guarded(engine.clone(), breaker));
+            node = node.with_remote(crate::engine::Remote::guarded(engine.clone(), breaker, waiting.clone()));
             redis = Some(engine);
         } else if config.broker == "nats" {
             let engine = connect_nats(&config)?;
@@ -169,6 +171,7 @@ impl Context {
                 engine.clone(),
                 presence,
                 breaker,
+                waiting,
             ));
             nats = Some(engine);
         }
@@ -179,6 +182,10 @@ impl Context {
         }
         if let Some(engine) = nats {
             engine.set_inbound(Arc::downgrade(&inbound));
+        }
+        if node.remote.is_some() {
+            // Every networked engine carries control messages: the node announces itself to the others.
+            tokio::spawn(crate::pubsub::registry::announce(Arc::downgrade(&node)));
         }
         node.set_policy(policy);
         let reloader = Arc::new(Reloader::new(ConfigSource::default(), loaded, config.clone(), node.clone()));
@@ -240,8 +247,12 @@ impl Context {
 fn connect_redis(config: &Config) -> Result<Arc<crate::engine::shards::ShardedRedis>, ServerError> {
     let handle = tokio::runtime::Handle::try_current()
         .map_err(|e| ServerError::Runtime(std::io::Error::other(format!("broker = \"redis\" needs a runtime: {e}"))))?;
-    let connect =
-        crate::engine::shards::ShardedRedis::connect(&config.redis_url, &config.redis_prefix, config.redis_timeout);
+    let connect = crate::engine::shards::ShardedRedis::connect(
+        &config.redis_url,
+        &config.redis_prefix,
+        config.redis_timeout,
+        config.redis_presence_ttl,
+    );
     let engine = tokio::task::block_in_place(|| handle.block_on(connect));
     let engine = engine.map_err(|e| ServerError::Runtime(std::io::Error::other(e)))?;
     tracing::info!(shards = engine.shard_count(), prefix = %config.redis_prefix, "broker: redis");

@@ -33,6 +33,7 @@ use ringcast_protocol::messages::{ClientInfo, Publication};
 
 use super::{
     Broker, Control, EngineError, EngineFuture, EngineState, EngineStatus, HistoryStore, PresenceManager, Remote,
+    WaitLimit,
 };
 use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
 use crate::pubsub::client::ClientId;
@@ -105,6 +106,8 @@ impl Outcome {
         match result {
             Ok(_) | Err(EngineError::UnrecoverablePosition) => Outcome::Success,
             Err(EngineError::Unavailable | EngineError::Timeout) => Outcome::Failure,
+            // Refused on this node before reaching the engine (`engine_max_waiting`).
+            Err(EngineError::Busy) => Outcome::Abandoned,
         }
     }
 }
@@ -330,6 +333,10 @@ impl Broker for Guarded {
         self.guard(|| self.broker.control(control))
     }
 
+    fn barrier<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, ()> {
+        self.guard(|| self.broker.barrier(channel))
+    }
+
     fn status(&self) -> EngineStatus {
         let mut status = self.broker.status();
         let state = self.breaker.state();
@@ -379,11 +386,12 @@ impl PresenceManager for Guarded {
 
 impl Remote {
     /// The node's view of a networked engine: every capability through one [`Breaker`] with `policy`.
-    pub fn guarded<E>(engine: Arc<E>, policy: BreakerPolicy) -> Remote
+    /// `waiting` bounds the calls sessions wait on at once (`engine_max_waiting`).
+    pub fn guarded<E>(engine: Arc<E>, policy: BreakerPolicy, waiting: Arc<WaitLimit>) -> Remote
     where
         E: Broker + HistoryStore + PresenceManager,
     {
-        Remote::guarded_parts(engine.clone(), engine.clone(), engine, policy)
+        Remote::guarded_parts(engine.clone(), engine.clone(), engine, policy, waiting)
     }
 
     /// [`Remote::guarded`] for capabilities from different engines (NATS publications with presence in
@@ -393,10 +401,11 @@ impl Remote {
         history: Arc<dyn HistoryStore>,
         presence: Arc<dyn PresenceManager>,
         policy: BreakerPolicy,
+        waiting: Arc<WaitLimit>,
     ) -> Remote {
         let breaker = Arc::new(Breaker::new(policy));
         let guarded = Arc::new(Guarded { broker, history, presence, breaker: breaker.clone() });
-        Remote { broker: guarded.clone(), history: guarded.clone(), presence: guarded, breaker }
+        Remote { broker: guarded.clone(), history: guarded.clone(), presence: guarded, breaker, waiting }
     }
 }
 
@@ -557,7 +566,7 @@ mod tests {
     #[test]
     fn an_open_breaker_answers_without_calling_the_engine_and_is_shared_by_every_capability() {
         let engine = Arc::new(Down(Default::default()));
-        let remote = Remote::guarded(engine.clone(), POLICY);
+        let remote = Remote::guarded(engine.clone(), POLICY, Arc::new(WaitLimit::new(8)));
         for _ in 0..3 {
             assert_eq!(super::super::resolve(remote.presence.presence_stats("c")), Err(EngineError::Unavailable));
         }

@@ -28,6 +28,11 @@
 //! [`resolve`]: polled once (an engine that completes immediately costs nothing more), otherwise the
 //! connection's worker thread hands its other tasks to the runtime and waits for the call
 //! (`block_in_place`), bounded by the engine's timeout. No lock is held while it waits.
+//!
+//! Each waiting call holds a thread, so a slow engine under load would grow the runtime's threads with
+//! every command in flight. [`WaitLimit`] bounds them (`engine_max_waiting`): a call over the bound is
+//! not started and answers error 100 at once ([`EngineError::Busy`], counted in
+//! `ringcast_engine_refused_total`); `ringcast_engine_waiting` is the number waiting now.
 
 pub mod breaker;
 pub mod nats;
@@ -37,6 +42,7 @@ pub mod shards;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use ringcast_protocol::messages::{ClientInfo, Publication};
@@ -55,6 +61,9 @@ pub enum EngineError {
     /// The engine did not answer within the configured bound (`redis_timeout`).
     #[error("engine timed out")]
     Timeout,
+    /// `engine_max_waiting` calls are already waiting on the engine: this one was not started.
+    #[error("engine busy")]
+    Busy,
     /// `since` names another epoch, or publications after it are gone (protocol error 112).
     #[error("unrecoverable position")]
     UnrecoverablePosition,
@@ -65,7 +74,7 @@ impl EngineError {
     pub fn code(self) -> ErrorCode {
         match self {
             EngineError::UnrecoverablePosition => ErrorCode::UNRECOVERABLE_POSITION,
-            EngineError::Unavailable | EngineError::Timeout => ErrorCode::INTERNAL,
+            EngineError::Unavailable | EngineError::Timeout | EngineError::Busy => ErrorCode::INTERNAL,
         }
     }
 
@@ -73,6 +82,7 @@ impl EngineError {
         match self {
             EngineError::Unavailable => "unavailable",
             EngineError::Timeout => "timeout",
+            EngineError::Busy => "busy",
             EngineError::UnrecoverablePosition => "unrecoverable",
         }
     }
@@ -85,10 +95,38 @@ pub type EngineFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, EngineError
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Control {
-    Disconnect { user: String, client: Option<String>, code: u16, reason: String },
-    Subscribe { user: String, client: Option<String>, channel: String },
-    Unsubscribe { user: String, client: Option<String>, channel: String },
-    Refresh { user: String, client: Option<String>, expire_at: Option<i64>, expired: bool },
+    Disconnect {
+        user: String,
+        client: Option<String>,
+        code: u16,
+        reason: String,
+    },
+    Subscribe {
+        user: String,
+        client: Option<String>,
+        channel: String,
+    },
+    Unsubscribe {
+        user: String,
+        client: Option<String>,
+        channel: String,
+    },
+    Refresh {
+        user: String,
+        client: Option<String>,
+        expire_at: Option<i64>,
+        expired: bool,
+    },
+    /// A node's periodic announcement of itself ([`crate::pubsub::registry`]).
+    Node(crate::pubsub::registry::NodeStats),
+    /// A client joined (`join: true`) or left `channel` on node `origin`; `info` is its protobuf
+    /// `ClientInfo`. The other nodes push it to their subscribers of the channel that listen for it.
+    Membership {
+        origin: String,
+        channel: String,
+        join: bool,
+        info: Vec<u8>,
+    },
 }
 
 /// Publications between nodes.
@@ -109,6 +147,12 @@ pub trait Broker: Send + Sync + 'static {
     fn unsubscribe_node(&self, channel: &str);
     /// Sends a control message to every node (this one included).
     fn control<'a>(&'a self, control: &'a Control) -> EngineFuture<'a, ()>;
+    /// Resolves once every publication the engine sent this node before the call has been handed to
+    /// [`Inbound`]: a subscriber being recovered is registered only after it, so a publication its
+    /// history read already returned cannot reach it a second time as a push.
+    fn barrier<'a>(&'a self, _channel: &'a str) -> EngineFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
     /// What the dashboard shows of the engine (read by the admin sampler once a second while watched).
     fn status(&self) -> EngineStatus;
 }
@@ -184,6 +228,8 @@ pub struct Remote {
     pub presence: std::sync::Arc<dyn PresenceManager>,
     /// The circuit breaker every call above goes through ([`Remote::guarded`]).
     pub breaker: std::sync::Arc<breaker::Breaker>,
+    /// Bounds the calls waited on at once (shared by every clone).
+    pub waiting: std::sync::Arc<WaitLimit>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -192,9 +238,56 @@ impl std::fmt::Debug for Remote {
     }
 }
 
-/// Runs an engine call to completion from synchronous code (see the module docs): polled once, then, on
-/// a multi-threaded runtime, waited for with `block_in_place`. Outside one it cannot wait: `Unavailable`.
-pub fn resolve<T>(mut fut: EngineFuture<'_, T>) -> Result<T, EngineError> {
+/// How many engine calls are waited on at once, and how many may be (see the module docs).
+#[derive(Debug)]
+pub struct WaitLimit {
+    max: usize,
+    now: AtomicUsize,
+}
+
+/// One call counted in a [`WaitLimit`] until dropped.
+struct Waiting<'a>(&'a WaitLimit);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("ringcast_engine_waiting").decrement(1.0);
+    }
+}
+
+impl WaitLimit {
+    pub fn new(max: usize) -> WaitLimit {
+        WaitLimit { max, now: AtomicUsize::new(0) }
+    }
+
+    /// Calls being waited on now.
+    pub fn waiting(&self) -> usize {
+        self.now.load(Ordering::Acquire)
+    }
+
+    fn enter(&self) -> Option<Waiting<'_>> {
+        if self.now.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.now.fetch_sub(1, Ordering::AcqRel);
+            metrics::counter!("ringcast_engine_refused_total").increment(1);
+            return None;
+        }
+        metrics::gauge!("ringcast_engine_waiting").increment(1.0);
+        Some(Waiting(self))
+    }
+}
+
+impl Remote {
+    /// Runs an engine call to completion from synchronous code (see the module docs): refused with
+    /// [`EngineError::Busy`] before it starts when `engine_max_waiting` calls are waiting; else polled
+    /// once, then, on a multi-threaded runtime, waited for with `block_in_place`. Outside one it cannot
+    /// wait: `Unavailable`.
+    pub fn resolve<T>(&self, fut: EngineFuture<'_, T>) -> Result<T, EngineError> {
+        let Some(_counted) = self.waiting.enter() else { return Err(EngineError::Busy) };
+        resolve(fut)
+    }
+}
+
+fn resolve<T>(mut fut: EngineFuture<'_, T>) -> Result<T, EngineError> {
     if let Poll::Ready(r) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
         return r;
     }
@@ -216,4 +309,23 @@ pub fn failed(op: &'static str, e: EngineError) -> EngineError {
         tracing::warn!(op, error = %e, "engine call failed");
     }
     e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_over_engine_max_waiting_are_refused_and_the_others_counted_out() {
+        let limit = WaitLimit::new(2);
+        let a = limit.enter().expect("first");
+        let b = limit.enter().expect("second");
+        assert!(limit.enter().is_none(), "a third waits on nothing: refused");
+        assert_eq!(limit.waiting(), 2, "the refusal is not counted as waiting");
+        drop(a);
+        let c = limit.enter().expect("room again");
+        drop((b, c));
+        assert_eq!(limit.waiting(), 0);
+        assert_eq!(EngineError::Busy.code(), ErrorCode::INTERNAL, "error 100, as a timeout");
+    }
 }

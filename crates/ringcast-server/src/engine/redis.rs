@@ -8,8 +8,9 @@
 //! * `P:h:C` — the history list, newest first, trimmed to `history_size`, expiring `history_ttl` after
 //!   the last publication.
 //! * `P:p:C` — presence hash (client id → protobuf `ClientInfo`); `P:pe:C` — sorted set of the same
-//!   clients by expiry time. Each node re-adds its own clients' entries every [`PRESENCE_REFRESH`]; a
-//!   crashed node's entries pass their expiry and are dropped by the next presence read.
+//!   clients by expiry time. Each node re-adds its own clients' entries every [`refresh_every`] of
+//!   `redis_presence_ttl`; a crashed node's entries pass their expiry and are dropped by the next
+//!   presence read.
 //!
 //! # Order
 //! One Lua script assigns the offset (HINCRBY), appends to the list and PUBLISHes the publication with
@@ -28,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use prost::Message;
 use redis::aio::ConnectionManager;
 use redis::Script;
@@ -41,10 +42,14 @@ use super::{
 use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
 use crate::pubsub::client::ClientId;
 
-/// How long a presence entry lives without being refreshed.
-pub const PRESENCE_TTL: Duration = Duration::from_secs(60);
-/// How often a node re-adds its clients' presence entries.
+/// The longest a node waits between re-adding its clients' presence entries.
 pub const PRESENCE_REFRESH: Duration = Duration::from_secs(20);
+
+/// How often entries living `ttl` are re-added: a third of it (two refreshes may fail before an entry of
+/// a live client expires), at most [`PRESENCE_REFRESH`].
+pub fn refresh_every(ttl: Duration) -> Duration {
+    (ttl / 3).min(PRESENCE_REFRESH)
+}
 
 const PUBLISH: &str = r"
 local size = tonumber(ARGV[3])
@@ -96,7 +101,8 @@ redis.call('zremrangebyscore', KEYS[2], '-inf', ARGV[1])
 return redis.call('hgetall', KEYS[1])
 ";
 
-/// Settings of one Redis instance of the engine (from `redis_url`, `redis_prefix`, `redis_timeout`).
+/// Settings of one Redis instance of the engine (from `redis_url`, `redis_prefix`, `redis_timeout`,
+/// `redis_presence_ttl`).
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
     pub url: String,
@@ -105,6 +111,8 @@ pub struct RedisSettings {
     /// This instance carries the control messages between nodes (the first of `redis_url`; see
     /// [`super::shards`]): its PUB/SUB connection subscribes to `P:control` as well.
     pub control: bool,
+    /// How long a presence entry lives without being refreshed.
+    pub presence_ttl: Duration,
 }
 
 enum SubRequest {
@@ -126,6 +134,7 @@ pub struct RedisEngine {
     timeout: Duration,
     /// Subscribed to the control channel (see [`RedisSettings::control`]).
     control: bool,
+    presence_ttl: Duration,
     scripts: Scripts,
     /// Local subscribers per channel (of `subscribe_node` calls that succeeded or are under way).
     wanted: Mutex<HashMap<String, usize>>,
@@ -213,6 +222,7 @@ impl RedisEngine {
             prefix: settings.prefix.clone(),
             timeout: settings.timeout,
             control: settings.control,
+            presence_ttl: settings.presence_ttl,
             scripts: Scripts {
                 publish: Script::new(PUBLISH),
                 history: Script::new(HISTORY),
@@ -227,7 +237,7 @@ impl RedisEngine {
             last_failed: AtomicBool::new(false),
         });
         tokio::spawn(subscriptions(Arc::downgrade(&engine), client, rx));
-        tokio::spawn(refresh_presence(Arc::downgrade(&engine)));
+        tokio::spawn(refresh_presence(Arc::downgrade(&engine), refresh_every(settings.presence_ttl)));
         Ok(engine)
     }
 
@@ -302,6 +312,8 @@ async fn subscriptions(engine: Weak<RedisEngine>, client: redis::Client, mut rx:
         // Down from here until this connection is made and subscribed.
         RedisEngine::set_receiving(&engine, false);
         let Some(control) = engine.upgrade().map(|e| e.control.then(|| e.control_channel())) else { return };
+        // What a barrier subscribes to: a channel nothing is published on, so only its reply matters.
+        let Some(barrier) = engine.upgrade().map(|e| format!("{}:barrier", e.prefix)) else { return };
         let pubsub = match client.get_async_pubsub().await {
             Ok(p) => p,
             Err(e) => {
@@ -369,6 +381,19 @@ async fn subscriptions(engine: Weak<RedisEngine>, client: redis::Client, mut rx:
                     if ok && !remove.is_empty() {
                         ok &= sink.unsubscribe(&remove).await.is_ok();
                     }
+                    // A barrier for the waiters (`Broker::barrier`): Redis answers this SUBSCRIBE after
+                    // every message it sent before, and those are queued on `stream` by the time the
+                    // answer is; hand them over before answering.
+                    if ok && !waiters.is_empty() {
+                        ok &= sink.subscribe(&barrier).await.is_ok();
+                        let Some(e) = engine.upgrade() else { return };
+                        for _ in 0..100_000 {
+                            match stream.next().now_or_never() {
+                                Some(Some(msg)) => e.dispatch(msg.get_channel_name(), msg.get_payload_bytes()),
+                                _ => break,
+                            }
+                        }
+                    }
                     for w in waiters {
                         let _ = w.send(if ok { Ok(()) } else { Err(EngineError::Unavailable) });
                     }
@@ -391,9 +416,9 @@ async fn subscriptions(engine: Weak<RedisEngine>, client: redis::Client, mut rx:
 }
 
 /// Re-adds this node's presence entries before they expire.
-async fn refresh_presence(engine: Weak<RedisEngine>) {
+async fn refresh_presence(engine: Weak<RedisEngine>, every: Duration) {
     loop {
-        tokio::time::sleep(PRESENCE_REFRESH).await;
+        tokio::time::sleep(every).await;
         let Some(e) = engine.upgrade() else { return };
         let entries: Vec<((String, ClientId), Vec<u8>)> =
             relock(e.present.lock()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -408,7 +433,7 @@ async fn refresh_presence(engine: Weak<RedisEngine>) {
 
 impl RedisEngine {
     async fn write_presence(&self, channel: &str, client: ClientId, info: Vec<u8>) -> Result<(), EngineError> {
-        let expire_at = unix_ms() + PRESENCE_TTL.as_millis() as u64;
+        let expire_at = unix_ms() + self.presence_ttl.as_millis() as u64;
         let mut conn = self.conn.clone();
         let mut inv = self.scripts.presence_add.prepare_invoke();
         inv.key(self.key("p", channel))
@@ -416,7 +441,7 @@ impl RedisEngine {
             .arg(client.to_string())
             .arg(info)
             .arg(expire_at)
-            .arg(secs(PRESENCE_TTL) * 2);
+            .arg(secs(self.presence_ttl) * 2);
         self.bounded(inv.invoke_async::<i64>(&mut conn)).await.map(|_| ())
     }
 
@@ -508,6 +533,20 @@ impl Broker for RedisEngine {
             let channel = self.control_channel();
             self.bounded(redis::cmd("PUBLISH").arg(channel).arg(payload).query_async::<i64>(&mut conn)).await?;
             Ok(())
+        })
+    }
+
+    fn barrier<'a>(&'a self, _channel: &'a str) -> EngineFuture<'a, ()> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            if self.requests.send(SubRequest::Sync(Some(tx))).is_err() {
+                return Err(EngineError::Unavailable);
+            }
+            match tokio::time::timeout(self.timeout, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(EngineError::Unavailable),
+                Err(_) => Err(EngineError::Timeout),
+            }
         })
     }
 

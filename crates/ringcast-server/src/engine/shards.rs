@@ -86,10 +86,12 @@ impl ShardedRedis {
         urls: &[String],
         prefix: &str,
         timeout: std::time::Duration,
+        presence_ttl: std::time::Duration,
     ) -> Result<Arc<ShardedRedis>, String> {
         let mut shards = Vec::with_capacity(urls.len());
         for (i, url) in urls.iter().enumerate() {
-            let settings = RedisSettings { url: url.clone(), prefix: prefix.to_string(), timeout, control: i == 0 };
+            let settings =
+                RedisSettings { url: url.clone(), prefix: prefix.to_string(), timeout, presence_ttl, control: i == 0 };
             shards.push(RedisEngine::connect(&settings).await?);
         }
         let first = shards.first().cloned().ok_or("redis_url: no instance")?;
@@ -133,6 +135,10 @@ impl Broker for ShardedRedis {
 
     fn control<'a>(&'a self, control: &'a Control) -> EngineFuture<'a, ()> {
         self.first.control(control)
+    }
+
+    fn barrier<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, ()> {
+        self.shard(channel).barrier(channel)
     }
 
     fn status(&self) -> EngineStatus {

@@ -15,3 +15,4 @@ pub mod client;
 pub mod hub;
 pub mod idempotency;
 pub mod node;
+pub mod registry;

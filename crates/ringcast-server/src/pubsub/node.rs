@@ -14,7 +14,7 @@ use ringcast_protocol::messages::{ClientInfo, Join, Leave, Publication, Push, Re
 use ringcast_protocol::{encode_reply, publication_push_bytes, ErrorCode, Format};
 
 use crate::broker::{Broker, BrokerError, HistoryFilter, HistoryOptions, StreamPos};
-use crate::engine::{failed, resolve, Control, Inbound, Remote};
+use crate::engine::{failed, Control, Inbound, Remote};
 use crate::policy::auth::TokenVerifier;
 use crate::policy::namespace::{ChannelOptions, Namespaces};
 use crate::pubsub::client::{ClientId, ServerCommand};
@@ -92,6 +92,8 @@ pub struct Node {
     pub name: String,
     /// This node's unique id (random per process), as reported by the API's `info`.
     pub uid: String,
+    /// The other nodes on the same engine, as they last announced themselves.
+    pub nodes: crate::pubsub::registry::NodeRegistry,
 }
 
 impl std::fmt::Debug for Node {
@@ -137,6 +139,7 @@ impl Node {
             started: Instant::now(),
             name: "ringcast".into(),
             uid: format!("{}", crate::pubsub::client::ClientId::random()),
+            nodes: Default::default(),
         }
     }
 
@@ -358,7 +361,7 @@ impl Node {
         if let Some(remote) = &self.remote {
             // The engine assigns the position; every node (this one too) delivers the publication when it
             // comes back on the channel's subscription (`deliver_inbound`).
-            let result = resolve(remote.broker.publish(channel, &publication, history));
+            let result = remote.resolve(remote.broker.publish(channel, &publication, history));
             self.publishing.fetch_sub(1, SeqCst);
             return result.map(|pos| (pos, FanOut::default())).map_err(|e| failed("publish", e).code());
         }
@@ -386,7 +389,8 @@ impl Node {
             return Err(ErrorCode::NOT_AVAILABLE);
         }
         if let Some(remote) = &self.remote {
-            return resolve(remote.history.history(channel, filter, Self::history_options(opts)))
+            return remote
+                .resolve(remote.history.history(channel, filter, Self::history_options(opts)))
                 .map_err(|e| failed("history", e).code());
         }
         self.broker.history(channel, filter).map_err(|e| match e {
@@ -394,25 +398,52 @@ impl Node {
         })
     }
 
-    /// Sends a join push to the channel's other subscribers.
+    /// Sends a join push to the channel's other subscribers, on every node.
     pub fn join(&self, channel: &str, info: &ClientInfo, skip: &Arc<ClientShared>) {
-        self.membership_push(channel, skip, |push| push.join = Some(Join { info: Some(info.clone()) }));
+        self.membership_push(channel, Some(skip), true, info);
+        self.announce_membership(channel, true, info);
     }
 
-    /// Sends a leave push to the channel's other subscribers.
+    /// Sends a leave push to the channel's other subscribers, on every node.
     pub fn leave(&self, channel: &str, info: &ClientInfo, skip: &Arc<ClientShared>) {
-        self.membership_push(channel, skip, |push| push.leave = Some(Leave { info: Some(info.clone()) }));
+        self.membership_push(channel, Some(skip), false, info);
+        self.announce_membership(channel, false, info);
+    }
+
+    /// With a networked engine, tells the other nodes (a control message, sent without waiting: a join
+    /// or leave never holds up the subscribe or unsubscribe that caused it). The origin has delivered
+    /// locally already and skips its own message ([`Node::apply_control`]). Control messages travel apart
+    /// from the channel's publications, so across nodes a join/leave is not ordered with them.
+    fn announce_membership(&self, channel: &str, join: bool, info: &ClientInfo) {
+        let Some(remote) = self.remote.clone() else { return };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        use prost::Message;
+        let control = Control::Membership {
+            origin: self.uid.clone(),
+            channel: channel.to_string(),
+            join,
+            info: info.encode_to_vec(),
+        };
+        handle.spawn(async move {
+            if let Err(e) = remote.broker.control(&control).await {
+                failed("membership", e);
+            }
+        });
     }
 
     /// Join/leave pushes go to the subscribers that asked for them (or all, when the namespace forces
     /// it; [`crate::pubsub::hub::Hub::listen_join_leave`]), in the channel's order with its publications.
-    fn membership_push(&self, channel: &str, skip: &Arc<ClientShared>, set: impl Fn(&mut Push)) {
+    fn membership_push(&self, channel: &str, skip: Option<&Arc<ClientShared>>, join: bool, info: &ClientInfo) {
         let push = |format| {
             let mut push = Push { channel: channel.to_string(), ..Default::default() };
-            set(&mut push);
+            if join {
+                push.join = Some(Join { info: Some(info.clone()) });
+            } else {
+                push.leave = Some(Leave { info: Some(info.clone()) });
+            }
             push_payload(format, push)
         };
-        self.hub.broadcast_join_leave(channel, Some(skip), &push);
+        self.hub.broadcast_join_leave(channel, skip, &push);
     }
 
     /// Presence of a channel, keyed by client id.
@@ -423,7 +454,7 @@ impl Node {
             return Err(ErrorCode::NOT_AVAILABLE);
         }
         if let Some(remote) = &self.remote {
-            return resolve(remote.presence.presence(channel)).map_err(|e| failed("presence", e).code());
+            return remote.resolve(remote.presence.presence(channel)).map_err(|e| failed("presence", e).code());
         }
         Ok(self.broker.presence(channel))
     }
@@ -435,7 +466,9 @@ impl Node {
             return Err(ErrorCode::NOT_AVAILABLE);
         }
         if let Some(remote) = &self.remote {
-            return resolve(remote.presence.presence_stats(channel)).map_err(|e| failed("presence_stats", e).code());
+            return remote
+                .resolve(remote.presence.presence_stats(channel))
+                .map_err(|e| failed("presence_stats", e).code());
         }
         Ok(self.broker.presence_stats(channel))
     }
@@ -474,7 +507,8 @@ impl Node {
     pub fn add_presence(&self, channel: &str, client: ClientId, info: ClientInfo) {
         match &self.remote {
             Some(remote) => {
-                let _ = resolve(remote.presence.add_presence(channel, client, &info))
+                let _ = remote
+                    .resolve(remote.presence.add_presence(channel, client, &info))
                     .map_err(|e| failed("presence_add", e));
             }
             None => self.broker.add_presence(channel, client, info),
@@ -484,8 +518,9 @@ impl Node {
     pub fn remove_presence(&self, channel: &str, client: ClientId) {
         match &self.remote {
             Some(remote) => {
-                let _ =
-                    resolve(remote.presence.remove_presence(channel, client)).map_err(|e| failed("presence_remove", e));
+                let _ = remote
+                    .resolve(remote.presence.remove_presence(channel, client))
+                    .map_err(|e| failed("presence_remove", e));
             }
             None => self.broker.remove_presence(channel, client),
         }
@@ -524,7 +559,7 @@ impl Node {
         reply: impl FnOnce(Positioned) -> T,
     ) -> Result<(T, Arc<str>), ErrorCode> {
         let Some(remote) = &self.remote else { return Err(ErrorCode::INTERNAL) };
-        resolve(remote.broker.subscribe_node(channel)).map_err(|e| failed("subscribe", e).code())?;
+        remote.resolve(remote.broker.subscribe_node(channel)).map_err(|e| failed("subscribe", e).code())?;
         let filter = match &positioning {
             Positioning::None => {
                 return self.hub.subscribe_with(
@@ -543,15 +578,22 @@ impl Node {
             .entry(channel.to_string())
             .or_default()
             .push(Pending { client: client.clone(), arrived: Vec::new() });
-        let mut read = resolve(remote.history.history(channel, &filter, history));
+        let mut read = remote.resolve(remote.history.history(channel, &filter, history));
         let mut recovered = false;
         if let (Err(crate::engine::EngineError::UnrecoverablePosition), Positioning::Recover(..)) =
             (&read, &positioning)
         {
             let position = HistoryFilter { since: None, limit: 0, reverse: false };
-            read = resolve(remote.history.history(channel, &position, history));
+            read = remote.resolve(remote.history.history(channel, &position, history));
         } else if read.is_ok() {
             recovered = matches!(positioning, Positioning::Recover(..));
+        }
+        // Publications the read returned may still be on their way in (the PUB/SUB connection lags the
+        // command one): wait until they were handed over and kept for this client, not pushed to it.
+        if read.is_ok() {
+            if let Err(e) = remote.resolve(remote.broker.barrier(channel)) {
+                read = Err(e);
+            }
         }
         let mut waiting = self.recovering();
         let arrived = match waiting.get_mut(channel) {
@@ -632,13 +674,40 @@ impl Node {
                     c.command(ServerCommand::Refresh { expire_at, expired });
                 }
             }
+            Control::Node(stats) => self.nodes.record(stats, Instant::now()),
+            Control::Membership { origin, channel, join, info } => {
+                if origin == self.uid {
+                    return;
+                }
+                use prost::Message;
+                match ClientInfo::decode(&info[..]) {
+                    Ok(info) => self.membership_push(&channel, None, join, &info),
+                    Err(e) => tracing::warn!(error = %e, "malformed join/leave from another node"),
+                }
+            }
+        }
+    }
+
+    /// This node's figures, as `info` reports them and the registry announces them.
+    pub fn stats(&self) -> crate::pubsub::registry::NodeStats {
+        let (clients, users) = self.counts();
+        let channels = self.hub.channels();
+        crate::pubsub::registry::NodeStats {
+            uid: self.uid.clone(),
+            name: self.name.clone(),
+            version: crate::session::VERSION.to_string(),
+            num_clients: clients as u32,
+            num_users: users as u32,
+            num_subs: channels.iter().map(|(_, n)| *n as u32).sum(),
+            num_channels: channels.len() as u32,
+            uptime: self.started.elapsed().as_secs() as u32,
         }
     }
 
     /// Sends a control message to every node (with a networked engine) or runs it here.
     pub fn control(&self, control: Control) -> Result<(), ErrorCode> {
         match &self.remote {
-            Some(remote) => resolve(remote.broker.control(&control)).map_err(|e| failed("control", e).code()),
+            Some(remote) => remote.resolve(remote.broker.control(&control)).map_err(|e| failed("control", e).code()),
             None => {
                 self.apply_control(control);
                 Ok(())

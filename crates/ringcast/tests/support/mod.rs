@@ -2,6 +2,8 @@
 //! it on a free loopback port, talk HTTP and WebSocket to it, read its memory from /proc.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

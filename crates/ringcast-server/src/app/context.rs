@@ -152,6 +152,7 @@ impl Context {
         let mut redis = None;
         if config.broker == "redis" {
             let engine = connect_redis(&config)?;
+            // One policy from the configuration for every shard's breaker.
             let policy = crate::engine::breaker::BreakerPolicy {
                 failures: config.engine_breaker_failures,
                 cooldown: config.engine_breaker_cooldown,
@@ -175,8 +176,10 @@ impl Context {
         };
         let mut full = crate::api::router_with_reload(node.clone(), api, crate::metrics::install(), Some(reload));
         if let Some(remote) = &node.remote {
-            // After `install`, so the breaker's state gauge is there (0, closed) before its first change.
-            remote.breaker.report();
+            // After `install`, so each shard's breaker series are there (closed, 0) before its first change.
+            for breaker in remote.breakers.iter() {
+                breaker.report();
+            }
         }
         let admin = settings.admin.then(|| {
             if config.admin_password.is_empty() {

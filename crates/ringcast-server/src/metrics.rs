@@ -255,17 +255,17 @@ fn describe() {
     describe_gauge!(
         ENGINE_BREAKER_STATE,
         Unit::Count,
-        "The engine's circuit breaker: 0 closed, 1 open (engine calls fail fast with error 100), 2 half-open (one probe call out)."
+        "The engine's circuit breaker of each Redis shard (`shard`: its index in redis_url): 0 closed, 1 open (the shard's calls fail fast with error 100), 2 half-open (one probe call out)."
     );
     describe_counter!(
         ENGINE_BREAKER_TRIPS_TOTAL,
         Unit::Count,
-        "Times the engine's circuit breaker opened (after engine_breaker_failures consecutive failures, or a failed probe)."
+        "Times a shard's circuit breaker opened (after engine_breaker_failures consecutive failures, or a failed probe), by `shard`."
     );
     describe_counter!(
         ENGINE_BREAKER_REJECTED_TOTAL,
         Unit::Count,
-        "Engine calls failed fast (error 100) by the open circuit breaker, without touching the engine."
+        "Engine calls failed fast (error 100) by a shard's open circuit breaker, without touching the engine, by `shard`."
     );
     describe_counter!(
         ADMIN_LOGIN_FAILURES_TOTAL,

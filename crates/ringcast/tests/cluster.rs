@@ -294,9 +294,10 @@ async fn read_until_offset(ws: &mut Ws, channel: &str, offset: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_opens_the_circuit_breaker_calls_fail_fast_with_100_and_a_probe_closes_it() {
-    const STATE: &str = "ringcast_engine_breaker_state";
-    const TRIPS: &str = "ringcast_engine_breaker_trips_total";
-    const REJECTED: &str = "ringcast_engine_breaker_rejected_total";
+    // One redis_url: one shard, one breaker, labelled shard "0".
+    const STATE: &str = "ringcast_engine_breaker_state{shard=\"0\"}";
+    const TRIPS: &str = "ringcast_engine_breaker_trips_total{shard=\"0\"}";
+    const REJECTED: &str = "ringcast_engine_breaker_rejected_total{shard=\"0\"}";
     let redis = OwnRedis::start(21000);
     let node = Node::start_with(
         &format!("rc-breaker-{}", std::process::id()),

@@ -1,6 +1,7 @@
 //! Redis sharding (`redis_url` with two instances): two `ringcast serve` child processes over two
-//! redis-server processes each test starts on its own ports (21200-21299, stopped afterwards). Where a
-//! channel lives is checked in the Redis instances themselves (its keys), against the hash the server uses.
+//! redis-server processes each test starts on its own ports (21200-21299 and 21400-21499, stopped
+//! afterwards). Where a channel lives is checked in the Redis instances themselves (its keys), against
+//! the hash the server uses.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
@@ -51,6 +52,11 @@ impl OwnRedis {
         OwnRedis { child, port }
     }
 
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the redis-server this test started.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
     /// Keys of this instance matching `pattern`.
     fn keys(&self, pattern: &str) -> Vec<String> {
         let out = Command::new("redis-cli")
@@ -78,12 +84,17 @@ struct Node {
 
 impl Node {
     fn start(prefix: &str, n: usize, redis_ports: &[u16]) -> Node {
+        Node::start_with(prefix, n, redis_ports, "")
+    }
+
+    /// As [`Node::start`], with `extra` lines of configuration (before the channel options).
+    fn start_with(prefix: &str, n: usize, redis_ports: &[u16], extra: &str) -> Node {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("ringcast-shards-{prefix}-{n}"));
         std::fs::create_dir_all(&dir).unwrap();
         let urls: Vec<String> = redis_ports.iter().map(|p| format!("\"redis://127.0.0.1:{p}\"")).collect();
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\nadmin = true\nadmin_password = \"{ADMIN_PASSWORD}\"\nbroker = \"redis\"\nredis_url = [{}]\nredis_prefix = \"{prefix}\"\nredis_timeout = \"500ms\"\n{CHANNELS}",
+            "listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\nadmin = true\nadmin_password = \"{ADMIN_PASSWORD}\"\nbroker = \"redis\"\nredis_url = [{}]\nredis_prefix = \"{prefix}\"\nredis_timeout = \"500ms\"\n{extra}\n{CHANNELS}",
             urls.join(", ")
         );
         std::fs::write(dir.join("c.toml"), config).unwrap();
@@ -523,4 +534,121 @@ async fn with_the_first_shard_down_control_answers_100_and_the_dashboard_names_t
         }
     }
     assert_eq!(engine_panel(a.port, "up")["state"], "up", "the dashboard sees shard 0 back");
+}
+
+/// A series of the node's `/metrics` (`None`: not exported).
+fn metric(port: u16, series: &str) -> Option<f64> {
+    let out = http(port, "GET", "/metrics", "", "");
+    let prefix = format!("{series} ");
+    out.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.trim().parse().ok())
+}
+
+/// The body of the node's `GET /health`, which must answer 200.
+fn health(port: u16) -> String {
+    let out = http(port, "GET", "/health", "", "");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string())
+}
+
+/// Reads pushes until the publication of `channel` at `offset` arrived (earlier ones may come first:
+/// publishes that timed out against a paused Redis are still run by it when it resumes).
+async fn read_until_offset(ws: &mut Ws, channel: &str, offset: u64) {
+    for _ in 0..200 {
+        match next(ws).await {
+            Got::Json(msgs) if offsets(&msgs, channel).contains(&offset) => return,
+            Got::Json(_) => {}
+            Got::Closed(c) => panic!("closed before offset {offset} of {channel}: {c:?}"),
+        }
+    }
+    panic!("offset {offset} of {channel} never arrived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_shard_opens_only_its_own_breaker_and_the_other_shards_channels_keep_working() {
+    let state = |s: usize| format!("ringcast_engine_breaker_state{{shard=\"{s}\"}}");
+    let trips = |s: usize| format!("ringcast_engine_breaker_trips_total{{shard=\"{s}\"}}");
+    let rejected = |s: usize| format!("ringcast_engine_breaker_rejected_total{{shard=\"{s}\"}}");
+    let shards = [OwnRedis::start(21410), OwnRedis::start(21411)];
+    let ports = [shards[0].port, shards[1].port];
+    let prefix = prefix("breaker");
+    let node = Node::start_with(&prefix, 0, &ports, "engine_breaker_failures = 3\nengine_breaker_cooldown = \"2s\"");
+    let port = node.port;
+    let (healthy, dead) = (channel_on(0, "healthy"), channel_on(1, "dead"));
+    let mut ws = client(port, "watcher").await;
+    for (id, c) in [(2, &healthy), (3, &dead)] {
+        let (r, _) = call(&mut ws, json!({"id": id, "subscribe":{"channel": c}})).await;
+        assert!(r.get("error").is_none(), "{r}");
+    }
+    for c in [&healthy, &dead] {
+        let r = api(port, "publish", &json!({"channel": c, "data":{"n":1}}));
+        assert_eq!(r["result"]["offset"], 1, "{r}");
+        assert_eq!(read_publications(&mut ws, c, 1, Vec::new()).await, [1]);
+    }
+    assert_eq!(health(port), "{}");
+
+    // Shard 1 paused: each publish to its channel waits out redis_timeout and answers 100, until its
+    // breaker opens (the third failure in a row) and /health says so.
+    shards[1].signal(libc::SIGSTOP);
+    let mut degraded = String::new();
+    for n in 2..20 {
+        let r = api(port, "publish", &json!({"channel": dead, "data":{"n":n}}));
+        assert_eq!(api_error_code(&r), 100, "a channel of the paused shard: {r}");
+        let h = health(port);
+        if h.contains("degraded") {
+            degraded = h;
+            break;
+        }
+    }
+    assert!(degraded.contains("open"), "shard 1's breaker never opened: {degraded:?}");
+
+    // The healthy shard's channel still publishes and delivers, from the API and from a client.
+    for n in 2..6 {
+        let r = api(port, "publish", &json!({"channel": healthy, "data":{"n":n}}));
+        assert_eq!(r["result"]["offset"], n, "a channel of the healthy shard while shard 1's breaker is open: {r}");
+    }
+    let (r, pushes) = call(&mut ws, json!({"id":4,"publish":{"channel": healthy,"data":{"n":6}}})).await;
+    assert!(r.get("error").is_none(), "a client publish to the healthy shard: {r}");
+    let got = read_publications(&mut ws, &healthy, 5, offsets(&pushes, &healthy)).await;
+    assert_eq!(got, [2, 3, 4, 5, 6], "delivered");
+    assert!(degraded.contains("shard 1"), "/health names the shard: {degraded}");
+    assert_eq!(metric(port, &state(1)), Some(1.0), "shard 1's breaker open");
+    assert_eq!(metric(port, &trips(1)), Some(1.0));
+    assert_eq!(metric(port, &state(0)), Some(0.0), "shard 0's breaker closed");
+    assert_eq!(metric(port, &trips(0)), Some(0.0));
+
+    // The dead shard's channel now fails fast (its rejected counter moves); the healthy one's does not.
+    let before = metric(port, &rejected(1)).unwrap_or(0.0);
+    let mut fast = false;
+    for n in 20..40 {
+        let r = api(port, "publish", &json!({"channel": dead, "data":{"n":n}}));
+        assert_eq!(api_error_code(&r), 100, "{r}");
+        let r = api(port, "publish", &json!({"channel": healthy, "data":{"n":n}}));
+        assert_eq!(api_error_code(&r), 0, "{r}");
+        if metric(port, &rejected(1)).unwrap_or(0.0) >= before + 1.0 {
+            fast = true;
+            break;
+        }
+    }
+    assert!(fast, "no publish to shard 1 was failed fast by its open breaker");
+    assert_eq!(metric(port, &rejected(0)), Some(0.0), "nothing of the healthy shard was failed fast");
+    let panel = engine_panel(port, "degraded");
+    let detail = panel["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("shard 0 up") && detail.contains("circuit breaker open"), "worst state: {panel}");
+
+    // Resumed: after the cool-down the probe succeeds and shard 1's breaker closes.
+    shards[1].signal(libc::SIGCONT);
+    let mut published = Value::Null;
+    for _ in 0..100 {
+        published = api(port, "publish", &json!({"channel": dead, "data":{"n":"after"}}));
+        if api_error_code(&published) == 0 {
+            break;
+        }
+        assert_eq!(api_error_code(&published), 100, "{published}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let offset = published["result"]["offset"].as_u64().unwrap_or_else(|| panic!("never closed: {published}"));
+    assert_eq!(metric(port, &state(1)), Some(0.0), "shard 1's breaker closed after the probe");
+    assert_eq!(health(port), "{}", "healthy again");
+    read_until_offset(&mut ws, &dead, offset).await;
+    assert_eq!(metric(port, &rejected(0)), Some(0.0));
 }

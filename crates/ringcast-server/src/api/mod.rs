@@ -69,7 +69,7 @@ use dispatch::{Call, Method};
 pub trait ApiBackend: Send + Sync + 'static {
     /// Why the node is degraded (it serves, but a part it relies on is failing), for `GET /health`;
     /// `None`: healthy.
-    fn degraded(&self) -> Option<&'static str> {
+    fn degraded(&self) -> Option<String> {
         None
     }
     /// Publishes `data` (one JSON value, exactly as the caller sent it) to `channel`.
@@ -330,7 +330,8 @@ pub fn router_with_reload(
 /// Always 200 while the process serves: a load balancer must not take a node out because its engine
 /// is failing (every node shares the engine; clients still get their replies, error 100 included).
 /// The body is `{}` when healthy, as Centrifugo's, and says why when degraded:
-/// `{"status":"degraded","reason":"..."}` (the engine's circuit breaker is open or half-open).
+/// `{"status":"degraded","reason":"..."}` (an engine circuit breaker is open or half-open; with several
+/// Redis shards the reason names each such shard).
 pub fn health_router(backend: Arc<dyn ApiBackend>) -> Router {
     Router::new().route("/health", get(move || std::future::ready(health(&*backend))))
 }

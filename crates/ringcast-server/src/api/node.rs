@@ -62,13 +62,8 @@ fn glob(pattern: &str, text: &str) -> bool {
 }
 
 impl ApiBackend for Node {
-    fn degraded(&self) -> Option<&'static str> {
-        use crate::engine::breaker::BreakerState;
-        match self.remote.as_ref()?.breaker.state() {
-            BreakerState::Closed => None,
-            BreakerState::Open => Some("engine circuit breaker open"),
-            BreakerState::HalfOpen => Some("engine circuit breaker half-open"),
-        }
+    fn degraded(&self) -> Option<String> {
+        crate::engine::breaker::degraded(&self.remote.as_ref()?.breakers)
     }
 
     fn publish(&self, channel: &str, data: Bytes, skip_history: bool) -> Result<PublishResult, ApiError> {

@@ -166,13 +166,8 @@ impl Context {
             // Presence from Redis when asked (its PUB/SUB side stays unused: no inbound is set on it).
             let presence: Arc<dyn crate::engine::PresenceManager> =
                 if config.presence_manager == "redis" { connect_redis(&config)? } else { engine.clone() };
-            node = node.with_remote(crate::engine::Remote::guarded_parts(
-                engine.clone(),
-                engine.clone(),
-                presence,
-                breaker,
-                waiting,
-            ));
+            let parts = crate::engine::breaker::Parts { broker: engine.clone(), history: engine.clone(), presence };
+            node = node.with_remote(crate::engine::Remote::guarded(Arc::new(parts), breaker, waiting));
             nats = Some(engine);
         }
         let node = Arc::new(node);
@@ -198,8 +193,10 @@ impl Context {
         };
         let mut full = crate::api::router_with_reload(node.clone(), api, crate::metrics::install(), Some(reload));
         if let Some(remote) = &node.remote {
-            // After `install`, so the breaker's state gauge is there (0, closed) before its first change.
-            remote.breaker.report();
+            // After `install`, so each shard's breaker series are there (closed, 0) before its first change.
+            for breaker in remote.breakers.iter() {
+                breaker.report();
+            }
         }
         let admin = settings.admin.then(|| {
             if config.admin_password.is_empty() {

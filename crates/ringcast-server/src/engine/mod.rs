@@ -13,8 +13,9 @@
 //!
 //! Errors are [`EngineError::Unavailable`] and [`EngineError::Timeout`]: a client publish, history or
 //! presence answers error 100 (internal, temporary: SDKs retry), an API call answers error 100. Nothing is
-//! dropped silently. Every call goes through one circuit breaker ([`breaker`]): after repeated failures
-//! calls fail fast with `Unavailable` for a cool-down instead of waiting for a dead engine.
+//! dropped silently. Every call goes through a circuit breaker ([`breaker`]), one per Redis shard (the
+//! shard that holds the call's channel): after repeated failures that shard's calls fail fast with
+//! `Unavailable` for a cool-down instead of waiting for a dead instance, and the other shards' calls go on.
 //!
 //! # Delivery with a networked engine
 //! The node that publishes does not deliver locally. Every node, the origin included, receives the
@@ -187,6 +188,33 @@ impl EngineState {
     }
 }
 
+impl EngineStatus {
+    /// One status for an engine of several shards: the worst shard's state, and a detail naming each
+    /// shard by its index (as the breaker metrics' `shard` label does) with its own state and detail.
+    /// With one shard, its status as it is.
+    pub fn of_shards(mut shards: Vec<EngineStatus>) -> EngineStatus {
+        if shards.len() == 1 {
+            if let Some(one) = shards.pop() {
+                return one;
+            }
+        }
+        let rank = |s: EngineState| match s {
+            EngineState::Up => 0,
+            EngineState::Degraded => 1,
+            EngineState::Down => 2,
+        };
+        let kind = shards.first().map_or("redis", |s| s.kind);
+        let state = shards.iter().map(|s| s.state).max_by_key(|s| rank(*s)).unwrap_or(EngineState::Down);
+        let detail = shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("shard {i} {}: {}", s.state.label(), s.detail))
+            .collect::<Vec<_>>()
+            .join("; ");
+        EngineStatus { kind, state, detail }
+    }
+}
+
 /// Positions and history of channels.
 pub trait HistoryStore: Send + Sync + 'static {
     /// Reads history after `filter.since` (limit 0: only the position). The stream is created (it gets
@@ -210,6 +238,18 @@ pub trait PresenceManager: Send + Sync + 'static {
     fn presence_stats<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, (u32, u32)>;
 }
 
+/// A networked engine made of shards that fail independently (Redis instances, [`shards`]): each
+/// channel lives on one shard, control messages travel on the first. The circuit breaker keeps one
+/// state per shard ([`breaker::Guarded`]).
+pub trait Sharded: Broker + HistoryStore + PresenceManager {
+    /// How many shards (at least 1).
+    fn shards(&self) -> usize;
+    /// The shard that holds everything of `channel`, in `0..shards()`.
+    fn shard_of(&self, channel: &str) -> usize;
+    /// Each shard's status, in shard order.
+    fn shard_statuses(&self) -> Vec<EngineStatus>;
+}
+
 /// What a networked engine hands to the node it serves.
 pub trait Inbound: Send + Sync + 'static {
     /// A publication of `channel` (with its offset), in the channel's order.
@@ -226,8 +266,9 @@ pub struct Remote {
     pub broker: std::sync::Arc<dyn Broker>,
     pub history: std::sync::Arc<dyn HistoryStore>,
     pub presence: std::sync::Arc<dyn PresenceManager>,
-    /// The circuit breaker every call above goes through ([`Remote::guarded`]).
-    pub breaker: std::sync::Arc<breaker::Breaker>,
+    /// The circuit breakers the calls above go through, one per shard in shard order, never empty
+    /// ([`Remote::guarded`]).
+    pub breakers: std::sync::Arc<[breaker::Breaker]>,
     /// Bounds the calls waited on at once (shared by every clone).
     pub waiting: std::sync::Arc<WaitLimit>,
 }

@@ -23,6 +23,11 @@
 //! published on, and received from, the first instance of `redis_url` only. When that one is down, control
 //! calls answer error 100 while channels on the other shards keep working.
 //!
+//! # Failing separately
+//! A shard that is down fails only its own channels. The circuit breaker keeps to that: it has one state
+//! per shard ([`super::breaker`], through [`Sharded`]), so a dead shard's breaker opening leaves the
+//! others' channels alone; control calls go through the first shard's breaker.
+//!
 //! # Refused
 //! Redis Cluster (`redis_cluster_address`, a `cluster-enabled` server) is not supported: the publish
 //! script touches keys of one channel only, but the PUB/SUB connection of a cluster would need to follow
@@ -34,7 +39,7 @@ use std::sync::{Arc, Weak};
 use ringcast_protocol::messages::{ClientInfo, Publication};
 
 use super::redis::{RedisEngine, RedisSettings};
-use super::{Broker, Control, EngineFuture, EngineState, EngineStatus, HistoryStore, Inbound, PresenceManager};
+use super::{Broker, Control, EngineFuture, EngineStatus, HistoryStore, Inbound, PresenceManager, Sharded};
 use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
 use crate::pubsub::client::ClientId;
 
@@ -142,23 +147,21 @@ impl Broker for ShardedRedis {
     }
 
     fn status(&self) -> EngineStatus {
-        if self.shards.len() == 1 {
-            return self.first.status();
-        }
-        let all: Vec<EngineStatus> = self.shards.iter().map(|s| s.status()).collect();
-        let rank = |s: EngineState| match s {
-            EngineState::Up => 0,
-            EngineState::Degraded => 1,
-            EngineState::Down => 2,
-        };
-        let state = all.iter().map(|s| s.state).max_by_key(|s| rank(*s)).unwrap_or(EngineState::Down);
-        let detail = all
-            .iter()
-            .enumerate()
-            .map(|(i, s)| format!("shard {i} {}: {}", s.state.label(), s.detail))
-            .collect::<Vec<_>>()
-            .join("; ");
-        EngineStatus { kind: "redis", state, detail }
+        EngineStatus::of_shards(self.shard_statuses())
+    }
+}
+
+impl Sharded for ShardedRedis {
+    fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    fn shard_of(&self, channel: &str) -> usize {
+        shard_index(channel, self.shards.len())
+    }
+
+    fn shard_statuses(&self) -> Vec<EngineStatus> {
+        self.shards.iter().map(|s| s.status()).collect()
     }
 }
 

@@ -272,26 +272,6 @@ async fn metric(port: u16, series: &str) -> f64 {
     support::metric(std::net::SocketAddr::from(([127, 0, 0, 1], port)), series).await
 }
 
-/// The body of the node's `GET /health`, which must answer 200.
-fn health(port: u16) -> String {
-    let out = http(port, "GET", "/health", "", "");
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string())
-}
-
-/// Reads pushes until the publication of `channel` at `offset` arrived (earlier ones may come first:
-/// publishes that timed out against a paused Redis are still run by it when it resumes).
-async fn read_until_offset(ws: &mut Ws, channel: &str, offset: u64) {
-    for _ in 0..100 {
-        match next(ws).await {
-            Got::Json(msgs) if offsets(&msgs, channel).contains(&offset) => return,
-            Got::Json(_) => {}
-            Got::Closed(c) => panic!("closed before offset {offset}: {c:?}"),
-        }
-    }
-    panic!("offset {offset} of {channel} never arrived");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_opens_the_circuit_breaker_calls_fail_fast_with_100_and_a_probe_closes_it() {
     // One redis_url: one shard, one breaker, labelled shard "0".

@@ -3,200 +3,37 @@
 //! restart test, a nats-server of the test's own on port 21300 with JetStream and a temporary store.
 //! Presence alongside NATS comes from the real Redis at 127.0.0.1:6379 under a prefix of the test's own.
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
-
-const KEY: &str = "nats-key";
-const SECRET: &str = "nats-secret";
-const ADMIN_PASSWORD: &str = "nats-admin";
+use support::cluster::*;
 
 /// The channel options every node of a test shares: no history (refused under nats).
 const CHANNELS: &str = r#"
-token_hmac_secret_key = "nats-secret"
+token_hmac_secret_key = "cluster-secret"
 [channels]
 allow_subscribe_for_client = true
 allow_publish_for_client = true
 allow_presence_for_client = true
 "#;
 
-/// One node: a `ringcast serve` process with its log collected.
-struct Node {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Node {
-    /// A node on the NATS at `nats_port` with `prefix`; `extra` is more top-level configuration,
-    /// `tables` more tables (after the channel options).
-    fn start(prefix: &str, n: usize, nats_port: u16, extra: &str, tables: &str) -> Node {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("ringcast-nats-{prefix}-{n}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = format!(
-            "listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\nadmin = true\nadmin_password = \"{ADMIN_PASSWORD}\"\nbroker = \"nats\"\nnats_url = \"nats://127.0.0.1:{nats_port}\"\nnats_prefix = \"{prefix}\"\n{extra}\n{CHANNELS}\n{tables}"
-        );
-        std::fs::write(dir.join("c.toml"), config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringcast"))
-            .args(["serve", "--config"])
-            .arg(dir.join("c.toml"))
-            .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start ringcast");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stdout = child.stdout.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let node = Node { child, log, dir, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !node.log.lock().unwrap().contains("ringcast listening") {
-            assert!(Instant::now() < deadline, "node did not start:\n{}", node.log.lock().unwrap());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        node
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = match self.log.lock() {
-                Ok(l) => l.clone(),
-                Err(p) => p.into_inner().clone(),
-            };
-            eprintln!("--- node on port {} ---\n{log}", self.port);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        std::fs::remove_dir_all(&self.dir).ok();
-    }
+/// A node on the NATS at `nats_port` with `prefix`; `extra` is more top-level configuration, `tables`
+/// more tables (after the channel options).
+fn nats_node(prefix: &str, n: usize, nats_port: u16, extra: &str, tables: &str) -> Node {
+    let engine = format!(
+        "broker = \"nats\"\nnats_url = \"nats://127.0.0.1:{nats_port}\"\nnats_prefix = \"{prefix}\"\n{extra}\n{CHANNELS}\n{tables}"
+    );
+    Node::launch(&format!("nats-{prefix}-{n}"), &engine)
 }
 
 /// A subject prefix (and Redis prefix) of this test's own.
 fn unique(name: &str) -> String {
     format!("rc-nats-{name}-{}-{:08x}", std::process::id(), fastrand::u32(..))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// One HTTP/1.1 request (`Connection: close`); the whole response, head and body.
-fn http(port: u16, method: &str, path: &str, headers: &str, body: &str) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("http connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-/// One HTTP API call: the JSON reply.
-fn api(port: u16, method: &str, body: &Value) -> Value {
-    let headers = format!("X-API-Key: {KEY}\r\nContent-Type: application/json\r\n");
-    let out = http(port, "POST", &format!("/api/{method}"), &headers, &body.to_string());
-    let (_, body) = out.split_once("\r\n\r\n").expect("http reply");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
-}
-
-/// The `/admin` dashboard's engine panel of the node on `port` (`kind`, `state`, `detail`), polled until
-/// its state is `want` (the sampler makes a snapshot once a second while someone polls), bounded.
-fn engine_panel(port: u16, want: &str) -> Value {
-    let form = "Content-Type: application/x-www-form-urlencoded\r\n";
-    let login = http(port, "POST", "/admin/login", form, &format!("password={ADMIN_PASSWORD}"));
-    let cookie = login
-        .lines()
-        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie")))
-        .and_then(|(_, v)| v.trim().split(';').next())
-        .unwrap_or_else(|| panic!("no session: {login}"))
-        .to_string();
-    let mut engine = Value::Null;
-    for _ in 0..100 {
-        let out = http(port, "GET", "/admin/snapshot", &format!("Cookie: {cookie}\r\n"), "");
-        let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        engine = serde_json::from_str::<Value>(body).map_or(Value::Null, |s| s["engine"].clone());
-        if engine["state"] == want {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    engine
-}
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-enum Got {
-    Json(Vec<Value>),
-    Closed(Option<(u16, String)>),
-}
-
-async fn next(ws: &mut Ws) -> Got {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                return Got::Json(
-                    t.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect(),
-                )
-            }
-            Ok(Some(Ok(Message::Close(c)))) => {
-                return Got::Closed(c.map(|c| (u16::from(c.code), c.reason.to_string())))
-            }
-            Ok(Some(Ok(_))) => continue,
-            Ok(Some(Err(_))) | Ok(None) | Err(_) => return Got::Closed(None),
-        }
-    }
-}
-
-/// Sends a command; returns its reply and the pushes read before it.
-async fn call(ws: &mut Ws, cmd: Value) -> (Value, Vec<Value>) {
-    let id = cmd["id"].clone();
-    ws.send(Message::Text(cmd.to_string())).await.expect("send");
-    let mut pushes = Vec::new();
-    loop {
-        match next(ws).await {
-            Got::Json(msgs) => {
-                for m in msgs {
-                    if m.get("id") == Some(&id) {
-                        return (m, pushes);
-                    }
-                    pushes.push(m);
-                }
-            }
-            Got::Closed(c) => panic!("closed while waiting for reply {id}: {c:?}"),
-        }
-    }
-}
-
-/// A connected client of `user` on `port`.
-async fn client(port: u16, user: &str) -> Ws {
-    let url = format!("ws://127.0.0.1:{port}/connection/websocket");
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
-    let token = ringcast_server::policy::auth::make_hs256_token(SECRET, user, None, &[]).unwrap();
-    let (r, _) = call(&mut ws, json!({"id":1,"connect":{"token": token}})).await;
-    assert!(r["connect"]["client"].is_string(), "{r}");
-    ws
 }
 
 /// The data of the publications of `channel` among `msgs` (pushes).
@@ -206,20 +43,6 @@ fn data(msgs: &[Value], channel: &str) -> Vec<Value> {
         .filter(|m| m["channel"] == channel && m.get("pub").is_some())
         .map(|m| m["pub"]["data"].clone())
         .collect()
-}
-
-/// Reads until an unsubscribe push arrives; returns it.
-async fn unsubscribe_push(ws: &mut Ws) -> Value {
-    loop {
-        match next(ws).await {
-            Got::Json(msgs) => {
-                if let Some(m) = msgs.into_iter().find(|m| m["push"].get("unsubscribe").is_some()) {
-                    return m["push"].clone();
-                }
-            }
-            Got::Closed(c) => panic!("closed: {c:?}"),
-        }
-    }
 }
 
 /// Reads pushes until `count` publications of `channel` arrived; returns their data in order, and
@@ -239,11 +62,6 @@ async fn read_data(ws: &mut Ws, channel: &str, count: usize) -> (Vec<Value>, Vec
     (got, all)
 }
 
-/// The error code of an API reply (0: none).
-fn api_error_code(r: &Value) -> u64 {
-    r["error"]["code"].as_u64().unwrap_or(0)
-}
-
 /// A channel name with every character NATS gives a meaning to: escaped, it is one subject token.
 const TRICKY: &str = "race.a*b>c d";
 /// A channel that, unescaped, would be a wildcard subscription covering [`TRICKY`].
@@ -252,7 +70,7 @@ const WILDCARD: &str = "race.>";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishers_on_two_nodes_every_subscriber_gets_each_publication_once_in_its_publishers_order() {
     let prefix = unique("order");
-    let nodes = [Node::start(&prefix, 0, 4222, "", ""), Node::start(&prefix, 1, 4222, "", "")];
+    let nodes = [nats_node(&prefix, 0, 4222, "", ""), nats_node(&prefix, 1, 4222, "", "")];
     const EACH: u64 = 50;
     const PUBLISHERS: u64 = 4;
     let mut subs = Vec::new();
@@ -311,7 +129,7 @@ async fn publishers_on_two_nodes_every_subscriber_gets_each_publication_once_in_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_disconnect_and_unsubscribe_reach_a_client_on_another_node() {
     let prefix = unique("control");
-    let nodes = [Node::start(&prefix, 0, 4222, "", ""), Node::start(&prefix, 1, 4222, "", "")];
+    let nodes = [nats_node(&prefix, 0, 4222, "", ""), nats_node(&prefix, 1, 4222, "", "")];
     let (a, b) = (nodes[0].port, nodes[1].port);
     let mut carol = client(b, "carol").await;
     let (r, _) = call(&mut carol, json!({"id":2,"subscribe":{"channel":"news"}})).await;
@@ -355,7 +173,7 @@ async fn presence_from_redis_alongside_nats_is_cluster_wide() {
         "presence_manager = \"redis\"\nredis_url = [\"redis://127.0.0.1:6379\"]\nredis_prefix = \"{prefix}\"\n"
     );
     let tables = "[[namespaces]]\nname = \"room\"\npresence = true\nallow_subscribe_for_client = true\nallow_presence_for_client = true\nallow_publish_for_client = true\n";
-    let nodes = [Node::start(&prefix, 0, 4222, &extra, tables), Node::start(&prefix, 1, 4222, &extra, tables)];
+    let nodes = [nats_node(&prefix, 0, 4222, &extra, tables), nats_node(&prefix, 1, 4222, &extra, tables)];
     let (a, b) = (nodes[0].port, nodes[1].port);
     let mut alice = client(a, "alice").await;
     let mut bob = client(b, "bob").await;
@@ -418,7 +236,7 @@ async fn nats_restarted_publishes_fail_100_then_nodes_resubscribe_and_tell_clien
     let mut nats = OwnNats::start(21300, store.clone());
     let prefix = unique("restart");
     let extra = "nats_write_timeout = \"300ms\"";
-    let nodes = [Node::start(&prefix, 0, nats.port, extra, ""), Node::start(&prefix, 1, nats.port, extra, "")];
+    let nodes = [nats_node(&prefix, 0, nats.port, extra, ""), nats_node(&prefix, 1, nats.port, extra, "")];
     let (a, b) = (nodes[0].port, nodes[1].port);
     let mut ws = client(a, "watcher").await;
     let (r, _) = call(&mut ws, json!({"id":2,"subscribe":{"channel":"f"}})).await;

@@ -3,143 +3,23 @@
 //! afterwards). Where a channel lives is checked in the Redis instances themselves (its keys), against
 //! the hash the server uses.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod support;
 
-use futures_util::{SinkExt, StreamExt};
+use std::time::Duration;
+
 use ringcast_server::engine::shards::shard_index;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
+use support::cluster::*;
 
-const KEY: &str = "shards-key";
-const SECRET: &str = "shards-secret";
-const ADMIN_PASSWORD: &str = "shards-admin";
-
-const CHANNELS: &str = r#"
-token_hmac_secret_key = "shards-secret"
-[channels]
-allow_subscribe_for_client = true
-allow_publish_for_client = true
-allow_presence_for_client = true
-allow_history_for_client = true
-allow_recovery = true
-presence = true
-history_size = 1000
-history_ttl = "300s"
-"#;
-
-/// A redis-server of this test's own, stopped (SIGKILL) when dropped.
-struct OwnRedis {
-    child: Child,
-    port: u16,
-}
-
-impl OwnRedis {
-    fn start(port: u16) -> OwnRedis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server on {port} did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        OwnRedis { child, port }
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on the redis-server this test started.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-
-    /// Keys of this instance matching `pattern`.
-    fn keys(&self, pattern: &str) -> Vec<String> {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "--scan", "--pattern", pattern])
-            .output()
-            .expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).map(String::from).collect()
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One node: a `ringcast serve` process over the given Redis instances, its log collected.
-struct Node {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Node {
-    fn start(prefix: &str, n: usize, redis_ports: &[u16]) -> Node {
-        Node::start_with(prefix, n, redis_ports, "")
-    }
-
-    /// As [`Node::start`], with `extra` lines of configuration (before the channel options).
-    fn start_with(prefix: &str, n: usize, redis_ports: &[u16], extra: &str) -> Node {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("ringcast-shards-{prefix}-{n}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let urls: Vec<String> = redis_ports.iter().map(|p| format!("\"redis://127.0.0.1:{p}\"")).collect();
-        let config = format!(
-            "listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\nadmin = true\nadmin_password = \"{ADMIN_PASSWORD}\"\nbroker = \"redis\"\nredis_url = [{}]\nredis_prefix = \"{prefix}\"\nredis_timeout = \"500ms\"\n{extra}\n{CHANNELS}",
-            urls.join(", ")
-        );
-        std::fs::write(dir.join("c.toml"), config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringcast"))
-            .args(["serve", "--config"])
-            .arg(dir.join("c.toml"))
-            .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start ringcast");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stdout = child.stdout.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let node = Node { child, log, dir, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !node.log.lock().unwrap().contains("ringcast listening") {
-            assert!(Instant::now() < deadline, "node did not start:\n{}", node.log.lock().unwrap());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        node
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- node on port {} ---\n{}", self.port, self.log.lock().unwrap());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        std::fs::remove_dir_all(&self.dir).ok();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A node over the Redis instances on `redis_ports` (one shard each, in that order), with `extra`
+/// top-level keys.
+fn shard_node(prefix: &str, n: usize, redis_ports: &[u16], extra: &str) -> Node {
+    let urls: Vec<String> = redis_ports.iter().map(|p| format!("\"redis://127.0.0.1:{p}\"")).collect();
+    let engine = format!(
+        "broker = \"redis\"\nredis_url = [{}]\nredis_prefix = \"{prefix}\"\nredis_timeout = \"500ms\"\n{extra}\n{CHANNELS}",
+        urls.join(", ")
+    );
+    Node::launch(&format!("shards-{prefix}-{n}"), &engine)
 }
 
 fn prefix(name: &str) -> String {
@@ -149,116 +29,6 @@ fn prefix(name: &str) -> String {
 /// The first channel named `base-N` that the hash places on `shard` of 2.
 fn channel_on(shard: usize, base: &str) -> String {
     (0..1000).map(|i| format!("{base}-{i}")).find(|c| shard_index(c, 2) == shard).expect("a channel on the shard")
-}
-
-/// One HTTP/1.1 request (`Connection: close`); the whole response, head and body.
-fn http(port: u16, method: &str, path: &str, headers: &str, body: &str) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("http connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-/// One server API call; the JSON reply.
-fn api(port: u16, method: &str, body: &Value) -> Value {
-    let headers = format!("X-API-Key: {KEY}\r\nContent-Type: application/json\r\n");
-    let out = http(port, "POST", &format!("/api/{method}"), &headers, &body.to_string());
-    let (_, body) = out.split_once("\r\n\r\n").expect("http reply");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
-}
-
-/// The `/admin` dashboard's engine panel of the node on `port`, polled (bounded) until its state is `want`.
-fn engine_panel(port: u16, want: &str) -> Value {
-    let form = "Content-Type: application/x-www-form-urlencoded\r\n";
-    let login = http(port, "POST", "/admin/login", form, &format!("password={ADMIN_PASSWORD}"));
-    let cookie = login
-        .lines()
-        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie")))
-        .and_then(|(_, v)| v.trim().split(';').next())
-        .unwrap_or_else(|| panic!("no session: {login}"))
-        .to_string();
-    let mut engine = Value::Null;
-    for _ in 0..100 {
-        let out = http(port, "GET", "/admin/snapshot", &format!("Cookie: {cookie}\r\n"), "");
-        let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        engine = serde_json::from_str::<Value>(body).map_or(Value::Null, |s| s["engine"].clone());
-        if engine["state"] == want {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    engine
-}
-
-fn api_error_code(r: &Value) -> u64 {
-    r["error"]["code"].as_u64().unwrap_or(0)
-}
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-enum Got {
-    Json(Vec<Value>),
-    Closed(Option<(u16, String)>),
-}
-
-async fn next(ws: &mut Ws) -> Got {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                return Got::Json(
-                    t.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect(),
-                )
-            }
-            Ok(Some(Ok(Message::Close(c)))) => {
-                return Got::Closed(c.map(|c| (u16::from(c.code), c.reason.to_string())))
-            }
-            Ok(Some(Ok(_))) => continue,
-            Ok(Some(Err(_))) | Ok(None) | Err(_) => return Got::Closed(None),
-        }
-    }
-}
-
-/// Sends a command; returns its reply and the pushes read before it.
-async fn call(ws: &mut Ws, cmd: Value) -> (Value, Vec<Value>) {
-    let id = cmd["id"].clone();
-    ws.send(Message::Text(cmd.to_string())).await.expect("send");
-    let mut pushes = Vec::new();
-    loop {
-        match next(ws).await {
-            Got::Json(msgs) => {
-                for m in msgs {
-                    if m.get("id") == Some(&id) {
-                        return (m, pushes);
-                    }
-                    pushes.push(m);
-                }
-            }
-            Got::Closed(c) => panic!("closed while waiting for reply {id}: {c:?}"),
-        }
-    }
-}
-
-async fn client(port: u16, user: &str) -> Ws {
-    let url = format!("ws://127.0.0.1:{port}/connection/websocket");
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
-    let token = ringcast_server::policy::auth::make_hs256_token(SECRET, user, None, &[]).unwrap();
-    let (r, _) = call(&mut ws, json!({"id":1,"connect":{"token": token}})).await;
-    assert!(r["connect"]["client"].is_string(), "{r}");
-    ws
-}
-
-fn offsets(msgs: &[Value], channel: &str) -> Vec<u64> {
-    msgs.iter()
-        .filter_map(|m| m.get("push"))
-        .filter(|m| m["channel"] == channel && m.get("pub").is_some())
-        .map(|m| m["pub"]["offset"].as_u64().unwrap_or(0))
-        .collect()
 }
 
 /// Reads pushes until `count` publications of `channel` arrived (an unsubscribe push of it fails the
@@ -300,7 +70,7 @@ async fn channels_live_on_the_shard_their_hash_names_and_deliver_in_offset_order
     let shards = [OwnRedis::start(21210), OwnRedis::start(21211)];
     let ports = [shards[0].port, shards[1].port];
     let prefix = prefix("place");
-    let nodes = [Node::start(&prefix, 0, &ports), Node::start(&prefix, 1, &ports)];
+    let nodes = [shard_node(&prefix, 0, &ports, ""), shard_node(&prefix, 1, &ports, "")];
     // Twelve channels: each one's keys are in the instance the hash names, and only there.
     let names: Vec<String> = (0..12).map(|i| format!("spread-{i}")).collect();
     for c in &names {
@@ -373,7 +143,7 @@ async fn recovery_and_presence_of_a_channel_on_the_second_shard_work_across_node
     let shards = [OwnRedis::start(21220), OwnRedis::start(21221)];
     let ports = [shards[0].port, shards[1].port];
     let prefix = prefix("recover");
-    let (a, b) = (Node::start(&prefix, 0, &ports), Node::start(&prefix, 1, &ports));
+    let (a, b) = (shard_node(&prefix, 0, &ports, ""), shard_node(&prefix, 1, &ports, ""));
     let feed = channel_on(1, "feed");
     let mut ws = client(a.port, "reader").await;
     let (r, _) = call(&mut ws, json!({"id":2,"subscribe":{"channel": feed,"recoverable":true}})).await;
@@ -418,7 +188,7 @@ async fn a_killed_shard_fails_its_channels_with_100_while_the_other_shard_keeps_
     let mut shards = [OwnRedis::start(21230), OwnRedis::start(21231)];
     let ports = [shards[0].port, shards[1].port];
     let prefix = prefix("kill");
-    let (a, b) = (Node::start(&prefix, 0, &ports), Node::start(&prefix, 1, &ports));
+    let (a, b) = (shard_node(&prefix, 0, &ports, ""), shard_node(&prefix, 1, &ports, ""));
     let (alive, doomed) = (channel_on(0, "alive"), channel_on(1, "doomed"));
     let mut ws = client(b.port, "watcher").await;
     for (id, c) in [(2, &alive), (3, &doomed)] {
@@ -484,7 +254,7 @@ async fn with_the_first_shard_down_control_answers_100_and_the_dashboard_names_t
     let mut shards = [OwnRedis::start(21240), OwnRedis::start(21241)];
     let ports = [shards[0].port, shards[1].port];
     let prefix = prefix("first");
-    let (a, b) = (Node::start(&prefix, 0, &ports), Node::start(&prefix, 1, &ports));
+    let (a, b) = (shard_node(&prefix, 0, &ports, ""), shard_node(&prefix, 1, &ports, ""));
     let panel = engine_panel(a.port, "up");
     assert_eq!(panel["state"], "up", "{panel}");
     let detail = panel["detail"].as_str().unwrap_or_default().to_string();
@@ -543,26 +313,6 @@ fn metric(port: u16, series: &str) -> Option<f64> {
     out.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.trim().parse().ok())
 }
 
-/// The body of the node's `GET /health`, which must answer 200.
-fn health(port: u16) -> String {
-    let out = http(port, "GET", "/health", "", "");
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string())
-}
-
-/// Reads pushes until the publication of `channel` at `offset` arrived (earlier ones may come first:
-/// publishes that timed out against a paused Redis are still run by it when it resumes).
-async fn read_until_offset(ws: &mut Ws, channel: &str, offset: u64) {
-    for _ in 0..200 {
-        match next(ws).await {
-            Got::Json(msgs) if offsets(&msgs, channel).contains(&offset) => return,
-            Got::Json(_) => {}
-            Got::Closed(c) => panic!("closed before offset {offset} of {channel}: {c:?}"),
-        }
-    }
-    panic!("offset {offset} of {channel} never arrived");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_shard_opens_only_its_own_breaker_and_the_other_shards_channels_keep_working() {
     let state = |s: usize| format!("ringcast_engine_breaker_state{{shard=\"{s}\"}}");
@@ -571,7 +321,7 @@ async fn a_paused_shard_opens_only_its_own_breaker_and_the_other_shards_channels
     let shards = [OwnRedis::start(21410), OwnRedis::start(21411)];
     let ports = [shards[0].port, shards[1].port];
     let prefix = prefix("breaker");
-    let node = Node::start_with(&prefix, 0, &ports, "engine_breaker_failures = 3\nengine_breaker_cooldown = \"2s\"");
+    let node = shard_node(&prefix, 0, &ports, "engine_breaker_failures = 3\nengine_breaker_cooldown = \"2s\"");
     let port = node.port;
     let (healthy, dead) = (channel_on(0, "healthy"), channel_on(1, "dead"));
     let mut ws = client(port, "watcher").await;

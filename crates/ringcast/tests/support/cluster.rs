@@ -1,6 +1,7 @@
 //! Harness for tests of several `ringcast serve` nodes sharing channels through Redis: nodes as child
 //! processes with their logs collected, a Redis of a test's own, and a WebSocket client that speaks the
-//! JSON protocol. Shared by `cluster.rs` and `cluster_faults.rs`.
+//! JSON protocol. Shared by `cluster.rs`, `cluster_faults.rs`, `shards.rs` and `nats.rs` (whose nodes
+//! bring their own engine keys through [`Node::launch`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
@@ -51,11 +52,20 @@ impl Node {
 
     /// As [`Node::start_on`], with more top-level keys (`top`) and more `[channels]` options (`channels`).
     pub fn start_with(prefix: &str, n: usize, redis_port: u16, timeout: &str, top: &str, channels: &str) -> Node {
+        let engine = format!(
+            "broker = \"redis\"\nredis_url = [\"redis://127.0.0.1:{redis_port}\"]\nredis_prefix = \"{prefix}\"\nredis_timeout = \"{timeout}\"\n{top}\n{CHANNELS}{channels}\n"
+        );
+        Node::launch(&format!("{prefix}-{n}"), &engine)
+    }
+
+    /// A node whose configuration is the harness's listener, API key and dashboard, then `rest` (the
+    /// engine's keys, channel options, tables); `tag` names its directory. Waits until it listens.
+    pub fn launch(tag: &str, rest: &str) -> Node {
         let port = free_port();
-        let dir = std::env::temp_dir().join(format!("ringcast-cluster-{prefix}-{n}"));
+        let dir = std::env::temp_dir().join(format!("ringcast-cluster-{tag}"));
         std::fs::create_dir_all(&dir).unwrap();
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\nadmin = true\nadmin_password = \"{ADMIN_PASSWORD}\"\nbroker = \"redis\"\nredis_url = [\"redis://127.0.0.1:{redis_port}\"]\nredis_prefix = \"{prefix}\"\nredis_timeout = \"{timeout}\"\n{top}\n{CHANNELS}{channels}\n"
+            "listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\nadmin = true\nadmin_password = \"{ADMIN_PASSWORD}\"\n{rest}"
         );
         std::fs::write(dir.join("c.toml"), config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringcast"))
@@ -72,18 +82,23 @@ impl Node {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
+                let mut l = sink.lock().unwrap_or_else(|p| p.into_inner());
                 l.push_str(&line);
                 l.push('\n');
             }
         });
         let node = Node { child, log, dir, port };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !node.log.lock().unwrap().contains("ringcast listening") {
-            assert!(Instant::now() < deadline, "node did not start:\n{}", node.log.lock().unwrap());
+        while !node.log().contains("ringcast listening") {
+            assert!(Instant::now() < deadline, "node did not start:\n{}", node.log());
             std::thread::sleep(Duration::from_millis(20));
         }
         node
+    }
+
+    /// What the node has logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -98,7 +113,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- node on port {} ---\n{}", self.port, self.log.lock().unwrap());
+            eprintln!("--- node on port {} ---\n{}", self.port, self.log());
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -303,6 +318,15 @@ impl OwnRedis {
         // SAFETY: kill(2) on the redis-server this test started.
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
+
+    /// Keys of this instance matching `pattern`.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--scan", "--pattern", pattern])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).map(String::from).collect()
+    }
 }
 
 impl Drop for OwnRedis {
@@ -315,4 +339,24 @@ impl Drop for OwnRedis {
 /// The error code of an API reply (0: none).
 pub fn api_error_code(r: &Value) -> u64 {
     r["error"]["code"].as_u64().unwrap_or(0)
+}
+
+/// The body of the node's `GET /health`, which must answer 200.
+pub fn health(port: u16) -> String {
+    let out = http(port, "GET", "/health", "", "");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string())
+}
+
+/// Reads pushes until the publication of `channel` at `offset` arrived (earlier ones may come first:
+/// publishes that timed out against a paused Redis are still run by it when it resumes).
+pub async fn read_until_offset(ws: &mut Ws, channel: &str, offset: u64) {
+    for _ in 0..200 {
+        match next(ws).await {
+            Got::Json(msgs) if offsets(&msgs, channel).contains(&offset) => return,
+            Got::Json(_) => {}
+            Got::Closed(c) => panic!("closed before offset {offset} of {channel}: {c:?}"),
+        }
+    }
+    panic!("offset {offset} of {channel} never arrived");
 }

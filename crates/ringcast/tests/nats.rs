@@ -31,6 +31,33 @@ fn nats_node(prefix: &str, n: usize, nats_port: u16, extra: &str, tables: &str) 
     Node::launch(&format!("nats-{prefix}-{n}"), &engine)
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_lists_both_nodes_and_a_killed_one_drops_out() {
+    let prefix = unique("info");
+    let mut nodes = [nats_node(&prefix, 0, 4222, "", ""), nats_node(&prefix, 1, 4222, "", "")];
+    let a = nodes[0].port;
+    // The registry's announcements travel as control messages over NATS too (bounded poll: 30 s).
+    let count = |port| api(port, "info", &json!({}))["result"]["nodes"].as_array().map_or(0, Vec::len);
+    let mut seen = 0;
+    for _ in 0..300 {
+        seen = count(a);
+        if seen == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, 2, "node A never listed node B");
+    nodes[1].kill();
+    for _ in 0..300 {
+        seen = count(a);
+        if seen == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, 1, "the killed node was still listed");
+}
+
 /// A subject prefix (and Redis prefix) of this test's own.
 fn unique(name: &str) -> String {
     format!("rc-nats-{name}-{}-{:08x}", std::process::id(), fastrand::u32(..))

@@ -579,53 +579,48 @@ impl Config {
             other => return Err(invalid("presence_manager", format!("{other:?} is not one of \"\", \"redis\""))),
         };
         if self.broker == "nats" {
-            {
-                if !self.nats_url.starts_with("nats://") && !self.nats_url.starts_with("tls://") {
-                    return Err(invalid("nats_url", format!("{:?} is not a nats:// or tls:// URL", self.nats_url)));
-                }
-                if !crate::engine::nats::valid_prefix(&self.nats_prefix) {
-                    return Err(invalid(
-                        "nats_prefix",
-                        "must be non-empty subject tokens separated by '.', without wildcards or whitespace",
-                    ));
-                }
-                for (name, d) in
-                    [("nats_dial_timeout", self.nats_dial_timeout), ("nats_write_timeout", self.nats_write_timeout)]
-                {
-                    if d < Duration::from_millis(10) || d > Duration::from_secs(60) {
-                        return Err(invalid(name, "must be between 10ms and 60s"));
-                    }
-                }
-                self.check_nats_channels(redis_presence)?;
+            if !self.nats_url.starts_with("nats://") && !self.nats_url.starts_with("tls://") {
+                return Err(invalid("nats_url", format!("{:?} is not a nats:// or tls:// URL", self.nats_url)));
             }
+            if !crate::engine::nats::valid_prefix(&self.nats_prefix) {
+                return Err(invalid(
+                    "nats_prefix",
+                    "must be non-empty subject tokens separated by '.', without wildcards or whitespace",
+                ));
+            }
+            for (name, d) in
+                [("nats_dial_timeout", self.nats_dial_timeout), ("nats_write_timeout", self.nats_write_timeout)]
+            {
+                if d < Duration::from_millis(10) || d > Duration::from_secs(60) {
+                    return Err(invalid(name, "must be between 10ms and 60s"));
+                }
+            }
+            self.check_nats_channels(redis_presence)?;
         }
         if self.broker == "redis" || redis_presence {
+            if self.redis_url.is_empty() || self.redis_url.len() > MAX_REDIS_SHARDS {
+                return Err(invalid(
+                    "redis_url",
+                    format!("broker = \"redis\" takes 1 to {MAX_REDIS_SHARDS} URLs (several: channels are sharded over them)"),
+                ));
+            }
+            for (i, url) in self.redis_url.iter().enumerate() {
+                if redis_client_url(url).is_none() {
+                    return Err(invalid("redis_url", format!("{url:?} is not a redis:// or rediss:// URL")));
+                }
+                if self.redis_url[..i].contains(url) {
+                    return Err(invalid("redis_url", format!("{url:?} is listed twice")));
+                }
+            }
+            if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
+                return Err(invalid("redis_prefix", "must be non-empty, without whitespace"));
+            }
+            if self.redis_timeout < Duration::from_millis(10) || self.redis_timeout > Duration::from_secs(60) {
+                return Err(invalid("redis_timeout", "must be between 10ms and 60s"));
+            }
+            if self.redis_presence_ttl < Duration::from_secs(1) || self.redis_presence_ttl > Duration::from_secs(86_400)
             {
-                if self.redis_url.is_empty() || self.redis_url.len() > MAX_REDIS_SHARDS {
-                    return Err(invalid(
-                        "redis_url",
-                        format!("broker = \"redis\" takes 1 to {MAX_REDIS_SHARDS} URLs (several: channels are sharded over them)"),
-                    ));
-                }
-                for (i, url) in self.redis_url.iter().enumerate() {
-                    if redis_client_url(url).is_none() {
-                        return Err(invalid("redis_url", format!("{url:?} is not a redis:// or rediss:// URL")));
-                    }
-                    if self.redis_url[..i].contains(url) {
-                        return Err(invalid("redis_url", format!("{url:?} is listed twice")));
-                    }
-                }
-                if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
-                    return Err(invalid("redis_prefix", "must be non-empty, without whitespace"));
-                }
-                if self.redis_timeout < Duration::from_millis(10) || self.redis_timeout > Duration::from_secs(60) {
-                    return Err(invalid("redis_timeout", "must be between 10ms and 60s"));
-                }
-                if self.redis_presence_ttl < Duration::from_secs(1)
-                    || self.redis_presence_ttl > Duration::from_secs(86_400)
-                {
-                    return Err(invalid("redis_presence_ttl", "must be between 1s and 24h"));
-                }
+                return Err(invalid("redis_presence_ttl", "must be between 1s and 24h"));
             }
         }
         if !(1..=100_000).contains(&self.engine_max_waiting) {

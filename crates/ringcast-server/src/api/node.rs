@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use super::{
-    ApiBackend, ApiError, ClientInfoJson, HistoryResultJson, InfoJson, NodeJson, PublicationJson, PublishOptions,
-    PublishResult, StreamPosition,
+    ApiBackend, ApiError, ClientInfoJson, HistoryResultJson, InfoJson, PublicationJson, PublishOptions, PublishResult,
+    StreamPosition,
 };
 use crate::broker::HistoryFilter;
 use crate::engine::Control;
@@ -177,18 +177,8 @@ impl ApiBackend for Node {
 
     /// This node, then every peer that announced itself recently ([`crate::pubsub::registry`]).
     fn info(&self) -> Result<InfoJson, ApiError> {
-        let json = |s: crate::pubsub::registry::NodeStats| NodeJson {
-            uid: s.uid,
-            name: s.name,
-            version: s.version,
-            num_clients: s.num_clients,
-            num_users: s.num_users,
-            num_subs: s.num_subs,
-            num_channels: s.num_channels,
-            uptime: s.uptime,
-        };
-        let mut nodes = vec![json(self.stats())];
-        nodes.extend(self.nodes.live(&self.uid, std::time::Instant::now()).into_iter().map(json));
+        let mut nodes = vec![self.stats()];
+        nodes.extend(self.nodes.live(&self.uid, std::time::Instant::now()));
         Ok(InfoJson { nodes })
     }
 }

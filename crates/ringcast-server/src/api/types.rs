@@ -76,21 +76,10 @@ pub struct HistoryResultJson {
     pub epoch: String,
 }
 
-/// One node in an `info` reply. Every field is always present (Centrifugo's docs example shows zeros and
-/// empty strings rather than omitting them).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct NodeJson {
-    pub uid: String,
-    pub name: String,
-    pub version: String,
-    pub num_clients: u32,
-    pub num_users: u32,
-    /// Client subscriptions on the node (Centrifugo v5+; older clients ignore it).
-    pub num_subs: u32,
-    pub num_channels: u32,
-    /// Seconds since the node started.
-    pub uptime: u32,
-}
+/// One node in an `info` reply: the figures a node announces to the others, serialized as they are
+/// (every field always present: Centrifugo's docs example shows zeros and empty strings rather than
+/// omitting them).
+pub type NodeJson = crate::pubsub::registry::NodeStats;
 
 /// Result of `info`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

@@ -27,7 +27,8 @@ pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(3);
 /// for a slow engine, as Centrifugo allows.
 pub const MAX_AGE: Duration = Duration::from_secs(7);
 
-/// One node's figures, as it announces them and as `info` reports them.
+/// One node's figures, as it announces them and as `info` reports them (`api::NodeJson` is this type:
+/// the announcement is the reply's shape).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStats {
     pub uid: String,
@@ -35,8 +36,10 @@ pub struct NodeStats {
     pub version: String,
     pub num_clients: u32,
     pub num_users: u32,
+    /// Client subscriptions on the node (Centrifugo v5+; older clients ignore it).
     pub num_subs: u32,
     pub num_channels: u32,
+    /// Seconds since the node started.
     pub uptime: u32,
 }
 

@@ -123,25 +123,7 @@ async fn presence_is_cluster_wide() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_disconnect_and_unsubscribe_reach_a_client_on_another_node() {
     let cluster = Cluster::start("control", 2);
-    let (a, b) = (cluster.port(0), cluster.port(1));
-    let mut carol = client(b, "carol").await;
-    let (r, _) = call(&mut carol, json!({"id":2,"subscribe":{"channel":"news"}})).await;
-    assert!(r.get("error").is_none(), "{r}");
-    let r = api(a, "unsubscribe", &json!({"user":"carol","channel":"news"}));
-    assert!(r.get("error").is_none(), "{r}");
-    let push = unsubscribe_push(&mut carol).await;
-    assert_eq!(push["channel"], "news", "{push}");
-    let r = api(a, "disconnect", &json!({"user":"carol","disconnect":{"code":4005,"reason":"moved"}}));
-    assert!(r.get("error").is_none(), "{r}");
-    loop {
-        match next(&mut carol).await {
-            Got::Json(_) => continue,
-            Got::Closed(c) => {
-                assert_eq!(c, Some((4005, "moved".to_string())), "the API's code and reason, from the other node");
-                break;
-            }
-        }
-    }
+    api_control_reaches_a_client_on_another_node(cluster.port(0), cluster.port(1)).await;
 }
 
 /// A redis-server of this test's own (port 6390-6399), stopped when dropped.
@@ -200,14 +182,7 @@ async fn redis_paused_times_out_redis_restarted_resubscribes_and_tells_clients_2
     }
     assert!(r.get("error").is_none(), "{r}");
     // Publishing works again (the command connection reconnects on its own, with backoff).
-    let mut published = Value::Null;
-    for _ in 0..50 {
-        published = api(port, "publish", &json!({"channel":"f","data":{"n":4}}));
-        if api_error_code(&published) == 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let published = publish_until_accepted(port, "f", json!({"n":4}), 50);
     let offset = published["result"]["offset"].as_u64().unwrap_or_else(|| panic!("{published}"));
     assert_eq!(read_publications(&mut ws, "f", 1, Vec::new()).await, [offset]);
     assert_eq!(engine_panel(port, "up")["state"], "up", "the dashboard sees the engine back");
@@ -328,15 +303,7 @@ async fn redis_paused_opens_the_circuit_breaker_calls_fail_fast_with_100_and_a_p
 
     // Resumed: after the cool-down one probe goes through, succeeds, and closes the breaker.
     redis.signal(libc::SIGCONT);
-    let mut published = Value::Null;
-    for _ in 0..100 {
-        published = api(port, "publish", &json!({"channel":"b","data":{"n":"after"}}));
-        if api_error_code(&published) == 0 {
-            break;
-        }
-        assert_eq!(api_error_code(&published), 100, "{published}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let published = publish_until_accepted(port, "b", json!({"n":"after"}), 100);
     let offset = published["result"]["offset"].as_u64().unwrap_or_else(|| panic!("never closed: {published}"));
     assert_eq!(metric(port, STATE).await, 0.0, "closed after the probe");
     assert_eq!(health(port), "{}", "healthy again");

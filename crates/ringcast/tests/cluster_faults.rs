@@ -182,13 +182,6 @@ async fn a_stalled_redis_times_publishes_out_and_waiting_calls_never_exceed_engi
     }
     assert_eq!(metric(port, "ringcast_engine_waiting"), 0.0);
     redis.signal(libc::SIGCONT);
-    let mut published = Value::Null;
-    for _ in 0..50 {
-        published = api(port, "publish", &json!({"channel":"s","data":{"n":9}}));
-        if api_error_code(&published) == 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let published = publish_until_accepted(port, "s", json!({"n":9}), 50);
     assert!(published["result"]["offset"].is_u64(), "publishing works again: {published}");
 }

@@ -157,25 +157,7 @@ async fn publishers_on_two_nodes_every_subscriber_gets_each_publication_once_in_
 async fn api_disconnect_and_unsubscribe_reach_a_client_on_another_node() {
     let prefix = unique("control");
     let nodes = [nats_node(&prefix, 0, 4222, "", ""), nats_node(&prefix, 1, 4222, "", "")];
-    let (a, b) = (nodes[0].port, nodes[1].port);
-    let mut carol = client(b, "carol").await;
-    let (r, _) = call(&mut carol, json!({"id":2,"subscribe":{"channel":"news"}})).await;
-    assert!(r.get("error").is_none(), "{r}");
-    let r = api(a, "unsubscribe", &json!({"user":"carol","channel":"news"}));
-    assert!(r.get("error").is_none(), "{r}");
-    let push = unsubscribe_push(&mut carol).await;
-    assert_eq!(push["channel"], "news", "{push}");
-    let r = api(a, "disconnect", &json!({"user":"carol","disconnect":{"code":4005,"reason":"moved"}}));
-    assert!(r.get("error").is_none(), "{r}");
-    loop {
-        match next(&mut carol).await {
-            Got::Json(_) => continue,
-            Got::Closed(c) => {
-                assert_eq!(c, Some((4005, "moved".to_string())), "the API's code and reason, from the other node");
-                break;
-            }
-        }
-    }
+    api_control_reaches_a_client_on_another_node(nodes[0].port, nodes[1].port).await;
 }
 
 /// Deletes a test's Redis keys (never a FLUSH on the shared Redis).
@@ -292,15 +274,7 @@ async fn nats_restarted_publishes_fail_100_then_nodes_resubscribe_and_tell_clien
     let (r, _) = call(&mut ws, json!({"id":4,"subscribe":{"channel":"f"}})).await;
     assert!(r.get("error").is_none(), "{r}");
     // The other node may still be reconnecting: error 100 is temporary, retried as API clients do.
-    let mut r = Value::Null;
-    for _ in 0..50 {
-        r = api(b, "publish", &json!({"channel":"f","data":{"n":3}}));
-        if api_error_code(&r) != 100 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(api_error_code(&r), 0, "{r}");
+    publish_until_accepted(b, "f", json!({"n":3}), 50);
     assert_eq!(read_data(&mut ws, "f", 1).await.0, [json!({"n":3})]);
     assert_eq!(engine_panel(b, "up")["state"], "up", "the dashboard sees the broker back");
     drop(nodes);

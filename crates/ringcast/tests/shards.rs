@@ -237,14 +237,7 @@ async fn a_killed_shard_fails_its_channels_with_100_while_the_other_shard_keeps_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(r.get("error").is_none(), "{r}");
-    let mut published = Value::Null;
-    for _ in 0..50 {
-        published = api(a.port, "publish", &json!({"channel": doomed, "data":{"n":3}}));
-        if api_error_code(&published) == 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let published = publish_until_accepted(a.port, &doomed, json!({"n":3}), 50);
     let offset = published["result"]["offset"].as_u64().unwrap_or_else(|| panic!("{published}"));
     assert_eq!(read_publications(&mut ws, &doomed, 1, Vec::new()).await, [offset]);
 }
@@ -387,15 +380,7 @@ async fn a_paused_shard_opens_only_its_own_breaker_and_the_other_shards_channels
 
     // Resumed: after the cool-down the probe succeeds and shard 1's breaker closes.
     shards[1].signal(libc::SIGCONT);
-    let mut published = Value::Null;
-    for _ in 0..100 {
-        published = api(port, "publish", &json!({"channel": dead, "data":{"n":"after"}}));
-        if api_error_code(&published) == 0 {
-            break;
-        }
-        assert_eq!(api_error_code(&published), 100, "{published}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let published = publish_until_accepted(port, &dead, json!({"n":"after"}), 100);
     let offset = published["result"]["offset"].as_u64().unwrap_or_else(|| panic!("never closed: {published}"));
     assert_eq!(metric(port, &state(1)), Some(0.0), "shard 1's breaker closed after the probe");
     assert_eq!(health(port), "{}", "healthy again");

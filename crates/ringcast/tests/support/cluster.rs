@@ -360,3 +360,42 @@ pub async fn read_until_offset(ws: &mut Ws, channel: &str, offset: u64) {
     }
     panic!("offset {offset} of {channel} never arrived");
 }
+
+/// The API's `unsubscribe` and `disconnect` called on node `a` reach user carol's client on node `b`,
+/// whatever engine carries them: the push names the channel, the close carries the API's code and reason.
+pub async fn api_control_reaches_a_client_on_another_node(a: u16, b: u16) {
+    let mut carol = client(b, "carol").await;
+    let (r, _) = call(&mut carol, json!({"id":2,"subscribe":{"channel":"news"}})).await;
+    assert!(r.get("error").is_none(), "{r}");
+    let r = api(a, "unsubscribe", &json!({"user":"carol","channel":"news"}));
+    assert!(r.get("error").is_none(), "{r}");
+    let push = unsubscribe_push(&mut carol).await;
+    assert_eq!(push["channel"], "news", "{push}");
+    let r = api(a, "disconnect", &json!({"user":"carol","disconnect":{"code":4005,"reason":"moved"}}));
+    assert!(r.get("error").is_none(), "{r}");
+    loop {
+        match next(&mut carol).await {
+            Got::Json(_) => continue,
+            Got::Closed(c) => {
+                assert_eq!(c, Some((4005, "moved".to_string())), "the API's code and reason, from the other node");
+                break;
+            }
+        }
+    }
+}
+
+/// Publishes `data` to `channel` through node `port`'s API until it is accepted, as an API client retries
+/// error 100 (temporary) while the engine comes back: at most `tries` calls, 100 ms apart, and every
+/// refusal must be error 100. Returns the accepted reply (its `result` holds the offset).
+pub fn publish_until_accepted(port: u16, channel: &str, data: Value, tries: usize) -> Value {
+    let mut reply = Value::Null;
+    for _ in 0..tries {
+        reply = api(port, "publish", &json!({"channel": channel, "data": data}));
+        if api_error_code(&reply) == 0 {
+            return reply;
+        }
+        assert_eq!(api_error_code(&reply), 100, "{reply}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{channel}: no publish accepted in {tries} tries: {reply}");
+}

@@ -1,9 +1,11 @@
 //! Operating a running `ringcast serve` process: reload (SIGHUP, `POST /api/reload`), graceful drain
 //! (SIGTERM) and the zero-downtime upgrade (SIGUSR2), each against the real binary over real sockets.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod support;
+
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,23 +40,7 @@ impl Proc {
         std::fs::create_dir_all(&dir).unwrap();
         let header = format!("listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\n");
         std::fs::write(dir.join("c.toml"), format!("{header}{config}")).unwrap();
-        let mut child = command(&dir.join("c.toml"))
-            .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
-            // The log goes to standard output.
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start ringcast");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stdout = child.stdout.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push_str(&line);
-                sink.lock().unwrap().push('\n');
-            }
-        });
+        let (child, log) = support::spawn_logged(command(&dir.join("c.toml")));
         let p = Proc { child, log, dir, header };
         p.wait_log("ringcast listening", 1);
         (p, port)

@@ -3,7 +3,7 @@
 //! JSON protocol. Shared by `cluster.rs`, `cluster_faults.rs`, `shards.rs` and `nats.rs` (whose nodes
 //! bring their own engine keys through [`Node::launch`]).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -68,25 +68,9 @@ impl Node {
             "listen = \"127.0.0.1:{port}\"\napi_key = \"{KEY}\"\nadmin = true\nadmin_password = \"{ADMIN_PASSWORD}\"\n{rest}"
         );
         std::fs::write(dir.join("c.toml"), config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringcast"))
-            .args(["serve", "--config"])
-            .arg(dir.join("c.toml"))
-            .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start ringcast");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stdout = child.stdout.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap_or_else(|p| p.into_inner());
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ringcast"));
+        command.args(["serve", "--config"]).arg(dir.join("c.toml"));
+        let (child, log) = super::spawn_logged(command);
         let node = Node { child, log, dir, port };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !node.log().contains("ringcast listening") {

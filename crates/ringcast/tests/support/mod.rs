@@ -4,8 +4,10 @@
 
 pub mod cluster;
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,6 +16,29 @@ use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::WebSocketStream;
 
 pub type Ws = WebSocketStream<TcpStream>;
+
+/// Spawns `command` (a `ringcast serve ...`, plain text log) with its standard output, the log,
+/// collected line by line into the returned string as it comes; standard error stays the test's.
+pub fn spawn_logged(mut command: Command) -> (Child, Arc<Mutex<String>>) {
+    let mut child = command
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start ringcast");
+    let log = Arc::new(Mutex::new(String::new()));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let mut l = sink.lock().unwrap_or_else(|p| p.into_inner());
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    (child, log)
+}
 
 /// A `ringcast serve` process, killed when dropped.
 pub struct ServerProcess {

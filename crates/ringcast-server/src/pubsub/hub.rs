@@ -155,19 +155,49 @@ pub struct FanOut {
 
 impl FanOut {
     /// Adds this fan-out to the metrics: every fan-out (publications, join/leave) once, after the
-    /// channel's section is left. `writes`, `written`: the socket writes it made itself (direct
-    /// writes to idle subscribers) and their bytes.
-    fn record(&self, writes: usize, written: usize) {
+    /// channel's section is left.
+    fn record(&self) {
         metrics::counter!(crate::metrics::MESSAGES_OUT_TOTAL).increment(self.delivered as u64);
-        if writes > 0 {
-            metrics::counter!(crate::metrics::FANOUT_DIRECT_WRITES_TOTAL).increment(writes as u64);
-            metrics::counter!(crate::metrics::BYTES_OUT_TOTAL).increment(written as u64);
-        }
         if self.slow > 0 {
             metrics::counter!(crate::metrics::SLOW_DISCONNECTS_TOTAL).increment(self.slow as u64);
         }
         if self.dropped > 0 {
             metrics::counter!(crate::metrics::QUEUE_DROPS_TOTAL).increment(self.dropped as u64);
+        }
+    }
+}
+
+/// The subscribers a fan-out claimed (idle connections it writes to itself instead of waking them):
+/// written when this is dropped ([`Self::write`] says so where it matters), which the caller does once
+/// it holds no lock — not the channel's section, nor one of its own.
+#[must_use = "dropping it writes at once; keep it until the caller's locks are released"]
+pub struct DirectWrites(Vec<Arc<ClientShared>>);
+
+impl DirectWrites {
+    fn new() -> Self {
+        DirectWrites(CLAIMED.try_with(|c| c.take()).unwrap_or_default())
+    }
+
+    /// Writes to the claimed subscribers now (the same as dropping it).
+    pub fn write(self) {}
+}
+
+impl Drop for DirectWrites {
+    fn drop(&mut self) {
+        let (mut writes, mut written) = (0u64, 0u64);
+        for client in self.0.drain(..) {
+            let n = client.flush_claimed();
+            writes += u64::from(n > 0);
+            written += n as u64;
+        }
+        if writes > 0 {
+            metrics::counter!(crate::metrics::FANOUT_DIRECT_WRITES_TOTAL).increment(writes);
+            metrics::counter!(crate::metrics::BYTES_OUT_TOTAL).increment(written);
+        }
+        // The list goes back with its capacity: the next fan-out on this thread allocates nothing.
+        if self.0.capacity() > 0 {
+            let list = std::mem::take(&mut self.0);
+            let _ = CLAIMED.try_with(|c| c.replace(list));
         }
     }
 }
@@ -233,6 +263,20 @@ impl Hub {
         payload: impl Fn(&T, Format) -> Option<Bytes>,
         message: impl Fn(&T) -> Option<Bytes>,
     ) -> (T, FanOut) {
+        let (value, fan, writes) = self.sequenced_to(Audience::Subscribers, channel, None, during, payload, message);
+        writes.write();
+        (value, fan)
+    }
+
+    /// [`Self::publish_with`] for a caller that holds a lock of its own around it: the direct writes to
+    /// idle subscribers are handed back, to be written once that lock is released.
+    pub fn publish_holding<T>(
+        &self,
+        channel: &str,
+        during: impl FnOnce() -> T,
+        payload: impl Fn(&T, Format) -> Option<Bytes>,
+        message: impl Fn(&T) -> Option<Bytes>,
+    ) -> (T, FanOut, DirectWrites) {
         self.sequenced_to(Audience::Subscribers, channel, None, during, payload, message)
     }
 
@@ -244,7 +288,10 @@ impl Hub {
         skip: Option<&Arc<ClientShared>>,
         payload: &dyn Fn(Format) -> Option<Bytes>,
     ) -> FanOut {
-        self.sequenced_to(Audience::Subscribers, channel, skip, || (), |(), f| payload(f), |()| None).1
+        let ((), fan, writes) =
+            self.sequenced_to(Audience::Subscribers, channel, skip, || (), |(), f| payload(f), |()| None);
+        writes.write();
+        fan
     }
 
     /// Fans a join/leave push out to the channel's join/leave listeners except `skip`, in the channel's
@@ -255,7 +302,10 @@ impl Hub {
         skip: Option<&Arc<ClientShared>>,
         payload: &dyn Fn(Format) -> Option<Bytes>,
     ) -> FanOut {
-        self.sequenced_to(Audience::JoinLeave, channel, skip, || (), |(), f| payload(f), |()| None).1
+        let ((), fan, writes) =
+            self.sequenced_to(Audience::JoinLeave, channel, skip, || (), |(), f| payload(f), |()| None);
+        writes.write();
+        fan
     }
 
     /// `client`, subscribed to `channel`, receives its join/leave pushes from now on (until it
@@ -279,10 +329,10 @@ impl Hub {
         during: impl FnOnce() -> T,
         payload: impl Fn(&T, Format) -> Option<Bytes>,
         message: impl Fn(&T) -> Option<Bytes>,
-    ) -> (T, FanOut) {
+    ) -> (T, FanOut, DirectWrites) {
         loop {
             let ch = match self.section(channel) {
-                Section::Empty(_shard) => return (during(), FanOut::default()),
+                Section::Empty(_shard) => return (during(), FanOut::default(), DirectWrites(Vec::new())),
                 Section::Channel(ch) => ch,
             };
             let state = ch.lock();
@@ -297,19 +347,11 @@ impl Hub {
                 Audience::Subscribers => &state.subs,
                 Audience::JoinLeave => &state.join_leave,
             };
-            let mut claimed = CLAIMED.with(|c| c.take());
-            let fan = deliver_all(to, skip, &encode, &raw, &mut claimed);
+            let mut writes = DirectWrites::new();
+            let fan = deliver_all(to, skip, &encode, &raw, &mut writes.0);
             drop(state);
-            // Out of the section: write to the claimed subscribers, no lock held.
-            let (mut writes, mut written) = (0, 0);
-            for client in claimed.drain(..) {
-                let n = client.flush_claimed();
-                writes += usize::from(n > 0);
-                written += n;
-            }
-            CLAIMED.with(|c| c.replace(claimed));
-            fan.record(writes, written);
-            return (value, fan);
+            fan.record();
+            return (value, fan, writes);
         }
     }
 

@@ -4,7 +4,8 @@
 //! A connection is one hand-written future, [`Connection`], owning the socket, the handshake bytes, the
 //! read buffer, the reader and the outbound queue; its deadlines live in the shared [`Deadlines`] table
 //! (8 bytes here instead of a 112-byte `Sleep`). Nothing of the connection is locked: no other task
-//! touches it. `poll` waits on the socket through tokio's
+//! touches it (a fan-out may write a parked client connection's socket, under the rules in
+//! [`crate::pubsub::client`]; never its buffers). `poll` waits on the socket through tokio's
 //! `poll_read_ready`/`poll_write_ready`, which park the waker in the socket's own registration, so
 //! waiting costs no extra future state; an `async fn` with `select!` carried ~1.3 KiB of nested future
 //! state per connection, which alone broke the 1 KiB-per-idle-connection budget.

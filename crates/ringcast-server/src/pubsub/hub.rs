@@ -263,7 +263,7 @@ impl Hub {
         payload: impl Fn(&T, Format) -> Option<Bytes>,
         message: impl Fn(&T) -> Option<Bytes>,
     ) -> (T, FanOut) {
-        let (value, fan, writes) = self.sequenced_to(Audience::Subscribers, channel, None, during, payload, message);
+        let (value, fan, writes) = self.publish_holding(channel, during, payload, message);
         writes.write();
         (value, fan)
     }

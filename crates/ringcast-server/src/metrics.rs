@@ -49,6 +49,7 @@ pub const BYTES_IN_TOTAL: &str = "ringcast_bytes_in_total";
 pub const BYTES_OUT_TOTAL: &str = "ringcast_bytes_out_total";
 pub const QUEUE_DROPS_TOTAL: &str = "ringcast_queue_drops_total";
 pub const SLOW_DISCONNECTS_TOTAL: &str = "ringcast_slow_disconnects_total";
+pub const FANOUT_DIRECT_WRITES_TOTAL: &str = "ringcast_fanout_direct_writes_total";
 pub const PUBLISH_DELIVERY_SECONDS: &str = "ringcast_publish_delivery_seconds";
 // HTTP and the server API (emitted by `http` and `api`).
 pub const HTTP_CONNECTIONS_TOTAL: &str = "ringcast_http_connections_total";
@@ -233,6 +234,11 @@ fn describe() {
     describe_counter!(MESSAGES_OUT_TOTAL, Unit::Count, "Pushes queued to clients (publications, join/leave).");
     describe_counter!(BYTES_IN_TOTAL, Unit::Bytes, "Bytes read from WebSocket client sockets (framing included).");
     describe_counter!(BYTES_OUT_TOTAL, Unit::Bytes, "Bytes written to WebSocket client sockets (framing included).");
+    describe_counter!(
+        FANOUT_DIRECT_WRITES_TOTAL,
+        Unit::Count,
+        "Writes a fan-out made itself to an idle subscriber's socket instead of waking its connection (fanout_direct_write)."
+    );
     describe_counter!(
         QUEUE_DROPS_TOTAL,
         Unit::Count,

@@ -140,3 +140,101 @@ async fn concurrent_api_and_client_publishers_reach_every_subscriber_in_offset_o
     }
     server.stop().await;
 }
+
+/// With direct writes from the fan-out (the default), a subscriber joining a busy channel still gets
+/// its subscribe reply before the channel's first push, and from then on every publication, in order:
+/// fan-outs write straight to idle subscribers' sockets, but never while the connection's own task is
+/// the writer (it is, from the read that carries the subscribe until the reply is written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_subscribe_reply_precedes_the_first_push_while_the_channel_is_busy() {
+    const JOINERS: usize = 24;
+    const PUSHES_AFTER: usize = 5;
+    const MAX_EACH: u64 = 20_000;
+    let server = TestServer::start(&[("api_key", "k")]).await;
+    assert!(ringcast_server::Config::default().fanout_direct_write, "direct writes are on by default");
+
+    // Subscribers already there, reading: the fan-out writes to them directly.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut background = Vec::new();
+    for _ in 0..3 {
+        let mut ws = connected(&server).await;
+        ws.send(Message::Text(json!({"id": 2, "subscribe": {"channel": "race"}}).to_string())).await.expect("send");
+        let done = done.clone();
+        background.push(tokio::spawn(async move {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                next_lines(&mut ws).await;
+            }
+        }));
+    }
+    // Publishers (clients: many publications per frame), until the joiners are through (bounded).
+    let mut publishers = Vec::new();
+    for i in 0..2 {
+        let (mut ws, done) = (connected(&server).await, done.clone());
+        publishers.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) && n < MAX_EACH {
+                let lines: Vec<String> = (n..n + 10)
+                    .map(|k| {
+                        json!({"id": 10 + k, "publish": {"channel": "race", "data": {"p": i, "n": k}}}).to_string()
+                    })
+                    .collect();
+                ws.send(Message::Text(lines.join("\n"))).await.expect("send");
+                let mut acked = 0;
+                while acked < 10 {
+                    acked += next_lines(&mut ws).await.iter().filter(|v| v.get("publish").is_some()).count();
+                }
+                n += 10;
+            }
+        }));
+    }
+
+    let mut joiners = Vec::new();
+    for j in 0..JOINERS {
+        let mut ws = connected(&server).await;
+        joiners.push(tokio::spawn(async move {
+            // The subscribe, then work that keeps the connection's pass going after it registered (the
+            // reply is written at the end of the pass): publications arriving meanwhile must wait.
+            let mut lines = vec![json!({"id": 7, "subscribe": {"channel": "race"}}).to_string()];
+            lines.extend((0..40).map(|k| {
+                json!({"id": 100 + k, "publish": {"channel": format!("elsewhere{j}"), "data": {"k": k}}}).to_string()
+            }));
+            ws.send(Message::Text(lines.join("\n"))).await.expect("send");
+            let mut replied = false;
+            let mut offsets = Vec::new();
+            while offsets.len() < PUSHES_AFTER {
+                for v in next_lines(&mut ws).await {
+                    if v["id"] == json!(7) {
+                        assert!(v.get("subscribe").is_some(), "joiner {j}: {v}");
+                        replied = true;
+                    } else if let Some(p) = v["push"].get("pub") {
+                        assert!(replied, "joiner {j}: a push before the subscribe reply: {v}");
+                        offsets.push(p["offset"].as_u64().expect("offset"));
+                    }
+                }
+            }
+            let gap = offsets.windows(2).position(|w| w[1] != w[0] + 1);
+            assert_eq!(gap, None, "joiner {j}: offsets {offsets:?}");
+        }));
+        // Joiners arrive one after another, while the channel is being published to.
+        tokio::task::yield_now().await;
+    }
+    for j in joiners {
+        tokio::time::timeout(T * 3, j).await.expect("joiners in time").expect("joiner");
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in publishers {
+        p.await.expect("publisher");
+    }
+    for b in background {
+        b.abort();
+    }
+    let (_, metrics) = support::http_request(server.addr, "GET", "/metrics", &[], "").await;
+    let direct = metrics
+        .lines()
+        .find(|l| l.starts_with("ringcast_fanout_direct_writes_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(direct > 0.0, "the fan-out wrote to sockets itself:\n{metrics}");
+    server.stop().await;
+}

@@ -54,6 +54,7 @@ pub const KEYS: &[Key] = &[
     key("max_message_size", Kind::Int, "Largest accepted message (all fragments) in bytes; larger closes with 1009."),
     key("max_request_head", Kind::Int, "Largest accepted HTTP upgrade request head in bytes; larger answers 431."),
     key("client_queue_max_size", Kind::Int, "Bytes of outbound frames (pushes and replies) a connection may have queued; over it a client is disconnected 3008 (slow). A client's socket is not read while its queue is over half of it; the echo endpoint stops reading while over it."),
+    key("fanout_direct_write", Kind::Bool, "Fan-out writes a publication straight to the socket of an idle subscriber (plain ws:// client connections; not TLS, not the TCP protocol) instead of waking its connection's task; only what the kernel does not take is queued for the task. false: every delivery queues and wakes (for A/B measurements)."),
     key("handshake_timeout", Kind::Str, "Time a new connection has to complete its upgrade request (slowloris guard)."),
     key("idle_timeout", Kind::Str, "Close a connection that sends nothing for this long; \"0s\" disables."),
     key("write_timeout", Kind::Str, "Close a connection whose socket accepts no bytes for this long while we have bytes to send."),
@@ -160,6 +161,7 @@ pub struct Config {
     pub max_message_size: u64,
     pub max_request_head: usize,
     pub client_queue_max_size: usize,
+    pub fanout_direct_write: bool,
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -266,6 +268,7 @@ impl Default for Config {
             max_message_size: 1 << 20,
             max_request_head: 8 * 1024,
             client_queue_max_size: 1 << 20,
+            fanout_direct_write: true,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             write_timeout: Duration::from_secs(10),

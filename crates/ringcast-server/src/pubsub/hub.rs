@@ -8,7 +8,9 @@
 //! interleave between "offset assigned" and "queued": every subscriber receives the channel's
 //! publications in the order their positions were assigned — strictly increasing offsets with history,
 //! one total order without — and all subscribers see the same order. Each subscriber's queue is FIFO and
-//! drained by one task, so that order reaches the socket. Publishes on *other* channels take other
+//! written by one writer at a time — its connection's task, or (while the connection is idle) the one
+//! fan-out that claimed it, which writes after leaving the section (see [`crate::pubsub::client`]) —
+//! so that order reaches the socket. Publishes on *other* channels take other
 //! mutexes: unrelated channels never serialize on each other. No IO happens inside the section: the
 //! memory broker assigns positions in memory, and queuing is a push onto a subscriber's in-memory queue.
 //!
@@ -19,6 +21,11 @@
 //! A networked broker (a later issue) assigns positions remotely; its publications come back on one
 //! ordered subscription per channel and are delivered through the same section, so the guarantee is
 //! the same: the section is the one place where a position meets the subscriber queues.
+//!
+//! # Direct writes
+//! Subscribers whose connection is idle are not woken: [`deliver_all`] claims them onto a per-thread
+//! list, and once the section is left each is written to directly (one `sendmsg`), so the common
+//! delivery costs no task wake-up, no poll and no lock across the write.
 //!
 //! # Subscribe
 //! A subscribe runs `before` (read history for recovery, queue the subscribe reply) and registers in the
@@ -37,6 +44,7 @@
 //! no per-subscriber serialization, copy or allocation. This module does not know how a transport frames
 //! bytes ([`crate::transport`] does).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -49,6 +57,12 @@ use crate::pubsub::client::{ClientSet, ClientShared, Delivery};
 use crate::transport::Encoding;
 
 const SHARDS: usize = 64;
+
+thread_local! {
+    /// The subscribers a fan-out on this thread claimed, written once its section is left. Taken out
+    /// for the fan-out and put back after, so its capacity is kept (no allocation per publication).
+    static CLAIMED: RefCell<Vec<Arc<ClientShared>>> = const { RefCell::new(Vec::new()) };
+}
 
 type Channels = HashMap<Arc<str>, Arc<Channel>>;
 
@@ -153,6 +167,41 @@ impl FanOut {
     }
 }
 
+/// The subscribers a fan-out claimed (idle connections it writes to itself instead of waking them):
+/// written when this is dropped ([`Self::write`] says so where it matters), which the caller does once
+/// it holds no lock — not the channel's section, nor one of its own.
+#[must_use = "dropping it writes at once; keep it until the caller's locks are released"]
+pub struct DirectWrites(Vec<Arc<ClientShared>>);
+
+impl DirectWrites {
+    fn new() -> Self {
+        DirectWrites(CLAIMED.try_with(|c| c.take()).unwrap_or_default())
+    }
+
+    /// Writes to the claimed subscribers now (the same as dropping it).
+    pub fn write(self) {}
+}
+
+impl Drop for DirectWrites {
+    fn drop(&mut self) {
+        let (mut writes, mut written) = (0u64, 0u64);
+        for client in self.0.drain(..) {
+            let n = client.flush_claimed();
+            writes += u64::from(n > 0);
+            written += n as u64;
+        }
+        if writes > 0 {
+            metrics::counter!(crate::metrics::FANOUT_DIRECT_WRITES_TOTAL).increment(writes);
+            metrics::counter!(crate::metrics::BYTES_OUT_TOTAL).increment(written);
+        }
+        // The list goes back with its capacity: the next fan-out on this thread allocates nothing.
+        if self.0.capacity() > 0 {
+            let list = std::mem::take(&mut self.0);
+            let _ = CLAIMED.try_with(|c| c.replace(list));
+        }
+    }
+}
+
 impl Default for Hub {
     fn default() -> Self {
         Hub {
@@ -214,6 +263,20 @@ impl Hub {
         payload: impl Fn(&T, Format) -> Option<Bytes>,
         message: impl Fn(&T) -> Option<Bytes>,
     ) -> (T, FanOut) {
+        let (value, fan, writes) = self.publish_holding(channel, during, payload, message);
+        writes.write();
+        (value, fan)
+    }
+
+    /// [`Self::publish_with`] for a caller that holds a lock of its own around it: the direct writes to
+    /// idle subscribers are handed back, to be written once that lock is released.
+    pub fn publish_holding<T>(
+        &self,
+        channel: &str,
+        during: impl FnOnce() -> T,
+        payload: impl Fn(&T, Format) -> Option<Bytes>,
+        message: impl Fn(&T) -> Option<Bytes>,
+    ) -> (T, FanOut, DirectWrites) {
         self.sequenced_to(Audience::Subscribers, channel, None, during, payload, message)
     }
 
@@ -225,7 +288,10 @@ impl Hub {
         skip: Option<&Arc<ClientShared>>,
         payload: &dyn Fn(Format) -> Option<Bytes>,
     ) -> FanOut {
-        self.sequenced_to(Audience::Subscribers, channel, skip, || (), |(), f| payload(f), |()| None).1
+        let ((), fan, writes) =
+            self.sequenced_to(Audience::Subscribers, channel, skip, || (), |(), f| payload(f), |()| None);
+        writes.write();
+        fan
     }
 
     /// Fans a join/leave push out to the channel's join/leave listeners except `skip`, in the channel's
@@ -236,7 +302,10 @@ impl Hub {
         skip: Option<&Arc<ClientShared>>,
         payload: &dyn Fn(Format) -> Option<Bytes>,
     ) -> FanOut {
-        self.sequenced_to(Audience::JoinLeave, channel, skip, || (), |(), f| payload(f), |()| None).1
+        let ((), fan, writes) =
+            self.sequenced_to(Audience::JoinLeave, channel, skip, || (), |(), f| payload(f), |()| None);
+        writes.write();
+        fan
     }
 
     /// `client`, subscribed to `channel`, receives its join/leave pushes from now on (until it
@@ -260,10 +329,10 @@ impl Hub {
         during: impl FnOnce() -> T,
         payload: impl Fn(&T, Format) -> Option<Bytes>,
         message: impl Fn(&T) -> Option<Bytes>,
-    ) -> (T, FanOut) {
+    ) -> (T, FanOut, DirectWrites) {
         loop {
             let ch = match self.section(channel) {
-                Section::Empty(_shard) => return (during(), FanOut::default()),
+                Section::Empty(_shard) => return (during(), FanOut::default(), DirectWrites(Vec::new())),
                 Section::Channel(ch) => ch,
             };
             let state = ch.lock();
@@ -278,10 +347,11 @@ impl Hub {
                 Audience::Subscribers => &state.subs,
                 Audience::JoinLeave => &state.join_leave,
             };
-            let fan = deliver_all(to, skip, &encode, &raw);
+            let mut writes = DirectWrites::new();
+            let fan = deliver_all(to, skip, &encode, &raw, &mut writes.0);
             drop(state);
             fan.record();
-            return (value, fan);
+            return (value, fan, writes);
         }
     }
 
@@ -414,12 +484,14 @@ impl Hub {
 }
 
 /// Queues the frame for each subscriber's encoding on every subscriber but `skip` (framing each
-/// encoding at most once).
+/// encoding at most once). Idle subscribers are claimed rather than woken and added to `claimed`, for
+/// the caller to write to once it has left the section ([`ClientShared::flush_claimed`]).
 fn deliver_all(
     to: &ClientSet,
     skip: Option<&Arc<ClientShared>>,
     payload: &dyn Fn(Format) -> Option<Bytes>,
     message: &dyn Fn() -> Option<Bytes>,
+    claimed: &mut Vec<Arc<ClientShared>>,
 ) -> FanOut {
     let mut frames = Frames::new(payload, message);
     let mut fan = FanOut::default();
@@ -429,7 +501,11 @@ fn deliver_all(
             continue;
         }
         let Some(frame) = frames.get(client.encoding) else { continue };
-        match client.deliver(frame, now) {
+        let (delivery, claim) = client.deliver_or_claim(frame, now);
+        if claim {
+            claimed.push(client.clone());
+        }
+        match delivery {
             Delivery::Queued => fan.delivered += 1,
             Delivery::Slow(dropped) => {
                 fan.slow += 1;

@@ -724,13 +724,15 @@ impl Node {
                 p.arrived.push(publication.clone());
             }
         }
-        self.hub.publish_with(
+        let ((), _, writes) = self.hub.publish_holding(
             channel,
             || (),
             |(), format| publication_push_bytes(format, channel, &publication).ok(),
             |()| ringcast_wire::tcp::encode_message(channel, publication.offset, &publication.data).ok(),
         );
         drop(waiting);
+        // No lock across a socket write: idle subscribers are written to after `waiting` is released.
+        writes.write();
     }
 }
 

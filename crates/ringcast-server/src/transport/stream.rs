@@ -28,6 +28,7 @@
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::task::{Context, Poll};
 
 use tokio::net::TcpStream;
@@ -49,6 +50,10 @@ pub trait Stream: Unpin + Send + 'static {
     /// Ends our sending side (TLS: close_notify first), best effort.
     fn shutdown_write(&mut self);
     fn peer_addr(&self) -> io::Result<SocketAddr>;
+    /// The socket's descriptor when bytes written to it go to the peer as they are (plain TCP), for
+    /// fan-outs that write pushes straight to an idle connection ([`crate::pubsub::client`]); `None`
+    /// for TLS, where every byte must go through the connection's rustls session.
+    fn raw_fd(&self) -> Option<RawFd>;
 
     /// The stream as the HTTP server reads it (a request that is not a WebSocket upgrade).
     type Http: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
@@ -94,6 +99,10 @@ impl Stream for TcpStream {
     }
     fn peer_addr(&self) -> io::Result<SocketAddr> {
         TcpStream::peer_addr(self)
+    }
+    fn raw_fd(&self) -> Option<RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.as_raw_fd())
     }
 
     type Http = TcpStream;
@@ -268,8 +277,45 @@ impl Stream for TlsStream {
         self.0.as_deref().ok_or_else(gone)?.get_ref().0.peer_addr()
     }
 
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
+
     type Http = tokio_rustls::server::TlsStream<TcpStream>;
     fn take_for_http(&mut self) -> io::Result<Self::Http> {
         self.take().ok_or_else(gone)
+    }
+}
+
+/// Writes `frames` (at most [`super::outbound::MAX_IOV`]; more are not looked at) to the socket `fd`
+/// with one non-blocking `sendmsg`, as one `writev` would, but with `MSG_NOSIGNAL`: a peer that reset
+/// the connection yields `EPIPE`, never a SIGPIPE that would kill the process. Returns the bytes the
+/// kernel took (fewer than asked: the rest waits for the connection's task); `WouldBlock` when none.
+///
+/// The caller guarantees `fd` is a connected TCP socket that stays open during the call (the fan-out's
+/// claim on the connection, which the connection's drop waits for: [`crate::pubsub::client`]).
+pub fn send_frames(fd: RawFd, frames: &[bytes::Bytes]) -> io::Result<usize> {
+    const MAX: usize = super::outbound::MAX_IOV;
+    let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX];
+    let n = frames.len().min(MAX);
+    for (v, f) in iov.iter_mut().zip(&frames[..n]) {
+        *v = libc::iovec { iov_base: f.as_ptr() as *mut libc::c_void, iov_len: f.len() };
+    }
+    // SAFETY: a zeroed `msghdr` is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = n as _;
+    loop {
+        // SAFETY: `msg` points at `n` iovecs, each over a live `Bytes` the caller holds for the call; the
+        // kernel only reads them. `fd` is open (the caller's guarantee); a stale descriptor is at worst
+        // EBADF, never memory unsafety.
+        let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! A connection is one hand-written future, [`Connection`], owning the socket, the handshake bytes, the
 //! read buffer, the reader and the outbound queue; its deadlines live in the shared [`Deadlines`] table
 //! (8 bytes here instead of a 112-byte `Sleep`). Nothing of the connection is locked: no other task
-//! touches it. `poll` waits on the socket through tokio's
+//! touches it (a fan-out may write a parked client connection's socket, under the rules in
+//! [`crate::pubsub::client`]; never its buffers). `poll` waits on the socket through tokio's
 //! `poll_read_ready`/`poll_write_ready`, which park the waker in the socket's own registration, so
 //! waiting costs no extra future state; an `async fn` with `select!` carried ~1.3 KiB of nested future
 //! state per connection, which alone broke the 1 KiB-per-idle-connection budget.
@@ -14,6 +15,9 @@
 //! scratch buffer and written with a single non-blocking `write` at the end of the pass: one syscall for
 //! a whole burst, and no allocation. Only bytes the kernel does not take right away are copied into a
 //! `Bytes` and queued ([`Outbound`]); from then on replies go behind them in the queue, preserving order.
+//! A client connection that waits with nothing unwritten lets fan-outs write its pushes straight to the
+//! socket meanwhile (`Conn::park`; [`crate::pubsub::client`] has the rules); its next step's take makes
+//! it the only writer again before it touches the socket.
 //! The scratch buffer is thread-local and only touched inside one `poll`, so tasks migrating between
 //! worker threads never share it.
 //!
@@ -160,6 +164,10 @@ impl<S: Stream> Future for Connection<S> {
                 conn.ctx.deadlines.arm(conn.key, at.get(), cx.waker());
                 conn.armed = Some(at);
             }
+            if conn.park() {
+                // Frames were delivered since this step's take: they are ours to write.
+                continue;
+            }
             return Poll::Pending;
         }
         // Still busy after many rounds: let other connections run, and come back.
@@ -170,6 +178,11 @@ impl<S: Stream> Future for Connection<S> {
 
 impl<S: Stream> Drop for Conn<S> {
     fn drop(&mut self) {
+        if let Some(client) = &self.client {
+            // Before the socket closes (after this, with the fields): no fan-out may write to its
+            // descriptor once the number can be reused.
+            client.session.shared.withdraw_fd();
+        }
         self.ctx.live.leave();
         self.ctx.deadlines.remove(self.key);
         if let Some(ip) = self.admitted {
@@ -324,6 +337,15 @@ impl<S: Stream> Conn<S> {
             }
         }
         Ok(if progressed { Step::Again } else { Step::Wait })
+    }
+
+    /// Before waiting: an idle client connection (nothing unwritten of its own) lets fan-outs write its
+    /// pushes straight to the socket until its next step ([`crate::pubsub::client`]). Returns true when
+    /// pushes arrived since the step's take, to be taken now instead of waiting.
+    fn park(&self) -> bool {
+        let Some(client) = &self.client else { return false };
+        let idle = self.phase == Phase::Open && self.out.is_empty() && !self.stream.has_pending_output();
+        client.session.shared.park(idle)
     }
 
     fn wants_read(&self) -> bool {

@@ -142,6 +142,12 @@ impl<S: Stream> Conn<S> {
                         if req.protocol == Some(PROTOBUF_SUBPROTOCOL) { Format::Protobuf } else { Format::Json };
                     let encoding = push_encoding(format, req.deflate.as_ref(), &deflate);
                     let shared = ClientShared::new(ClientId::random(), encoding, self.ctx.config.client_queue_max_size);
+                    if self.ctx.config.fanout_direct_write {
+                        // Plain TCP only (TLS: `None`); withdrawn in `Conn`'s drop, before the socket closes.
+                        if let Some(fd) = self.stream.raw_fd() {
+                            shared.publish_fd(fd);
+                        }
+                    }
                     let ping = self.ctx.config.ping_interval.as_secs() as u32;
                     let stale = self.ctx.config.client_stale_close_delay;
                     let now = self.ctx.deadlines.now_ms();

@@ -379,8 +379,13 @@ impl Broker for NatsEngine {
             }
             let payload = Bytes::from(publication.encode_to_vec());
             let r = bounded(self.timeout, self.client.publish(self.channel_subject(channel), payload)).await;
+            // Once the client took the message it may go out whatever the flush says (the client
+            // resends its buffer after a reconnect): a failed flush is `Lost`, not `Unavailable`.
             let r = match r {
-                Ok(()) => bounded(self.timeout, self.client.flush()).await,
+                Ok(()) => match bounded(self.timeout, self.client.flush()).await {
+                    Err(EngineError::Unavailable) => Err(EngineError::Lost),
+                    other => other,
+                },
                 Err(e) => Err(e),
             };
             self.record(r).map(|()| StreamPos::default())
@@ -438,8 +443,13 @@ impl Broker for NatsEngine {
             let payload = serde_json::to_vec(control).map_err(|_| EngineError::Unavailable)?;
             let subject = format!("{}.control", self.prefix);
             let r = bounded(self.timeout, self.client.publish(subject, Bytes::from(payload))).await;
+            // Once the client took the message it may go out whatever the flush says (the client
+            // resends its buffer after a reconnect): a failed flush is `Lost`, not `Unavailable`.
             let r = match r {
-                Ok(()) => bounded(self.timeout, self.client.flush()).await,
+                Ok(()) => match bounded(self.timeout, self.client.flush()).await {
+                    Err(EngineError::Unavailable) => Err(EngineError::Lost),
+                    other => other,
+                },
                 Err(e) => Err(e),
             };
             self.record(r)

@@ -274,7 +274,16 @@ impl RedisEngine {
 
     /// Bounds a call by `redis_timeout`.
     async fn bounded<T>(&self, f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, EngineError> {
-        let r = match tokio::time::timeout(self.timeout, f).await {
+        self.bounded_by(self.timeout, f).await
+    }
+
+    /// Bounds a call by `limit` (what is left of `redis_timeout` for a call made of two commands).
+    async fn bounded_by<T>(
+        &self,
+        limit: Duration,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, EngineError> {
+        let r = match tokio::time::timeout(limit, f).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(map_err(&e)),
             Err(_) => Err(EngineError::Timeout),
@@ -491,10 +500,17 @@ impl Broker for RedisEngine {
             // fails, the publication was certainly not executed (`Unavailable`, whatever the PING's
             // own failure), which is what lets the node deliver it locally. A script that was sent and
             // failed is `Timeout` or `Lost` (see `map_err`). Costs a round trip only while suspect.
+            // Both within one `redis_timeout`.
+            let started = tokio::time::Instant::now();
             if self.suspect() {
                 self.bounded(redis::cmd("PING").query_async::<()>(&mut conn))
                     .await
                     .map_err(|_| EngineError::Unavailable)?;
+            }
+            let left = self.timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                // The PING took it all: the script is not sent.
+                return Err(EngineError::Unavailable);
             }
             let meta_ttl = history.effective_meta_ttl();
             let mut inv = self.scripts.publish.prepare_invoke();
@@ -506,7 +522,7 @@ impl Broker for RedisEngine {
                 .arg(secs(history.ttl))
                 .arg(secs(meta_ttl))
                 .arg(random_epoch());
-            let (offset, epoch): (u64, String) = self.bounded(inv.invoke_async(&mut conn)).await?;
+            let (offset, epoch): (u64, String) = self.bounded_by(left, inv.invoke_async(&mut conn)).await?;
             Ok(StreamPos { offset, epoch: epoch.into() })
         })
     }

@@ -233,9 +233,9 @@ async fn resubscribe(ws: &mut Ws, first_id: u64, subscribe: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_each_node_delivers_its_own_history_less_publications_and_loses_no_acknowledged_one() {
-    let dir = std::env::temp_dir().join(format!("ringcast-outage-redis-{}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    let mut redis = OwnRedis::start_durable(21120, &dir);
+    let dir = RemovedAtEnd(std::env::temp_dir().join(format!("ringcast-outage-redis-{}", std::process::id())));
+    std::fs::remove_dir_all(&dir.0).ok();
+    let mut redis = OwnRedis::start_durable(21120, &dir.0);
     let prefix = format!("rc-outage-{}", std::process::id());
     let top = "engine_breaker_failures = 3\nengine_breaker_cooldown = \"1s\"";
     let nodes = [
@@ -314,7 +314,7 @@ async fn redis_killed_each_node_delivers_its_own_history_less_publications_and_l
     assert_eq!(metric(b, "ringcast_engine_local_only_total"), 0.0);
 
     // Redis back, with what it acknowledged. Both nodes resubscribe and tell every subscriber 2500.
-    redis = OwnRedis::start_durable(21120, &dir);
+    redis = OwnRedis::start_durable(21120, &dir.0);
     read_until(&mut a1, &mut log_a1, "2500", is_unsubscribe).await;
     read_until(&mut b1, &mut log_b1, "2500", is_unsubscribe).await;
     for log in [&log_a1, &log_b1] {
@@ -356,5 +356,13 @@ async fn redis_killed_each_node_delivers_its_own_history_less_publications_and_l
     read_until(&mut a1, &mut log_a1, "again", |m| is_pub(m, ROOM, "again")).await;
     drop(nodes);
     drop(redis);
-    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A directory removed when the test ends, passed or failed.
+struct RemovedAtEnd(std::path::PathBuf);
+
+impl Drop for RemovedAtEnd {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
 }

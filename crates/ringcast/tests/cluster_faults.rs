@@ -185,3 +185,184 @@ async fn a_stalled_redis_times_publishes_out_and_waiting_calls_never_exceed_engi
     let published = publish_until_accepted(port, "s", json!({"n":9}), 50);
     assert!(published["result"]["offset"].is_u64(), "publishing works again: {published}");
 }
+
+/// A namespace without positions (no history, nothing forced): what a node delivers on its own while
+/// the engine is out of reach.
+const LIVE: &str = "
+[[namespaces]]
+name = \"live\"
+presence = true
+join_leave = true
+allow_subscribe_for_client = true
+allow_publish_for_client = true
+allow_presence_for_client = true
+";
+
+/// Whether `m` is a publication push of `channel` with data `{"n": n}`.
+fn is_pub(m: &Value, channel: &str, n: &str) -> bool {
+    m["push"]["channel"] == channel && m["push"]["pub"]["data"]["n"] == n
+}
+
+fn is_unsubscribe(m: &Value) -> bool {
+    m["push"].get("unsubscribe").is_some()
+}
+
+/// Reads whole frames into `log` until a message of it satisfies `found` (each read bounded by `next`).
+async fn read_until(ws: &mut Ws, log: &mut Vec<Value>, what: &str, found: impl Fn(&Value) -> bool) {
+    while !log.iter().any(&found) {
+        match next(ws).await {
+            Got::Json(msgs) => log.extend(msgs),
+            Got::Closed(c) => panic!("closed before {what}: {c:?}; read {log:?}"),
+        }
+    }
+}
+
+/// Subscribes as an SDK does after a 2500: error 100 is temporary and retried (50 tries, 100 ms apart).
+async fn resubscribe(ws: &mut Ws, first_id: u64, subscribe: Value) -> Value {
+    let mut r = Value::Null;
+    for id in first_id..first_id + 50 {
+        r = call(ws, json!({"id": id, "subscribe": subscribe})).await.0;
+        if r.get("error").is_none() {
+            return r;
+        }
+        assert_eq!(r["error"]["code"], 100, "{r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never subscribed again: {r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_each_node_delivers_its_own_history_less_publications_and_loses_no_acknowledged_one() {
+    let dir = RemovedAtEnd(std::env::temp_dir().join(format!("ringcast-outage-redis-{}", std::process::id())));
+    std::fs::remove_dir_all(&dir.0).ok();
+    let mut redis = OwnRedis::start_durable(21120, &dir.0);
+    let prefix = format!("rc-outage-{}", std::process::id());
+    let top = "engine_breaker_failures = 3\nengine_breaker_cooldown = \"1s\"";
+    let nodes = [
+        Node::start_with(&prefix, 0, redis.port, "300ms", top, LIVE),
+        Node::start_with(&prefix, 1, redis.port, "300ms", top, LIVE),
+    ];
+    let (a, b) = (nodes[0].port, nodes[1].port);
+    const ROOM: &str = "live:room";
+    // Subscribers of a history-less channel on both nodes (a1 listens for join/leave), and of a
+    // history channel on both.
+    let (mut a1, mut a2, mut b1) = (client(a, "a1").await, client(a, "a2").await, client(b, "b1").await);
+    for (ws, join_leave) in [(&mut a1, true), (&mut a2, false), (&mut b1, false)] {
+        let (r, _) = call(ws, json!({"id":2,"subscribe":{"channel": ROOM, "join_leave": join_leave}})).await;
+        assert!(r.get("error").is_none(), "{r}");
+    }
+    let (mut ha, mut hb) = (client(a, "ha").await, client(b, "hb").await);
+    let mut epoch = String::new();
+    for ws in [&mut ha, &mut hb] {
+        let (r, _) = call(ws, json!({"id":2,"subscribe":{"channel":"feed","recoverable":true}})).await;
+        epoch = r["subscribe"]["epoch"].as_str().unwrap_or_else(|| panic!("{r}")).to_string();
+    }
+    let (mut log_a1, mut log_a2, mut log_b1) = (Vec::new(), Vec::new(), Vec::new());
+
+    // Redis up: everything goes through it; the acknowledged publications of the history channel get
+    // offsets 1 and 2.
+    let r = api(a, "publish", &json!({"channel": ROOM, "data":{"n":"before"}}));
+    assert_eq!(api_error_code(&r), 0, "{r}");
+    for n in 1..=2 {
+        let r = api(a, "publish", &json!({"channel":"feed","data":{"n":n}}));
+        assert_eq!(r["result"]["offset"], n, "{r}");
+    }
+    for (ws, log) in [(&mut a1, &mut log_a1), (&mut a2, &mut log_a2), (&mut b1, &mut log_b1)] {
+        read_until(ws, log, "before", |m| is_pub(m, ROOM, "before")).await;
+    }
+    for ws in [&mut ha, &mut hb] {
+        assert_eq!(read_publications(ws, "feed", 2, Vec::new()).await, [1, 2]);
+    }
+
+    // Redis paused: the publish times out (error 100) but Redis runs it when resumed. A timeout is never
+    // delivered locally, or a1 would get it twice: once now, once from Redis.
+    redis.signal(libc::SIGSTOP);
+    let r = api(a, "publish", &json!({"channel": ROOM, "data":{"n":"paused"}}));
+    assert_eq!(api_error_code(&r), 100, "{r}");
+    redis.signal(libc::SIGCONT);
+    publish_until_accepted(a, ROOM, json!({"n":"marker"}), 50);
+    read_until(&mut a1, &mut log_a1, "marker", |m| is_pub(m, ROOM, "marker")).await;
+    assert_eq!(log_a1.iter().filter(|m| is_pub(m, ROOM, "paused")).count(), 1, "once, from Redis: {log_a1:?}");
+
+    // Redis killed. Once the nodes know it is down, a publish on A to the history-less channel answers
+    // error 100 (API and client), yet A's subscribers get it; B's do not (checked below).
+    redis.signal(libc::SIGKILL);
+    let _ = redis.child.wait();
+    assert_eq!(engine_panel(a, "down")["state"], "down");
+    assert_eq!(engine_panel(b, "down")["state"], "down");
+    let r = api(a, "publish", &json!({"channel": ROOM, "data":{"n":"alone-api"}}));
+    assert_eq!(api_error_code(&r), 100, "{r}");
+    let (r, pushes) = call(&mut a2, json!({"id":3,"publish":{"channel": ROOM,"data":{"n":"alone-client"}}})).await;
+    assert_eq!(r["error"]["code"], 100, "a client publish too: {r}");
+    log_a2.extend(pushes);
+    for (ws, log) in [(&mut a1, &mut log_a1), (&mut a2, &mut log_a2)] {
+        for n in ["alone-api", "alone-client"] {
+            read_until(ws, log, n, |m| is_pub(m, ROOM, n)).await;
+        }
+    }
+    assert_eq!(metric(a, "ringcast_engine_local_only_total"), 2.0);
+    // The history channel: error 100, and nobody gets it (it would need an offset).
+    let r = api(a, "publish", &json!({"channel":"feed","data":{"n":"refused"}}));
+    assert_eq!(api_error_code(&r), 100, "{r}");
+    // Local work goes on: a2 leaves, and a1 gets the leave push. Subscribing needs the engine: 100.
+    let (r, pushes) = call(&mut a2, json!({"id":4,"unsubscribe":{"channel": ROOM}})).await;
+    log_a2.extend(pushes);
+    assert!(r.get("error").is_none(), "{r}");
+    read_until(&mut a1, &mut log_a1, "a2's leave", |m| m["push"]["leave"]["info"]["user"] == "a2").await;
+    let (r, _) = call(&mut a2, json!({"id":5,"subscribe":{"channel": ROOM}})).await;
+    assert_eq!(r["error"]["code"], 100, "{r}");
+    assert_eq!(metric(b, "ringcast_engine_local_only_total"), 0.0);
+
+    // Redis back, with what it acknowledged. Both nodes resubscribe and tell every subscriber 2500.
+    redis = OwnRedis::start_durable(21120, &dir.0);
+    read_until(&mut a1, &mut log_a1, "2500", is_unsubscribe).await;
+    read_until(&mut b1, &mut log_b1, "2500", is_unsubscribe).await;
+    for log in [&log_a1, &log_b1] {
+        let push = log.iter().find(|m| is_unsubscribe(m)).map(|m| m["push"].clone()).unwrap_or_default();
+        assert_eq!((&push["channel"], &push["unsubscribe"]["code"]), (&json!(ROOM), &json!(2500)), "{push}");
+    }
+    assert!(
+        !log_b1.iter().any(|m| is_pub(m, ROOM, "alone-api") || is_pub(m, ROOM, "alone-client")),
+        "B never gets what A delivered alone: {log_b1:?}"
+    );
+    for ws in [&mut ha, &mut hb] {
+        let mut log = Vec::new();
+        read_until(ws, &mut log, "2500", is_unsubscribe).await;
+        assert!(offsets(&log, "feed").is_empty(), "nothing of the history channel during the outage: {log:?}");
+        // The acknowledged publications survived: recovery from offset 2 in the same epoch is complete.
+        let r =
+            resubscribe(ws, 10, json!({"channel":"feed","recoverable":true,"recover":true,"offset":2,"epoch":epoch}))
+                .await;
+        assert_eq!((&r["subscribe"]["recovered"], &r["subscribe"]["epoch"]), (&json!(true), &json!(epoch)), "{r}");
+    }
+    let h = api(b, "history", &json!({"channel":"feed","limit":10}));
+    let kept: Vec<u64> = h["result"]["publications"]
+        .as_array()
+        .map(|p| p.iter().filter_map(|p| p["offset"].as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(kept, [1, 2], "every acknowledged publication, nothing else: {h}");
+    for ws in [&mut a1, &mut b1] {
+        resubscribe(ws, 10, json!({"channel": ROOM})).await;
+    }
+
+    // Publishing works across nodes again.
+    let r = publish_until_accepted(b, "feed", json!({"n":3}), 50);
+    assert_eq!(r["result"]["offset"], 3, "{r}");
+    for ws in [&mut ha, &mut hb] {
+        assert_eq!(read_publications(ws, "feed", 1, Vec::new()).await, [3]);
+    }
+    let r = api(b, "publish", &json!({"channel": ROOM, "data":{"n":"again"}}));
+    assert_eq!(api_error_code(&r), 0, "{r}");
+    read_until(&mut a1, &mut log_a1, "again", |m| is_pub(m, ROOM, "again")).await;
+    drop(nodes);
+    drop(redis);
+}
+
+/// A directory removed when the test ends, passed or failed.
+struct RemovedAtEnd(std::path::PathBuf);
+
+impl Drop for RemovedAtEnd {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}

@@ -266,6 +266,8 @@ async fn nats_restarted_publishes_fail_100_then_nodes_resubscribe_and_tell_clien
     assert_eq!(engine_panel(a, "down")["state"], "down");
     let (r, _) = call(&mut publisher, json!({"id":3,"publish":{"channel":"f","data":{"n":2}}})).await;
     assert_eq!(r["error"]["code"], 100, "a client publish too: {r}");
+    // Never sent (the connection is known down) and no positions under NATS: A's own subscriber gets it.
+    assert_eq!(read_data(&mut ws, "f", 1).await.0, [json!({"n":2})]);
     // Back: both nodes reconnect and subscribe again; the subscriber may have missed publications, so
     // it is unsubscribed with 2500 (insufficient state) and resubscribes, as SDKs do.
     nats = OwnNats::start(21300, store);

@@ -10,7 +10,8 @@
 //! call (the probe) goes through; its success closes the breaker, its failure opens it for another
 //! cool-down, and every other call meanwhile fails fast.
 //!
-//! What counts: [`EngineError::Unavailable`] and [`EngineError::Timeout`] are failures;
+//! What counts: [`EngineError::Unavailable`], [`EngineError::Timeout`] and [`EngineError::Lost`] are
+//! failures;
 //! [`EngineError::UnrecoverablePosition`] is the engine answering correctly about a client's position,
 //! so it counts as a success. Calls admitted while closed that finish after the breaker opened do not
 //! move it (it already decided).
@@ -115,7 +116,7 @@ impl Outcome {
     fn of<T>(result: &Result<T, EngineError>) -> Outcome {
         match result {
             Ok(_) | Err(EngineError::UnrecoverablePosition) => Outcome::Success,
-            Err(EngineError::Unavailable | EngineError::Timeout) => Outcome::Failure,
+            Err(EngineError::Unavailable | EngineError::Timeout | EngineError::Lost) => Outcome::Failure,
             // Refused on this node before reaching the engine (`engine_max_waiting`).
             Err(EngineError::Busy) => Outcome::Abandoned,
         }
@@ -659,6 +660,7 @@ mod tests {
     fn unrecoverable_position_is_the_engine_answering_not_failing() {
         assert_eq!(Outcome::of::<()>(&Err(EngineError::UnrecoverablePosition)), Outcome::Success);
         assert_eq!(Outcome::of::<()>(&Err(EngineError::Timeout)), Outcome::Failure);
+        assert_eq!(Outcome::of::<()>(&Err(EngineError::Lost)), Outcome::Failure);
         assert_eq!(Outcome::of::<()>(&Err(EngineError::Unavailable)), Outcome::Failure);
     }
 

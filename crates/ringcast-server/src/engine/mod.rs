@@ -11,9 +11,10 @@
 //!
 //! The NATS broker ([`nats::NatsEngine`]) provides only the first; its presence may come from Redis.
 //!
-//! Errors are [`EngineError::Unavailable`] and [`EngineError::Timeout`]: a client publish, history or
-//! presence answers error 100 (internal, temporary: SDKs retry), an API call answers error 100. Nothing is
-//! dropped silently. Every call goes through a circuit breaker ([`breaker`]), one per Redis shard (the
+//! Errors are [`EngineError::Unavailable`] (certainly not executed: never sent), [`EngineError::Timeout`]
+//! and [`EngineError::Lost`] (sent, or perhaps sent, and no answer: it may have been executed): a client
+//! publish, history or presence answers error 100 (internal, temporary: SDKs retry), an API call answers
+//! error 100. Nothing is dropped silently. Every call goes through a circuit breaker ([`breaker`]), one per Redis shard (the
 //! shard that holds the call's channel): after repeated failures that shard's calls fail fast with
 //! `Unavailable` for a cool-down instead of waiting for a dead instance, and the other shards' calls go on.
 //!
@@ -23,6 +24,14 @@
 //! channel section ([`crate::pubsub::node::Node::deliver_inbound`]), so a node's own publications are
 //! delivered once, and all nodes deliver in the order the engine assigned offsets (the engine appends and
 //! publishes in one atomic step).
+//!
+//! One exception, while the engine is out of reach: a publish that fails with
+//! [`EngineError::Unavailable`] (never sent) to a channel whose namespace keeps no positions (no history,
+//! no forced positioning or recovery) is delivered by the origin to its own subscribers through the
+//! same section, and the publisher still gets error 100 (the other nodes did not get it). A `Timeout` or
+//! `Lost` publish may have run, and may still arrive through the engine: never delivered locally, so no
+//! subscriber gets it twice. A channel with history is never delivered locally: its publications need
+//! an offset, which only the engine assigns.
 //!
 //! # Sessions
 //! Session commands are synchronous (`Session::handle` returns the reply). An engine call is driven by
@@ -56,12 +65,19 @@ use crate::pubsub::client::ClientId;
 /// Why an engine call failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
-    /// The engine cannot be reached (connection refused or lost).
+    /// The call was not executed: it was never sent (the connection is known down or refused, or the
+    /// shard's circuit breaker is open). Only this error lets a publication be delivered locally
+    /// ([`crate::pubsub::node`]): nothing can deliver it a second time.
     #[error("engine unavailable")]
     Unavailable,
-    /// The engine did not answer within the configured bound (`redis_timeout`).
+    /// The engine did not answer within the configured bound (`redis_timeout`): it may have executed
+    /// the call.
     #[error("engine timed out")]
     Timeout,
+    /// The connection failed with the call sent, or perhaps sent (broken pipe, reset, end of stream):
+    /// the engine may have executed it, as after a [`EngineError::Timeout`].
+    #[error("engine connection lost")]
+    Lost,
     /// `engine_max_waiting` calls are already waiting on the engine: this one was not started.
     #[error("engine busy")]
     Busy,
@@ -75,7 +91,9 @@ impl EngineError {
     pub fn code(self) -> ErrorCode {
         match self {
             EngineError::UnrecoverablePosition => ErrorCode::UNRECOVERABLE_POSITION,
-            EngineError::Unavailable | EngineError::Timeout | EngineError::Busy => ErrorCode::INTERNAL,
+            EngineError::Unavailable | EngineError::Timeout | EngineError::Lost | EngineError::Busy => {
+                ErrorCode::INTERNAL
+            }
         }
     }
 
@@ -83,6 +101,7 @@ impl EngineError {
         match self {
             EngineError::Unavailable => "unavailable",
             EngineError::Timeout => "timeout",
+            EngineError::Lost => "lost",
             EngineError::Busy => "busy",
             EngineError::UnrecoverablePosition => "unrecoverable",
         }

@@ -273,6 +273,24 @@ impl NatsEngine {
         }
     }
 
+    /// Publishes `payload` on `subject` and flushes. Refused with `Unavailable` at once while the
+    /// connection is down (async-nats would otherwise queue it and maybe lose it), or when the client
+    /// does not take it. Once the client took it, it may go out whatever the flush says (the client
+    /// resends its buffer after a reconnect): a failed flush is `Lost`, not `Unavailable`.
+    async fn send(&self, subject: String, payload: Bytes) -> Result<(), EngineError> {
+        if !self.connected() {
+            return self.record(Err(EngineError::Unavailable));
+        }
+        let r = match bounded(self.timeout, self.client.publish(subject, payload)).await {
+            Ok(()) => match bounded(self.timeout, self.client.flush()).await {
+                Err(EngineError::Unavailable) => Err(EngineError::Lost),
+                other => other,
+            },
+            Err(e) => Err(e),
+        };
+        self.record(r)
+    }
+
     /// Opens the channel's NATS subscription and its reading task, once confirmed. If every local
     /// subscriber left meanwhile (the entry is gone or is another one), the subscription is dropped.
     async fn open(&self, channel: &str, cell: &Arc<OnceCell<()>>) -> Result<(), EngineError> {
@@ -374,16 +392,8 @@ impl Broker for NatsEngine {
         _history: HistoryOptions,
     ) -> EngineFuture<'a, StreamPos> {
         Box::pin(async move {
-            if !self.connected() {
-                return self.record(Err(EngineError::Unavailable));
-            }
             let payload = Bytes::from(publication.encode_to_vec());
-            let r = bounded(self.timeout, self.client.publish(self.channel_subject(channel), payload)).await;
-            let r = match r {
-                Ok(()) => bounded(self.timeout, self.client.flush()).await,
-                Err(e) => Err(e),
-            };
-            self.record(r).map(|()| StreamPos::default())
+            self.send(self.channel_subject(channel), payload).await.map(|()| StreamPos::default())
         })
     }
 
@@ -432,17 +442,8 @@ impl Broker for NatsEngine {
 
     fn control<'a>(&'a self, control: &'a Control) -> EngineFuture<'a, ()> {
         Box::pin(async move {
-            if !self.connected() {
-                return self.record(Err(EngineError::Unavailable));
-            }
             let payload = serde_json::to_vec(control).map_err(|_| EngineError::Unavailable)?;
-            let subject = format!("{}.control", self.prefix);
-            let r = bounded(self.timeout, self.client.publish(subject, Bytes::from(payload))).await;
-            let r = match r {
-                Ok(()) => bounded(self.timeout, self.client.flush()).await,
-                Err(e) => Err(e),
-            };
-            self.record(r)
+            self.send(format!("{}.control", self.prefix), Bytes::from(payload)).await
         })
     }
 

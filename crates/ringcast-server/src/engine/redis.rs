@@ -169,11 +169,22 @@ fn secs(d: Duration) -> u64 {
     d.as_secs().max(1) + u64::from(d.subsec_nanos() > 0)
 }
 
+/// What a failed Redis call tells of its command ([`EngineError`]). `Unavailable` only where Redis
+/// certainly did not execute it: the connection was refused (the command is written only on a
+/// connection made), or the server refused the command before running it (`LOADING` while a restarted
+/// Redis reads its data, `READONLY`, `MASTERDOWN`). A timeout is `Timeout`. Anything else is `Lost`:
+/// a broken pipe, a reset or an end of stream may come after the command was written and run (the
+/// client cannot tell which), and an unexpected reply means it ran.
 fn map_err(e: &redis::RedisError) -> EngineError {
+    use redis::ErrorKind;
     if e.is_timeout() {
         EngineError::Timeout
-    } else {
+    } else if e.is_connection_refusal()
+        || matches!(e.kind(), ErrorKind::BusyLoadingError | ErrorKind::ReadOnly | ErrorKind::MasterDown)
+    {
         EngineError::Unavailable
+    } else {
+        EngineError::Lost
     }
 }
 
@@ -263,13 +274,28 @@ impl RedisEngine {
 
     /// Bounds a call by `redis_timeout`.
     async fn bounded<T>(&self, f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, EngineError> {
-        let r = match tokio::time::timeout(self.timeout, f).await {
+        self.bounded_by(self.timeout, f).await
+    }
+
+    /// Bounds a call by `limit` (what is left of `redis_timeout` for a call made of two commands).
+    async fn bounded_by<T>(
+        &self,
+        limit: Duration,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, EngineError> {
+        let r = match tokio::time::timeout(limit, f).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(map_err(&e)),
             Err(_) => Err(EngineError::Timeout),
         };
         self.last_failed.store(r.is_err(), Ordering::Relaxed);
         r
+    }
+
+    /// Whether the command connection may be dead: the PUB/SUB connection is down (Redis went away) or
+    /// the last command failed. Then a publish asks for a PING first ([`Broker::publish`]).
+    fn suspect(&self) -> bool {
+        !self.receiving.load(Ordering::Relaxed) || self.last_failed.load(Ordering::Relaxed)
     }
 
     fn set_receiving(engine: &Weak<RedisEngine>, up: bool) {
@@ -470,6 +496,22 @@ impl Broker for RedisEngine {
     ) -> EngineFuture<'a, StreamPos> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
+            // While Redis may be gone, the script goes out only after a PING came back: if the PING
+            // fails, the publication was certainly not executed (`Unavailable`, whatever the PING's
+            // own failure), which is what lets the node deliver it locally. A script that was sent and
+            // failed is `Timeout` or `Lost` (see `map_err`). Costs a round trip only while suspect.
+            // Both within one `redis_timeout`.
+            let started = tokio::time::Instant::now();
+            if self.suspect() {
+                self.bounded(redis::cmd("PING").query_async::<()>(&mut conn))
+                    .await
+                    .map_err(|_| EngineError::Unavailable)?;
+            }
+            let left = self.timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                // The PING took it all: the script is not sent.
+                return Err(EngineError::Unavailable);
+            }
             let meta_ttl = history.effective_meta_ttl();
             let mut inv = self.scripts.publish.prepare_invoke();
             inv.key(self.key("h", channel))
@@ -480,7 +522,7 @@ impl Broker for RedisEngine {
                 .arg(secs(history.ttl))
                 .arg(secs(meta_ttl))
                 .arg(random_epoch());
-            let (offset, epoch): (u64, String) = self.bounded(inv.invoke_async(&mut conn)).await?;
+            let (offset, epoch): (u64, String) = self.bounded_by(left, inv.invoke_async(&mut conn)).await?;
             Ok(StreamPos { offset, epoch: epoch.into() })
         })
     }
@@ -671,6 +713,25 @@ mod tests {
         assert_eq!((got.offset, got.data), (17, p.data));
         assert!(parse_message(b"x:y:z").is_none());
         assert!(parse_message(b"12").is_none());
+    }
+
+    #[test]
+    fn only_a_command_redis_certainly_did_not_run_is_unavailable() {
+        use std::io::{Error, ErrorKind as Io};
+        let io = |kind| map_err(&redis::RedisError::from(Error::from(kind)));
+        // Refused at connect: nothing was written.
+        assert_eq!(io(Io::ConnectionRefused), EngineError::Unavailable);
+        // Refused by the server before running it.
+        for kind in [redis::ErrorKind::BusyLoadingError, redis::ErrorKind::ReadOnly, redis::ErrorKind::MasterDown] {
+            assert_eq!(map_err(&redis::RedisError::from((kind, "refused"))), EngineError::Unavailable, "{kind:?}");
+        }
+        // Sent, perhaps, and no answer: it may have run.
+        assert_eq!(io(Io::TimedOut), EngineError::Timeout);
+        for kind in [Io::BrokenPipe, Io::ConnectionReset, Io::UnexpectedEof] {
+            assert_eq!(io(kind), EngineError::Lost, "{kind:?}");
+        }
+        let answered = redis::RedisError::from((redis::ErrorKind::TypeError, "unexpected reply"));
+        assert_eq!(map_err(&answered), EngineError::Lost, "a reply came: it ran");
     }
 
     #[test]

@@ -172,6 +172,13 @@ impl ChannelOptions {
         self.history_size > 0 && !self.history_ttl.is_zero()
     }
 
+    /// Whether the channel's publications carry positions (offsets): with history, or when positioning
+    /// or recovery is forced. Only the engine assigns them, so a publication of such a channel is never
+    /// delivered by its node alone (see [`crate::pubsub::node::Node`]'s publish).
+    pub fn keeps_positions(&self) -> bool {
+        self.history_enabled() || self.force_positioning || self.force_recovery
+    }
+
     /// The rules Centrifugo enforces at start; `scope` names the namespace in the error.
     fn validate(&self, scope: &Scope) -> Result<(), NamespaceError> {
         let bad = |option: &'static str, reason: &'static str| NamespaceError::InvalidOption {

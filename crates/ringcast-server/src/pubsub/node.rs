@@ -14,7 +14,7 @@ use ringcast_protocol::messages::{ClientInfo, Join, Leave, Publication, Push, Re
 use ringcast_protocol::{encode_reply, publication_push_bytes, ErrorCode, Format};
 
 use crate::broker::{Broker, BrokerError, HistoryFilter, HistoryOptions, StreamPos};
-use crate::engine::{failed, Control, Inbound, Remote};
+use crate::engine::{failed, Control, EngineError, Inbound, Remote};
 use crate::policy::auth::TokenVerifier;
 use crate::policy::namespace::{ChannelOptions, Namespaces};
 use crate::pubsub::client::{ClientId, ServerCommand};
@@ -310,14 +310,14 @@ impl Node {
         data: Bytes,
         info: Option<ClientInfo>,
     ) -> Result<(StreamPos, FanOut), ErrorCode> {
-        let history = Self::history_options(&*self.options(channel)?);
-        self.publish_to(channel, data, info, history)
+        let opts = self.options(channel)?;
+        self.publish_to(channel, data, info, Self::history_options(&opts), &opts)
     }
 
     /// Publishes without appending to history (the API's `skip_history`).
     pub fn publish_without_history(&self, channel: &str, data: Bytes) -> Result<(StreamPos, FanOut), ErrorCode> {
-        self.options(channel)?;
-        self.publish_to(channel, data, None, HistoryOptions::default())
+        let opts = self.options(channel)?;
+        self.publish_to(channel, data, None, HistoryOptions::default(), &opts)
     }
 
     /// An API publication with `tags` (delivered and kept with it), to history unless `skip_history`.
@@ -331,7 +331,7 @@ impl Node {
         let opts = self.options(channel)?;
         let opts = &*opts;
         let history = if skip_history { HistoryOptions::default() } else { Self::history_options(opts) };
-        self.publish_publication(channel, Publication { data, tags, ..Default::default() }, history)
+        self.publish_publication(channel, Publication { data, tags, ..Default::default() }, history, opts)
     }
 
     fn publish_to(
@@ -340,15 +340,19 @@ impl Node {
         data: Bytes,
         info: Option<ClientInfo>,
         history: HistoryOptions,
+        opts: &ChannelOptions,
     ) -> Result<(StreamPos, FanOut), ErrorCode> {
-        self.publish_publication(channel, Publication { data, info, ..Default::default() }, history)
+        self.publish_publication(channel, Publication { data, info, ..Default::default() }, history, opts)
     }
 
+    /// `opts` are the channel's namespace options: with a networked engine they decide whether a
+    /// publication the engine never got is delivered here alone ([`Node::deliver_alone`]).
     fn publish_publication(
         &self,
         channel: &str,
         publication: Publication,
         history: HistoryOptions,
+        opts: &ChannelOptions,
     ) -> Result<(StreamPos, FanOut), ErrorCode> {
         use std::sync::atomic::Ordering::SeqCst;
         // Counted before the check, so `freeze` either sees this publication in flight or it sees the flag.
@@ -361,9 +365,20 @@ impl Node {
         if let Some(remote) = &self.remote {
             // The engine assigns the position; every node (this one too) delivers the publication when it
             // comes back on the channel's subscription (`deliver_inbound`).
-            let result = remote.resolve(remote.broker.publish(channel, &publication, history));
+            let result = match remote.resolve(remote.broker.publish(channel, &publication, history)) {
+                Ok(pos) => Ok((pos, FanOut::default())),
+                Err(e) => {
+                    // Never sent, so it cannot arrive through the engine later: this node's subscribers
+                    // get it once. Not with positions (only the engine assigns an offset), and never
+                    // after a `Timeout`/`Lost` (it may have run: it may still arrive).
+                    if e == EngineError::Unavailable && !opts.keeps_positions() {
+                        self.deliver_alone(channel, publication);
+                    }
+                    Err(failed("publish", e).code())
+                }
+            };
             self.publishing.fetch_sub(1, SeqCst);
-            return result.map(|pos| (pos, FanOut::default())).map_err(|e| failed("publish", e).code());
+            return result;
         }
         let ((_, pos), fan) = self.hub.publish_with(
             channel,
@@ -713,6 +728,17 @@ impl Node {
                 Ok(())
             }
         }
+    }
+
+    /// A publication of a channel without positions that the engine never got (its publish failed with
+    /// [`EngineError::Unavailable`]: the engine is out of reach): delivered to this node's subscribers
+    /// through the same section as one from the engine, so local delivery goes on during an outage. The
+    /// publisher still gets error 100 (the other nodes did not get it; a retry that succeeds delivers it
+    /// here a second time). Counted in `ringcast_engine_local_only_total`.
+    fn deliver_alone(&self, channel: &str, publication: Publication) {
+        metrics::counter!("ringcast_engine_local_only_total").increment(1);
+        tracing::debug!(channel, "engine unavailable: publication delivered to this node's subscribers only");
+        self.deliver_inbound(channel, publication);
     }
 
     /// A publication from the engine: kept for subscribers being recovered, delivered to the others

@@ -284,9 +284,24 @@ pub struct OwnRedis {
 }
 
 impl OwnRedis {
+    /// A redis-server that keeps nothing: restarted, it is empty.
     pub fn start(port: u16) -> OwnRedis {
+        OwnRedis::start_args(port, &["--save", "", "--appendonly", "no"])
+    }
+
+    /// A redis-server that writes every command to its append-only file in `dir` before answering
+    /// (`appendfsync always`): killed and started again on the same `dir`, it has everything it
+    /// acknowledged.
+    pub fn start_durable(port: u16, dir: &std::path::Path) -> OwnRedis {
+        std::fs::create_dir_all(dir).unwrap();
+        let dir = dir.to_str().expect("utf-8 path");
+        OwnRedis::start_args(port, &["--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", dir])
+    }
+
+    fn start_args(port: u16, args: &[&str]) -> OwnRedis {
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(args)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server");

@@ -269,10 +269,13 @@ impl History {
         consumer.messages().await.map_err(unavailable("history_follow"))
     }
 
-    /// Deletes the stream (tests clean up with it).
-    pub async fn delete(&self) -> Result<(), EngineError> {
-        self.context.delete_stream(&self.name).await.map(|_| ()).map_err(unavailable("history_delete"))
-    }
+}
+
+/// Deletes the history stream of `prefix` on the NATS at `url` (tests clean up with it).
+pub async fn delete_stream(url: &str, prefix: &str) -> Result<(), String> {
+    let client = async_nats::connect(url).await.map_err(|e| e.to_string())?;
+    let deleted = jetstream::new(client).delete_stream(stream_name(prefix)).await;
+    deleted.map(|_| ()).map_err(|e| e.to_string())
 }
 
 fn time_duration(d: Duration) -> time::Duration {

@@ -277,11 +277,6 @@ impl NatsEngine {
         self.history.as_ref().ok_or(EngineError::Unavailable)
     }
 
-    /// Deletes the history stream (tests clean up with it).
-    pub async fn delete_history(&self) -> Result<(), EngineError> {
-        self.stream()?.delete().await
-    }
-
     fn connected(&self) -> bool {
         self.client.connection_state() == State::Connected
     }

@@ -478,7 +478,8 @@ impl Config {
 
     /// `[channels]` and each namespace's options, with the name an error gives them.
     fn channel_scopes(&self) -> impl Iterator<Item = (&str, &crate::policy::namespace::ChannelOptions)> {
-        std::iter::once(("[channels]", &self.channels)).chain(self.namespaces.iter().map(|n| (n.name.as_str(), &n.options)))
+        std::iter::once(("[channels]", &self.channels))
+            .chain(self.namespaces.iter().map(|n| (n.name.as_str(), &n.options)))
     }
 
     /// Under `broker = "nats"`, the history stream's limits: the largest `history_size` and

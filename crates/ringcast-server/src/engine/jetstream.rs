@@ -145,7 +145,8 @@ impl History {
             ..Default::default()
         };
         context.create_or_update_stream(config).await.map_err(|e| format!("nats: history stream {name}: {e}"))?;
-        let stream = context.get_stream_no_info(&name).await.map_err(|e| format!("nats: history stream {name}: {e}"))?;
+        let stream =
+            context.get_stream_no_info(&name).await.map_err(|e| format!("nats: history stream {name}: {e}"))?;
         Ok(History { context, stream, name })
     }
 
@@ -160,7 +161,13 @@ impl History {
 
     /// Stores `payload` with `pos` if the subject's last message is still `expect` (0: none). `Ok(None)`
     /// when another message was stored meanwhile.
-    async fn put(&self, subject: &str, pos: &Position, expect: u64, payload: Bytes) -> Result<Option<u64>, EngineError> {
+    async fn put(
+        &self,
+        subject: &str,
+        pos: &Position,
+        expect: u64,
+        payload: Bytes,
+    ) -> Result<Option<u64>, EngineError> {
         let mut headers = encode_position(pos);
         headers.insert("Nats-Expected-Last-Subject-Sequence", expect.to_string().as_str());
         let ack = self
@@ -268,7 +275,6 @@ impl History {
         let consumer = self.stream.create_consumer(config).await.map_err(unavailable("history_follow"))?;
         consumer.messages().await.map_err(unavailable("history_follow"))
     }
-
 }
 
 /// Deletes the history stream of `prefix` on the NATS at `url` (tests clean up with it).
@@ -286,8 +292,7 @@ fn time_duration(d: Duration) -> time::Duration {
 async fn read_until(consumer: &consumer::PullConsumer, top: u64) -> Result<Vec<Publication>, EngineError> {
     let mut out = Vec::new();
     loop {
-        let mut batch =
-            consumer.fetch().max_messages(256).messages().await.map_err(unavailable("history_read"))?;
+        let mut batch = consumer.fetch().max_messages(256).messages().await.map_err(unavailable("history_read"))?;
         let mut got = 0;
         while let Some(m) = batch.next().await {
             let m = m.map_err(unavailable("history_read"))?;

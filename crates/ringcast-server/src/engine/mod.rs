@@ -9,7 +9,8 @@
 //! * [`HistoryStore`]: positions and history reads (recovery);
 //! * [`PresenceManager`]: presence entries with a TTL, refreshed by the node that holds the client.
 //!
-//! The NATS broker ([`nats::NatsEngine`]) provides only the first; its presence may come from Redis.
+//! The NATS engine ([`nats::NatsEngine`]) provides the first two (history in JetStream, [`jetstream`]);
+//! its presence may come from Redis.
 //!
 //! Errors are [`EngineError::Unavailable`] and [`EngineError::Timeout`]: a client publish, history or
 //! presence answers error 100 (internal, temporary: SDKs retry), an API call answers error 100. Nothing is

@@ -2,26 +2,28 @@
 //! at the same NATS server and `nats_prefix`, over core NATS subjects.
 //!
 //! # What it is, and what it refuses
-//! A broker only, as Centrifugo's NATS broker is: core NATS is at-most-once PUB/SUB with no memory, so
-//! there are no stream positions (a publication's offset is 0 and its epoch empty), no history and no
-//! recovery. Configuration validation refuses `history_size` in any namespace under `broker = "nats"`
-//! (and so positioning and recovery, which need history). Presence is not kept in NATS: with
-//! `presence_manager = "redis"` it is kept in Redis by the Redis engine's presence manager (the same
-//! entries a Redis-engine cluster keeps); without it, `presence = true` is refused. JetStream (offsets
-//! from a per-channel counter, history read by subject) was considered and left out: see
-//! ARCHITECTURE.md.
+//! Channels without history travel over core NATS, as with Centrifugo's NATS broker: at-most-once
+//! PUB/SUB with no memory, offset 0, no epoch. Channels whose namespace keeps history are stored in one
+//! JetStream stream ([`super::jetstream`]): contiguous per-channel offsets in one epoch, history reads,
+//! positioning and recovery, and live delivery from one ordered consumer per channel per node, so every
+//! node delivers them in offset order. Presence is not kept in NATS: with `presence_manager = "redis"`
+//! it is kept in Redis by the Redis engine's presence manager (the same entries a Redis-engine cluster
+//! keeps); without it, `presence = true` is refused.
 //!
 //! # Subjects (prefix `P`)
 //! * `P.ch.T` — channel C's publications, `T` = [`escape`]`(C)`: one subject token whatever C holds, so
 //!   `.`, `*`, `>` and whitespace in a channel name cannot split it, widen a subscription or collide
 //!   with another channel.
+//! * `P.h.T` — a history channel's stored publications, in the history stream (never subscribed to
+//!   with core NATS: a core subscriber would also get publications the stream rejected).
 //! * `P.control` — control messages (API disconnect, subscribe, unsubscribe, refresh of a client on
 //!   whichever node holds it), JSON, as with Redis.
 //!
 //! A publication travels as its protobuf encoding.
 //!
 //! # Order and delivery
-//! The publishing node does not deliver locally: every node subscribed to the subject, the origin
+//! A history channel's publications are delivered from its live consumer in stream order, which is
+//! offset order ([`super::jetstream`]). For the others: the publishing node does not deliver locally: every node subscribed to the subject, the origin
 //! included, receives the publication on its one subscription for the channel and delivers it through
 //! the hub ([`Inbound::publication`]), so a node's own publications are delivered once. NATS keeps the
 //! order of one connection's publications to a subject, so a node's publications to a channel reach
@@ -55,7 +57,8 @@ use tokio::sync::{mpsc, watch, OnceCell};
 
 use super::jetstream::{History, StreamLimits};
 use super::{
-    read_after, select, Broker, Control, EngineError, EngineFuture, EngineState, EngineStatus, HistoryStore, Inbound, PresenceManager,
+    read_after, select, Broker, Control, EngineError, EngineFuture, EngineState, EngineStatus, HistoryStore, Inbound,
+    PresenceManager,
 };
 use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
 use crate::pubsub::client::ClientId;
@@ -500,8 +503,11 @@ impl Broker for NatsEngine {
                 c.count += 1;
                 c.ready.clone()
             };
-            let r = match tokio::time::timeout(self.timeout * 2, cell.get_or_try_init(|| self.open(channel, &cell, history.size > 0)))
-                .await
+            let r = match tokio::time::timeout(
+                self.timeout * 2,
+                cell.get_or_try_init(|| self.open(channel, &cell, history.size > 0)),
+            )
+            .await
             {
                 Ok(r) => r.map(|_| ()),
                 Err(_) => Err(EngineError::Timeout),

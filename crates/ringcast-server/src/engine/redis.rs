@@ -37,7 +37,8 @@ use ringcast_protocol::messages::{ClientInfo, Publication};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    random_epoch, read_after, select, Broker, Control, EngineError, EngineFuture, EngineState, EngineStatus, HistoryStore, Inbound, PresenceManager,
+    random_epoch, read_after, select, Broker, Control, EngineError, EngineFuture, EngineState, EngineStatus,
+    HistoryStore, Inbound, PresenceManager,
 };
 use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
 use crate::pubsub::client::ClientId;

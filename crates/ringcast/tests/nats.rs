@@ -212,9 +212,14 @@ struct OwnNats {
 impl OwnNats {
     fn start(port: u16, store: PathBuf) -> OwnNats {
         std::fs::create_dir_all(&store).unwrap();
+        let child = OwnNats::spawn(port, &store);
+        OwnNats { child, port, store }
+    }
+
+    fn spawn(port: u16, store: &PathBuf) -> Child {
         let child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(&store)
+            .arg(store)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -224,12 +229,18 @@ impl OwnNats {
             assert!(Instant::now() < deadline, "nats-server on {port} did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        OwnNats { child, port, store }
+        child
     }
 
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Started again (after [`OwnNats::kill`]) on the same port and store: what JetStream kept is there.
+    fn restart(&mut self) {
+        self.kill();
+        self.child = OwnNats::spawn(self.port, &self.store);
     }
 }
 
@@ -243,7 +254,7 @@ impl Drop for OwnNats {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restarted_publishes_fail_100_then_nodes_resubscribe_and_tell_clients_2500() {
     let store = std::env::temp_dir().join(format!("ringcast-nats-store-{}", std::process::id()));
-    let mut nats = OwnNats::start(21300, store.clone());
+    let mut nats = OwnNats::start(21300, store);
     let prefix = unique("restart");
     let extra = "nats_write_timeout = \"300ms\"";
     let nodes = [nats_node(&prefix, 0, nats.port, extra, ""), nats_node(&prefix, 1, nats.port, extra, "")];
@@ -269,7 +280,7 @@ async fn nats_restarted_publishes_fail_100_then_nodes_resubscribe_and_tell_clien
     assert_eq!(r["error"]["code"], 100, "a client publish too: {r}");
     // Back: both nodes reconnect and subscribe again; the subscriber may have missed publications, so
     // it is unsubscribed with 2500 (insufficient state) and resubscribes, as SDKs do.
-    nats = OwnNats::start(21300, store);
+    nats.restart();
     let push = unsubscribe_push(&mut ws).await;
     assert_eq!(push["unsubscribe"]["code"], 2500, "{push}");
     let (r, _) = call(&mut ws, json!({"id":4,"subscribe":{"channel":"f"}})).await;
@@ -409,4 +420,44 @@ async fn history_api_answers_limit_since_and_reverse_as_under_redis() {
     let r = api(a, "publish", &json!({"channel":"hist:log","data":{"n":6}}));
     assert_eq!((r["result"]["offset"].as_u64(), r["result"]["epoch"].as_str()), (Some(6), Some(epoch.as_str())), "{r}");
     assert_eq!(offsets_of(&history(json!({"channel":"hist:log","limit":-1}))), [6]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_nats_restarted_publishes_fail_100_then_subscribers_told_2500_recover_what_was_stored() {
+    let store = std::env::temp_dir().join(format!("ringcast-nats-js-store-{}", std::process::id()));
+    let mut nats = OwnNats::start(21301, store);
+    let prefix = unique("jsrestart");
+    let extra = "nats_write_timeout = \"300ms\"";
+    let nodes = [nats_node(&prefix, 0, nats.port, extra, HISTORY), nats_node(&prefix, 1, nats.port, extra, HISTORY)];
+    let (a, b) = (nodes[0].port, nodes[1].port);
+    let mut ws = client(a, "watcher").await;
+    let (r, _) = call(&mut ws, json!({"id":2,"subscribe":{"channel":"hist:f","recoverable":true}})).await;
+    let epoch = r["subscribe"]["epoch"].as_str().expect("epoch").to_string();
+    let ok = api(b, "publish", &json!({"channel":"hist:f","data":{"n":1}}));
+    assert_eq!(ok["result"]["offset"].as_u64(), Some(1), "{ok}");
+    assert_eq!(read_publications(&mut ws, "hist:f", 1, Vec::new()).await, [1]);
+    nats.kill();
+    assert_eq!(engine_panel(b, "down")["state"], "down");
+    let r = api(b, "publish", &json!({"channel":"hist:f","data":{"n":2}}));
+    assert_eq!(api_error_code(&r), 100, "not stored, and said so: {r}");
+    let r = api(b, "history", &json!({"channel":"hist:f","limit":-1}));
+    assert_eq!(api_error_code(&r), 100, "{r}");
+    // Back with its store: the stream is there; subscribers are told 2500 and recover from it.
+    nats.restart();
+    let push = unsubscribe_push(&mut ws).await;
+    assert_eq!(push["unsubscribe"]["code"], 2500, "{push}");
+    let r = publish_until_accepted(b, "hist:f", json!({"n":3}), 50);
+    assert_eq!(r["result"]["offset"].as_u64(), Some(2), "the refused publication took no offset: {r}");
+    let (r, _) = call(
+        &mut ws,
+        json!({"id":3,"subscribe":{"channel":"hist:f","recoverable":true,"recover":true,"offset":1,"epoch":epoch}}),
+    )
+    .await;
+    assert_eq!(r["subscribe"]["recovered"], true, "{r}");
+    assert_eq!(r["subscribe"]["publications"][0]["data"], json!({"n":3}), "{r}");
+    let r = api(a, "publish", &json!({"channel":"hist:f","data":{"n":4}}));
+    assert_eq!(api_error_code(&r), 0, "{r}");
+    assert_eq!(read_publications(&mut ws, "hist:f", 1, Vec::new()).await, [3], "live again, contiguous");
+    drop(nodes);
+    drop(nats);
 }

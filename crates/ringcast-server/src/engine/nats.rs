@@ -49,6 +49,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use async_nats::connection::State;
+use async_nats::jetstream::consumer::push::{Ordered, OrderedErrorKind};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use prost::Message;
@@ -362,17 +363,27 @@ async fn bounded_engine<T>(
 async fn receive_history(
     engine: Weak<NatsEngine>,
     channel: String,
-    mut messages: async_nats::jetstream::consumer::push::Ordered,
+    mut messages: Ordered,
     delivered: watch::Sender<u64>,
 ) {
     let mut last = *delivered.borrow();
     while let Some(m) = messages.next().await {
         let m = match m {
             Ok(m) => m,
-            Err(e) => {
+            Err(e) if e.kind() == OrderedErrorKind::MissingHeartbeat => {
                 // The consumer recreates itself on the next poll.
                 tracing::debug!(channel, error = %e, "nats: history consumer interrupted");
                 continue;
+            }
+            Err(e) => {
+                // Not to be polled again (async-nats 0.52 panics polling it after its connection-state
+                // watcher ended). The channel's subscribers here resubscribe (2500) and recover; the
+                // last one's leaving drops the channel, and the next subscriber makes a new consumer.
+                tracing::warn!(channel, error = %e, "nats: history consumer ended");
+                if let Some(inbound) = engine.upgrade().and_then(|e| e.inbound()) {
+                    inbound.resubscribed(std::slice::from_ref(&channel));
+                }
+                return;
             }
         };
         let Ok(seq) = m.info().map(|i| i.stream_sequence) else { continue };

@@ -251,13 +251,20 @@ impl Drop for OwnNats {
     }
 }
 
+/// A nats-server of the test's own on `port` (its store named for `name`), and two nodes on it with
+/// `tables` and a short `nats_write_timeout`.
+fn own_nats_and_two_nodes(port: u16, name: &str, tables: &str) -> (OwnNats, [Node; 2]) {
+    let store = std::env::temp_dir().join(format!("ringcast-nats-store-{name}-{}", std::process::id()));
+    let nats = OwnNats::start(port, store);
+    let prefix = unique(name);
+    let extra = "nats_write_timeout = \"300ms\"";
+    let nodes = [nats_node(&prefix, 0, port, extra, tables), nats_node(&prefix, 1, port, extra, tables)];
+    (nats, nodes)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restarted_publishes_fail_100_then_nodes_resubscribe_and_tell_clients_2500() {
-    let store = std::env::temp_dir().join(format!("ringcast-nats-store-{}", std::process::id()));
-    let mut nats = OwnNats::start(21300, store);
-    let prefix = unique("restart");
-    let extra = "nats_write_timeout = \"300ms\"";
-    let nodes = [nats_node(&prefix, 0, nats.port, extra, ""), nats_node(&prefix, 1, nats.port, extra, "")];
+    let (mut nats, nodes) = own_nats_and_two_nodes(21300, "restart", "");
     let (a, b) = (nodes[0].port, nodes[1].port);
     let mut ws = client(a, "watcher").await;
     let (r, _) = call(&mut ws, json!({"id":2,"subscribe":{"channel":"f"}})).await;
@@ -424,11 +431,7 @@ async fn history_api_answers_limit_since_and_reverse_as_under_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_nats_restarted_publishes_fail_100_then_subscribers_told_2500_recover_what_was_stored() {
-    let store = std::env::temp_dir().join(format!("ringcast-nats-js-store-{}", std::process::id()));
-    let mut nats = OwnNats::start(21301, store);
-    let prefix = unique("jsrestart");
-    let extra = "nats_write_timeout = \"300ms\"";
-    let nodes = [nats_node(&prefix, 0, nats.port, extra, HISTORY), nats_node(&prefix, 1, nats.port, extra, HISTORY)];
+    let (mut nats, nodes) = own_nats_and_two_nodes(21301, "jsrestart", HISTORY);
     let (a, b) = (nodes[0].port, nodes[1].port);
     let mut ws = client(a, "watcher").await;
     let (r, _) = call(&mut ws, json!({"id":2,"subscribe":{"channel":"hist:f","recoverable":true}})).await;

@@ -594,9 +594,10 @@ impl Broker for NatsEngine {
             kind: "nats",
             state,
             detail: format!(
-                "{} (prefix {}): {channels} channels received by this node",
+                "{} (prefix {}{}): {channels} channels received by this node",
                 without_credentials(&self.url),
-                self.prefix
+                self.prefix,
+                if self.history.is_some() { ", history in JetStream" } else { "" }
             ),
         }
     }

@@ -47,46 +47,7 @@ async fn four_publishers_on_two_nodes_every_subscriber_gets_every_publication_in
 async fn a_client_reconnecting_to_another_node_recovers_exactly_while_publications_race_it() {
     let cluster = Cluster::start("recover", 2);
     let (a, b) = (cluster.port(0), cluster.port(1));
-    let mut ws = client(a, "reader").await;
-    let (r, _) = call(&mut ws, json!({"id":2,"subscribe":{"channel":"feed","recoverable":true}})).await;
-    let epoch = r["subscribe"]["epoch"].as_str().expect("epoch").to_string();
-    for n in 0..3 {
-        let r = api(b, "publish", &json!({"channel":"feed","data":{"n":n}}));
-        assert!(r["result"]["offset"].is_u64(), "{r}");
-    }
-    let seen = read_publications(&mut ws, "feed", 3, Vec::new()).await;
-    assert_eq!(seen, [1, 2, 3], "published on B, delivered on A");
-    drop(ws);
-    // Missed while away: 5 publications; and a publisher that keeps going while the client recovers.
-    for n in 3..8 {
-        api(a, "publish", &json!({"channel":"feed","data":{"n":n}}));
-    }
-    let racer = std::thread::spawn(move || {
-        let mut last = 0;
-        for n in 8..68 {
-            let r = api(a, "publish", &json!({"channel":"feed","data":{"n":n}}));
-            last = r["result"]["offset"].as_u64().expect("offset");
-        }
-        last
-    });
-    let mut ws = client(b, "reader").await;
-    let (r, pushes) = call(
-        &mut ws,
-        json!({"id":2,"subscribe":{"channel":"feed","recoverable":true,"recover":true,"offset":3,"epoch":epoch}}),
-    )
-    .await;
-    assert_eq!(r["subscribe"]["recovered"], true, "{r}");
-    assert_eq!(r["subscribe"]["epoch"].as_str(), Some(epoch.as_str()), "one epoch across nodes");
-    let replay: Vec<u64> = r["subscribe"]["publications"]
-        .as_array()
-        .map(|p| p.iter().map(|p| p["offset"].as_u64().unwrap_or(0)).collect())
-        .unwrap_or_default();
-    assert!(replay.len() >= 5 && replay[..5] == [4, 5, 6, 7, 8][..], "the missed five first: {replay:?}");
-    assert!(offsets(&pushes, "feed").is_empty(), "no push before the subscribe reply");
-    let last = racer.join().unwrap();
-    let all = read_publications(&mut ws, "feed", (last - 3) as usize, replay).await;
-    let expected: Vec<u64> = (4..=last).collect();
-    assert_eq!(all, expected, "replay then pushes: each publication once, none missing");
+    a_client_reconnecting_to_another_node_recovers_exactly(a, b, "feed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::cluster::*;
 
-/// The channel options every node of a test shares: no history (refused under nats).
+/// The channel options every node of a test shares: no history outside the `hist` namespace of the
+/// JetStream tests ([`HISTORY`]).
 const CHANNELS: &str = r#"
 token_hmac_secret_key = "cluster-secret"
 [channels]
@@ -211,9 +212,14 @@ struct OwnNats {
 impl OwnNats {
     fn start(port: u16, store: PathBuf) -> OwnNats {
         std::fs::create_dir_all(&store).unwrap();
+        let child = OwnNats::spawn(port, &store);
+        OwnNats { child, port, store }
+    }
+
+    fn spawn(port: u16, store: &PathBuf) -> Child {
         let child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(&store)
+            .arg(store)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -223,12 +229,18 @@ impl OwnNats {
             assert!(Instant::now() < deadline, "nats-server on {port} did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        OwnNats { child, port, store }
+        child
     }
 
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Started again (after [`OwnNats::kill`]) on the same port and store: what JetStream kept is there.
+    fn restart(&mut self) {
+        self.kill();
+        self.child = OwnNats::spawn(self.port, &self.store);
     }
 }
 
@@ -239,13 +251,20 @@ impl Drop for OwnNats {
     }
 }
 
+/// A nats-server of the test's own on `port` (its store named for `name`), and two nodes on it with
+/// `tables` and a short `nats_write_timeout`.
+fn own_nats_and_two_nodes(port: u16, name: &str, tables: &str) -> (OwnNats, [Node; 2]) {
+    let store = std::env::temp_dir().join(format!("ringcast-nats-store-{name}-{}", std::process::id()));
+    let nats = OwnNats::start(port, store);
+    let prefix = unique(name);
+    let extra = "nats_write_timeout = \"300ms\"";
+    let nodes = [nats_node(&prefix, 0, port, extra, tables), nats_node(&prefix, 1, port, extra, tables)];
+    (nats, nodes)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restarted_publishes_fail_100_then_nodes_resubscribe_and_tell_clients_2500() {
-    let store = std::env::temp_dir().join(format!("ringcast-nats-store-{}", std::process::id()));
-    let mut nats = OwnNats::start(21300, store.clone());
-    let prefix = unique("restart");
-    let extra = "nats_write_timeout = \"300ms\"";
-    let nodes = [nats_node(&prefix, 0, nats.port, extra, ""), nats_node(&prefix, 1, nats.port, extra, "")];
+    let (mut nats, nodes) = own_nats_and_two_nodes(21300, "restart", "");
     let (a, b) = (nodes[0].port, nodes[1].port);
     let mut ws = client(a, "watcher").await;
     let (r, _) = call(&mut ws, json!({"id":2,"subscribe":{"channel":"f"}})).await;
@@ -270,7 +289,7 @@ async fn nats_restarted_publishes_fail_100_then_nodes_resubscribe_and_tell_clien
     assert_eq!(read_data(&mut ws, "f", 1).await.0, [json!({"n":2})]);
     // Back: both nodes reconnect and subscribe again; the subscriber may have missed publications, so
     // it is unsubscribed with 2500 (insufficient state) and resubscribes, as SDKs do.
-    nats = OwnNats::start(21300, store);
+    nats.restart();
     let push = unsubscribe_push(&mut ws).await;
     assert_eq!(push["unsubscribe"]["code"], 2500, "{push}");
     let (r, _) = call(&mut ws, json!({"id":4,"subscribe":{"channel":"f"}})).await;
@@ -279,6 +298,171 @@ async fn nats_restarted_publishes_fail_100_then_nodes_resubscribe_and_tell_clien
     publish_until_accepted(b, "f", json!({"n":3}), 50);
     assert_eq!(read_data(&mut ws, "f", 1).await.0, [json!({"n":3})]);
     assert_eq!(engine_panel(b, "up")["state"], "up", "the dashboard sees the broker back");
+    drop(nodes);
+    drop(nats);
+}
+
+/// The history namespace of the JetStream tests: history, recovery and positioning as under redis.
+const HISTORY: &str = "[[namespaces]]\nname = \"hist\"\nhistory_size = 1000\nhistory_ttl = \"300s\"\nallow_subscribe_for_client = true\nallow_publish_for_client = true\nallow_history_for_client = true\nallow_recovery = true\n";
+
+/// Deletes a test's history stream on the shared NATS when dropped (also after a failure).
+struct Stream(String);
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let prefix = self.0.clone();
+        // Its own thread and runtime: dropped inside the test's runtime, which cannot block on it.
+        let deleted = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            Some(rt.block_on(ringcast_server::engine::jetstream::delete_stream("nats://127.0.0.1:4222", &prefix)))
+        })
+        .join();
+        if !matches!(deleted, Ok(Some(Ok(())))) {
+            eprintln!("history stream of {} not deleted: {deleted:?}", self.0);
+        }
+    }
+}
+
+/// Two nodes with the history namespace on the shared NATS, and the guard of their stream (dropped
+/// after them).
+fn history_nodes(name: &str) -> ([Node; 2], Stream) {
+    let prefix = unique(name);
+    let guard = Stream(prefix.clone());
+    ([nats_node(&prefix, 0, 4222, "", HISTORY), nats_node(&prefix, 1, 4222, "", HISTORY)], guard)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_publishers_on_two_nodes_get_offsets_one_to_n_and_every_subscriber_sees_them_in_order() {
+    let (nodes, _stream) = history_nodes("jsorder");
+    const EACH: u64 = 100;
+    const PUBLISHERS: u64 = 4;
+    let mut subs = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let mut ws = client(node.port, &format!("sub{i}")).await;
+        let (r, _) = call(&mut ws, json!({"id":2,"subscribe":{"channel":"hist:race","recoverable":true}})).await;
+        assert!(r.get("error").is_none(), "{r}");
+        subs.push(ws);
+    }
+    let ports = [nodes[0].port, nodes[1].port];
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let port = ports[(p % 2) as usize];
+            std::thread::spawn(move || {
+                (0..EACH)
+                    .map(|n| {
+                        let r = api(port, "publish", &json!({"channel":"hist:race","data":{"p":p,"n":n}}));
+                        assert_eq!(api_error_code(&r), 0, "{r}");
+                        (
+                            r["result"]["offset"].as_u64().unwrap_or(0),
+                            r["result"]["epoch"].as_str().unwrap_or("").to_string(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut replies: Vec<(u64, String)> = publishers.into_iter().flat_map(|p| p.join().unwrap()).collect();
+    replies.sort();
+    let expected: Vec<u64> = (1..=PUBLISHERS * EACH).collect();
+    assert_eq!(replies.iter().map(|r| r.0).collect::<Vec<_>>(), expected, "each offset assigned once, no gap");
+    let epoch = replies[0].1.clone();
+    assert!(!epoch.is_empty() && replies.iter().all(|r| r.1 == epoch), "one epoch");
+    for (i, ws) in subs.iter_mut().enumerate() {
+        let got = read_publications(ws, "hist:race", expected.len(), Vec::new()).await;
+        assert_eq!(got, expected, "subscriber on node {i}: every offset once, in order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_a_client_reconnecting_to_another_node_recovers_exactly_while_publications_race_it() {
+    let (nodes, _stream) = history_nodes("jsrecover");
+    a_client_reconnecting_to_another_node_recovers_exactly(nodes[0].port, nodes[1].port, "hist:feed").await;
+    let mut ws = client(nodes[1].port, "other").await;
+    // A position from another epoch cannot be recovered: told so, with the stream's position.
+    let (r, _) = call(
+        &mut ws,
+        json!({"id":3,"subscribe":{"channel":"hist:other","recoverable":true,"recover":true,"offset":1,"epoch":"nope"}}),
+    )
+    .await;
+    assert!(!r["subscribe"]["recovered"].as_bool().unwrap_or(false), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_api_answers_limit_since_and_reverse_as_under_redis() {
+    let (nodes, _stream) = history_nodes("jshistory");
+    let (a, b) = (nodes[0].port, nodes[1].port);
+    let offsets_of = |r: &Value| -> Vec<u64> {
+        r["result"]["publications"]
+            .as_array()
+            .map(|p| p.iter().map(|p| p["offset"].as_u64().unwrap_or(0)).collect())
+            .unwrap_or_default()
+    };
+    let empty = api(b, "history", &json!({"channel":"hist:log","limit":-1}));
+    assert_eq!((offsets_of(&empty), empty["result"]["offset"].as_u64()), (vec![], None), "{empty}");
+    let epoch = empty["result"]["epoch"].as_str().unwrap_or("").to_string();
+    assert!(!epoch.is_empty(), "an empty stream has an epoch already: {empty}");
+    for n in 1..=5 {
+        let r = api(if n % 2 == 0 { a } else { b }, "publish", &json!({"channel":"hist:log","data":{"n":n}}));
+        assert_eq!(r["result"]["offset"].as_u64(), Some(n), "{r}");
+    }
+    let history = |body: Value| api(a, "history", &body);
+    let all = history(json!({"channel":"hist:log","limit":-1}));
+    assert_eq!(offsets_of(&all), [1, 2, 3, 4, 5], "{all}");
+    assert_eq!(all["result"]["publications"][0]["data"], json!({"n":1}), "{all}");
+    assert_eq!((all["result"]["offset"].as_u64(), all["result"]["epoch"].as_str()), (Some(5), Some(epoch.as_str())));
+    assert_eq!(offsets_of(&history(json!({"channel":"hist:log","limit":2}))), [1, 2]);
+    let since = json!({"offset":2,"epoch":epoch});
+    assert_eq!(offsets_of(&history(json!({"channel":"hist:log","limit":-1,"since":since}))), [3, 4, 5]);
+    assert_eq!(offsets_of(&history(json!({"channel":"hist:log","limit":2,"since":since}))), [3, 4]);
+    assert_eq!(offsets_of(&history(json!({"channel":"hist:log","limit":2,"reverse":true}))), [5, 4]);
+    let since4 = json!({"offset":4,"epoch":epoch});
+    assert_eq!(offsets_of(&history(json!({"channel":"hist:log","limit":-1,"since":since4,"reverse":true}))), [3, 2, 1]);
+    let position = history(json!({"channel":"hist:log","limit":0}));
+    assert_eq!((offsets_of(&position), position["result"]["offset"].as_u64()), (vec![], Some(5)), "{position}");
+    let wrong = history(json!({"channel":"hist:log","limit":-1,"since":{"offset":2,"epoch":"other"}}));
+    assert_eq!(api_error_code(&wrong), 112, "another epoch is unrecoverable: {wrong}");
+    // Removing the history keeps the position: the next publication continues it.
+    let r = api(b, "history_remove", &json!({"channel":"hist:log"}));
+    assert_eq!(api_error_code(&r), 0, "{r}");
+    let after = history(json!({"channel":"hist:log","limit":-1}));
+    assert_eq!((offsets_of(&after), after["result"]["offset"].as_u64()), (vec![], Some(5)), "{after}");
+    let r = api(a, "publish", &json!({"channel":"hist:log","data":{"n":6}}));
+    assert_eq!((r["result"]["offset"].as_u64(), r["result"]["epoch"].as_str()), (Some(6), Some(epoch.as_str())), "{r}");
+    assert_eq!(offsets_of(&history(json!({"channel":"hist:log","limit":-1}))), [6]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_nats_restarted_publishes_fail_100_then_subscribers_told_2500_recover_what_was_stored() {
+    let (mut nats, nodes) = own_nats_and_two_nodes(21301, "jsrestart", HISTORY);
+    let (a, b) = (nodes[0].port, nodes[1].port);
+    let mut ws = client(a, "watcher").await;
+    let (r, _) = call(&mut ws, json!({"id":2,"subscribe":{"channel":"hist:f","recoverable":true}})).await;
+    let epoch = r["subscribe"]["epoch"].as_str().expect("epoch").to_string();
+    let ok = api(b, "publish", &json!({"channel":"hist:f","data":{"n":1}}));
+    assert_eq!(ok["result"]["offset"].as_u64(), Some(1), "{ok}");
+    assert_eq!(read_publications(&mut ws, "hist:f", 1, Vec::new()).await, [1]);
+    nats.kill();
+    assert_eq!(engine_panel(b, "down")["state"], "down");
+    let r = api(b, "publish", &json!({"channel":"hist:f","data":{"n":2}}));
+    assert_eq!(api_error_code(&r), 100, "not stored, and said so: {r}");
+    let r = api(b, "history", &json!({"channel":"hist:f","limit":-1}));
+    assert_eq!(api_error_code(&r), 100, "{r}");
+    // Back with its store: the stream is there; subscribers are told 2500 and recover from it.
+    nats.restart();
+    let push = unsubscribe_push(&mut ws).await;
+    assert_eq!(push["unsubscribe"]["code"], 2500, "{push}");
+    let r = publish_until_accepted(b, "hist:f", json!({"n":3}), 50);
+    assert_eq!(r["result"]["offset"].as_u64(), Some(2), "the refused publication took no offset: {r}");
+    let (r, _) = call(
+        &mut ws,
+        json!({"id":3,"subscribe":{"channel":"hist:f","recoverable":true,"recover":true,"offset":1,"epoch":epoch}}),
+    )
+    .await;
+    assert_eq!(r["subscribe"]["recovered"], true, "{r}");
+    assert_eq!(r["subscribe"]["publications"][0]["data"], json!({"n":3}), "{r}");
+    let r = api(a, "publish", &json!({"channel":"hist:f","data":{"n":4}}));
+    assert_eq!(api_error_code(&r), 0, "{r}");
+    assert_eq!(read_publications(&mut ws, "hist:f", 1, Vec::new()).await, [3], "live again, contiguous");
     drop(nodes);
     drop(nats);
 }

@@ -106,7 +106,7 @@ pub const KEYS: &[Key] = &[
     key("client_channel_publish_rate", Kind::Int, "Client protocol: publications per second one connection may make to one channel (a token bucket per connection and channel, kept only while the client publishes there); a publication over it is answered error 111 (too many requests, temporary; TCP protocol: ERROR 9) and the connection stays. 0: unlimited."),
     key("client_channel_publish_burst", Kind::Int, "Client protocol: publications one connection may make to one channel at once before client_channel_publish_rate applies (the bucket's size). 0: the rate (one second's worth)."),
     key("client_flood_disconnect_after", Kind::Str, "Client protocol: a connection whose commands are still refused this long after its first refusal is disconnected with 3013 (too many requests; SDKs reconnect with backoff). \"0s\": never."),
-    key("broker", Kind::Str, "Engine of publications, history and presence: \"memory\" (default; this node only, nothing else needed), \"redis\" (several nodes share channels, history and presence through redis_url) or \"nats\" (several nodes share publications through nats_url; no history, so history_size is refused; presence only with presence_manager = \"redis\")."),
+    key("broker", Kind::Str, "Engine of publications, history and presence: \"memory\" (default; this node only, nothing else needed), \"redis\" (several nodes share channels, history and presence through redis_url) or \"nats\" (several nodes share publications through nats_url; history, positioning and recovery in one JetStream stream, so the NATS server needs JetStream when a namespace keeps history; presence only with presence_manager = \"redis\")."),
     key("redis_url", Kind::List, "broker = \"redis\": the Redis instances (redis://HOST:PORT[/DB], rediss:// for TLS), 1 to 64. Several: each channel lives on one of them, chosen by a consistent hash of its name (FNV-1a + jump hash, as Centrifugo); every node must list the same URLs in the same order; control messages go through the first. Redis Cluster is not supported (redis_cluster_address is refused)."),
     key("redis_prefix", Kind::Str, "broker = \"redis\": prefix of every Redis key and PUB/SUB channel ringcast uses, so several clusters (or tests) can share one Redis."),
     key("redis_presence_ttl", Kind::Str, "broker = \"redis\": how long a client's presence entry outlives its last refresh (1s to 24h), Centrifugo's option of that name; a node re-adds its clients' entries every third of it (at most every 20s), so a killed node's clients leave presence within this time."),
@@ -458,26 +458,17 @@ impl Config {
     }
 
     /// Checks every value; errors name the key.
-    /// Under `broker = "nats"` (no stream positions in core NATS): history, and so positioning and
-    /// recovery, is refused in every namespace; presence is refused unless `presence_manager = "redis"`.
+    /// Under `broker = "nats"`: history (and so positioning and recovery) is kept in a JetStream stream
+    /// sized from the namespaces at start ([`Config::nats_history_limits`]); presence is refused unless
+    /// `presence_manager = "redis"`; dev mode (any namespace, presence everywhere) is refused.
     fn check_nats_channels(&self, redis_presence: bool) -> Result<(), ConfigError> {
         if self.dev {
             return Err(invalid(
                 "dev",
-                "dev mode turns history on in every channel, which broker = \"nats\" cannot keep; set the [channels] options instead",
+                "dev mode turns presence on in every channel and takes any namespace, which broker = \"nats\" cannot keep presence for or size its history stream by; set the [channels] options instead",
             ));
         }
-        let scopes = std::iter::once(("[channels]", &self.channels))
-            .chain(self.namespaces.iter().map(|n| (n.name.as_str(), &n.options)));
-        for (scope, opts) in scopes {
-            if opts.history_size > 0 {
-                return Err(invalid(
-                    "namespaces",
-                    format!(
-                        "{scope}: history_size needs stream positions, which broker = \"nats\" does not keep (use broker = \"redis\" for history and recovery)"
-                    ),
-                ));
-            }
+        for (scope, opts) in self.channel_scopes() {
             if opts.presence && !redis_presence {
                 return Err(invalid(
                     "namespaces",
@@ -486,6 +477,28 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `[channels]` and each namespace's options, with the name an error gives them.
+    fn channel_scopes(&self) -> impl Iterator<Item = (&str, &crate::policy::namespace::ChannelOptions)> {
+        std::iter::once(("[channels]", &self.channels))
+            .chain(self.namespaces.iter().map(|n| (n.name.as_str(), &n.options)))
+    }
+
+    /// Under `broker = "nats"`, the history stream's limits: the largest `history_size` and
+    /// `history_meta_ttl` of the namespaces that keep history; `None` when none does (JetStream unused).
+    pub fn nats_history_limits(&self) -> Option<crate::engine::jetstream::StreamLimits> {
+        let kept = self.channel_scopes().map(|(_, o)| o).filter(|o| o.history_enabled());
+        kept.fold(None, |acc, o| {
+            let (size, age) = (o.history_size, o.effective_history_meta_ttl());
+            Some(match acc {
+                None => crate::engine::jetstream::StreamLimits { max_per_subject: size, max_age: age },
+                Some(l) => crate::engine::jetstream::StreamLimits {
+                    max_per_subject: l.max_per_subject.max(size),
+                    max_age: l.max_age.max(age),
+                },
+            })
+        })
     }
 
     pub fn validate(&self) -> Result<Settings, ConfigError> {
@@ -1040,14 +1053,16 @@ mod nats_tests {
     }
 
     #[test]
-    fn nats_broker_refuses_history_by_namespace() {
-        let (key, message) = refused_key(
-            "broker = \"nats\"\n[[namespaces]]\nname = \"chat\"\nhistory_size = 10\nhistory_ttl = \"60s\"\n",
-        );
-        assert_eq!(key, "namespaces");
-        assert!(message.contains("chat") && message.contains("history_size"), "{message}");
-        let (_, message) = refused_key("broker = \"nats\"\n[channels]\nhistory_size = 10\nhistory_ttl = \"60s\"\n");
-        assert!(message.contains("[channels]"), "{message}");
+    fn nats_history_sizes_one_stream_by_the_largest_namespace() {
+        let src = "broker = \"nats\"\n[channels]\nhistory_size = 10\nhistory_ttl = \"60s\"\n[[namespaces]]\nname = \"chat\"\nhistory_size = 50\nhistory_ttl = \"60s\"\nhistory_meta_ttl = \"7200s\"\n[[namespaces]]\nname = \"none\"\n";
+        assert!(validate(src).is_ok());
+        let config: Config = toml::from_str(src).expect("parses");
+        let limits = config.nats_history_limits().expect("history kept");
+        assert_eq!(limits.max_per_subject, 50);
+        assert_eq!(limits.max_age, crate::broker::DEFAULT_META_TTL, "[channels] keeps the default meta TTL");
+        let without: Config = toml::from_str("broker = \"nats\"\n").expect("parses");
+        assert_eq!(without.nats_history_limits(), None, "no namespace keeps history: JetStream unused");
+        assert_eq!(refused_key("broker = \"nats\"\ndev = true\n").0, "dev");
     }
 
     #[test]

@@ -263,6 +263,7 @@ fn connect_nats(config: &Config) -> Result<Arc<crate::engine::nats::NatsEngine>,
         prefix: config.nats_prefix.clone(),
         dial_timeout: config.nats_dial_timeout,
         write_timeout: config.nats_write_timeout,
+        history: config.nats_history_limits(),
     };
     let handle = tokio::runtime::Handle::try_current()
         .map_err(|e| ServerError::Runtime(std::io::Error::other(format!("broker = \"nats\" needs a runtime: {e}"))))?;

@@ -401,8 +401,8 @@ impl<E: Sharded> Broker for Guarded<E> {
         self.on(channel, || self.engine.publish(channel, publication, history))
     }
 
-    fn subscribe_node<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, ()> {
-        self.on(channel, || self.engine.subscribe_node(channel))
+    fn subscribe_node<'a>(&'a self, channel: &'a str, history: HistoryOptions) -> EngineFuture<'a, ()> {
+        self.on(channel, || self.engine.subscribe_node(channel, history))
     }
 
     fn unsubscribe_node(&self, channel: &str) {
@@ -493,8 +493,8 @@ impl Broker for Parts {
         self.broker.publish(channel, publication, history)
     }
 
-    fn subscribe_node<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, ()> {
-        self.broker.subscribe_node(channel)
+    fn subscribe_node<'a>(&'a self, channel: &'a str, history: HistoryOptions) -> EngineFuture<'a, ()> {
+        self.broker.subscribe_node(channel, history)
     }
 
     fn unsubscribe_node(&self, channel: &str) {
@@ -686,7 +686,7 @@ mod tests {
         fn publish<'a>(&'a self, _: &'a str, _: &'a Publication, _: HistoryOptions) -> EngineFuture<'a, StreamPos> {
             self.call()
         }
-        fn subscribe_node<'a>(&'a self, _: &'a str) -> EngineFuture<'a, ()> {
+        fn subscribe_node<'a>(&'a self, _: &'a str, _: HistoryOptions) -> EngineFuture<'a, ()> {
             self.call()
         }
         fn unsubscribe_node(&self, _: &str) {}
@@ -786,7 +786,7 @@ mod tests {
         fn publish<'a>(&'a self, c: &'a str, _: &'a Publication, _: HistoryOptions) -> EngineFuture<'a, StreamPos> {
             self.on(self.shard_of(c))
         }
-        fn subscribe_node<'a>(&'a self, c: &'a str) -> EngineFuture<'a, ()> {
+        fn subscribe_node<'a>(&'a self, c: &'a str, _: HistoryOptions) -> EngineFuture<'a, ()> {
             self.on(self.shard_of(c))
         }
         fn unsubscribe_node(&self, _: &str) {}
@@ -894,7 +894,7 @@ mod tests {
             Err(EngineError::Unavailable)
         );
         assert_eq!(engine.calls(0), 3, "shard 0's channel failed fast after control opened its breaker");
-        assert!(resolve(remote.broker.subscribe_node("b")).is_ok(), "shard 1 untouched");
+        assert!(resolve(remote.broker.subscribe_node("b", HistoryOptions::default())).is_ok(), "shard 1 untouched");
         assert_eq!(remote.breakers[1].state(), BreakerState::Closed);
     }
 

@@ -9,7 +9,8 @@
 //! * [`HistoryStore`]: positions and history reads (recovery);
 //! * [`PresenceManager`]: presence entries with a TTL, refreshed by the node that holds the client.
 //!
-//! The NATS broker ([`nats::NatsEngine`]) provides only the first; its presence may come from Redis.
+//! The NATS engine ([`nats::NatsEngine`]) provides the first two (history in JetStream, [`jetstream`]);
+//! its presence may come from Redis.
 //!
 //! Errors are [`EngineError::Unavailable`] (certainly not executed: never sent), [`EngineError::Timeout`]
 //! and [`EngineError::Lost`] (sent, or perhaps sent, and no answer: it may have been executed): a client
@@ -45,6 +46,7 @@
 //! `ringcast_engine_refused_total`); `ringcast_engine_waiting` is the number waiting now.
 
 pub mod breaker;
+pub mod jetstream;
 pub mod nats;
 pub mod redis;
 pub mod shards;
@@ -159,9 +161,11 @@ pub trait Broker: Send + Sync + 'static {
         publication: &'a Publication,
         history: HistoryOptions,
     ) -> EngineFuture<'a, StreamPos>;
-    /// One more local subscriber of `channel`: the first makes the node receive its publications. Resolves
-    /// once the engine confirmed the subscription (publications made after it arrive).
-    fn subscribe_node<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, ()>;
+    /// One more local subscriber of `channel` (whose namespace keeps `history`): the first makes the node
+    /// receive its publications. Resolves once the engine confirmed the subscription (publications made
+    /// after it arrive). An engine that delivers a history channel from its stored history (NATS with
+    /// JetStream) tells the two kinds apart by `history.size`.
+    fn subscribe_node<'a>(&'a self, channel: &'a str, history: HistoryOptions) -> EngineFuture<'a, ()>;
     /// One local subscriber of `channel` fewer (of those whose `subscribe_node` succeeded): after the last,
     /// the node stops receiving it. Batched with other (un)subscriptions; never waits.
     fn unsubscribe_node(&self, channel: &str);
@@ -359,6 +363,38 @@ fn resolve<T>(mut fut: EngineFuture<'_, T>) -> Result<T, EngineError> {
             tracing::warn!("engine call outside a multi-threaded runtime");
             Err(EngineError::Unavailable)
         }
+    }
+}
+
+/// A fresh epoch for a stream that has none.
+pub(crate) fn random_epoch() -> String {
+    format!("{:08x}", fastrand::u32(..))
+}
+
+/// The offset a history read starts after: `filter.since`'s, checked against the stream's position
+/// (`top`, `epoch`). Another epoch (an empty one counts as any) or an offset beyond `top` is
+/// unrecoverable.
+pub(crate) fn read_after(filter: &HistoryFilter, top: u64, epoch: &str) -> Result<Option<u64>, EngineError> {
+    match &filter.since {
+        Some((offset, since_epoch)) => {
+            if (!since_epoch.is_empty() && since_epoch != epoch) || *offset > top {
+                return Err(EngineError::UnrecoverablePosition);
+            }
+            Ok(Some(*offset))
+        }
+        None => Ok(None),
+    }
+}
+
+/// What a history read answers from a stream's publications (oldest first): after `after` (before it,
+/// newest first, when `filter.reverse`), at most `filter.limit` (negative: all), as Centrifugo's
+/// history API does.
+pub(crate) fn select(pubs: Vec<Publication>, after: Option<u64>, filter: &HistoryFilter) -> Vec<Publication> {
+    let limit = if filter.limit < 0 { usize::MAX } else { filter.limit as usize };
+    match (filter.reverse, after) {
+        (true, Some(since)) => pubs.into_iter().rev().filter(|p| p.offset < since).take(limit).collect(),
+        (true, None) => pubs.into_iter().rev().take(limit).collect(),
+        (false, since) => pubs.into_iter().filter(|p| p.offset > since.unwrap_or(0)).take(limit).collect(),
     }
 }
 

@@ -2,26 +2,28 @@
 //! at the same NATS server and `nats_prefix`, over core NATS subjects.
 //!
 //! # What it is, and what it refuses
-//! A broker only, as Centrifugo's NATS broker is: core NATS is at-most-once PUB/SUB with no memory, so
-//! there are no stream positions (a publication's offset is 0 and its epoch empty), no history and no
-//! recovery. Configuration validation refuses `history_size` in any namespace under `broker = "nats"`
-//! (and so positioning and recovery, which need history). Presence is not kept in NATS: with
-//! `presence_manager = "redis"` it is kept in Redis by the Redis engine's presence manager (the same
-//! entries a Redis-engine cluster keeps); without it, `presence = true` is refused. JetStream (offsets
-//! from a per-channel counter, history read by subject) was considered and left out: see
-//! ARCHITECTURE.md.
+//! Channels without history travel over core NATS, as with Centrifugo's NATS broker: at-most-once
+//! PUB/SUB with no memory, offset 0, no epoch. Channels whose namespace keeps history are stored in one
+//! JetStream stream ([`super::jetstream`]): contiguous per-channel offsets in one epoch, history reads,
+//! positioning and recovery, and live delivery from one ordered consumer per channel per node, so every
+//! node delivers them in offset order. Presence is not kept in NATS: with `presence_manager = "redis"`
+//! it is kept in Redis by the Redis engine's presence manager (the same entries a Redis-engine cluster
+//! keeps); without it, `presence = true` is refused.
 //!
 //! # Subjects (prefix `P`)
 //! * `P.ch.T` — channel C's publications, `T` = [`escape`]`(C)`: one subject token whatever C holds, so
 //!   `.`, `*`, `>` and whitespace in a channel name cannot split it, widen a subscription or collide
 //!   with another channel.
+//! * `P.h.T` — a history channel's stored publications, in the history stream (never subscribed to
+//!   with core NATS: a core subscriber would also get publications the stream rejected).
 //! * `P.control` — control messages (API disconnect, subscribe, unsubscribe, refresh of a client on
 //!   whichever node holds it), JSON, as with Redis.
 //!
 //! A publication travels as its protobuf encoding.
 //!
 //! # Order and delivery
-//! The publishing node does not deliver locally: every node subscribed to the subject, the origin
+//! A history channel's publications are delivered from its live consumer in stream order, which is
+//! offset order ([`super::jetstream`]). For the others: the publishing node does not deliver locally: every node subscribed to the subject, the origin
 //! included, receives the publication on its one subscription for the channel and delivers it through
 //! the hub ([`Inbound::publication`]), so a node's own publications are delivered once. NATS keeps the
 //! order of one connection's publications to a subject, so a node's publications to a channel reach
@@ -47,14 +49,17 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use async_nats::connection::State;
+use async_nats::jetstream::consumer::push::{Ordered, OrderedErrorKind};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use prost::Message;
 use ringcast_protocol::messages::{ClientInfo, Publication};
-use tokio::sync::{mpsc, OnceCell};
+use tokio::sync::{mpsc, watch, OnceCell};
 
+use super::jetstream::{History, StreamLimits};
 use super::{
-    Broker, Control, EngineError, EngineFuture, EngineState, EngineStatus, HistoryStore, Inbound, PresenceManager,
+    read_after, select, Broker, Control, EngineError, EngineFuture, EngineState, EngineStatus, HistoryStore, Inbound,
+    PresenceManager,
 };
 use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
 use crate::pubsub::client::ClientId;
@@ -68,14 +73,20 @@ pub struct NatsSettings {
     pub dial_timeout: Duration,
     /// Bound of every publish, subscribe and control call.
     pub write_timeout: Duration,
+    /// The history stream's limits when a namespace keeps history (JetStream then must be enabled).
+    pub history: Option<StreamLimits>,
 }
 
-/// One channel this node receives: how many local subscribers want it, and the task that reads it.
+/// One channel this node receives: how many local subscribers want it, and the tasks that read it.
 struct Channel {
     count: usize,
     /// Set once the NATS subscription is confirmed; a failed attempt leaves it unset for the next caller.
     ready: Arc<OnceCell<()>>,
-    task: Option<tokio::task::AbortHandle>,
+    /// The core subscription's reader, and for a history channel its live consumer's.
+    tasks: Vec<tokio::task::AbortHandle>,
+    /// A history channel: the stream sequence of the last message its live consumer handed over (or
+    /// skipped as already seen when it was opened). [`Broker::barrier`] waits on it.
+    delivered: Option<watch::Receiver<u64>>,
 }
 
 pub struct NatsEngine {
@@ -85,6 +96,8 @@ pub struct NatsEngine {
     prefix: String,
     timeout: Duration,
     channels: Mutex<HashMap<String, Channel>>,
+    /// The history stream, when a namespace keeps history.
+    history: Option<History>,
     inbound: OnceLock<Weak<dyn Inbound>>,
     /// The last publish, subscribe or control call failed (the dashboard's "degraded").
     last_failed: AtomicBool,
@@ -219,6 +232,12 @@ impl NatsEngine {
             .subscribe(format!("{}.control", settings.prefix))
             .await
             .map_err(|e| format!("nats: control subscription: {e}"))?;
+        let history = match settings.history {
+            Some(limits) => {
+                Some(History::open(client.clone(), &settings.prefix, limits, settings.write_timeout).await?)
+            }
+            None => None,
+        };
         let engine = Arc::new_cyclic(|me| NatsEngine {
             client,
             me: me.clone(),
@@ -226,6 +245,7 @@ impl NatsEngine {
             prefix: settings.prefix.clone(),
             timeout: settings.write_timeout,
             channels: Mutex::new(HashMap::new()),
+            history,
             inbound: OnceLock::new(),
             last_failed: AtomicBool::new(false),
         });
@@ -248,6 +268,17 @@ impl NatsEngine {
 
     fn channel_subject(&self, channel: &str) -> String {
         format!("{}.ch.{}", self.prefix, escape(channel))
+    }
+
+    /// Where a history channel's publications are stored (in the history stream).
+    fn history_subject(&self, channel: &str) -> String {
+        format!("{}.h.{}", self.prefix, escape(channel))
+    }
+
+    /// The history stream; `Unavailable` when no namespace keeps history (validation and the node's
+    /// namespace checks keep such calls from coming).
+    fn stream(&self) -> Result<&History, EngineError> {
+        self.history.as_ref().ok_or(EngineError::Unavailable)
     }
 
     fn connected(&self) -> bool {
@@ -291,20 +322,39 @@ impl NatsEngine {
         self.record(r)
     }
 
-    /// Opens the channel's NATS subscription and its reading task, once confirmed. If every local
-    /// subscriber left meanwhile (the entry is gone or is another one), the subscription is dropped.
-    async fn open(&self, channel: &str, cell: &Arc<OnceCell<()>>) -> Result<(), EngineError> {
+    /// Opens the channel's NATS subscription and its reading task, once confirmed, and for a history
+    /// channel its live consumer from the stored message after the subject's last one now. If every
+    /// local subscriber left meanwhile (the entry is gone or is another one), both are dropped.
+    async fn open(&self, channel: &str, cell: &Arc<OnceCell<()>>, history: bool) -> Result<(), EngineError> {
         if !self.connected() {
             return Err(EngineError::Unavailable);
         }
         let sub = bounded(self.timeout, self.client.subscribe(self.channel_subject(channel))).await?;
-        // Dropping `sub` on an error below sends UNSUB.
+        // Dropping `sub` (or `follow`) on an error below sends UNSUB.
+        let follow = if history {
+            let stream = self.stream()?;
+            let subject = self.history_subject(channel);
+            let last = bounded_engine(self.timeout, stream.last(&subject)).await?.map_or(0, |l| l.seq);
+            let messages = bounded_engine(self.timeout, stream.follow(&subject, last + 1)).await?;
+            Some((last, messages))
+        } else {
+            None
+        };
         self.round_trip().await?;
-        let task = tokio::spawn(receive_channel(self.me.clone(), channel.to_string(), sub));
+        let mut tasks = vec![tokio::spawn(receive_channel(self.me.clone(), channel.to_string(), sub))];
+        let mut delivered = None;
+        if let Some((last, messages)) = follow {
+            let (tx, rx) = watch::channel(last);
+            tasks.push(tokio::spawn(receive_history(self.me.clone(), channel.to_string(), messages, tx)));
+            delivered = Some(rx);
+        }
         let mut channels = self.channels();
         match channels.get_mut(channel) {
-            Some(c) if Arc::ptr_eq(&c.ready, cell) => c.task = Some(task.abort_handle()),
-            _ => task.abort(),
+            Some(c) if Arc::ptr_eq(&c.ready, cell) => {
+                c.tasks = tasks.iter().map(|t| t.abort_handle()).collect();
+                c.delivered = delivered;
+            }
+            _ => tasks.iter().for_each(|t| t.abort()),
         }
         Ok(())
     }
@@ -312,6 +362,58 @@ impl NatsEngine {
     /// The channels this node receives.
     fn wanted_channels(&self) -> Vec<String> {
         self.channels().iter().filter(|(_, c)| c.ready.initialized()).map(|(n, _)| n.clone()).collect()
+    }
+}
+
+/// Bounds a call that already answers [`EngineError`] by `nats_write_timeout`.
+async fn bounded_engine<T>(
+    timeout: Duration,
+    f: impl std::future::Future<Output = Result<T, EngineError>>,
+) -> Result<T, EngineError> {
+    tokio::time::timeout(timeout, f).await.unwrap_or(Err(EngineError::Timeout))
+}
+
+/// Reads a history channel's live consumer and hands each publication to the node in stream order,
+/// which is offset order (each offset is stored only behind the one before it). A message at or
+/// before the last one handed over is skipped: the ordered consumer, when it recreates itself after a
+/// gap, starts again from the last sequence it delivered, or from the subject's first message when it
+/// had delivered none.
+async fn receive_history(
+    engine: Weak<NatsEngine>,
+    channel: String,
+    mut messages: Ordered,
+    delivered: watch::Sender<u64>,
+) {
+    let mut last = *delivered.borrow();
+    while let Some(m) = messages.next().await {
+        let m = match m {
+            Ok(m) => m,
+            Err(e) if e.kind() == OrderedErrorKind::MissingHeartbeat => {
+                // The consumer recreates itself on the next poll.
+                tracing::debug!(channel, error = %e, "nats: history consumer interrupted");
+                continue;
+            }
+            Err(e) => {
+                // Not to be polled again (async-nats 0.52 panics polling it after its connection-state
+                // watcher ended). The channel's subscribers here resubscribe (2500) and recover; the
+                // last one's leaving drops the channel, and the next subscriber makes a new consumer.
+                tracing::warn!(channel, error = %e, "nats: history consumer ended");
+                if let Some(inbound) = engine.upgrade().and_then(|e| e.inbound()) {
+                    inbound.resubscribed(std::slice::from_ref(&channel));
+                }
+                return;
+            }
+        };
+        let Ok(seq) = m.info().map(|i| i.stream_sequence) else { continue };
+        if seq <= last {
+            continue;
+        }
+        last = seq;
+        if let Some(publication) = super::jetstream::stored_publication(&m) {
+            let Some(inbound) = engine.upgrade().and_then(|e| e.inbound()) else { return };
+            inbound.publication(&channel, publication);
+        }
+        delivered.send_replace(seq);
     }
 }
 
@@ -383,34 +485,53 @@ async fn connection_events(engine: Weak<NatsEngine>, mut rx: mpsc::UnboundedRece
 }
 
 impl Broker for NatsEngine {
-    /// Core NATS keeps no history: `history` is unused (validation refuses history under nats) and the
-    /// position is offset 0, no epoch.
+    /// With history, appended to the history stream (the offset and epoch assigned there: see
+    /// [`super::jetstream`]); every node's live consumer of the channel delivers it. Without, on the
+    /// channel's core subject at offset 0, no epoch.
     fn publish<'a>(
         &'a self,
         channel: &'a str,
         publication: &'a Publication,
-        _history: HistoryOptions,
+        history: HistoryOptions,
     ) -> EngineFuture<'a, StreamPos> {
         Box::pin(async move {
+            if !self.connected() {
+                return self.record(Err(EngineError::Unavailable));
+            }
+            if history.size > 0 {
+                let r = match self.stream() {
+                    Ok(stream) => {
+                        bounded_engine(self.timeout, stream.append(&self.history_subject(channel), publication)).await
+                    }
+                    Err(e) => Err(e),
+                };
+                return self.record(r.map(|p| StreamPos { offset: p.offset, epoch: p.epoch.into() }));
+            }
             let payload = Bytes::from(publication.encode_to_vec());
             self.send(self.channel_subject(channel), payload).await.map(|()| StreamPos::default())
         })
     }
 
-    fn subscribe_node<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, ()> {
+    /// A history channel (`history.size > 0`) is received from the history stream by a live consumer,
+    /// and also on its core subject (publications made with `skip_history` travel there, at offset 0).
+    fn subscribe_node<'a>(&'a self, channel: &'a str, history: HistoryOptions) -> EngineFuture<'a, ()> {
         Box::pin(async move {
             let cell = {
                 let mut channels = self.channels();
                 let c = channels.entry(channel.to_string()).or_insert_with(|| Channel {
                     count: 0,
                     ready: Arc::new(OnceCell::new()),
-                    task: None,
+                    tasks: Vec::new(),
+                    delivered: None,
                 });
                 c.count += 1;
                 c.ready.clone()
             };
-            let r = match tokio::time::timeout(self.timeout * 2, cell.get_or_try_init(|| self.open(channel, &cell)))
-                .await
+            let r = match tokio::time::timeout(
+                self.timeout * 2,
+                cell.get_or_try_init(|| self.open(channel, &cell, history.size > 0)),
+            )
+            .await
             {
                 Ok(r) => r.map(|_| ()),
                 Err(_) => Err(EngineError::Timeout),
@@ -423,21 +544,38 @@ impl Broker for NatsEngine {
     }
 
     fn unsubscribe_node(&self, channel: &str) {
-        let task = {
+        let tasks = {
             let mut channels = self.channels();
             match channels.get_mut(channel) {
                 Some(c) if c.count > 1 => {
                     c.count -= 1;
                     None
                 }
-                Some(_) => channels.remove(channel).and_then(|c| c.task),
+                Some(_) => channels.remove(channel).map(|c| c.tasks),
                 None => None,
             }
         };
-        // Dropping the subscription (with its task) sends UNSUB.
-        if let Some(task) = task {
+        // Dropping the subscription (with its task) sends UNSUB; the live consumer, without interest,
+        // is deleted by the server after its inactive threshold.
+        for task in tasks.into_iter().flatten() {
             task.abort();
         }
+    }
+
+    /// For a history channel: every message stored on its subject before the call (up to the subject's
+    /// last sequence, read now) has been handed over by its live consumer. A core channel has nothing
+    /// to wait for: `subscribe_remote` reads no history for it.
+    fn barrier<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, ()> {
+        Box::pin(async move {
+            let delivered = self.channels().get(channel).and_then(|c| c.delivered.clone());
+            let Some(mut delivered) = delivered else { return Ok(()) };
+            let r = async {
+                let stream = self.stream()?;
+                let top = stream.last(&self.history_subject(channel)).await?.map_or(0, |l| l.seq);
+                delivered.wait_for(|seq| *seq >= top).await.map(|_| ()).map_err(|_| EngineError::Unavailable)
+            };
+            self.record(bounded_engine(self.timeout, r).await)
+        })
     }
 
     fn control<'a>(&'a self, control: &'a Control) -> EngineFuture<'a, ()> {
@@ -460,28 +598,62 @@ impl Broker for NatsEngine {
             kind: "nats",
             state,
             detail: format!(
-                "{} (prefix {}): {channels} channels received by this node",
+                "{} (prefix {}{}): {channels} channels received by this node",
                 without_credentials(&self.url),
-                self.prefix
+                self.prefix,
+                if self.history.is_some() { ", history in JetStream" } else { "" }
             ),
         }
     }
 }
 
-/// Never reached in a valid configuration (history is refused under `broker = "nats"`); answers error
-/// 100 rather than a position that does not exist.
+/// History from the history stream ([`super::jetstream`]).
 impl HistoryStore for NatsEngine {
+    /// The position is the subject's last message's (a marker with a fresh epoch is stored when it holds
+    /// none); the publications are read only when asked for and the position is past `since`, and kept
+    /// to the namespace's `history_size` newest and its `history_ttl`.
     fn history<'a>(
         &'a self,
-        _channel: &'a str,
-        _filter: &'a HistoryFilter,
-        _history: HistoryOptions,
+        channel: &'a str,
+        filter: &'a HistoryFilter,
+        history: HistoryOptions,
     ) -> EngineFuture<'a, (Vec<Publication>, StreamPos)> {
-        Box::pin(async { Err(EngineError::Unavailable) })
+        Box::pin(async move {
+            if !self.connected() {
+                return self.record(Err(EngineError::Unavailable));
+            }
+            let r = async {
+                let stream = self.stream()?;
+                let subject = self.history_subject(channel);
+                let last = stream.position(&subject).await?;
+                let after = read_after(filter, last.pos.offset, &last.pos.epoch)?;
+                let pos = StreamPos { offset: last.pos.offset, epoch: last.pos.epoch.into() };
+                let nothing_after = !filter.reverse && after == Some(pos.offset);
+                if filter.limit == 0 || pos.offset == 0 || nothing_after {
+                    return Ok((Vec::new(), pos));
+                }
+                let mut pubs = stream.read(&subject, last.seq, history.ttl).await?;
+                // The stream keeps the largest history_size of any namespace; this one keeps its own.
+                let oldest = pos.offset.saturating_sub(history.size as u64);
+                pubs.retain(|p| p.offset > oldest);
+                Ok((select(pubs, after, filter), pos))
+            };
+            match bounded_engine(self.timeout, r).await {
+                Err(EngineError::UnrecoverablePosition) => Err(EngineError::UnrecoverablePosition),
+                r => self.record(r),
+            }
+        })
     }
 
-    fn remove_history<'a>(&'a self, _channel: &'a str) -> EngineFuture<'a, ()> {
-        Box::pin(async { Err(EngineError::Unavailable) })
+    /// Drops the publications, keeping offset and epoch (a marker holds them).
+    fn remove_history<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, ()> {
+        Box::pin(async move {
+            let r = match self.stream() {
+                Ok(stream) => bounded_engine(self.timeout, stream.remove(&self.history_subject(channel))).await,
+                Err(e) => Err(e),
+            };
+            self.record(r)
+        })
     }
 }
 

@@ -37,7 +37,8 @@ use ringcast_protocol::messages::{ClientInfo, Publication};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Broker, Control, EngineError, EngineFuture, EngineState, EngineStatus, HistoryStore, Inbound, PresenceManager,
+    random_epoch, read_after, select, Broker, Control, EngineError, EngineFuture, EngineState, EngineStatus,
+    HistoryStore, Inbound, PresenceManager,
 };
 use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
 use crate::pubsub::client::ClientId;
@@ -206,10 +207,6 @@ fn without_password(url: &str) -> String {
         (Some((scheme, _)), Some((_, host))) => format!("{scheme}://{host}"),
         _ => url.to_string(),
     }
-}
-
-fn random_epoch() -> String {
-    format!("{:08x}", fastrand::u32(..))
 }
 
 impl RedisEngine {
@@ -527,7 +524,7 @@ impl Broker for RedisEngine {
         })
     }
 
-    fn subscribe_node<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, ()> {
+    fn subscribe_node<'a>(&'a self, channel: &'a str, _history: HistoryOptions) -> EngineFuture<'a, ()> {
         Box::pin(async move {
             *self.wanted().entry(channel.to_string()).or_insert(0) += 1;
             let (tx, rx) = oneshot::channel();
@@ -630,28 +627,14 @@ impl HistoryStore for RedisEngine {
                 .arg(random_epoch())
                 .arg(if filter.limit == 0 { "0" } else { "1" });
             let (top, epoch, items): (u64, String, Vec<Vec<u8>>) = self.bounded(inv.invoke_async(&mut conn)).await?;
-            let pos = StreamPos { offset: top, epoch: epoch.clone().into() };
-            let after = match &filter.since {
-                Some((offset, since_epoch)) => {
-                    if (!since_epoch.is_empty() && *since_epoch != epoch) || *offset > top {
-                        return Err(EngineError::UnrecoverablePosition);
-                    }
-                    Some(*offset)
-                }
-                None => None,
-            };
+            let after = read_after(filter, top, &epoch)?;
+            let pos = StreamPos { offset: top, epoch: epoch.into() };
             if filter.limit == 0 {
                 return Ok((Vec::new(), pos));
             }
             // Stored newest first.
-            let mut pubs: Vec<Publication> =
-                items.iter().rev().filter_map(|m| parse_message(m).map(|(_, _, p)| p)).collect();
-            let limit = if filter.limit < 0 { usize::MAX } else { filter.limit as usize };
-            pubs = match (filter.reverse, after) {
-                (true, Some(since)) => pubs.into_iter().rev().filter(|p| p.offset < since).take(limit).collect(),
-                (true, None) => pubs.into_iter().rev().take(limit).collect(),
-                (false, since) => pubs.into_iter().filter(|p| p.offset > since.unwrap_or(0)).take(limit).collect(),
-            };
+            let pubs = items.iter().rev().filter_map(|m| parse_message(m).map(|(_, _, p)| p)).collect();
+            let pubs = select(pubs, after, filter);
             Ok((pubs, pos))
         })
     }

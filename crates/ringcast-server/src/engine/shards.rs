@@ -130,8 +130,8 @@ impl Broker for ShardedRedis {
         self.shard(channel).publish(channel, publication, history)
     }
 
-    fn subscribe_node<'a>(&'a self, channel: &'a str) -> EngineFuture<'a, ()> {
-        self.shard(channel).subscribe_node(channel)
+    fn subscribe_node<'a>(&'a self, channel: &'a str, history: HistoryOptions) -> EngineFuture<'a, ()> {
+        self.shard(channel).subscribe_node(channel, history)
     }
 
     fn unsubscribe_node(&self, channel: &str) {

@@ -574,7 +574,7 @@ impl Node {
         reply: impl FnOnce(Positioned) -> T,
     ) -> Result<(T, Arc<str>), ErrorCode> {
         let Some(remote) = &self.remote else { return Err(ErrorCode::INTERNAL) };
-        remote.resolve(remote.broker.subscribe_node(channel)).map_err(|e| failed("subscribe", e).code())?;
+        remote.resolve(remote.broker.subscribe_node(channel, history)).map_err(|e| failed("subscribe", e).code())?;
         let filter = match &positioning {
             Positioning::None => {
                 return self.hub.subscribe_with(

@@ -17,6 +17,8 @@ rounds=${ROUNDS:-3}
 dur=${DURATION:-6}
 port=9400
 pids=()
+# shellcheck source=bench-lib.sh
+. "$(dirname "$0")/bench-lib.sh"
 
 start() { # start BINARY ARGS... ; sets $p (port) and $s (pid)
     local bin=$1; shift
@@ -25,11 +27,8 @@ start() { # start BINARY ARGS... ; sets $p (port) and $s (pid)
     s=$!
     pids+=("$s")
     p=$port
-    for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && return 0; sleep 0.1; done
-    echo "server did not start: $bin $*" >&2
-    return 1
+    wait_port "$s" "$p" "$bin"
 }
-stop_all() { for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done; for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done; pids=(); }
 trap stop_all EXIT
 
 compare() { # compare NAME PATH ARGS...  (old = A, new = B)

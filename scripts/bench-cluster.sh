@@ -53,22 +53,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
-# wait_port PID PORT NAME: up to 5 s for PORT to accept while PID lives.
-wait_port() {
-    for _ in $(seq 1 50); do
-        kill -0 "$1" 2>/dev/null || { echo "!! $3 exited at start" >&2; return 1; }
-        (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "!! $3 is not listening on 127.0.0.1:$2 after 5 s" >&2
-    return 1
-}
-stop() {
-    kill -TERM "$1" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-}
+# shellcheck source=bench-lib.sh
+. scripts/bench-lib.sh
 # CPU time of a process, in clock ticks (utime + stime; fields 14 and 15 after the command name).
 ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)

@@ -18,6 +18,8 @@ rounds=${ROUNDS:-3}
 dur=${DURATION:-10}
 port=9600
 pids=()
+# shellcheck source=bench-lib.sh
+. "$(dirname "$0")/bench-lib.sh"
 
 start() { # start ARGS... ; sets $p (port) and $s (pid)
     port=$((port + 1))
@@ -25,11 +27,8 @@ start() { # start ARGS... ; sets $p (port) and $s (pid)
     s=$!
     pids+=("$s")
     p=$port
-    for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && return 0; sleep 0.1; done
-    echo "server did not start: $*" >&2
-    return 1
+    wait_port "$s" "$p" "ringcast $*"
 }
-stop_all() { for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done; for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done; pids=(); }
 trap stop_all EXIT
 
 parts=${PARTS:-fanout idle}

@@ -50,6 +50,8 @@ port=8400
 
 # Every server this script starts, so that an early exit leaves none behind (killed by pid only).
 pids=()
+# shellcheck source=bench-lib.sh
+. scripts/bench-lib.sh
 cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
@@ -60,25 +62,7 @@ start() {
     "$@" >"$out/peers-server-$name.log" 2>&1 &
     pid=$!
     pids+=("$pid")
-    for _ in $(seq 1 50); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "!! $name exited at start: $(tail -3 "$out/peers-server-$name.log")" >&2
-            return 1
-        fi
-        (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "!! $name is not listening on 127.0.0.1:$p after 5 s" >&2
-    return 1
-}
-# SIGTERM, not SIGINT: a background job of a non-interactive shell starts with SIGINT ignored, so only a
-# server that installs its own handler (ringcast does) would stop on it. A server still up 10 s later is
-# killed.
-stop() {
-    kill -TERM "$1" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
+    wait_port "$pid" "$p" "$name" || { tail -3 "$out/peers-server-$name.log" >&2; return 1; }
 }
 next_port() { port=$((port + 1)); }
 # ringcast PATH-ARGS...: a fresh `ringcast serve --dev` on the next port; sets $rc_port, $rc_pid.

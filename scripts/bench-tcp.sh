@@ -14,6 +14,8 @@ mkdir -p "$out"
 rounds=${ROUNDS:-3}
 port=9600
 pids=()
+# shellcheck source=bench-lib.sh
+. "$(dirname "$0")/bench-lib.sh"
 
 start() { # start ARGS... ; sets $p (WebSocket port), $t (TCP port) and $s (pid)
     port=$((port + 2))
@@ -22,11 +24,8 @@ start() { # start ARGS... ; sets $p (WebSocket port), $t (TCP port) and $s (pid)
     pids+=("$s")
     p=$port
     t=$((port + 1))
-    for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$t") 2>/dev/null && return 0; sleep 0.1; done
-    echo "server did not start: $*" >&2
-    return 1
+    wait_port "$s" "$t" "ringcast $*"
 }
-stop_all() { for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done; for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done; pids=(); }
 trap stop_all EXIT
 
 start --dev

@@ -187,7 +187,11 @@ fn echo_allocates_nothing_per_message_and_closed_connections_give_memory_back() 
     let after = LIVE.load(Relaxed);
     println!("live heap: baseline {baseline} B, with 1000 open {during} B, after closing {after} B");
     assert!(during - baseline > 100_000, "1000 open connections should be visible in the heap");
-    assert!(after - baseline < 4 * 1024, "{} bytes not given back after 1000 connections closed", after - baseline);
+    // A leak per connection shows as at least 1000 × the smallest allocation (16 B here). What the
+    // runtime keeps once, by timing, does not: tokio's own bookkeeping (a list whose capacity depends on
+    // how many sockets one driver turn deregisters) sometimes grows by ~5 KiB in this phase and not in
+    // the warm-up, on main before session 8 as well (2 of 3 runs on a loaded machine).
+    assert!(after - baseline < 12 * 1024, "{} bytes not given back after 1000 connections closed", after - baseline);
     let _ = stop.send(());
 }
 

@@ -369,11 +369,8 @@ impl Drop for RemovedAtEnd {
 
 /// `redis-cli` against the redis-server on `port`: its answer.
 fn redis_cli(port: u16, args: &[&str]) -> String {
-    let out = std::process::Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli");
+    let out =
+        std::process::Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().expect("redis-cli");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -410,15 +407,8 @@ async fn an_api_disconnect_made_while_a_node_reconnects_reaches_its_client_from_
     assert!(!subscribers.contains("user=nodeb"), "B was not subscribed when it was sent: {subscribers}");
     // B comes back (its backoff is at most 2 s) and catches up.
     assert_eq!(redis_cli(port, &["ACL", "SETUSER", "nodeb", "on"]).trim(), "OK");
-    loop {
-        match next(&mut carol).await {
-            Got::Json(_) => continue,
-            Got::Closed(c) => {
-                assert_eq!(c, Some((4005, "moved".to_string())), "the missed disconnect, from the control log");
-                break;
-            }
-        }
-    }
+    let c = closed(&mut carol).await;
+    assert_eq!(c, Some((4005, "moved".to_string())), "the missed disconnect, from the control log");
     assert!(metric(b.port, "ringcast_control_log_applied_total") >= 1.0, "counted as caught up");
     assert_eq!(metric(b.port, "ringcast_control_log_gaps_total"), 0.0, "nothing trimmed");
     assert_eq!(engine_panel(b.port, "up")["state"], "up");

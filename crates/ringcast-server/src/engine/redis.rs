@@ -343,6 +343,10 @@ impl RedisEngine {
         relock(self.wanted.lock())
     }
 
+    fn seen(&self) -> MutexGuard<'_, Option<ControlId>> {
+        relock(self.control_seen.lock())
+    }
+
     fn key(&self, kind: &str, channel: &str) -> String {
         format!("{}:{kind}:{channel}", self.prefix)
     }
@@ -397,7 +401,7 @@ impl RedisEngine {
             };
             if let Some(id) = id {
                 // Already applied from the log while catching up (or a duplicate): skipped.
-                if !advance(&mut *relock(self.control_seen.lock()), id) {
+                if !advance(&mut self.seen(), id) {
                     return;
                 }
             }
@@ -434,14 +438,14 @@ impl RedisEngine {
     /// that also arrive live are skipped by their ID ([`advance`]). Reports a gap when the log was
     /// trimmed past that message. Returns how many it applied.
     async fn catch_up_control(&self) -> Result<u64, EngineError> {
-        let start = *relock(self.control_seen.lock());
+        let start = *self.seen();
         let mut conn = self.conn.clone();
         let Some(mut after) = start else {
             let mut inv = self.scripts.control_read.prepare_invoke();
             inv.key(self.control_log()).arg("").arg(0);
             let (end, ..): ControlRead = self.bounded(inv.invoke_async(&mut conn)).await?;
             let end = ControlId::parse(&end).unwrap_or(ControlId(0, 0));
-            let mut seen = relock(self.control_seen.lock());
+            let mut seen = self.seen();
             // Anything live that arrived meanwhile was applied (`None` takes all): keep the larger.
             *seen = Some(seen.map_or(end, |s| s.max(end)));
             return Ok(0);
@@ -472,7 +476,7 @@ impl RedisEngine {
                 let Some(id) = ControlId::parse(&id) else { continue };
                 after = id;
                 let json = fields.chunks_exact(2).find(|f| f[0] == b"m").map(|f| f[1].as_slice());
-                if !advance(&mut *relock(self.control_seen.lock()), id) {
+                if !advance(&mut self.seen(), id) {
                     continue;
                 }
                 if let Some(json) = json {

@@ -366,3 +366,51 @@ impl Drop for RemovedAtEnd {
         std::fs::remove_dir_all(&self.0).ok();
     }
 }
+
+/// `redis-cli` against the redis-server on `port`: its answer.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out =
+        std::process::Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An API disconnect made through node A while node B's PUB/SUB connection is down reaches B's client
+/// once B is connected again: B applies what it missed from the control log. B connects as a Redis
+/// user of its own, so the window is deterministic: its PUB/SUB connection is killed and the user is
+/// disabled (B's reconnects are refused, A is untouched) until the disconnect has been published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_disconnect_made_while_a_node_reconnects_reaches_its_client_from_the_control_log() {
+    let redis = OwnRedis::start(21140);
+    let port = redis.port;
+    assert_eq!(redis_cli(port, &["ACL", "SETUSER", "nodeb", "on", ">nodeb-pw", "~*", "&*", "+@all"]).trim(), "OK");
+    let prefix = format!("rc-ctllog-{}", std::process::id());
+    let a = Node::start_on(&prefix, 0, port, "2s");
+    let b = Node::launch(
+        &format!("{prefix}-1"),
+        &format!(
+            "broker = \"redis\"\nredis_url = [\"redis://nodeb:nodeb-pw@127.0.0.1:{port}\"]\nredis_prefix = \"{prefix}\"\nredis_timeout = \"2s\"\n{CHANNELS}"
+        ),
+    );
+    let mut carol = client(b.port, "carol").await;
+    // Control reaches B live first.
+    let r = api(a.port, "refresh", &json!({"user":"carol","expire_at": 4102444800u64}));
+    assert_eq!(api_error_code(&r), 0, "{r}");
+    // B's PUB/SUB connection goes, and B may not make another.
+    assert_eq!(redis_cli(port, &["ACL", "SETUSER", "nodeb", "off"]).trim(), "OK");
+    let killed = redis_cli(port, &["CLIENT", "KILL", "USER", "nodeb", "TYPE", "pubsub"]);
+    assert_eq!(killed.trim(), "1", "B's one PUB/SUB connection");
+    let panel = engine_panel(b.port, "down");
+    assert_eq!(panel["state"], "down", "B knows it receives nothing: {panel}");
+    let r = api(a.port, "disconnect", &json!({"user":"carol","disconnect":{"code":4005,"reason":"moved"}}));
+    assert_eq!(api_error_code(&r), 0, "published while B is away: {r}");
+    let subscribers = redis_cli(port, &["CLIENT", "LIST", "TYPE", "pubsub"]);
+    assert!(!subscribers.contains("user=nodeb"), "B was not subscribed when it was sent: {subscribers}");
+    // B comes back (its backoff is at most 2 s) and catches up.
+    assert_eq!(redis_cli(port, &["ACL", "SETUSER", "nodeb", "on"]).trim(), "OK");
+    let c = closed(&mut carol).await;
+    assert_eq!(c, Some((4005, "moved".to_string())), "the missed disconnect, from the control log");
+    assert!(metric(b.port, "ringcast_control_log_applied_total") >= 1.0, "counted as caught up");
+    assert_eq!(metric(b.port, "ringcast_control_log_gaps_total"), 0.0, "nothing trimmed");
+    assert_eq!(engine_panel(b.port, "up")["state"], "up");
+    drop((a, b));
+}

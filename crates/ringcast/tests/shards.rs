@@ -287,15 +287,8 @@ async fn with_the_first_shard_down_control_answers_100_and_the_dashboard_names_t
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(api_error_code(&r), 0, "{r}");
-    loop {
-        match next(&mut ws).await {
-            Got::Json(_) => continue,
-            Got::Closed(c) => {
-                assert_eq!(c, Some((4005, "moved".to_string())), "delivered to the client on the other node");
-                break;
-            }
-        }
-    }
+    let c = closed(&mut ws).await;
+    assert_eq!(c, Some((4005, "moved".to_string())), "delivered to the client on the other node");
     assert_eq!(engine_panel(a.port, "up")["state"], "up", "the dashboard sees shard 0 back");
 }
 

@@ -73,6 +73,30 @@ redis.call('publish', ARGV[1], msg)
 return {offset, epoch}
 ";
 
+/// Appends a control message to the control log and publishes it with its log ID (`ID JSON`), in one
+/// step: a node that receives it live and one that reads it from the log see the same ID.
+const CONTROL: &str = r"
+local id = redis.call('xadd', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'm', ARGV[2])
+redis.call('expire', KEYS[1], ARGV[4])
+redis.call('publish', ARGV[1], id .. ' ' .. ARGV[2])
+return id
+";
+
+/// Reads the control log: its last generated ID, its first entry's ID, how many entries it ever got and
+/// how many it holds (more ever added than held: it was trimmed), and up to `ARGV[2]` entries after
+/// `ARGV[1]` (none when `ARGV[1]` is empty). A missing log answers empty.
+const CONTROL_READ: &str = r"
+if redis.call('exists', KEYS[1]) == 0 then return {'0-0', '', '0', '0', {}} end
+local info = redis.call('xinfo', 'stream', KEYS[1])
+local f = {}
+for i = 1, #info, 2 do f[info[i]] = info[i + 1] end
+local first = ''
+if f['first-entry'] then first = f['first-entry'][1] end
+local items = {}
+if ARGV[1] ~= '' then items = redis.call('xrange', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2]) end
+return {f['last-generated-id'], first, tostring(f['entries-added']), tostring(f['length']), items}
+";
+
 const HISTORY: &str = r"
 local s = redis.call('hget', KEYS[2], 's')
 if not s then s = '0' end
@@ -123,6 +147,8 @@ enum SubRequest {
 
 struct Scripts {
     publish: Script,
+    control: Script,
+    control_read: Script,
     history: Script,
     presence_add: Script,
     presence_get: Script,
@@ -147,6 +173,59 @@ pub struct RedisEngine {
     receiving: AtomicBool,
     /// The last command (publish, history, presence, control) failed ("degraded").
     last_failed: AtomicBool,
+    /// The ID of the last logged control message applied here (see [`ControlId`]); `None` until the
+    /// PUB/SUB task first read the log's end.
+    control_seen: Mutex<Option<ControlId>>,
+}
+
+/// Entries the control log keeps (`XADD MAXLEN ~`): far more than a node misses while its PUB/SUB
+/// connection reconnects.
+pub const CONTROL_LOG_MAX: u64 = 10_000;
+
+/// How long the control log lives after its last message: a prefix no node uses any more is dropped.
+pub const CONTROL_LOG_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Entries read from the control log per round trip while catching up.
+const CONTROL_PAGE: usize = 500;
+
+/// The ID of a control message in the control log (`ms-seq`, a Redis Stream ID). Redis runs the script
+/// that logs and publishes one message at a time, so IDs grow in the order every node receives the
+/// messages live; a node applies only IDs above the last it applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ControlId(u64, u64);
+
+impl ControlId {
+    fn parse(s: &str) -> Option<ControlId> {
+        let (ms, seq) = s.split_once('-')?;
+        Some(ControlId(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl std::fmt::Display for ControlId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+/// Whether the message `id` is to be applied after `seen` (the last applied): only above it, and then
+/// it is the last applied. `None` (the log's end not read yet) takes everything.
+fn advance(seen: &mut Option<ControlId>, id: ControlId) -> bool {
+    if seen.is_some_and(|s| id <= s) {
+        return false;
+    }
+    *seen = Some(id);
+    true
+}
+
+/// A control message as it travels on `P:control`: `ID JSON` when logged, bare JSON when not (node
+/// announcements).
+fn split_control(payload: &[u8]) -> Option<(Option<ControlId>, &[u8])> {
+    if payload.first() == Some(&b'{') {
+        return Some((None, payload));
+    }
+    let space = payload.iter().position(|&b| b == b' ')?;
+    let id = ControlId::parse(std::str::from_utf8(&payload[..space]).ok()?)?;
+    Some((Some(id), &payload[space + 1..]))
 }
 
 impl std::fmt::Debug for RedisEngine {
@@ -233,6 +312,8 @@ impl RedisEngine {
             presence_ttl: settings.presence_ttl,
             scripts: Scripts {
                 publish: Script::new(PUBLISH),
+                control: Script::new(CONTROL),
+                control_read: Script::new(CONTROL_READ),
                 history: Script::new(HISTORY),
                 presence_add: Script::new(PRESENCE_ADD),
                 presence_get: Script::new(PRESENCE_GET),
@@ -243,6 +324,7 @@ impl RedisEngine {
             present: Mutex::new(HashMap::new()),
             receiving: AtomicBool::new(false),
             last_failed: AtomicBool::new(false),
+            control_seen: Mutex::new(None),
         });
         tokio::spawn(subscriptions(Arc::downgrade(&engine), client, rx));
         tokio::spawn(refresh_presence(Arc::downgrade(&engine), refresh_every(settings.presence_ttl)));
@@ -259,6 +341,10 @@ impl RedisEngine {
 
     fn wanted(&self) -> MutexGuard<'_, HashMap<String, usize>> {
         relock(self.wanted.lock())
+    }
+
+    fn seen(&self) -> MutexGuard<'_, Option<ControlId>> {
+        relock(self.control_seen.lock())
     }
 
     fn key(&self, kind: &str, channel: &str) -> String {
@@ -309,10 +395,17 @@ impl RedisEngine {
     fn dispatch(&self, channel: &str, payload: &[u8]) {
         let Some(inbound) = self.inbound() else { return };
         if self.control && channel == self.control_channel() {
-            match serde_json::from_slice::<Control>(payload) {
-                Ok(c) => inbound.control(c),
-                Err(e) => tracing::warn!(error = %e, "redis: malformed control message"),
+            let Some((id, json)) = split_control(payload) else {
+                tracing::warn!("redis: malformed control message");
+                return;
+            };
+            if let Some(id) = id {
+                // Already applied from the log while catching up (or a duplicate): skipped.
+                if !advance(&mut self.seen(), id) {
+                    return;
+                }
             }
+            apply_control(&*inbound, json);
             return;
         }
         let Some(name) = channel.strip_prefix(&self.prefix).and_then(|c| c.strip_prefix(":ch:")) else { return };
@@ -326,6 +419,82 @@ impl RedisEngine {
         }
     }
 }
+
+fn apply_control(inbound: &dyn Inbound, json: &[u8]) {
+    match serde_json::from_slice::<Control>(json) {
+        Ok(c) => inbound.control(c),
+        Err(e) => tracing::warn!(error = %e, "redis: malformed control message"),
+    }
+}
+
+impl RedisEngine {
+    fn control_log(&self) -> String {
+        format!("{}:control:log", self.prefix)
+    }
+
+    /// Run by the PUB/SUB task once subscribed to the control channel. The first time, the node starts
+    /// from the log's end (nothing older is applied here). After a reconnect, it applies, in order,
+    /// the logged messages after the last one it applied (missed while it was not subscribed); those
+    /// that also arrive live are skipped by their ID ([`advance`]). Reports a gap when the log was
+    /// trimmed past that message. Returns how many it applied.
+    async fn catch_up_control(&self) -> Result<u64, EngineError> {
+        let start = *self.seen();
+        let mut conn = self.conn.clone();
+        let Some(mut after) = start else {
+            let mut inv = self.scripts.control_read.prepare_invoke();
+            inv.key(self.control_log()).arg("").arg(0);
+            let (end, ..): ControlRead = self.bounded(inv.invoke_async(&mut conn)).await?;
+            let end = ControlId::parse(&end).unwrap_or(ControlId(0, 0));
+            let mut seen = self.seen();
+            // Anything live that arrived meanwhile was applied (`None` takes all): keep the larger.
+            *seen = Some(seen.map_or(end, |s| s.max(end)));
+            return Ok(0);
+        };
+        let mut applied = 0;
+        let mut first_page = true;
+        loop {
+            let mut inv = self.scripts.control_read.prepare_invoke();
+            inv.key(self.control_log()).arg(after.to_string()).arg(CONTROL_PAGE);
+            let (_, first, added, len, items): ControlRead = self.bounded(inv.invoke_async(&mut conn)).await?;
+            if first_page {
+                first_page = false;
+                let trimmed = added.parse::<u64>().unwrap_or(0) > len.parse::<u64>().unwrap_or(0);
+                let first = ControlId::parse(&first);
+                if trimmed && first.is_some_and(|f| f > after) {
+                    metrics::counter!("ringcast_control_log_gaps_total").increment(1);
+                    tracing::warn!(
+                        last_applied = %after,
+                        first_logged = %first.map_or(String::new(), |f| f.to_string()),
+                        "redis: the control log was trimmed past the last control message applied here; \
+                         control messages may have been missed"
+                    );
+                }
+            }
+            let Some(inbound) = self.inbound() else { return Ok(applied) };
+            let count = items.len();
+            for (id, fields) in items {
+                let Some(id) = ControlId::parse(&id) else { continue };
+                after = id;
+                let json = fields.chunks_exact(2).find(|f| f[0] == b"m").map(|f| f[1].as_slice());
+                if !advance(&mut self.seen(), id) {
+                    continue;
+                }
+                if let Some(json) = json {
+                    apply_control(&*inbound, json);
+                    applied += 1;
+                    metrics::counter!("ringcast_control_log_applied_total").increment(1);
+                }
+            }
+            if count < CONTROL_PAGE {
+                return Ok(applied);
+            }
+        }
+    }
+}
+
+/// [`CONTROL_READ`]'s answer: last generated ID, first entry's ID, entries ever added, entries held,
+/// (ID, [field, value, ...]) of the entries read.
+type ControlRead = (String, String, String, String, Vec<(String, Vec<Vec<u8>>)>);
 
 /// The PUB/SUB connection's task: reconciles subscriptions, reads messages, reconnects with backoff.
 async fn subscriptions(engine: Weak<RedisEngine>, client: redis::Client, mut rx: mpsc::UnboundedReceiver<SubRequest>) {
@@ -370,6 +539,21 @@ async fn subscriptions(engine: Weak<RedisEngine>, client: redis::Client, mut rx:
                 continue;
             }
             active = wanted;
+        }
+        // Subscribed to the control channel: what was logged since the last control message applied
+        // here (after a reconnect), or where the log ends (the first time).
+        if control.is_some() {
+            let Some(e) = engine.upgrade() else { return };
+            match e.catch_up_control().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(applied = n, "redis: control messages missed while reconnecting applied"),
+                Err(err) => {
+                    drop(e);
+                    tracing::warn!(error = %err, ?backoff, "redis: control log read failed; reconnecting");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            }
         }
         if connected_before {
             tracing::info!(channels = active.len(), "redis: PUB/SUB connection made again; channels resubscribed");
@@ -570,7 +754,14 @@ impl Broker for RedisEngine {
             let payload = serde_json::to_vec(control).map_err(|_| EngineError::Unavailable)?;
             let mut conn = self.conn.clone();
             let channel = self.control_channel();
-            self.bounded(redis::cmd("PUBLISH").arg(channel).arg(payload).query_async::<i64>(&mut conn)).await?;
+            if let Control::Node(_) = control {
+                // Announcements come every few seconds and each replaces the last: not logged.
+                self.bounded(redis::cmd("PUBLISH").arg(channel).arg(payload).query_async::<i64>(&mut conn)).await?;
+                return Ok(());
+            }
+            let mut inv = self.scripts.control.prepare_invoke();
+            inv.key(self.control_log()).arg(channel).arg(payload).arg(CONTROL_LOG_MAX).arg(secs(CONTROL_LOG_TTL));
+            self.bounded(inv.invoke_async::<String>(&mut conn)).await?;
             Ok(())
         })
     }
@@ -715,6 +906,32 @@ mod tests {
         }
         let answered = redis::RedisError::from((redis::ErrorKind::TypeError, "unexpected reply"));
         assert_eq!(map_err(&answered), EngineError::Lost, "a reply came: it ran");
+    }
+
+    #[test]
+    fn control_ids_apply_strictly_increasing_once_each() {
+        let id = |s| ControlId::parse(s).expect("id");
+        assert!(id("5-0") < id("5-1") && id("5-9") < id("6-0") && id("10-0") > id("9-99"), "numeric, ms then seq");
+        assert!(ControlId::parse("5").is_none() && ControlId::parse("x-1").is_none());
+        assert_eq!(id("1796651438139-3").to_string(), "1796651438139-3");
+        // Before the log's end is known, everything live is taken.
+        let mut seen = None;
+        assert!(advance(&mut seen, id("7-0")));
+        // Caught up from the log to 9-0; the same messages arriving live afterwards are skipped.
+        assert!(advance(&mut seen, id("8-0")) && advance(&mut seen, id("9-0")));
+        for old in ["7-0", "8-0", "9-0", "3-5"] {
+            assert!(!advance(&mut seen, id(old)), "{old} applied twice");
+        }
+        assert!(advance(&mut seen, id("9-1")), "the next one is applied");
+        assert_eq!(seen, Some(id("9-1")));
+    }
+
+    #[test]
+    fn a_logged_control_message_carries_its_id_and_an_announcement_none() {
+        assert_eq!(split_control(b"12-3 {\"op\":\"x\"}"), Some((Some(ControlId(12, 3)), &b"{\"op\":\"x\"}"[..])));
+        assert_eq!(split_control(b"{\"op\":\"node\"}"), Some((None, &b"{\"op\":\"node\"}"[..])));
+        assert_eq!(split_control(b"garbage"), None);
+        assert_eq!(split_control(b"1-x {}"), None);
     }
 
     #[test]

@@ -214,6 +214,15 @@ pub async fn next(ws: &mut Ws) -> Got {
     }
 }
 
+/// Reads (and drops) pushes until the connection closes; returns the close's code and reason.
+pub async fn closed(ws: &mut Ws) -> Option<(u16, String)> {
+    loop {
+        if let Got::Closed(c) = next(ws).await {
+            return c;
+        }
+    }
+}
+
 /// Sends a command; returns its reply and the pushes read before it.
 pub async fn call(ws: &mut Ws, cmd: Value) -> (Value, Vec<Value>) {
     let id = cmd["id"].clone();
@@ -372,15 +381,8 @@ pub async fn api_control_reaches_a_client_on_another_node(a: u16, b: u16) {
     assert_eq!(push["channel"], "news", "{push}");
     let r = api(a, "disconnect", &json!({"user":"carol","disconnect":{"code":4005,"reason":"moved"}}));
     assert!(r.get("error").is_none(), "{r}");
-    loop {
-        match next(&mut carol).await {
-            Got::Json(_) => continue,
-            Got::Closed(c) => {
-                assert_eq!(c, Some((4005, "moved".to_string())), "the API's code and reason, from the other node");
-                break;
-            }
-        }
-    }
+    let c = closed(&mut carol).await;
+    assert_eq!(c, Some((4005, "moved".to_string())), "the API's code and reason, from the other node");
 }
 
 /// Publishes `data` to `channel` through node `port`'s API until it is accepted, as an API client retries

@@ -6,9 +6,8 @@ mod support;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use ringcast_wire::frame::OpCode;
 use serde_json::{json, Value};
-use support::{Got, RawClient, TestServer};
+use support::{RawClient, TestServer};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -103,12 +102,7 @@ async fn per_core_shutdown_closes_every_connection_with_1001_and_returns() {
     let ctx = server.ctx.clone();
     let stopping = tokio::spawn(server.stop());
     for c in &mut clients {
-        match c.recv(T).await {
-            Got::Close(1001, _) => {}
-            other => panic!("expected 1001, got {other:?}"),
-        }
-        c.send_frame(true, OpCode::Close, &1001u16.to_be_bytes()).await;
-        assert_eq!(c.recv(T).await, Got::Eof);
+        c.expect_close(1001).await;
     }
     tokio::time::timeout(T, stopping).await.expect("server stopped in time").unwrap();
     assert!(ctx.live.is_empty(), "connections left after shutdown: {}", ctx.live.len());

@@ -78,7 +78,8 @@ impl Server {
         // per-core: the public listener is bound with SO_REUSEPORT, so that each core can bind beside it.
         let own_sockets = config.runtime == "per-core" && inherited.is_empty();
         if own_sockets {
-            let bound = crate::app::percore::bind_reuse_port(addr).map_err(|source| ServerError::Bind { addr, source })?;
+            let bound =
+                crate::app::percore::bind_reuse_port(addr).map_err(|source| ServerError::Bind { addr, source })?;
             inherited.push_front(bound);
         }
         let mut bind = |addr: SocketAddr| -> Result<Arc<TcpListener>, ServerError> {

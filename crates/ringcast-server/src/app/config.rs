@@ -45,6 +45,7 @@ pub const KEYS: &[Key] = &[
     key("listen", Kind::Str, "Address the server listens on; WebSocket endpoints and the HTTP API share it."),
     key("dev", Kind::Bool, "Development mode: enables the echo endpoint and allows any Origin."),
     key("workers", Kind::Int, "Runtime worker threads; 0 means one per CPU core."),
+    key("runtime", Kind::Str, "How connections are driven: \"shared\" (default; one multi-thread tokio runtime of `workers` threads, work stealing) or \"per-core\" (`workers` threads, each a single-thread runtime with its own SO_REUSEPORT listener on `listen`, driving the connections it accepts, which never migrate; background tasks on one more thread). per-core needs broker = \"memory\" and serves no SIGUSR2 upgrade (refused, this process stays)."),
     key("read_buffer", Kind::Str, "Read-buffer strategy: \"pool\" (default; idle connections hold no buffer), \"ring\" (fixed per connection), \"growable\"."),
     key("ring_buffer_size", Kind::Int, "Bytes of each connection's ring buffer (read_buffer = \"ring\")."),
     key("pool_buffer_size", Kind::Int, "Bytes of each pooled read buffer (read_buffer = \"pool\")."),
@@ -152,6 +153,7 @@ pub struct Config {
     pub listen: String,
     pub dev: bool,
     pub workers: usize,
+    pub runtime: String,
     pub read_buffer: String,
     pub ring_buffer_size: usize,
     pub pool_buffer_size: usize,
@@ -259,6 +261,7 @@ impl Default for Config {
             listen: "127.0.0.1:8000".into(),
             dev: false,
             workers: 0,
+            runtime: "shared".into(),
             read_buffer: "pool".into(),
             ring_buffer_size: 4096,
             pool_buffer_size: 16 * 1024,
@@ -582,6 +585,16 @@ impl Config {
         }
         if !matches!(self.broker.as_str(), "memory" | "redis" | "nats") {
             return Err(invalid("broker", format!("{:?} is not one of \"memory\", \"redis\", \"nats\"", self.broker)));
+        }
+        match self.runtime.as_str() {
+            "shared" => {}
+            // A networked engine waits for its calls with `block_in_place`, which a single-thread runtime
+            // cannot do (it panics).
+            "per-core" if self.broker != "memory" => {
+                return Err(invalid("runtime", "\"per-core\" needs broker = \"memory\" (a networked broker blocks a worker thread in its calls, which a single-thread runtime cannot)"))
+            }
+            "per-core" => {}
+            other => return Err(invalid("runtime", format!("{other:?} is not one of \"shared\", \"per-core\""))),
         }
         let redis_presence = match self.presence_manager.as_str() {
             "" => false,
@@ -1045,6 +1058,15 @@ mod nats_tests {
             Err(ConfigError::Invalid { key, message }) => (key, message),
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn per_core_runtime_is_refused_with_a_networked_broker() {
+        assert!(validate("runtime = \"per-core\"\n").is_ok());
+        assert!(validate("runtime = \"shared\"\nbroker = \"redis\"\n").is_ok());
+        assert_eq!(refused_key("runtime = \"per-core\"\nbroker = \"redis\"\n").0, "runtime");
+        assert_eq!(refused_key("runtime = \"per-core\"\nbroker = \"nats\"\n").0, "runtime");
+        assert_eq!(refused_key("runtime = \"threads\"\n").0, "runtime");
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct Context {
     /// Socket byte counters (handles registered once: an increment is one atomic add).
     pub bytes_in: metrics::Counter,
     pub bytes_out: metrics::Counter,
+    /// `runtime = "per-core"`: connections each core's runtime accepted (empty under "shared").
+    pub cores: crate::app::percore::CoreStats,
 }
 
 /// Counts live connection tasks so that shutdown can wait for the last one.
@@ -235,6 +237,7 @@ impl Context {
             admin,
             bytes_in,
             bytes_out,
+            cores: Default::default(),
         })
     }
 }

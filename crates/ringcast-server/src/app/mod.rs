@@ -9,6 +9,7 @@ pub mod config;
 pub mod context;
 pub mod error;
 pub mod memory;
+pub mod percore;
 pub mod reload;
 pub mod server;
 pub mod tls;

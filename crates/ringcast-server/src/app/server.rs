@@ -26,6 +26,9 @@ pub struct Server {
     /// `tls_cert`/`tls_key`, when set: every connection on `listener` speaks TLS first.
     tls: Option<Arc<Tls>>,
     ctx: Arc<Context>,
+    /// `runtime = "per-core"` and `listener` was bound here (with SO_REUSEPORT), not inherited: each
+    /// core binds a socket of its own beside it ([`crate::app::percore`]).
+    own_sockets: bool,
 }
 
 /// How [`Server::run_with`] behaves beyond serving: what `ringcast serve` turns on.
@@ -72,6 +75,13 @@ impl Server {
     /// [`Server::bind`], taking each listener from `inherited` (in order) when one is left there.
     pub fn bind_inherited(config: Config, settings: Settings, mut inherited: Inherited) -> Result<Server, ServerError> {
         let addr = settings.listen;
+        // per-core: the public listener is bound with SO_REUSEPORT, so that each core can bind beside it.
+        let own_sockets = config.runtime == "per-core" && inherited.is_empty();
+        if own_sockets {
+            let bound =
+                crate::app::percore::bind_reuse_port(addr).map_err(|source| ServerError::Bind { addr, source })?;
+            inherited.push_front(bound);
+        }
         let mut bind = |addr: SocketAddr| -> Result<Arc<TcpListener>, ServerError> {
             let listener = match inherited.pop_front() {
                 Some(l) => l,
@@ -102,7 +112,7 @@ impl Server {
             Some(files) => Some(Arc::new(Tls::load(files)?)),
             None => None,
         };
-        Ok(Server { listener, internal, tcp, tls, ctx: Arc::new(Context::new(config, settings)?) })
+        Ok(Server { listener, internal, tcp, tls, ctx: Arc::new(Context::new(config, settings)?), own_sockets })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -145,6 +155,13 @@ impl Server {
         }
         let memory = tokio::spawn(crate::app::memory::watch(self.ctx.clone()));
         let mut side = self.start_side_listeners();
+        let cores = match self.ctx.config.runtime.as_str() {
+            "per-core" => Some(
+                crate::app::percore::Cores::start(&self.listener, self.own_sockets, self.tls.clone(), &self.ctx)
+                    .map_err(ServerError::Runtime)?,
+            ),
+            _ => None,
+        };
         if let Some(mut sock) = control.predecessor.take() {
             // Accepting starts with the first `accept` below; the backlog holds whoever connects first.
             if let Err(e) = tokio::task::block_in_place(|| crate::app::upgrade::child_accepting(&mut sock)) {
@@ -164,37 +181,19 @@ impl Server {
         tokio::pin!(signal);
         loop {
             tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        tracing::trace!(%peer, "accepted");
-                        metrics::counter!("ringcast_tcp_accepted_total").increment(1);
-                        if let Err(e) = stream.set_nodelay(true) {
-                            tracing::debug!(%peer, error = %e, "set_nodelay failed");
-                        }
-                        accepted_count = accepted_count.wrapping_add(1);
-                        match &self.tls {
-                            None => {
-                                tokio::spawn(crate::ws::Connection::new(stream, self.ctx.clone(), accepted_count));
-                            }
-                            Some(tls) => {
-                                tokio::spawn(tls_connection(tls.clone(), stream, self.ctx.clone(), accepted_count));
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        // EMFILE/ENFILE/ECONNABORTED are per-accept troubles, not reasons to stop serving.
-                        metrics::counter!("ringcast_tcp_accept_errors_total").increment(1);
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                },
+                accepted = self.listener.accept(), if cores.is_none() => {
+                    serve_accepted(accepted, &self.tls, &self.ctx, &mut accepted_count).await;
+                }
                 _ = &mut signal => break,
                 Some(()) = recv(&mut hup) => {
                     let reloader = self.ctx.reloader.clone();
                     tokio::task::spawn_blocking(move || reloader.reload());
                 }
                 Some(()) = recv(&mut usr2) => {
-                    if starting.is_some() {
+                    if cores.is_some() {
+                        // The cores' own sockets cannot be handed over: what waits in their queues would be lost.
+                        tracing::error!("upgrade refused: runtime = \"per-core\" does not hand over; this process stays");
+                    } else if starting.is_some() {
                         tracing::warn!("upgrade already under way; SIGUSR2 ignored");
                     } else {
                         tracing::info!("upgrade: starting the new process");
@@ -228,6 +227,9 @@ impl Server {
             }
         }
         drop(self.listener);
+        if let Some(cores) = &cores {
+            cores.stop_accepting();
+        }
         drop(self.internal);
         drop(self.tcp);
         abort_side(&mut side);
@@ -241,6 +243,9 @@ impl Server {
             Duration::ZERO
         };
         drain(&self.ctx, window).await;
+        if let Some(cores) = cores {
+            cores.finish().await;
+        }
         Ok(())
     }
 
@@ -297,6 +302,42 @@ impl Server {
                 tracing::error!(pid, error = %e, "upgrade failed; this one stays");
                 false
             }
+        }
+    }
+}
+
+/// One `accept` result on the public listener: the connection's task spawned on the current runtime
+/// (`true`), or the error counted and logged, after a short pause (EMFILE/ENFILE/ECONNABORTED are
+/// per-accept troubles, not reasons to stop serving).
+pub(crate) async fn serve_accepted(
+    accepted: std::io::Result<(TcpStream, SocketAddr)>,
+    tls: &Option<Arc<Tls>>,
+    ctx: &Arc<Context>,
+    accepted_count: &mut usize,
+) -> bool {
+    match accepted {
+        Ok((stream, peer)) => {
+            tracing::trace!(%peer, "accepted");
+            metrics::counter!("ringcast_tcp_accepted_total").increment(1);
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(%peer, error = %e, "set_nodelay failed");
+            }
+            *accepted_count = accepted_count.wrapping_add(1);
+            match tls {
+                None => {
+                    tokio::spawn(crate::ws::Connection::new(stream, ctx.clone(), *accepted_count));
+                }
+                Some(tls) => {
+                    tokio::spawn(tls_connection(tls.clone(), stream, ctx.clone(), *accepted_count));
+                }
+            }
+            true
+        }
+        Err(e) => {
+            metrics::counter!("ringcast_tcp_accept_errors_total").increment(1);
+            tracing::warn!(error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            false
         }
     }
 }
@@ -532,7 +573,10 @@ pub fn run_blocking_with(config: Config, settings: Settings, options: RunOptions
     let inherited = inherited_listeners();
     let predecessor = crate::app::upgrade::inherited_socket();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if config.workers > 0 {
+    if config.runtime == "per-core" {
+        // Connections run on the cores' own runtimes; this one keeps signals and background tasks.
+        builder.worker_threads(1);
+    } else if config.workers > 0 {
         builder.worker_threads(config.workers);
     }
     if settings.memory.is_some() {

@@ -17,6 +17,8 @@ pub struct TestServer {
     /// The TCP binary protocol's address, when on (every `--dev` test server has one).
     pub tcp: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
+    /// What the server's connections share (to look at its state from a test).
+    pub ctx: std::sync::Arc<ringcast_server::app::context::Context>,
     pub handle: JoinHandle<Result<(), ringcast_server::ServerError>>,
 }
 
@@ -42,11 +44,12 @@ impl TestServer {
         let server = Server::bind(config, settings).expect("bind");
         let addr = server.local_addr().expect("addr");
         let tcp = server.tcp_addr();
+        let ctx = server.context().clone();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(server.run(async move {
             let _ = rx.await;
         }));
-        TestServer { addr, tcp, stop: Some(tx), handle }
+        TestServer { addr, tcp, stop: Some(tx), ctx, handle }
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1022,15 +1022,18 @@ impl Session {
 
     fn unsubscribe(&mut self, channel: &str) {
         if let Some(sub) = self.subs.remove(channel) {
-            self.leave(&sub);
+            self.leave(&sub, false);
         }
     }
 
-    fn leave(&self, sub: &Sub) {
+    /// `ended`: the session is being dropped (its connection is gone), so nothing waits on the engine.
+    fn leave(&self, sub: &Sub, ended: bool) {
         if self.node.hub.unsubscribe(&sub.channel, &self.shared, || self.node.broker.unsubscribe_node(&sub.channel)) {
             self.node.left(&sub.channel);
         }
-        if sub.presence {
+        if sub.presence && ended {
+            self.node.remove_presence_of_ended(&sub.channel, self.shared.id);
+        } else if sub.presence {
             self.node.remove_presence(&sub.channel, self.shared.id);
         }
         if sub.push_join_leave {
@@ -1164,7 +1167,7 @@ fn payload_len(reply: &Reply) -> usize {
 impl Drop for Session {
     fn drop(&mut self) {
         for sub in self.subs.drain() {
-            self.leave(&sub);
+            self.leave(&sub, true);
         }
         if self.connected {
             self.node.unregister_client(self.user(), &self.shared);

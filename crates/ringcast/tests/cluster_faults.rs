@@ -414,3 +414,42 @@ async fn an_api_disconnect_made_while_a_node_reconnects_reaches_its_client_from_
     assert_eq!(engine_panel(b.port, "up")["state"], "up");
     drop((a, b));
 }
+
+/// Thousands of subscribed clients with presence leave at once (a load balancer dropping them, a
+/// network blip): the node must stay up. Each ended session used to wait for its presence removal in
+/// `block_in_place`; 2,000 at once used up tokio's 512 blocking threads before `engine_max_waiting`
+/// (1024) refused any, every worker ended up waiting, and the node hung with its sockets in CLOSE-WAIT
+/// (found with `ringcast bench idle` against a Redis node; BENCHMARKS.md, "50,000 connections").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_clients_closing_at_once_do_not_hang_the_node() {
+    const CLIENTS: usize = 2000;
+    let prefix = format!("massclose{}", std::process::id());
+    let node = Node::start(&prefix, 0);
+    let port = node.port;
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for batch in 0..CLIENTS / 100 {
+        let joined = futures_util::future::join_all((0..100).map(|i| async move {
+            let mut ws = client(port, &format!("u{batch}-{i}")).await;
+            let (r, _) = call(&mut ws, json!({"id":2,"subscribe":{"channel":format!("room{}", i % 10)}})).await;
+            assert!(r.get("error").is_none(), "{r}");
+            ws
+        }))
+        .await;
+        clients.extend(joined);
+    }
+    let before = api(port, "presence_stats", &json!({"channel":"room0"}));
+    assert_eq!(before["result"]["num_clients"], CLIENTS / 10, "{before}");
+    drop(clients);
+    // The node answers and every entry goes (bounded: 300 tries, 100 ms apart); a hung node answers
+    // neither (the HTTP helper's read times out and fails the test).
+    let mut left = Value::Null;
+    for _ in 0..300 {
+        left = api(port, "presence_stats", &json!({"channel":"room0"}));
+        if left["result"]["num_clients"] == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(left["result"]["num_clients"], 0, "presence after every client left: {left}");
+    health(port);
+}

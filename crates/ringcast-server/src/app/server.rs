@@ -567,6 +567,9 @@ pub struct RunOptions {
 
 /// Builds the runtime, takes inherited sockets (socket activation, upgrade) or binds, serves until
 /// SIGINT/SIGTERM (drained over `shutdown_timeout`) or an upgrade (drained over `drain_window`);
+/// tokio's own bound on its blocking pool, kept for everything else that runs there.
+const DEFAULT_BLOCKING_THREADS: usize = 512;
+
 /// SIGHUP reloads the configuration, SIGUSR2 upgrades.
 pub fn run_blocking_with(config: Config, settings: Settings, options: RunOptions) -> Result<(), ServerError> {
     // Before the runtime's threads exist: both read (and clear) environment variables.
@@ -582,6 +585,11 @@ pub fn run_blocking_with(config: Config, settings: Settings, options: RunOptions
     if settings.memory.is_some() {
         builder.on_thread_park(crate::app::memory::on_worker_park);
     }
+    // Each engine call a session waits on holds a thread (`block_in_place` hands the worker's queue to
+    // a replacement from the blocking pool). `engine_max_waiting` must be what refuses the next one,
+    // never the pool running dry: with no replacement left, every worker would be waiting and nothing
+    // would run the engine's connection.
+    builder.max_blocking_threads(config.engine_max_waiting + DEFAULT_BLOCKING_THREADS);
     let runtime = builder.enable_all().thread_name("ringcast").build().map_err(ServerError::Runtime)?;
     runtime.block_on(async move {
         let from_fds = inherited.len();

@@ -541,6 +541,25 @@ impl Node {
         }
     }
 
+    /// As [`Self::remove_presence`] for a client whose connection has ended, without waiting for a
+    /// networked engine: the removal runs as a task of its own. A session that ends must not hold a
+    /// worker thread: when thousands of connections close at once, each waiting in `block_in_place`
+    /// used up tokio's blocking threads (512) before `engine_max_waiting` (1024) refused any, and with
+    /// every worker waiting nothing was left to run the engine's connection: the node hung. Nothing
+    /// depends on the removal's result (the client is gone, and its entry expires after
+    /// `redis_presence_ttl` if the removal fails), so nothing is lost by not waiting.
+    pub fn remove_presence_of_ended(&self, channel: &str, client: ClientId) {
+        let Some(remote) = &self.remote else { return self.broker.remove_presence(channel, client) };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self.remove_presence(channel, client);
+        };
+        let presence = remote.presence.clone();
+        let channel = channel.to_string();
+        runtime.spawn(async move {
+            let _ = presence.remove_presence(&channel, client).await.map_err(|e| failed("presence_remove", e));
+        });
+    }
+
     /// A local subscriber left `channel` (after the hub forgot it): with a networked engine, the node
     /// stops receiving the channel after its last one.
     pub fn left(&self, channel: &str) {

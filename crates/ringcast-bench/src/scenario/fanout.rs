@@ -320,6 +320,21 @@ impl Deliveries<'_> {
     }
 }
 
+impl Deliveries<'_> {
+    /// Publications that arrived before this subscriber saw the start ([`Early`]), counted now that the
+    /// window is known (those from before it are not ours, as for any other).
+    fn early(&mut self, pushes: &[(u64, u32, u32, usize)]) {
+        if pushes.is_empty() {
+            return;
+        }
+        self.begin();
+        for &(ts, p, s, bytes) in pushes {
+            self.deliver(ts, p, s, bytes);
+        }
+        self.end();
+    }
+}
+
 impl Handler for Deliveries<'_> {
     fn begin(&mut self) {
         self.batch.begin(now_ns());
@@ -370,7 +385,8 @@ async fn subscriber(
         pass: 0,
     };
     let mut held = false;
-    let (window, mut failure) = match serve_until_run(&mut conn, &mut phase, &mut Pings(d.cfg.centrifugo)).await {
+    let mut early = Early { centrifugo: d.cfg.centrifugo, pushes: Vec::new() };
+    let (window, mut failure) = match serve_until_run(&mut conn, &mut phase, &mut early).await {
         Ok(w) => (w, None),
         Err(f) => (None, Some(f)),
     };
@@ -382,6 +398,7 @@ async fn subscriber(
     if let Some(window) = window {
         d.start = window.start;
         wire_from = conn.rx.wire_bytes();
+        d.early(&early.pushes);
         loop {
             tokio::select! {
                 r = conn.stream.readable() => {
@@ -583,6 +600,32 @@ impl Handler for Replies {
 
 /// Before the start: answers Centrifugo's pings (`{}`), ignores the rest.
 struct Pings(bool);
+
+/// A subscriber before it has seen the start: answers pings like [`Pings`] and keeps the header of every
+/// publication that arrives, for [`Deliveries`] once the window is known. With the load spread over
+/// processes, one process can learn of the start after another's publishers began at it: a publication
+/// that reached a subscriber first was ignored, and counted as lost (1 per subscriber in such a run).
+struct Early {
+    centrifugo: bool,
+    /// (timestamp, publisher, sequence, bytes) of each publication, in arrival order.
+    pushes: Vec<(u64, u32, u32, usize)>,
+}
+
+impl Handler for Early {
+    fn message(&mut self, _: OpCode, payload: &[u8], tx: &mut Tx) {
+        if self.centrifugo {
+            for line in lines(payload) {
+                match parse_line(line) {
+                    Line::Ping => tx.frame(OpCode::Text, b"{}"),
+                    Line::Push(Some((ts, p, s))) => self.pushes.push((ts, p, s, line.len())),
+                    _ => {}
+                }
+            }
+        } else if let Some((ts, p, s)) = fanout_header(payload).filter(|_| payload.len() >= FANOUT_HEADER) {
+            self.pushes.push((ts, p, s, payload.len()));
+        }
+    }
+}
 
 impl Handler for Pings {
     fn message(&mut self, _: OpCode, payload: &[u8], tx: &mut Tx) {

@@ -134,15 +134,26 @@ pub(crate) fn service(c: &mut TcpClient, mut on: impl FnMut(&Event<'_>)) -> Resu
 }
 
 /// Before the start: answers the server's pings and notices a close, until the run begins (`None`: it
-/// was stopped first).
-async fn serve_until_run(c: &mut TcpClient, phase: &mut watch::Receiver<Phase>) -> Result<Option<Window>, Failure> {
+/// was stopped first). The header of every MESSAGE that arrives meanwhile goes to `early` (the
+/// WebSocket subscriber's `Early` says why).
+async fn serve_until_run(
+    c: &mut TcpClient,
+    phase: &mut watch::Receiver<Phase>,
+    early: &mut Vec<(u64, u32, u32, usize)>,
+) -> Result<Option<Window>, Failure> {
     loop {
         match *phase.borrow_and_update() {
             Phase::Run(w) => return Ok(Some(w)),
             Phase::Drain | Phase::Stop => return Ok(None),
             Phase::Wait => {}
         }
-        service(c, |_| {})?;
+        service(c, |ev| {
+            if let Event::Message { data, .. } = *ev {
+                if let Some((ts, p, s)) = fanout_header(data).filter(|_| data.len() >= FANOUT_HEADER) {
+                    early.push((ts, p, s, data.len()));
+                }
+            }
+        })?;
         tokio::select! {
             r = c.stream().readable() => r?,
             r = c.stream().writable(), if c.unsent() > 0 => {
@@ -178,7 +189,8 @@ pub(super) async fn subscriber(
         pass: 0,
     };
     let mut held = false;
-    let (window, mut failure) = match serve_until_run(&mut c, &mut phase).await {
+    let mut early = Vec::new();
+    let (window, mut failure) = match serve_until_run(&mut c, &mut phase, &mut early).await {
         Ok(w) => (w, None),
         Err(f) => (None, Some(f)),
     };
@@ -188,6 +200,7 @@ pub(super) async fn subscriber(
     if let Some(window) = window {
         d.start = window.start;
         wire_from = c.received_bytes();
+        d.early(&early);
         loop {
             tokio::select! {
                 r = c.stream().readable() => {
@@ -275,7 +288,7 @@ pub(super) async fn publisher(
     mut phase: watch::Receiver<Phase>,
 ) -> PubTally {
     let mut t = PubTally::default();
-    let window = match serve_until_run(&mut c, &mut phase).await {
+    let window = match serve_until_run(&mut c, &mut phase, &mut Vec::new()).await {
         Ok(Some(w)) => w,
         Ok(None) => return t,
         Err(f) => {

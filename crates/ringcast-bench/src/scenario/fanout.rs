@@ -281,7 +281,13 @@ struct Deliveries<'m> {
     cfg: SubCfg,
     meter: &'m Meter,
     batch: Batch,
+    /// The window's start (its nanosecond clock); 0 until the subscriber has seen it.
     start: u64,
+    /// Publications that arrived before the subscriber saw the start: (timestamp, publisher, sequence,
+    /// bytes), counted by [`Deliveries::started`]. With the load spread over processes, one process can
+    /// learn of the start after another's publishers began at it; such a publication used to be ignored
+    /// and counted as lost (1 per subscriber in such a run).
+    early: Vec<(u64, u32, u32, usize)>,
     /// Per publisher: highest sequence number seen, plus one (0: none yet).
     last: Vec<u64>,
     received: u64,
@@ -291,9 +297,29 @@ struct Deliveries<'m> {
     pass: u64,
 }
 
-impl Deliveries<'_> {
+impl<'m> Deliveries<'m> {
+    fn new(cfg: SubCfg, meter: &'m Meter) -> Self {
+        let last = vec![0; cfg.publishers];
+        Deliveries {
+            cfg,
+            meter,
+            batch: Batch::default(),
+            start: 0,
+            early: Vec::new(),
+            last,
+            received: 0,
+            out_of_order: 0,
+            foreign: 0,
+            pass: 0,
+        }
+    }
+
     #[inline]
     fn deliver(&mut self, ts: u64, publisher: u32, seq: u32, bytes: usize) {
+        if self.start == 0 {
+            self.early.push((ts, publisher, seq, bytes));
+            return;
+        }
         let Some(last) = self.last.get_mut(publisher as usize) else {
             self.foreign += 1;
             return;
@@ -321,14 +347,16 @@ impl Deliveries<'_> {
 }
 
 impl Deliveries<'_> {
-    /// Publications that arrived before this subscriber saw the start ([`Early`]), counted now that the
-    /// window is known (those from before it are not ours, as for any other).
-    fn early(&mut self, pushes: &[(u64, u32, u32, usize)]) {
-        if pushes.is_empty() {
+    /// The window starts at `start`: what arrived before the subscriber saw it is counted now (those
+    /// from before the start are not ours, as for any other).
+    fn started(&mut self, start: u64) {
+        self.start = start;
+        let early = std::mem::take(&mut self.early);
+        if early.is_empty() {
             return;
         }
         self.begin();
-        for &(ts, p, s, bytes) in pushes {
+        for (ts, p, s, bytes) in early {
             self.deliver(ts, p, s, bytes);
         }
         self.end();
@@ -372,21 +400,10 @@ async fn subscriber(
     meter: Arc<Meter>,
     mut phase: watch::Receiver<Phase>,
 ) -> (SubscriberTally, u64, Option<Failure>, bool, Wire) {
-    let last = vec![0; cfg.publishers];
-    let mut d = Deliveries {
-        cfg,
-        meter: &meter,
-        batch: Batch::default(),
-        start: 0,
-        last,
-        received: 0,
-        out_of_order: 0,
-        foreign: 0,
-        pass: 0,
-    };
+    let mut d = Deliveries::new(cfg, &meter);
     let mut held = false;
-    let mut early = Early { centrifugo: d.cfg.centrifugo, pushes: Vec::new() };
-    let (window, mut failure) = match serve_until_run(&mut conn, &mut phase, &mut early).await {
+    // Before the start the subscriber's own handler answers pings and keeps what arrives.
+    let (window, mut failure) = match serve_until_run(&mut conn, &mut phase, &mut d).await {
         Ok(w) => (w, None),
         Err(f) => (None, Some(f)),
     };
@@ -396,9 +413,8 @@ async fn subscriber(
     // Bytes on the wire from the start of the run, against deliveries counted from the same moment.
     let mut wire_from = conn.rx.wire_bytes();
     if let Some(window) = window {
-        d.start = window.start;
         wire_from = conn.rx.wire_bytes();
-        d.early(&early.pushes);
+        d.started(window.start);
         loop {
             tokio::select! {
                 r = conn.stream.readable() => {
@@ -600,32 +616,6 @@ impl Handler for Replies {
 
 /// Before the start: answers Centrifugo's pings (`{}`), ignores the rest.
 struct Pings(bool);
-
-/// A subscriber before it has seen the start: answers pings like [`Pings`] and keeps the header of every
-/// publication that arrives, for [`Deliveries`] once the window is known. With the load spread over
-/// processes, one process can learn of the start after another's publishers began at it: a publication
-/// that reached a subscriber first was ignored, and counted as lost (1 per subscriber in such a run).
-struct Early {
-    centrifugo: bool,
-    /// (timestamp, publisher, sequence, bytes) of each publication, in arrival order.
-    pushes: Vec<(u64, u32, u32, usize)>,
-}
-
-impl Handler for Early {
-    fn message(&mut self, _: OpCode, payload: &[u8], tx: &mut Tx) {
-        if self.centrifugo {
-            for line in lines(payload) {
-                match parse_line(line) {
-                    Line::Ping => tx.frame(OpCode::Text, b"{}"),
-                    Line::Push(Some((ts, p, s))) => self.pushes.push((ts, p, s, line.len())),
-                    _ => {}
-                }
-            }
-        } else if let Some((ts, p, s)) = fanout_header(payload).filter(|_| payload.len() >= FANOUT_HEADER) {
-            self.pushes.push((ts, p, s, payload.len()));
-        }
-    }
-}
 
 impl Handler for Pings {
     fn message(&mut self, _: OpCode, payload: &[u8], tx: &mut Tx) {

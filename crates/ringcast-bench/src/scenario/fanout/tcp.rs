@@ -26,7 +26,7 @@ use super::{Deliveries, PubCfg, PubTally, SubCfg, MAX_PENDING};
 use crate::client::{tcp_connect, Handler};
 use crate::clock::{instant_at, next_slot, now_ns, Schedule, Slot};
 use crate::failure::{classify, Failure};
-use crate::meter::{Batch, Meter, Window};
+use crate::meter::{Meter, Window};
 use crate::params::{Params, CHANNEL};
 use crate::payload::{fanout_header, FANOUT_HEADER};
 use crate::scenario::echo::OPEN_CONCURRENCY;
@@ -134,12 +134,12 @@ pub(crate) fn service(c: &mut TcpClient, mut on: impl FnMut(&Event<'_>)) -> Resu
 }
 
 /// Before the start: answers the server's pings and notices a close, until the run begins (`None`: it
-/// was stopped first). The header of every MESSAGE that arrives meanwhile goes to `early` (the
-/// WebSocket subscriber's `Early` says why).
+/// was stopped first). Every MESSAGE that arrives meanwhile goes to `on_message` (a subscriber keeps
+/// them: [`Deliveries`]).
 async fn serve_until_run(
     c: &mut TcpClient,
     phase: &mut watch::Receiver<Phase>,
-    early: &mut Vec<(u64, u32, u32, usize)>,
+    mut on_message: impl FnMut(&[u8]),
 ) -> Result<Option<Window>, Failure> {
     loop {
         match *phase.borrow_and_update() {
@@ -149,9 +149,7 @@ async fn serve_until_run(
         }
         service(c, |ev| {
             if let Event::Message { data, .. } = *ev {
-                if let Some((ts, p, s)) = fanout_header(data).filter(|_| data.len() >= FANOUT_HEADER) {
-                    early.push((ts, p, s, data.len()));
-                }
+                on_message(data);
             }
         })?;
         tokio::select! {
@@ -169,6 +167,14 @@ async fn serve_until_run(
     }
 }
 
+/// A MESSAGE's header to a subscriber's [`Deliveries`].
+fn message(d: &mut Deliveries<'_>, data: &[u8]) {
+    match fanout_header(data) {
+        Some((ts, p, s)) if data.len() >= FANOUT_HEADER => d.deliver(ts, p, s, data.len()),
+        _ => d.foreign += 1,
+    }
+}
+
 /// One TCP subscriber: every MESSAGE's header goes to [`Deliveries`] (latency, order, counts).
 pub(super) async fn subscriber(
     mut c: TcpClient,
@@ -176,21 +182,9 @@ pub(super) async fn subscriber(
     meter: Arc<Meter>,
     mut phase: watch::Receiver<Phase>,
 ) -> (SubscriberTally, u64, Option<Failure>, bool, super::Wire) {
-    let last = vec![0; cfg.publishers];
-    let mut d = Deliveries {
-        cfg,
-        meter: &meter,
-        batch: Batch::default(),
-        start: 0,
-        last,
-        received: 0,
-        out_of_order: 0,
-        foreign: 0,
-        pass: 0,
-    };
+    let mut d = Deliveries::new(cfg, &meter);
     let mut held = false;
-    let mut early = Vec::new();
-    let (window, mut failure) = match serve_until_run(&mut c, &mut phase, &mut early).await {
+    let (window, mut failure) = match serve_until_run(&mut c, &mut phase, |data| message(&mut d, data)).await {
         Ok(w) => (w, None),
         Err(f) => (None, Some(f)),
     };
@@ -198,9 +192,8 @@ pub(super) async fn subscriber(
     tokio::pin!(stop);
     let mut wire_from = c.received_bytes();
     if let Some(window) = window {
-        d.start = window.start;
         wire_from = c.received_bytes();
-        d.early(&early);
+        d.started(window.start);
         loop {
             tokio::select! {
                 r = c.stream().readable() => {
@@ -218,10 +211,7 @@ pub(super) async fn subscriber(
                             d.end();
                             d.begin();
                         }
-                        Event::Message { data, .. } => match fanout_header(data) {
-                            Some((ts, p, s)) if data.len() >= FANOUT_HEADER => d.deliver(ts, p, s, data.len()),
-                            _ => d.foreign += 1,
-                        },
+                        Event::Message { data, .. } => message(&mut d, data),
                         _ => {}
                     });
                     d.end();
@@ -288,7 +278,7 @@ pub(super) async fn publisher(
     mut phase: watch::Receiver<Phase>,
 ) -> PubTally {
     let mut t = PubTally::default();
-    let window = match serve_until_run(&mut c, &mut phase, &mut Vec::new()).await {
+    let window = match serve_until_run(&mut c, &mut phase, |_| {}).await {
         Ok(Some(w)) => w,
         Ok(None) => return t,
         Err(f) => {

@@ -392,8 +392,9 @@ impl Node {
             |(publication, pos)| ringcast_wire::tcp::encode_message(channel, pos.offset, &publication.data).ok(),
         );
         self.publishing.fetch_sub(1, SeqCst);
-        // Delivery counts are recorded by the hub; the publish-to-delivery histogram is recorded by each subscriber's connection, when it takes
-        // the frames to write them (`ClientShared::take`).
+        // Delivery counts are recorded by the hub; the publish-to-delivery histogram by whoever writes the
+        // frames: the subscriber's connection when it takes them (`ClientShared::take`), or the fan-out
+        // writing to an idle subscriber (`ClientShared::flush_claimed`).
         Ok((pos, fan))
     }
 

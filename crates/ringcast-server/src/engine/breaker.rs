@@ -584,6 +584,14 @@ mod tests {
         b.record(admit, Outcome::Failure, now);
     }
 
+    /// A breaker that POLICY's failures opened at the returned instant.
+    fn tripped() -> (Breaker, Instant) {
+        let b = Breaker::new(POLICY, 0);
+        let t0 = Instant::now();
+        (0..POLICY.failures).for_each(|_| fail(&b, t0));
+        (b, t0)
+    }
+
     #[test]
     fn opens_after_n_consecutive_failures_and_a_success_resets_the_count() {
         let b = Breaker::new(POLICY, 0);
@@ -603,9 +611,7 @@ mod tests {
 
     #[test]
     fn open_rejects_until_the_cooldown_then_lets_exactly_one_probe_through() {
-        let b = Breaker::new(POLICY, 0);
-        let t0 = Instant::now();
-        (0..3).for_each(|_| fail(&b, t0));
+        let (b, t0) = tripped();
         assert_eq!(b.admit(t0 + Duration::from_millis(4_999)), Admit::Reject);
         let t1 = t0 + POLICY.cooldown;
         assert_eq!(b.admit(t1), Admit::Probe);
@@ -619,9 +625,7 @@ mod tests {
 
     #[test]
     fn a_failed_probe_reopens_for_another_cooldown() {
-        let b = Breaker::new(POLICY, 0);
-        let t0 = Instant::now();
-        (0..3).for_each(|_| fail(&b, t0));
+        let (b, t0) = tripped();
         let t1 = t0 + POLICY.cooldown;
         assert_eq!(b.admit(t1), Admit::Probe);
         b.record(Admit::Probe, Outcome::Failure, t1);
@@ -632,9 +636,7 @@ mod tests {
 
     #[test]
     fn an_abandoned_probe_lets_the_next_call_probe() {
-        let b = Breaker::new(POLICY, 0);
-        let t0 = Instant::now();
-        (0..3).for_each(|_| fail(&b, t0));
+        let (b, t0) = tripped();
         let t1 = t0 + POLICY.cooldown;
         assert_eq!(b.admit(t1), Admit::Probe);
         b.record(Admit::Probe, Outcome::Abandoned, t1);

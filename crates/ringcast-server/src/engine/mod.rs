@@ -283,6 +283,24 @@ pub trait Inbound: Send + Sync + 'static {
     fn resubscribed(&self, channels: &[String]);
 }
 
+/// Where an engine hands what arrives ([`Inbound`]): the node, set once after both are made. Held
+/// weakly: the node owns the engine, so a strong reference back would keep both alive for ever. Empty
+/// (or the node gone), what arrives is dropped.
+#[derive(Default)]
+pub struct InboundSlot(std::sync::OnceLock<std::sync::Weak<dyn Inbound>>);
+
+impl InboundSlot {
+    /// The first call sets it; later calls are ignored.
+    pub fn set(&self, inbound: std::sync::Weak<dyn Inbound>) {
+        let _ = self.0.set(inbound);
+    }
+
+    /// The node, while it is set and alive.
+    pub fn get(&self) -> Option<std::sync::Arc<dyn Inbound>> {
+        self.0.get().and_then(std::sync::Weak::upgrade)
+    }
+}
+
 /// The networked engine a node uses, by capability.
 #[derive(Clone)]
 pub struct Remote {

@@ -45,7 +45,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -59,7 +59,7 @@ use tokio::sync::{mpsc, watch, OnceCell};
 use super::jetstream::{History, StreamLimits};
 use super::{
     read_after, select, Broker, Control, EngineError, EngineFuture, EngineState, EngineStatus, HistoryStore, Inbound,
-    PresenceManager,
+    InboundSlot, PresenceManager,
 };
 use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
 use crate::pubsub::client::ClientId;
@@ -98,7 +98,7 @@ pub struct NatsEngine {
     channels: Mutex<HashMap<String, Channel>>,
     /// The history stream, when a namespace keeps history.
     history: Option<History>,
-    inbound: OnceLock<Weak<dyn Inbound>>,
+    inbound: InboundSlot,
     /// The last publish, subscribe or control call failed (the dashboard's "degraded").
     last_failed: AtomicBool,
 }
@@ -246,7 +246,7 @@ impl NatsEngine {
             timeout: settings.write_timeout,
             channels: Mutex::new(HashMap::new()),
             history,
-            inbound: OnceLock::new(),
+            inbound: InboundSlot::default(),
             last_failed: AtomicBool::new(false),
         });
         tokio::spawn(receive_control(Arc::downgrade(&engine), control));
@@ -255,11 +255,11 @@ impl NatsEngine {
     }
 
     pub fn set_inbound(&self, inbound: Weak<dyn Inbound>) {
-        let _ = self.inbound.set(inbound);
+        self.inbound.set(inbound);
     }
 
     fn inbound(&self) -> Option<Arc<dyn Inbound>> {
-        self.inbound.get().and_then(Weak::upgrade)
+        self.inbound.get()
     }
 
     fn channels(&self) -> MutexGuard<'_, HashMap<String, Channel>> {

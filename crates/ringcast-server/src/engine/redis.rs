@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     random_epoch, read_after, select, Broker, Control, EngineError, EngineFuture, EngineState, EngineStatus,
-    HistoryStore, Inbound, PresenceManager,
+    HistoryStore, Inbound, InboundSlot, PresenceManager,
 };
 use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
 use crate::pubsub::client::ClientId;
@@ -166,7 +166,7 @@ pub struct RedisEngine {
     /// Local subscribers per channel (of `subscribe_node` calls that succeeded or are under way).
     wanted: Mutex<HashMap<String, usize>>,
     requests: mpsc::UnboundedSender<SubRequest>,
-    inbound: OnceLock<Weak<dyn Inbound>>,
+    inbound: InboundSlot,
     /// This node's presence entries, re-added on a timer: (channel, client) → encoded info.
     present: Mutex<HashMap<(String, ClientId), Vec<u8>>>,
     /// The PUB/SUB connection is made and subscribed (the dashboard's "up"/"down").
@@ -320,7 +320,7 @@ impl RedisEngine {
             },
             wanted: Mutex::new(HashMap::new()),
             requests: tx,
-            inbound: OnceLock::new(),
+            inbound: InboundSlot::default(),
             present: Mutex::new(HashMap::new()),
             receiving: AtomicBool::new(false),
             last_failed: AtomicBool::new(false),
@@ -332,11 +332,11 @@ impl RedisEngine {
     }
 
     pub fn set_inbound(&self, inbound: Weak<dyn Inbound>) {
-        let _ = self.inbound.set(inbound);
+        self.inbound.set(inbound);
     }
 
     fn inbound(&self) -> Option<Arc<dyn Inbound>> {
-        self.inbound.get().and_then(Weak::upgrade)
+        self.inbound.get()
     }
 
     fn wanted(&self) -> MutexGuard<'_, HashMap<String, usize>> {

@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     random_epoch, read_after, select, Broker, Control, EngineError, EngineFuture, EngineState, EngineStatus,
-    HistoryStore, Inbound, InboundSlot, PresenceManager,
+    HistoryStore, Inbound, InboundSlot, PresenceManager, CONTROL_LOG_MAX, CONTROL_LOG_TTL,
 };
 use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
 use crate::pubsub::client::ClientId;
@@ -177,13 +177,6 @@ pub struct RedisEngine {
     /// PUB/SUB task first read the log's end.
     control_seen: Mutex<Option<ControlId>>,
 }
-
-/// Entries the control log keeps (`XADD MAXLEN ~`): far more than a node misses while its PUB/SUB
-/// connection reconnects.
-pub const CONTROL_LOG_MAX: u64 = 10_000;
-
-/// How long the control log lives after its last message: a prefix no node uses any more is dropped.
-pub const CONTROL_LOG_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Entries read from the control log per round trip while catching up.
 const CONTROL_PAGE: usize = 500;

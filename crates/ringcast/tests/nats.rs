@@ -273,25 +273,34 @@ async fn presence_from_redis_alongside_nats_is_cluster_wide() {
     assert_eq!(read_data(&mut alice, "room:1", 1).await.0, [json!({"hi":1})]);
 }
 
-/// A nats-server of this test's own (port 21300-21399, JetStream on, a temporary store), stopped when
-/// dropped. The shared one on 4222 is never touched.
+/// A nats-server of this test's own (port 21300-21399, JetStream on with a temporary store unless
+/// started [`OwnNats::without_jetstream`]), stopped when dropped. The shared one on 4222 is never touched.
 struct OwnNats {
     child: Child,
     port: u16,
-    store: PathBuf,
+    /// `None`: no JetStream.
+    store: Option<PathBuf>,
 }
 
 impl OwnNats {
     fn start(port: u16, store: PathBuf) -> OwnNats {
         std::fs::create_dir_all(&store).unwrap();
+        let store = Some(store);
         let child = OwnNats::spawn(port, &store);
         OwnNats { child, port, store }
     }
 
-    fn spawn(port: u16, store: &PathBuf) -> Child {
-        let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store)
+    fn without_jetstream(port: u16) -> OwnNats {
+        OwnNats { child: OwnNats::spawn(port, &None), port, store: None }
+    }
+
+    fn spawn(port: u16, store: &Option<PathBuf>) -> Child {
+        let mut command = Command::new("nats-server");
+        command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        if let Some(store) = store {
+            command.args(["-js", "-sd"]).arg(store);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -319,7 +328,9 @@ impl OwnNats {
 impl Drop for OwnNats {
     fn drop(&mut self) {
         self.kill();
-        std::fs::remove_dir_all(&self.store).ok();
+        if let Some(store) = &self.store {
+            std::fs::remove_dir_all(store).ok();
+        }
     }
 }
 
@@ -346,7 +357,8 @@ async fn nats_restarted_publishes_fail_100_then_nodes_resubscribe_and_tell_clien
     assert_eq!(read_data(&mut ws, "f", 1).await.0, [json!({"n":1})]);
     let panel = engine_panel(a, "up");
     assert_eq!((&panel["kind"], &panel["state"]), (&json!("nats"), &json!("up")), "{panel}");
-    assert!(panel["detail"].as_str().is_some_and(|d| d.contains("127.0.0.1:21300")), "{panel}");
+    let detail = panel["detail"].as_str().unwrap_or("");
+    assert!(detail.contains("127.0.0.1:21300") && detail.contains("control in JetStream"), "{panel}");
     // NATS gone: once the node has seen the connection drop, a publish answers error 100 (API and
     // client protocol), and the dashboard says down.
     nats.kill();
@@ -370,6 +382,18 @@ async fn nats_restarted_publishes_fail_100_then_nodes_resubscribe_and_tell_clien
     publish_until_accepted(b, "f", json!({"n":3}), 50);
     assert_eq!(read_data(&mut ws, "f", 1).await.0, [json!({"n":3})]);
     assert_eq!(engine_panel(b, "up")["state"], "up", "the dashboard sees the broker back");
+    drop(nodes);
+    drop(nats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_jetstream_control_travels_over_core_nats_and_still_reaches_another_node() {
+    let nats = OwnNats::without_jetstream(21302);
+    let prefix = unique("nojs");
+    let nodes = [nats_node(&prefix, 0, nats.port, "", ""), nats_node(&prefix, 1, nats.port, "", "")];
+    let panel = engine_panel(nodes[1].port, "up");
+    assert!(panel["detail"].as_str().is_some_and(|d| d.contains("control over core NATS")), "{panel}");
+    api_control_reaches_a_client_on_another_node(nodes[0].port, nodes[1].port).await;
     drop(nodes);
     drop(nats);
 }

@@ -300,11 +300,7 @@ impl OwnNats {
         if let Some(store) = store {
             command.args(["-js", "-sd"]).arg(store);
         }
-        let child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server");
+        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("nats-server");
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "nats-server on {port} did not start");

@@ -40,6 +40,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, context, stream};
 use bytes::Bytes;
 
+use super::jetstream::unavailable;
 use super::{EngineError, CONTROL_LOG_MAX, CONTROL_LOG_TTL};
 
 /// The control stream's name for `prefix`.
@@ -63,13 +64,6 @@ pub struct ControlStream {
 impl std::fmt::Debug for ControlStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControlStream").field("subject", &self.subject).finish_non_exhaustive()
-    }
-}
-
-fn unavailable<E: std::fmt::Display>(op: &'static str) -> impl FnOnce(E) -> EngineError {
-    move |e| {
-        tracing::debug!(op, error = %e, "jetstream call failed");
-        EngineError::Unavailable
     }
 }
 

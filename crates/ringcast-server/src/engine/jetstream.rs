@@ -119,7 +119,8 @@ impl std::fmt::Debug for History {
     }
 }
 
-fn unavailable<E: std::fmt::Display>(op: &'static str) -> impl FnOnce(E) -> EngineError {
+/// A failed JetStream call as the engine answers it (logged at debug with `op`).
+pub(crate) fn unavailable<E: std::fmt::Display>(op: &'static str) -> impl FnOnce(E) -> EngineError {
     move |e| {
         tracing::debug!(op, error = %e, "jetstream call failed");
         EngineError::Unavailable

@@ -132,13 +132,6 @@ async fn clients_of_a_killed_node_recover_exactly_on_another_while_publishers_ke
     }
 }
 
-/// A counter or gauge from /metrics on `port` (0 when absent).
-fn metric(port: u16, series: &str) -> f64 {
-    let out = http(port, "GET", "/metrics", "", "");
-    let prefix = format!("{series} ");
-    out.lines().find_map(|l| l.strip_prefix(prefix.as_str())).map_or(0.0, |v| v.trim().parse().unwrap_or(-1.0))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_redis_times_publishes_out_and_waiting_calls_never_exceed_engine_max_waiting() {
     let redis = OwnRedis::start(21100);

@@ -1,6 +1,7 @@
 //! Several `ringcast serve` processes sharing channels through NATS (`broker = "nats"`): the shared
-//! NATS at 127.0.0.1:4222 (with a subject prefix of each test's own, `nats_prefix`), or, for the
-//! restart test, a nats-server of the test's own on port 21300 with JetStream and a temporary store.
+//! NATS at 127.0.0.1:4222 (with a subject prefix of each test's own, `nats_prefix`, whose JetStream
+//! streams the test deletes), or, for the restart tests, a nats-server of the test's own on port 21300
+//! with JetStream and a temporary store.
 //! Presence alongside NATS comes from the real Redis at 127.0.0.1:6379 under a prefix of the test's own.
 
 mod support;
@@ -35,6 +36,7 @@ fn nats_node(prefix: &str, n: usize, nats_port: u16, extra: &str, tables: &str) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn info_lists_both_nodes_and_a_killed_one_drops_out() {
     let prefix = unique("info");
+    let _streams = Stream(prefix.clone());
     let mut nodes = [nats_node(&prefix, 0, 4222, "", ""), nats_node(&prefix, 1, 4222, "", "")];
     let a = nodes[0].port;
     // The registry's announcements travel as control messages over NATS too (bounded poll: 30 s).
@@ -98,6 +100,7 @@ const WILDCARD: &str = "race.>";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishers_on_two_nodes_every_subscriber_gets_each_publication_once_in_its_publishers_order() {
     let prefix = unique("order");
+    let _streams = Stream(prefix.clone());
     let nodes = [nats_node(&prefix, 0, 4222, "", ""), nats_node(&prefix, 1, 4222, "", "")];
     const EACH: u64 = 50;
     const PUBLISHERS: u64 = 4;
@@ -157,8 +160,76 @@ async fn publishers_on_two_nodes_every_subscriber_gets_each_publication_once_in_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_disconnect_and_unsubscribe_reach_a_client_on_another_node() {
     let prefix = unique("control");
+    let _streams = Stream(prefix.clone());
     let nodes = [nats_node(&prefix, 0, 4222, "", ""), nats_node(&prefix, 1, 4222, "", "")];
     api_control_reaches_a_client_on_another_node(nodes[0].port, nodes[1].port).await;
+}
+
+/// A TCP relay between one node and NATS that the test cuts: while cut, its connections are dropped
+/// and new ones closed at once, so that node loses NATS and cannot reconnect while the others keep
+/// theirs. Mended, it relays again.
+struct Relay {
+    port: u16,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    async fn start(to: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (open, watch) = tokio::sync::watch::channel(true);
+        tokio::spawn(async move {
+            while let Ok((mut node, _)) = listener.accept().await {
+                let mut open = watch.clone();
+                if !*open.borrow() {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut nats) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut node, &mut nats) => {}
+                        _ = open.wait_for(|open| !*open) => {}
+                    }
+                });
+            }
+        });
+        Relay { port, open }
+    }
+
+    fn cut(&self) {
+        self.open.send_replace(false);
+    }
+
+    fn mend(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_disconnect_made_while_a_node_reconnects_reaches_its_client_from_the_control_stream() {
+    let prefix = unique("ctlstream");
+    let _streams = Stream(prefix.clone());
+    let relay = Relay::start(4222).await;
+    let a = nats_node(&prefix, 0, 4222, "", "");
+    let b = nats_node(&prefix, 1, relay.port, "", "");
+    let mut carol = client(b.port, "carol").await;
+    // Control reaches B live first.
+    let r = api(a.port, "refresh", &json!({"user":"carol","expire_at": 4102444800u64}));
+    assert_eq!(api_error_code(&r), 0, "{r}");
+    // B's connection to NATS goes, and B may not make another; A keeps its own.
+    relay.cut();
+    let panel = engine_panel(b.port, "down");
+    assert_eq!(panel["state"], "down", "B knows it receives nothing: {panel}");
+    let r = api(a.port, "disconnect", &json!({"user":"carol","disconnect":{"code":4005,"reason":"moved"}}));
+    assert_eq!(api_error_code(&r), 0, "sent while B is away: {r}");
+    // B comes back (its backoff is at most 2 s) and reads what it missed from the control stream.
+    relay.mend();
+    let c = closed(&mut carol).await;
+    assert_eq!(c, Some((4005, "moved".to_string())), "the missed disconnect, from the control stream");
+    assert!(metric(b.port, "ringcast_control_log_applied_total") >= 1.0, "counted as caught up");
+    assert_eq!(metric(b.port, "ringcast_control_log_gaps_total"), 0.0, "nothing trimmed");
+    assert_eq!(engine_panel(b.port, "up")["state"], "up");
+    drop((a, b));
 }
 
 /// Deletes a test's Redis keys (never a FLUSH on the shared Redis).
@@ -178,6 +249,7 @@ impl Drop for RedisKeys {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_from_redis_alongside_nats_is_cluster_wide() {
     let prefix = unique("presence");
+    let _streams = Stream(prefix.clone());
     let _keys = RedisKeys(prefix.clone());
     let extra = format!(
         "presence_manager = \"redis\"\nredis_url = [\"redis://127.0.0.1:6379\"]\nredis_prefix = \"{prefix}\"\n"
@@ -201,29 +273,34 @@ async fn presence_from_redis_alongside_nats_is_cluster_wide() {
     assert_eq!(read_data(&mut alice, "room:1", 1).await.0, [json!({"hi":1})]);
 }
 
-/// A nats-server of this test's own (port 21300-21399, JetStream on, a temporary store), stopped when
-/// dropped. The shared one on 4222 is never touched.
+/// A nats-server of this test's own (port 21300-21399, JetStream on with a temporary store unless
+/// started [`OwnNats::without_jetstream`]), stopped when dropped. The shared one on 4222 is never touched.
 struct OwnNats {
     child: Child,
     port: u16,
-    store: PathBuf,
+    /// `None`: no JetStream.
+    store: Option<PathBuf>,
 }
 
 impl OwnNats {
     fn start(port: u16, store: PathBuf) -> OwnNats {
         std::fs::create_dir_all(&store).unwrap();
+        let store = Some(store);
         let child = OwnNats::spawn(port, &store);
         OwnNats { child, port, store }
     }
 
-    fn spawn(port: u16, store: &PathBuf) -> Child {
-        let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server");
+    fn without_jetstream(port: u16) -> OwnNats {
+        OwnNats { child: OwnNats::spawn(port, &None), port, store: None }
+    }
+
+    fn spawn(port: u16, store: &Option<PathBuf>) -> Child {
+        let mut command = Command::new("nats-server");
+        command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        if let Some(store) = store {
+            command.args(["-js", "-sd"]).arg(store);
+        }
+        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("nats-server");
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "nats-server on {port} did not start");
@@ -247,7 +324,9 @@ impl OwnNats {
 impl Drop for OwnNats {
     fn drop(&mut self) {
         self.kill();
-        std::fs::remove_dir_all(&self.store).ok();
+        if let Some(store) = &self.store {
+            std::fs::remove_dir_all(store).ok();
+        }
     }
 }
 
@@ -274,7 +353,8 @@ async fn nats_restarted_publishes_fail_100_then_nodes_resubscribe_and_tell_clien
     assert_eq!(read_data(&mut ws, "f", 1).await.0, [json!({"n":1})]);
     let panel = engine_panel(a, "up");
     assert_eq!((&panel["kind"], &panel["state"]), (&json!("nats"), &json!("up")), "{panel}");
-    assert!(panel["detail"].as_str().is_some_and(|d| d.contains("127.0.0.1:21300")), "{panel}");
+    let detail = panel["detail"].as_str().unwrap_or("");
+    assert!(detail.contains("127.0.0.1:21300") && detail.contains("control in JetStream"), "{panel}");
     // NATS gone: once the node has seen the connection drop, a publish answers error 100 (API and
     // client protocol), and the dashboard says down.
     nats.kill();
@@ -302,10 +382,23 @@ async fn nats_restarted_publishes_fail_100_then_nodes_resubscribe_and_tell_clien
     drop(nats);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_jetstream_control_travels_over_core_nats_and_still_reaches_another_node() {
+    let nats = OwnNats::without_jetstream(21302);
+    let prefix = unique("nojs");
+    let nodes = [nats_node(&prefix, 0, nats.port, "", ""), nats_node(&prefix, 1, nats.port, "", "")];
+    let panel = engine_panel(nodes[1].port, "up");
+    assert!(panel["detail"].as_str().is_some_and(|d| d.contains("control over core NATS")), "{panel}");
+    api_control_reaches_a_client_on_another_node(nodes[0].port, nodes[1].port).await;
+    drop(nodes);
+    drop(nats);
+}
+
 /// The history namespace of the JetStream tests: history, recovery and positioning as under redis.
 const HISTORY: &str = "[[namespaces]]\nname = \"hist\"\nhistory_size = 1000\nhistory_ttl = \"300s\"\nallow_subscribe_for_client = true\nallow_publish_for_client = true\nallow_history_for_client = true\nallow_recovery = true\n";
 
-/// Deletes a test's history stream on the shared NATS when dropped (also after a failure).
+/// Deletes a test's JetStream streams (history and control) on the shared NATS when dropped (also after
+/// a failure); declared before the nodes, so dropped after them.
 struct Stream(String);
 
 impl Drop for Stream {
@@ -318,7 +411,7 @@ impl Drop for Stream {
         })
         .join();
         if !matches!(deleted, Ok(Some(Ok(())))) {
-            eprintln!("history stream of {} not deleted: {deleted:?}", self.0);
+            eprintln!("streams of {} not deleted: {deleted:?}", self.0);
         }
     }
 }

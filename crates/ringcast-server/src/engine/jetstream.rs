@@ -90,9 +90,12 @@ pub fn decode_position(headers: Option<&HeaderMap>) -> Option<Position> {
 /// The stream's name: the prefix's bytes a stream name cannot hold (`.`, wildcards, path separators,
 /// anything but ASCII letters, digits, `-` and `_`) as `_`.
 pub fn stream_name(prefix: &str) -> String {
-    let safe: String =
-        prefix.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
-    format!("{safe}_history")
+    format!("{}_history", stream_name_part(prefix))
+}
+
+/// The prefix as the first part of a stream name (this one's and [`super::control_stream`]'s).
+pub(crate) fn stream_name_part(prefix: &str) -> String {
+    prefix.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
 /// The last stored message of a subject.
@@ -116,7 +119,8 @@ impl std::fmt::Debug for History {
     }
 }
 
-fn unavailable<E: std::fmt::Display>(op: &'static str) -> impl FnOnce(E) -> EngineError {
+/// A failed JetStream call as the engine answers it (logged at debug with `op`).
+pub(crate) fn unavailable<E: std::fmt::Display>(op: &'static str) -> impl FnOnce(E) -> EngineError {
     move |e| {
         tracing::debug!(op, error = %e, "jetstream call failed");
         EngineError::Unavailable
@@ -277,11 +281,21 @@ impl History {
     }
 }
 
-/// Deletes the history stream of `prefix` on the NATS at `url` (tests clean up with it).
+/// Deletes the streams of `prefix` on the NATS at `url`, history and control ([`super::control_stream`]),
+/// those that exist (tests clean up with it).
 pub async fn delete_stream(url: &str, prefix: &str) -> Result<(), String> {
     let client = async_nats::connect(url).await.map_err(|e| e.to_string())?;
-    let deleted = jetstream::new(client).delete_stream(stream_name(prefix)).await;
-    deleted.map(|_| ()).map_err(|e| e.to_string())
+    let context = jetstream::new(client);
+    for name in [stream_name(prefix), super::control_stream::stream_name(prefix)] {
+        match context.delete_stream(&name).await {
+            Ok(_) => {}
+            Err(e)
+                if matches!(e.kind(), jetstream::context::DeleteStreamErrorKind::JetStream(j)
+                if j.kind() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {}
+            Err(e) => return Err(format!("{name}: {e}")),
+        }
+    }
+    Ok(())
 }
 
 fn time_duration(d: Duration) -> time::Duration {

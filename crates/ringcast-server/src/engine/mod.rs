@@ -9,8 +9,9 @@
 //! * [`HistoryStore`]: positions and history reads (recovery);
 //! * [`PresenceManager`]: presence entries with a TTL, refreshed by the node that holds the client.
 //!
-//! The NATS engine ([`nats::NatsEngine`]) provides the first two (history in JetStream, [`jetstream`]);
-//! its presence may come from Redis.
+//! The NATS engine ([`nats::NatsEngine`]) provides the first two (history in JetStream, [`jetstream`];
+//! control messages kept in JetStream too, [`control_stream`], as Redis keeps them in a log); its
+//! presence may come from Redis.
 //!
 //! Errors are [`EngineError::Unavailable`] (certainly not executed: never sent), [`EngineError::Timeout`]
 //! and [`EngineError::Lost`] (sent, or perhaps sent, and no answer: it may have been executed): a client
@@ -46,6 +47,7 @@
 //! `ringcast_engine_refused_total`); `ringcast_engine_waiting` is the number waiting now.
 
 pub mod breaker;
+pub mod control_stream;
 pub mod jetstream;
 pub mod nats;
 pub mod redis;
@@ -63,6 +65,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
 use crate::pubsub::client::ClientId;
+
+/// Control messages a control log keeps (Redis's `XADD MAXLEN ~`, NATS's stream `max_msgs`): far more
+/// than a node misses while its connection to the engine is made again.
+pub const CONTROL_LOG_MAX: u64 = 10_000;
+
+/// How long a control log keeps a message: Redis's log expires this long after its last message, NATS's
+/// stream drops each message this long after it was stored. A prefix no node uses any more goes.
+pub const CONTROL_LOG_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Why an engine call failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -281,6 +291,24 @@ pub trait Inbound: Send + Sync + 'static {
     /// The engine's subscription connection was lost and made again: publications of `channels` may have
     /// been missed meanwhile.
     fn resubscribed(&self, channels: &[String]);
+}
+
+/// Where an engine hands what arrives ([`Inbound`]): the node, set once after both are made. Held
+/// weakly: the node owns the engine, so a strong reference back would keep both alive for ever. Empty
+/// (or the node gone), what arrives is dropped.
+#[derive(Default)]
+pub struct InboundSlot(std::sync::OnceLock<std::sync::Weak<dyn Inbound>>);
+
+impl InboundSlot {
+    /// The first call sets it; later calls are ignored.
+    pub fn set(&self, inbound: std::sync::Weak<dyn Inbound>) {
+        let _ = self.0.set(inbound);
+    }
+
+    /// The node, while it is set and alive.
+    pub fn get(&self) -> Option<std::sync::Arc<dyn Inbound>> {
+        self.0.get().and_then(std::sync::Weak::upgrade)
+    }
 }
 
 /// The networked engine a node uses, by capability.

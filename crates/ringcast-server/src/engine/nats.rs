@@ -16,8 +16,11 @@
 //!   with another channel.
 //! * `P.h.T` — a history channel's stored publications, in the history stream (never subscribed to
 //!   with core NATS: a core subscriber would also get publications the stream rejected).
-//! * `P.control` — control messages (API disconnect, subscribe, unsubscribe, refresh of a client on
-//!   whichever node holds it), JSON, as with Redis.
+//! * `P.control.log` — control messages (API disconnect, subscribe, unsubscribe, refresh of a client on
+//!   whichever node holds it; join/leave), JSON, as with Redis, stored in the control stream
+//!   ([`super::control_stream`]) so that a node that was away applies those it missed.
+//! * `P.control` — the nodes' announcements (core NATS: a missed one is made good by the next), and
+//!   every control message when the server has no JetStream.
 //!
 //! A publication travels as its protobuf encoding.
 //!
@@ -41,11 +44,13 @@
 //! connection is down a publish or control call answers error 100 at once rather than queueing a
 //! message that may be lost. Once connected again, after a round trip (the re-sent subscriptions are
 //! then in force), the node is told ([`Inbound::resubscribed`]), which makes each affected client
-//! resubscribe: publications made while it was down are gone, and the client learns it.
+//! resubscribe: publications made while it was down are gone, and the client learns it. Control
+//! messages sent meanwhile are not: the control stream's consumer is recreated from the last one the
+//! node applied and delivers them, in order, before newer ones.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -56,10 +61,11 @@ use prost::Message;
 use ringcast_protocol::messages::{ClientInfo, Publication};
 use tokio::sync::{mpsc, watch, OnceCell};
 
+use super::control_stream::{ControlStream, Cursor, Step};
 use super::jetstream::{History, StreamLimits};
 use super::{
     read_after, select, Broker, Control, EngineError, EngineFuture, EngineState, EngineStatus, HistoryStore, Inbound,
-    PresenceManager,
+    InboundSlot, PresenceManager,
 };
 use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
 use crate::pubsub::client::ClientId;
@@ -98,9 +104,41 @@ pub struct NatsEngine {
     channels: Mutex<HashMap<String, Channel>>,
     /// The history stream, when a namespace keeps history.
     history: Option<History>,
-    inbound: OnceLock<Weak<dyn Inbound>>,
+    inbound: InboundSlot,
     /// The last publish, subscribe or control call failed (the dashboard's "degraded").
     last_failed: AtomicBool,
+    /// The control stream; `None` when the server has no JetStream (control over core NATS).
+    control_stream: Option<ControlStream>,
+    /// Which control messages applied here count as missed while away and caught up.
+    catch_up: CatchUp,
+}
+
+/// Tells the control messages a node applies because it was away (counted in
+/// `ringcast_control_log_applied_total`, as Redis counts those it reads from its log) from live ones:
+/// those applied while its connection is lost or not yet confirmed again, and those stored before the
+/// stream's last sequence as read once it was.
+#[derive(Default)]
+struct CatchUp {
+    away: AtomicBool,
+    top: AtomicU64,
+}
+
+impl CatchUp {
+    fn lost(&self) {
+        self.away.store(true, Ordering::Release);
+    }
+
+    /// Connected again; `top` is the stream's last sequence now (`None`: not read).
+    fn back(&self, top: Option<u64>) {
+        if let Some(top) = top {
+            self.top.fetch_max(top, Ordering::AcqRel);
+        }
+        self.away.store(false, Ordering::Release);
+    }
+
+    fn missed(&self, seq: u64) -> bool {
+        self.away.load(Ordering::Acquire) || seq <= self.top.load(Ordering::Acquire)
+    }
 }
 
 impl std::fmt::Debug for NatsEngine {
@@ -206,7 +244,8 @@ async fn bounded<T, E>(
 
 impl NatsEngine {
     /// Connects (the first connection must succeed: a node that starts without its broker says so),
-    /// subscribes to the control subject and starts the connection-event task. `inbound` is set later
+    /// subscribes to the control subject, makes the control stream and this node's consumer of it
+    /// (from the stream's end), and starts the connection-event task. `inbound` is set later
     /// ([`NatsEngine::set_inbound`]).
     pub async fn connect(settings: &NatsSettings) -> Result<Arc<NatsEngine>, String> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -232,6 +271,22 @@ impl NatsEngine {
             .subscribe(format!("{}.control", settings.prefix))
             .await
             .map_err(|e| format!("nats: control subscription: {e}"))?;
+        let control_stream = ControlStream::open(client.clone(), &settings.prefix, settings.write_timeout).await?;
+        let control_log = match &control_stream {
+            Some(stream) => {
+                let failed = |e| format!("nats: control stream: {e}");
+                let last = bounded_engine(settings.write_timeout, stream.last_sequence()).await.map_err(failed)?;
+                let messages = bounded_engine(settings.write_timeout, stream.follow(last)).await.map_err(failed)?;
+                Some((Cursor::at(last), messages))
+            }
+            None => {
+                tracing::warn!(
+                    "nats: the server has no JetStream: control messages travel over core NATS, and a node \
+                     whose connection is down misses those sent meanwhile"
+                );
+                None
+            }
+        };
         let history = match settings.history {
             Some(limits) => {
                 Some(History::open(client.clone(), &settings.prefix, limits, settings.write_timeout).await?)
@@ -246,20 +301,25 @@ impl NatsEngine {
             timeout: settings.write_timeout,
             channels: Mutex::new(HashMap::new()),
             history,
-            inbound: OnceLock::new(),
+            inbound: InboundSlot::default(),
             last_failed: AtomicBool::new(false),
+            control_stream,
+            catch_up: CatchUp::default(),
         });
         tokio::spawn(receive_control(Arc::downgrade(&engine), control));
+        if let Some((cursor, messages)) = control_log {
+            tokio::spawn(receive_control_log(Arc::downgrade(&engine), messages, cursor));
+        }
         tokio::spawn(connection_events(Arc::downgrade(&engine), events_rx));
         Ok(engine)
     }
 
     pub fn set_inbound(&self, inbound: Weak<dyn Inbound>) {
-        let _ = self.inbound.set(inbound);
+        self.inbound.set(inbound);
     }
 
     fn inbound(&self) -> Option<Arc<dyn Inbound>> {
-        self.inbound.get().and_then(Weak::upgrade)
+        self.inbound.get()
     }
 
     fn channels(&self) -> MutexGuard<'_, HashMap<String, Channel>> {
@@ -359,6 +419,37 @@ impl NatsEngine {
         Ok(())
     }
 
+    fn apply_control(&self, json: &[u8]) {
+        let Some(inbound) = self.inbound() else { return };
+        match serde_json::from_slice::<Control>(json) {
+            Ok(c) => inbound.control(c),
+            Err(e) => tracing::warn!(error = %e, "nats: malformed control message"),
+        }
+    }
+
+    /// A message of the control stream at sequence `seq`: applied if it is new here, counted if it was
+    /// missed while away, and a gap before it said.
+    fn apply_logged(&self, cursor: &mut Cursor, seq: u64, json: &[u8]) {
+        let before = cursor.last();
+        match cursor.step(seq) {
+            Step::Skip => return,
+            Step::Apply => {}
+            Step::ApplyAfterGap => {
+                metrics::counter!("ringcast_control_log_gaps_total").increment(1);
+                tracing::warn!(
+                    last_applied = before,
+                    next = seq,
+                    "nats: the control stream was trimmed past the last control message applied here; \
+                     control messages may have been missed"
+                );
+            }
+        }
+        if self.catch_up.missed(seq) {
+            metrics::counter!("ringcast_control_log_applied_total").increment(1);
+        }
+        self.apply_control(json);
+    }
+
     /// The channels this node receives.
     fn wanted_channels(&self) -> Vec<String> {
         self.channels().iter().filter(|(_, c)| c.ready.initialized()).map(|(n, _)| n.clone()).collect()
@@ -435,10 +526,42 @@ async fn receive_channel(engine: Weak<NatsEngine>, channel: String, mut sub: asy
 async fn receive_control(engine: Weak<NatsEngine>, mut sub: async_nats::Subscriber) {
     while let Some(msg) = sub.next().await {
         let Some(engine) = engine.upgrade() else { return };
-        let Some(inbound) = engine.inbound() else { continue };
-        match serde_json::from_slice::<Control>(&msg.payload) {
-            Ok(c) => inbound.control(c),
-            Err(e) => tracing::warn!(error = %e, "nats: malformed control message"),
+        engine.apply_control(&msg.payload);
+    }
+}
+
+/// Reads this node's consumer of the control stream and applies each message once, in stream order
+/// ([`super::control_stream`]). A consumer that ends (its connection closing) or fails otherwise is not
+/// polled again: a new one is made from the last message applied, with backoff.
+async fn receive_control_log(engine: Weak<NatsEngine>, mut messages: Ordered, mut cursor: Cursor) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match messages.next().await {
+            Some(Ok(m)) => {
+                backoff = Duration::from_millis(50);
+                let Ok(seq) = m.info().map(|i| i.stream_sequence) else { continue };
+                let Some(e) = engine.upgrade() else { return };
+                e.apply_logged(&mut cursor, seq, &m.payload);
+            }
+            Some(Err(e)) if e.kind() == OrderedErrorKind::MissingHeartbeat => {
+                // The consumer recreates itself on the next poll.
+                tracing::debug!(error = %e, "nats: control consumer interrupted");
+            }
+            ended => {
+                if let Some(Err(e)) = ended {
+                    tracing::warn!(error = %e, "nats: control consumer ended; making another");
+                }
+                loop {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    let Some(e) = engine.upgrade() else { return };
+                    let Some(stream) = &e.control_stream else { return };
+                    if let Ok(m) = bounded_engine(e.timeout, stream.follow(cursor.last())).await {
+                        messages = m;
+                        break;
+                    }
+                }
+            }
         }
     }
 }
@@ -451,6 +574,9 @@ async fn connection_events(engine: Weak<NatsEngine>, mut rx: mpsc::UnboundedRece
         match event {
             async_nats::Event::Disconnected => {
                 lost = true;
+                if let Some(e) = engine.upgrade() {
+                    e.catch_up.lost();
+                }
                 tracing::warn!("nats: connection lost; reconnecting");
             }
             async_nats::Event::Connected if lost => {
@@ -467,6 +593,11 @@ async fn connection_events(engine: Weak<NatsEngine>, mut rx: mpsc::UnboundedRece
                     continue;
                 }
                 lost = false;
+                let top = match &e.control_stream {
+                    Some(stream) => bounded_engine(e.timeout, stream.last_sequence()).await.ok(),
+                    None => None,
+                };
+                e.catch_up.back(top);
                 let channels = e.wanted_channels();
                 tracing::info!(channels = channels.len(), "nats: connection made again; channels resubscribed");
                 metrics::counter!("ringcast_engine_reconnects_total").increment(1);
@@ -578,10 +709,19 @@ impl Broker for NatsEngine {
         })
     }
 
+    /// Announcements on core NATS; the rest stored in the control stream when there is one.
     fn control<'a>(&'a self, control: &'a Control) -> EngineFuture<'a, ()> {
         Box::pin(async move {
-            let payload = serde_json::to_vec(control).map_err(|_| EngineError::Unavailable)?;
-            self.send(format!("{}.control", self.prefix), Bytes::from(payload)).await
+            let payload = Bytes::from(serde_json::to_vec(control).map_err(|_| EngineError::Unavailable)?);
+            match &self.control_stream {
+                Some(stream) if !matches!(control, Control::Node(_)) => {
+                    if !self.connected() {
+                        return self.record(Err(EngineError::Unavailable));
+                    }
+                    self.record(bounded_engine(self.timeout, stream.append(payload)).await)
+                }
+                _ => self.send(format!("{}.control", self.prefix), payload).await,
+            }
         })
     }
 
@@ -598,10 +738,11 @@ impl Broker for NatsEngine {
             kind: "nats",
             state,
             detail: format!(
-                "{} (prefix {}{}): {channels} channels received by this node",
+                "{} (prefix {}{}{}): {channels} channels received by this node",
                 without_credentials(&self.url),
                 self.prefix,
-                if self.history.is_some() { ", history in JetStream" } else { "" }
+                if self.history.is_some() { ", history in JetStream" } else { "" },
+                if self.control_stream.is_some() { ", control in JetStream" } else { ", control over core NATS" }
             ),
         }
     }

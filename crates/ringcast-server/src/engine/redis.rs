@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     random_epoch, read_after, select, Broker, Control, EngineError, EngineFuture, EngineState, EngineStatus,
-    HistoryStore, Inbound, PresenceManager,
+    HistoryStore, Inbound, InboundSlot, PresenceManager, CONTROL_LOG_MAX, CONTROL_LOG_TTL,
 };
 use crate::broker::{HistoryFilter, HistoryOptions, StreamPos};
 use crate::pubsub::client::ClientId;
@@ -166,7 +166,7 @@ pub struct RedisEngine {
     /// Local subscribers per channel (of `subscribe_node` calls that succeeded or are under way).
     wanted: Mutex<HashMap<String, usize>>,
     requests: mpsc::UnboundedSender<SubRequest>,
-    inbound: OnceLock<Weak<dyn Inbound>>,
+    inbound: InboundSlot,
     /// This node's presence entries, re-added on a timer: (channel, client) → encoded info.
     present: Mutex<HashMap<(String, ClientId), Vec<u8>>>,
     /// The PUB/SUB connection is made and subscribed (the dashboard's "up"/"down").
@@ -177,13 +177,6 @@ pub struct RedisEngine {
     /// PUB/SUB task first read the log's end.
     control_seen: Mutex<Option<ControlId>>,
 }
-
-/// Entries the control log keeps (`XADD MAXLEN ~`): far more than a node misses while its PUB/SUB
-/// connection reconnects.
-pub const CONTROL_LOG_MAX: u64 = 10_000;
-
-/// How long the control log lives after its last message: a prefix no node uses any more is dropped.
-pub const CONTROL_LOG_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Entries read from the control log per round trip while catching up.
 const CONTROL_PAGE: usize = 500;
@@ -320,7 +313,7 @@ impl RedisEngine {
             },
             wanted: Mutex::new(HashMap::new()),
             requests: tx,
-            inbound: OnceLock::new(),
+            inbound: InboundSlot::default(),
             present: Mutex::new(HashMap::new()),
             receiving: AtomicBool::new(false),
             last_failed: AtomicBool::new(false),
@@ -332,11 +325,11 @@ impl RedisEngine {
     }
 
     pub fn set_inbound(&self, inbound: Weak<dyn Inbound>) {
-        let _ = self.inbound.set(inbound);
+        self.inbound.set(inbound);
     }
 
     fn inbound(&self) -> Option<Arc<dyn Inbound>> {
-        self.inbound.get().and_then(Weak::upgrade)
+        self.inbound.get()
     }
 
     fn wanted(&self) -> MutexGuard<'_, HashMap<String, usize>> {

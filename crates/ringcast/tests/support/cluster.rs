@@ -166,6 +166,13 @@ pub fn api(port: u16, method: &str, body: &Value) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
+/// A counter or gauge from /metrics on `port` (0 when absent).
+pub fn metric(port: u16, series: &str) -> f64 {
+    let out = http(port, "GET", "/metrics", "", "");
+    let prefix = format!("{series} ");
+    out.lines().find_map(|l| l.strip_prefix(prefix.as_str())).map_or(0.0, |v| v.trim().parse().unwrap_or(-1.0))
+}
+
 /// The `/admin` dashboard's engine panel of the node on `port` (`kind`, `state`, `detail`), polled until
 /// its state is `want` (the sampler makes a snapshot once a second while someone polls), bounded.
 pub fn engine_panel(port: u16, want: &str) -> Value {

@@ -210,12 +210,18 @@ pub async fn upgrade(addr: SocketAddr, recv_buffer: Option<u32>) -> Answer {
     if let Some(size) = recv_buffer {
         socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
     }
+    upgrade_on(socket, addr, Duration::from_secs(30)).await
+}
+
+/// One upgrade request to the client endpoint over `socket` (bound or sized by the caller), the
+/// handshake bounded by `timeout`.
+pub async fn upgrade_on(socket: TcpSocket, addr: SocketAddr, timeout: Duration) -> Answer {
     let stream = match socket.connect(addr).await {
         Ok(s) => s,
         Err(e) => return Answer::Failed(format!("connect: {e}")),
     };
     let url = format!("ws://{addr}/connection/websocket");
-    match tokio::time::timeout(Duration::from_secs(30), tokio_tungstenite::client_async(url, stream)).await {
+    match tokio::time::timeout(timeout, tokio_tungstenite::client_async(url, stream)).await {
         Err(_) => Answer::Failed("handshake timed out".into()),
         Ok(Ok((ws, _))) => Answer::Upgraded(Box::new(ws)),
         Ok(Err(WsError::Http(resp))) => Answer::Refused(

@@ -85,22 +85,29 @@ pub enum Got {
 
 pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
+/// Connects to `addr` and upgrades `path` (offering `extensions`, if any): the socket and the response
+/// head, read a byte at a time so that nothing after it is consumed. Panics unless it is a complete 101.
+pub async fn upgrade_raw(addr: SocketAddr, path: &str, extensions: Option<&str>) -> (TcpStream, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).ok();
+    let mut req = Vec::new();
+    ringcast_wire::handshake::write_client_request_with(&mut req, &addr.to_string(), path, KEY, &[], extensions);
+    stream.write_all(&req).await.expect("send upgrade");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).await.expect("read response");
+        assert!(n > 0, "server closed during handshake: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let resp = ringcast_wire::handshake::parse_response(&head, KEY.as_bytes()).expect("101 response");
+    assert!(resp.is_some(), "incomplete response head");
+    (stream, head)
+}
+
 impl RawClient {
     pub async fn connect(addr: SocketAddr, path: &str) -> RawClient {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        stream.set_nodelay(true).ok();
-        let mut req = Vec::new();
-        ringcast_wire::handshake::write_client_request(&mut req, &addr.to_string(), path, KEY, &[]);
-        stream.write_all(&req).await.expect("send upgrade");
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            let n = stream.read(&mut byte).await.expect("read response");
-            assert!(n > 0, "server closed during handshake: {}", String::from_utf8_lossy(&head));
-            head.push(byte[0]);
-        }
-        let resp = ringcast_wire::handshake::parse_response(&head, KEY.as_bytes()).expect("101 response");
-        assert!(resp.is_some());
+        let (stream, _) = upgrade_raw(addr, path, None).await;
         RawClient {
             stream,
             buf: GrowableBuffer::new(4096, 1 << 24),

@@ -16,7 +16,7 @@ use ringcast_wire::frame::{encode_client_frame, OpCode};
 
 #[path = "support/heap.rs"]
 mod heap;
-use heap::{serial, start_on, upgraded, ALLOCS, LIVE, SIZES};
+use heap::{serial, start_on, upgraded, ALLOCS, LIVE};
 
 fn start(
     rt: &tokio::runtime::Runtime,
@@ -311,15 +311,8 @@ fn tcp_fan_out_allocates_per_publication_never_per_delivery() {
 fn idle_connection_blocks(n: usize, open: impl Fn() -> TcpStream) -> (Vec<usize>, i64) {
     drop((0..n).map(|_| open()).collect::<Vec<_>>());
     std::thread::sleep(Duration::from_millis(500));
-    let baseline = LIVE.load(Relaxed);
-    let before: Vec<i64> = SIZES.iter().map(|a| a.load(Relaxed)).collect();
-    let conns: Vec<TcpStream> = (0..n).map(|_| open()).collect();
-    std::thread::sleep(Duration::from_millis(500));
-    let per_connection = (LIVE.load(Relaxed) - baseline) / n as i64;
-    let half = (n / 2) as i64;
-    let blocks = SIZES.iter().zip(before).enumerate().filter(|(_, (now, was))| now.load(Relaxed) - was >= half);
-    let blocks = blocks.map(|(size, _)| size).collect();
-    drop(conns);
+    let (per_connection, added) = heap::held_by(n, open);
+    let blocks = added.into_iter().filter(|&(_, count)| count >= (n / 2) as i64).map(|(size, _)| size).collect();
     (blocks, per_connection)
 }
 

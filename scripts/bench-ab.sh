@@ -5,6 +5,8 @@
 # `ringcast bench ... --compare` (alternating rounds, ratio NEW/OLD); idle memory per connection (10,000
 # echo connections on the pool strategy, 10,000 subscribed Centrifugo clients) alternates fresh servers.
 # Loopback only; every run is bounded by --duration. Takes about 6 minutes.
+# IDLE_ONLY=1 runs only the idle-memory part, IDLE_ROUNDS times (default 2; a round, one fresh server per
+# build and kind, takes about a minute), for figures that need more rounds than the CPU comparisons.
 # Both servers run with `--tcp-listen off`: `--dev` alone binds the TCP protocol on port 7070 (issue 11), and
 # the second server of a pair would fail to start on it.
 set -euo pipefail
@@ -42,15 +44,17 @@ compare() { # compare NAME PATH ARGS...  (old = A, new = B)
     stop_all
 }
 
+if [ -z "${IDLE_ONLY:-}" ]; then
 compare echo-100 /echo echo --connections 100 --window 1 --size 20 --duration "$dur" --warmup 1
 compare fanout-1000x100 /connection/websocket fanout --subscribers 1000 --publishers 1 --rate 100 --size 128 \
     --duration "$((dur + 4))" --warmup 1
 compare fanout-10000x10 /connection/websocket fanout --subscribers 10000 --publishers 1 --rate 10 --size 128 \
     --duration "$((dur + 4))" --warmup 2 --processes 2
+fi
 
 # Idle memory: a fresh server per run, old and new alternating.
 printf 'allow_anonymous = true\n[channels]\nallow_subscribe_for_client = true\nallow_subscribe_for_anonymous = true\n' >"$out/plain.toml"
-for round in 1 2; do
+for round in $(seq 1 "${IDLE_ROUNDS:-2}"); do
     for side in old new; do
         bin=$old; [ "$side" = new ] && bin=$new
         start "$bin" --read-buffer pool --dev --tcp-listen off

@@ -1,7 +1,8 @@
 //! Heap discipline, measured with a counting global allocator:
 //! * the echo hot path (read → parse → reply → write) allocates nothing per message in steady state,
 //!   for every read-buffer strategy, with one message in flight and with bursts of glued messages;
-//! * 1,000 connections opened and closed give back their memory.
+//! * 1,000 connections opened and closed give back their memory;
+//! * an idle connection, echo or subscribed client, holds no more heap than it did (issue 9's memory goal).
 //!
 //! The allocator counts the whole process and tests in one binary run concurrently, so every test here
 //! holds `heap::serial()` while it measures.
@@ -301,4 +302,61 @@ fn tcp_fan_out_allocates_per_publication_never_per_delivery() {
         "50 more TCP subscribers cost {} more allocations for 10,000 more deliveries",
         many.saturating_sub(few)
     );
+}
+
+/// What one more idle connection holds: the sizes of the heap blocks whose live count grew by at least half
+/// a block per connection while `n` connections (each made by `open`) were opened — the runtime's
+/// occasional allocations and the growth of shared tables stay below that — and the live heap added per
+/// connection, those included. A first `n` opened and closed beforehand lets the shared tables grow.
+fn idle_connection_blocks(n: usize, open: impl Fn() -> TcpStream) -> (Vec<usize>, i64) {
+    drop((0..n).map(|_| open()).collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_millis(500));
+    let (per_connection, added) = heap::held_by(n, open);
+    let blocks = added.into_iter().filter(|&(_, count)| count >= (n / 2) as i64).map(|(size, _)| size).collect();
+    (blocks, per_connection)
+}
+
+/// Issue 9 keeps idle memory per connection where it was (RSS figures: BENCHMARKS.md, "Idle memory per
+/// connection after direct writes"). Measured exactly here: the bytes of the blocks an idle connection
+/// holds may not grow. An echo connection on the pool strategy holds its task (the 280-B `Connection`
+/// future in tokio's 384-B cell) and its socket registration (256); a subscribed client adds its
+/// `ClientState` box (64), its `ClientShared` (128 with the `Arc`'s counts) and its subscription's entry
+/// (32). ARCHITECTURE.md, "Memory per connection", has the table. A new per-connection allocation, or a
+/// struct that grows, fails this; one that shrinks does not.
+#[test]
+fn an_idle_connection_holds_no_more_heap_than_before() {
+    let _serial = serial();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let n = 2000;
+
+    let (addr, stop) = start(&rt, "pool", 8);
+    let echo = idle_connection_blocks(n, || {
+        let mut s = client(addr);
+        let mut frame = Vec::new();
+        encode_client_frame(&mut frame, true, OpCode::Text, b"hello", [5, 6, 7, 8]);
+        s.write_all(&frame).expect("write");
+        s.read_exact(&mut [0u8; 7]).expect("echo");
+        s
+    });
+    let _ = stop.send(());
+
+    let config = std::env::temp_dir().join(format!("ringcast-alloc-idle-{}.toml", std::process::id()));
+    let plain =
+        "allow_anonymous = true\n[channels]\nallow_subscribe_for_client = true\nallow_subscribe_for_anonymous = true\n";
+    std::fs::write(&config, plain).expect("config file");
+    let (addr, stop) = start_on(&rt, Some(&config), &[("tcp_listen", "off")], false);
+    let subscribed = idle_connection_blocks(n, || {
+        let mut s = client_at(addr, "/connection/websocket");
+        command(&mut s, r#"{"id":1,"connect":{}}"#, r#""client":""#);
+        command(&mut s, r#"{"id":2,"subscribe":{"channel":"idle"}}"#, r#""id":2"#);
+        s
+    });
+    let _ = stop.send(());
+    let _ = std::fs::remove_file(&config);
+
+    println!("idle echo connection: blocks {:?} B, {} B live heap each", echo.0, echo.1);
+    println!("idle subscribed client: blocks {:?} B, {} B live heap each", subscribed.0, subscribed.1);
+    let held = |blocks: &[usize]| blocks.iter().sum::<usize>();
+    assert!(held(&echo.0) <= 640, "an idle echo connection holds blocks of {:?} B", echo.0);
+    assert!(held(&subscribed.0) <= 864, "an idle subscribed client holds blocks of {:?} B", subscribed.0);
 }

@@ -46,18 +46,7 @@ struct DeflateClient {
 
 impl DeflateClient {
     async fn connect(addr: SocketAddr, path: &str, offer: Option<&str>) -> DeflateClient {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        stream.set_nodelay(true).ok();
-        let mut req = Vec::new();
-        ringcast_wire::handshake::write_client_request_with(&mut req, &addr.to_string(), path, KEY, &[], offer);
-        stream.write_all(&req).await.expect("send upgrade");
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            let n = stream.read(&mut byte).await.expect("read response");
-            assert!(n > 0, "server closed during handshake: {}", String::from_utf8_lossy(&head));
-            head.push(byte[0]);
-        }
+        let (stream, head) = support::upgrade_raw(addr, path, offer).await;
         let resp =
             ringcast_wire::handshake::parse_response(&head, KEY.as_bytes()).expect("101 response").expect("complete");
         let text = String::from_utf8_lossy(&head).into_owned();

@@ -17,7 +17,7 @@ use ringcast_wire::frame::{encode_client_frame, OpCode};
 
 #[path = "support/heap.rs"]
 mod heap;
-use heap::{serial, upgraded, LIVE, PEAK, SIZES};
+use heap::{serial, upgraded, LIVE, PEAK};
 
 fn start(rt: &tokio::runtime::Runtime, flags: &[(&str, &str)]) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let mut all = vec![("dev", "true"), ("compression", "true")];
@@ -180,20 +180,6 @@ fn subscribed_client(addr: SocketAddr, offer: bool, channel: &str) -> TcpStream 
     s
 }
 
-/// Heap held per subscribed client, 100 clients at a time: (offered, bytes per client, live allocations
-/// they added by size).
-fn held_per_subscribed_client(addr: SocketAddr, offer: bool, channel: &str) -> (i64, Vec<(usize, i64)>) {
-    std::thread::sleep(Duration::from_millis(200));
-    let baseline = LIVE.load(Relaxed);
-    let sizes: Vec<i64> = SIZES.iter().map(|a| a.load(Relaxed)).collect();
-    let clients: Vec<_> = (0..100).map(|_| subscribed_client(addr, offer, channel)).collect();
-    std::thread::sleep(Duration::from_millis(300));
-    let held = (LIVE.load(Relaxed) - baseline) / 100;
-    let added = SIZES.iter().zip(sizes).map(|(a, b)| a.load(Relaxed) - b).enumerate().filter(|x| x.1 != 0).collect();
-    drop(clients);
-    (held, added)
-}
-
 /// An idle subscribed client with compression negotiated (no server context takeover, as the client
 /// protocol always gets) keeps nothing on the heap that one without it does not: no boxed `Deflater`,
 /// no zlib state. (Its replies were compressed by the worker thread's compressor, made once per thread.)
@@ -208,8 +194,8 @@ fn subscribed_client_with_compression_negotiated_holds_what_one_without_holds() 
     let mut with = Vec::new();
     let mut without = Vec::new();
     for _ in 0..3 {
-        without.push(held_per_subscribed_client(addr, false, &channel));
-        with.push(held_per_subscribed_client(addr, true, &channel));
+        without.push(heap::held_by(100, || subscribed_client(addr, false, &channel)));
+        with.push(heap::held_by(100, || subscribed_client(addr, true, &channel)));
     }
     let _ = stop.send(());
     println!("per subscribed client: not offered {without:?}; negotiated {with:?}");

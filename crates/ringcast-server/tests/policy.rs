@@ -10,29 +10,13 @@ use futures_util::{SinkExt, StreamExt};
 use ringcast_protocol::messages::Command;
 use ringcast_protocol::{encode_command, Format};
 use serde_json::{json, Value};
-use support::TestServer;
-use tokio::net::TcpStream;
+use support::{JsonClient as Client, TestServer};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const T: Duration = Duration::from_secs(5);
 const SECRET: &str = "policy-test-secret";
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// A JSON protocol client that can also send raw text.
-struct Client {
-    ws: Ws,
-    next_id: u32,
-    inbox: Vec<Value>,
-}
-
 impl Client {
-    async fn open(server: &TestServer) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(server.url("/connection/websocket")).await.expect("ws connect");
-        Client { ws, next_id: 0, inbox: Vec::new() }
-    }
-
     async fn connect(server: &TestServer, token: &str) -> (Client, Value) {
         let mut c = Client::open(server).await;
         let r = c.call(json!({"connect": {"token": token}})).await;
@@ -41,25 +25,6 @@ impl Client {
 
     async fn send_text(&mut self, text: String) {
         self.ws.send(Message::Text(text)).await.expect("send");
-    }
-
-    async fn next(&mut self) -> Value {
-        loop {
-            if !self.inbox.is_empty() {
-                return self.inbox.remove(0);
-            }
-            match tokio::time::timeout(T, self.ws.next()).await.expect("server sent nothing in time") {
-                Some(Ok(Message::Text(t))) => {
-                    for line in t.split('\n').filter(|l| !l.trim().is_empty()) {
-                        self.inbox.push(serde_json::from_str(line).expect("server sent invalid JSON"));
-                    }
-                }
-                Some(Ok(Message::Close(f))) => return json!({"closed": f.map(|f| u16::from(f.code))}),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return json!({"error": e.to_string()}),
-                None => return json!({"closed": null}),
-            }
-        }
     }
 
     /// Sends `cmd` with the next id and returns its reply, or the close (`{"closed": code}`).

@@ -8,56 +8,18 @@ use futures_util::{SinkExt, StreamExt};
 use ringcast_protocol::messages::{Command, ConnectRequest, PublishRequest, Reply, SubscribeRequest};
 use ringcast_protocol::{decode_replies, encode_command, Format};
 use serde_json::{json, Value};
-use support::TestServer;
-use tokio::net::TcpStream;
+use support::{JsonClient as Client, TestServer};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const T: Duration = Duration::from_secs(5);
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// A JSON protocol client.
-struct Client {
-    ws: Ws,
-    next_id: u32,
-    /// Pushes and replies received but not yet asked for.
-    inbox: Vec<Value>,
-}
-
 impl Client {
-    async fn open(server: &TestServer) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(server.url("/connection/websocket")).await.expect("ws connect");
-        Client { ws, next_id: 0, inbox: Vec::new() }
-    }
-
     async fn send(&mut self, mut cmd: Value) -> u32 {
         self.next_id += 1;
         cmd["id"] = json!(self.next_id);
         self.ws.send(Message::Text(cmd.to_string())).await.expect("send");
         self.next_id
-    }
-
-    /// Next JSON object from the server (several may share one frame, separated by newlines).
-    async fn next(&mut self) -> Value {
-        loop {
-            if !self.inbox.is_empty() {
-                return self.inbox.remove(0);
-            }
-            let msg = tokio::time::timeout(T, self.ws.next()).await.expect("server sent nothing in time");
-            match msg {
-                Some(Ok(Message::Text(t))) => {
-                    for line in t.split('\n').filter(|l| !l.trim().is_empty()) {
-                        self.inbox.push(serde_json::from_str(line).expect("server sent invalid JSON"));
-                    }
-                }
-                Some(Ok(Message::Close(f))) => return json!({"closed": f.map(|f| u16::from(f.code))}),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return json!({"error": e.to_string()}),
-                None => return json!({"closed": null}),
-            }
-        }
     }
 
     /// Sends a command and returns its reply (pushes received meanwhile stay in the inbox).

@@ -9,7 +9,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::cluster::*;
@@ -301,11 +301,7 @@ impl OwnNats {
             command.args(["-js", "-sd"]).arg(store);
         }
         let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("nats-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server on {port} did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_accepting(port, "nats-server");
         child
     }
 

@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
+use support::Got;
 use tokio_tungstenite::tungstenite::Message;
 
 const KEY: &str = "ops-key";
@@ -130,27 +131,9 @@ async fn ws(port: u16) -> Result<Ws, String> {
     tokio_tungstenite::connect_async(url).await.map(|(ws, _)| ws).map_err(|e| e.to_string())
 }
 
-/// What a client reads next: replies and pushes (one JSON object per line of a frame), or the close.
-enum Got {
-    Json(Vec<Value>),
-    Closed(Option<(u16, String)>),
-}
-
+/// The next frame's objects or the close, waiting at most 30 s for a frame.
 async fn next(ws: &mut Ws) -> Got {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                return Got::Json(
-                    t.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect(),
-                )
-            }
-            Ok(Some(Ok(Message::Close(c)))) => {
-                return Got::Closed(c.map(|c| (u16::from(c.code), c.reason.to_string())));
-            }
-            Ok(Some(Ok(_))) => continue,
-            Ok(Some(Err(_))) | Ok(None) | Err(_) => return Got::Closed(None),
-        }
-    }
+    support::next_within(ws, Duration::from_secs(30)).await
 }
 
 /// Sends one command and returns its reply (pushes before it are returned too, in order).

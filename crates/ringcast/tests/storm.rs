@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use support::{http_request, metric, Answer, ServerProcess, Ws};
 use tokio::net::TcpSocket;
 use tokio::task::JoinSet;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::Message;
 
 const KEY: &str = "storm-test-key";
 const MAX_CONNECTIONS: usize = 10_000;
@@ -41,20 +41,7 @@ async fn upgrade_from(addr: SocketAddr, from: std::net::IpAddr) -> Answer {
     if let Err(e) = socket.bind(SocketAddr::new(from, 0)) {
         return Answer::Failed(format!("bind: {e}"));
     }
-    let stream = match socket.connect(addr).await {
-        Ok(s) => s,
-        Err(e) => return Answer::Failed(format!("connect: {e}")),
-    };
-    let url = format!("ws://{addr}/connection/websocket");
-    match tokio::time::timeout(Duration::from_secs(60), tokio_tungstenite::client_async(url, stream)).await {
-        Err(_) => Answer::Failed("handshake timed out".into()),
-        Ok(Ok((ws, _))) => Answer::Upgraded(Box::new(ws)),
-        Ok(Err(WsError::Http(resp))) => Answer::Refused(
-            resp.status().as_u16(),
-            resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_string),
-        ),
-        Ok(Err(e)) => Answer::Failed(e.to_string()),
-    }
+    support::upgrade_on(socket, addr, Duration::from_secs(60)).await
 }
 
 /// Connects and subscribes to "storm" in one frame; Err on anything but the two replies.

@@ -94,6 +94,21 @@ pub fn start_on(
     (addr, tx)
 }
 
+/// The heap `n` connections made by `open` hold while all are open: the live bytes added per connection,
+/// and the live blocks added (or freed: negative) by size, the sizes whose count changed. Waits 300 ms
+/// for the server to settle before the baseline and again before the reading.
+pub fn held_by<T>(n: usize, open: impl Fn() -> T) -> (i64, Vec<(usize, i64)>) {
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = LIVE.load(Relaxed);
+    let sizes: Vec<i64> = SIZES.iter().map(|a| a.load(Relaxed)).collect();
+    let held: Vec<T> = (0..n).map(|_| open()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let per_connection = (LIVE.load(Relaxed) - baseline) / n as i64;
+    let added = SIZES.iter().zip(sizes).map(|(a, b)| a.load(Relaxed) - b).enumerate().filter(|x| x.1 != 0).collect();
+    drop(held);
+    (per_connection, added)
+}
+
 /// [`start_on`] with the WebSocket address and no file.
 pub fn start(rt: &tokio::runtime::Runtime, flags: &[(&str, &str)]) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     start_on(rt, None, flags, false)

@@ -4,13 +4,17 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use ringcast_server::{Config, Server};
 use ringcast_wire::frame::{encode_client_frame, OpCode, Role};
 use ringcast_wire::{Event, GrowableBuffer, Limits, Reader};
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -85,22 +89,29 @@ pub enum Got {
 
 pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
+/// Connects to `addr` and upgrades `path` (offering `extensions`, if any): the socket and the response
+/// head, read a byte at a time so that nothing after it is consumed. Panics unless it is a complete 101.
+pub async fn upgrade_raw(addr: SocketAddr, path: &str, extensions: Option<&str>) -> (TcpStream, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).ok();
+    let mut req = Vec::new();
+    ringcast_wire::handshake::write_client_request_with(&mut req, &addr.to_string(), path, KEY, &[], extensions);
+    stream.write_all(&req).await.expect("send upgrade");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).await.expect("read response");
+        assert!(n > 0, "server closed during handshake: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let resp = ringcast_wire::handshake::parse_response(&head, KEY.as_bytes()).expect("101 response");
+    assert!(resp.is_some(), "incomplete response head");
+    (stream, head)
+}
+
 impl RawClient {
     pub async fn connect(addr: SocketAddr, path: &str) -> RawClient {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        stream.set_nodelay(true).ok();
-        let mut req = Vec::new();
-        ringcast_wire::handshake::write_client_request(&mut req, &addr.to_string(), path, KEY, &[]);
-        stream.write_all(&req).await.expect("send upgrade");
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            let n = stream.read(&mut byte).await.expect("read response");
-            assert!(n > 0, "server closed during handshake: {}", String::from_utf8_lossy(&head));
-            head.push(byte[0]);
-        }
-        let resp = ringcast_wire::handshake::parse_response(&head, KEY.as_bytes()).expect("101 response");
-        assert!(resp.is_some());
+        let (stream, _) = upgrade_raw(addr, path, None).await;
         RawClient {
             stream,
             buf: GrowableBuffer::new(4096, 1 << 24),
@@ -221,4 +232,43 @@ pub async fn api_json(addr: SocketAddr, key: &str, method: &str, body: &serde_js
         http_request(addr, "POST", &format!("/api/{method}"), &[("X-API-Key", key)], &body.to_string()).await;
     assert_eq!(status, 200, "{method}: {text}");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method}: {e}: {text}"))
+}
+
+/// A JSON protocol client over tokio-tungstenite, for the tests of what an SDK sees. What it receives is
+/// handed out one object at a time; each test file adds the commands it needs (`call`, `push`, ...) in an
+/// `impl JsonClient` of its own.
+pub struct JsonClient {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub next_id: u32,
+    /// Pushes and replies received but not yet asked for.
+    pub inbox: Vec<Value>,
+}
+
+impl JsonClient {
+    pub async fn open(server: &TestServer) -> JsonClient {
+        let (ws, _) = tokio_tungstenite::connect_async(server.url("/connection/websocket")).await.expect("ws connect");
+        JsonClient { ws, next_id: 0, inbox: Vec::new() }
+    }
+
+    /// Next JSON object from the server (several may share one frame, separated by newlines); the close
+    /// as `{"closed": code}`, a failed stream as `{"error": ...}`. Panics when nothing comes within 5 s.
+    pub async fn next(&mut self) -> Value {
+        loop {
+            if !self.inbox.is_empty() {
+                return self.inbox.remove(0);
+            }
+            let msg = tokio::time::timeout(Duration::from_secs(5), self.ws.next()).await;
+            match msg.expect("server sent nothing in time") {
+                Some(Ok(Message::Text(t))) => {
+                    for line in t.split('\n').filter(|l| !l.trim().is_empty()) {
+                        self.inbox.push(serde_json::from_str(line).expect("server sent invalid JSON"));
+                    }
+                }
+                Some(Ok(Message::Close(f))) => return json!({"closed": f.map(|f| u16::from(f.code))}),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return json!({"error": e.to_string()}),
+                None => return json!({"closed": null}),
+            }
+        }
+    }
 }

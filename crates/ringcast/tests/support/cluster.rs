@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -140,6 +140,15 @@ impl Drop for Cluster {
     }
 }
 
+/// Waits until something accepts on 127.0.0.1:`port` (`what`: a server a test started); panics after 10 s.
+pub fn wait_accepting(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} on {port} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -199,26 +208,11 @@ pub fn engine_panel(port: u16, want: &str) -> Value {
 
 pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-pub enum Got {
-    Json(Vec<Value>),
-    Closed(Option<(u16, String)>),
-}
+pub use super::Got;
 
+/// The next frame's objects or the close, waiting at most 20 s for a frame.
 pub async fn next(ws: &mut Ws) -> Got {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                return Got::Json(
-                    t.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect(),
-                )
-            }
-            Ok(Some(Ok(Message::Close(c)))) => {
-                return Got::Closed(c.map(|c| (u16::from(c.code), c.reason.to_string())))
-            }
-            Ok(Some(Ok(_))) => continue,
-            Ok(Some(Err(_))) | Ok(None) | Err(_) => return Got::Closed(None),
-        }
-    }
+    super::next_within(ws, Duration::from_secs(20)).await
 }
 
 /// Reads (and drops) pushes until the connection closes; returns the close's code and reason.
@@ -321,11 +315,7 @@ impl OwnRedis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server on {port} did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_accepting(port, "redis-server");
         OwnRedis { child, port }
     }
 

@@ -10,12 +10,43 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 pub type Ws = WebSocketStream<TcpStream>;
+
+/// What a JSON-protocol client reads next: replies and pushes (one JSON object per line of a frame), or
+/// the close.
+pub enum Got {
+    Json(Vec<Value>),
+    Closed(Option<(u16, String)>),
+}
+
+/// The next text frame's objects, or the close: `Closed(None)` when the stream fails or ends without a
+/// close frame, or no frame arrives within `timeout` (counted afresh after each skipped ping or pong).
+pub async fn next_within<S>(ws: &mut WebSocketStream<S>, timeout: Duration) -> Got
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        match tokio::time::timeout(timeout, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                return Got::Json(
+                    t.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect(),
+                )
+            }
+            Ok(Some(Ok(Message::Close(c)))) => {
+                return Got::Closed(c.map(|c| (u16::from(c.code), c.reason.to_string())))
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_))) | Ok(None) | Err(_) => return Got::Closed(None),
+        }
+    }
+}
 
 /// Spawns `command` (a `ringcast serve ...`, plain text log) with its standard output, the log,
 /// collected line by line into the returned string as it comes; standard error stays the test's.
@@ -179,12 +210,18 @@ pub async fn upgrade(addr: SocketAddr, recv_buffer: Option<u32>) -> Answer {
     if let Some(size) = recv_buffer {
         socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
     }
+    upgrade_on(socket, addr, Duration::from_secs(30)).await
+}
+
+/// One upgrade request to the client endpoint over `socket` (bound or sized by the caller), the
+/// handshake bounded by `timeout`.
+pub async fn upgrade_on(socket: TcpSocket, addr: SocketAddr, timeout: Duration) -> Answer {
     let stream = match socket.connect(addr).await {
         Ok(s) => s,
         Err(e) => return Answer::Failed(format!("connect: {e}")),
     };
     let url = format!("ws://{addr}/connection/websocket");
-    match tokio::time::timeout(Duration::from_secs(30), tokio_tungstenite::client_async(url, stream)).await {
+    match tokio::time::timeout(timeout, tokio_tungstenite::client_async(url, stream)).await {
         Err(_) => Answer::Failed("handshake timed out".into()),
         Ok(Ok((ws, _))) => Answer::Upgraded(Box::new(ws)),
         Ok(Err(WsError::Http(resp))) => Answer::Refused(

@@ -144,21 +144,27 @@ struct Helper {
 }
 
 impl Helper {
+    /// One list per poll: if more was handed off meanwhile, the helper wakes itself (to the back of
+    /// the run queue) rather than loop, so a busy channel cannot keep other tasks off its worker.
     async fn run(mut self) {
-        poll_fn(|cx| loop {
+        poll_fn(|cx| {
             {
                 let mut st = self.spread.lock();
+                match &st.helper {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => st.helper = Some(cx.waker().clone()),
+                }
                 if st.pending.is_empty() {
-                    match &st.helper {
-                        Some(w) if w.will_wake(cx.waker()) => {}
-                        _ => st.helper = Some(cx.waker().clone()),
-                    }
                     return Poll::<()>::Pending;
                 }
                 std::mem::swap(&mut st.pending, &mut self.mine);
             }
             let (writes, written) = flush_all(&mut self.mine);
             record(writes, written);
+            if !self.spread.lock().pending.is_empty() {
+                cx.waker().wake_by_ref();
+            }
+            Poll::Pending
         })
         .await
     }

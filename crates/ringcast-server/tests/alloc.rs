@@ -67,9 +67,17 @@ fn command(s: &mut TcpStream, json: &str, expect: &str) {
 
 const WARMUP: usize = 300;
 
-/// Allocations made while `publications` messages are published to `subscribers` subscribers.
-fn fanout_allocations(rt: &tokio::runtime::Runtime, subscribers: usize, publications: usize) -> u64 {
-    let (addr, stop) = start(rt, "pool", 8);
+/// Allocations made while `publications` messages are published to `subscribers` subscribers, with the
+/// configuration `extra` on top of the defaults.
+fn fanout_allocations(
+    rt: &tokio::runtime::Runtime,
+    subscribers: usize,
+    publications: usize,
+    extra: &[(&str, &str)],
+) -> u64 {
+    let mut config = vec![("dev", "true"), ("read_buffer", "pool"), ("pool_max_buffers", "8")];
+    config.extend_from_slice(extra);
+    let (addr, stop) = heap::start(rt, &config);
     let mut subs: Vec<TcpStream> = (0..subscribers).map(|_| client_at(addr, "/connection/websocket")).collect();
     for s in &mut subs {
         command(s, r#"{"id":1,"connect":{}}"#, r#""client":""#);
@@ -118,13 +126,30 @@ fn fanout_allocations(rt: &tokio::runtime::Runtime, subscribers: usize, publicat
 fn fan_out_allocates_per_publication_never_per_delivery() {
     let _serial = serial();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let few = fanout_allocations(&rt, 10, 200);
-    let many = fanout_allocations(&rt, 60, 200);
+    let few = fanout_allocations(&rt, 10, 200, &[]);
+    let many = fanout_allocations(&rt, 60, 200, &[]);
     println!("200 publications: {few} allocations with 10 subscribers, {many} with 60 (10,000 more deliveries)");
     // Queue storage grows to the largest burst this load produces and is then kept while traffic flows
     // (released when the connection goes quiet). That growth is amortized: how large bursts get depends
     // on scheduling (runs here measured +55 and +318 for 60 subscribers). A cost per delivery would show
     // as ≥ 10,000; eager freeing of queue storage did show as +2,413.
+    assert!(
+        many.saturating_sub(few) < 1_000,
+        "50 more subscribers cost {} more allocations for 10,000 more deliveries",
+        many.saturating_sub(few)
+    );
+}
+
+/// The same, with every fan-out of 4 or more direct writes split with the helper task the other worker
+/// runs (`fanout_split_min`): the hand-off reuses its lists, so it costs nothing per delivery either.
+#[test]
+fn a_split_fan_out_allocates_per_publication_never_per_delivery() {
+    let _serial = serial();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let split = [("fanout_split_min", "4")];
+    let few = fanout_allocations(&rt, 10, 200, &split);
+    let many = fanout_allocations(&rt, 60, 200, &split);
+    println!("split, 200 publications: {few} allocations with 10 subscribers, {many} with 60");
     assert!(
         many.saturating_sub(few) < 1_000,
         "50 more subscribers cost {} more allocations for 10,000 more deliveries",

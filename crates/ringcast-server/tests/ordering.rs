@@ -58,7 +58,18 @@ async fn api_publish(addr: SocketAddr, data: Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_api_and_client_publishers_reach_every_subscriber_in_offset_order() {
-    let server = TestServer::start(&[("api_key", "k")]).await;
+    publishers_race(&[("api_key", "k")]).await;
+}
+
+/// The same race with every fan-out of 2 or more direct writes split with the helper task
+/// (`fanout_split_min`): a handed-off subscriber is still written by its one claim's holder, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn split_fan_outs_reach_every_subscriber_in_offset_order() {
+    publishers_race(&[("api_key", "k"), ("fanout_split_min", "2")]).await;
+}
+
+async fn publishers_race(flags: &[(&str, &str)]) {
+    let server = TestServer::start(flags).await;
     let total = (API_PUBLISHERS + CLIENT_PUBLISHERS) as u64 * EACH;
 
     let mut subscribers = Vec::new();

@@ -56,6 +56,7 @@ pub const KEYS: &[Key] = &[
     key("max_request_head", Kind::Int, "Largest accepted HTTP upgrade request head in bytes; larger answers 431."),
     key("client_queue_max_size", Kind::Int, "Bytes of outbound frames (pushes and replies) a connection may have queued; over it a client is disconnected 3008 (slow). A client's socket is not read while its queue is over half of it; the echo endpoint stops reading while over it."),
     key("fanout_direct_write", Kind::Bool, "Fan-out writes a publication straight to the socket of an idle subscriber (plain ws:// client connections; not TLS, not the TCP protocol) instead of waking its connection's task; only what the kernel does not take is queued for the task. false: every delivery queues and wakes (for A/B measurements)."),
+    key("fanout_split_min", Kind::Int, "A fan-out that claimed at least this many idle subscribers for direct writes hands half of them to a helper task the other worker runs, and writes the other half itself. 0: never split (every direct write on the publishing thread). Not with runtime = \"per-core\"."),
     key("handshake_timeout", Kind::Str, "Time a new connection has to complete its upgrade request (slowloris guard)."),
     key("idle_timeout", Kind::Str, "Close a connection that sends nothing for this long; \"0s\" disables."),
     key("write_timeout", Kind::Str, "Close a connection whose socket accepts no bytes for this long while we have bytes to send."),
@@ -164,6 +165,7 @@ pub struct Config {
     pub max_request_head: usize,
     pub client_queue_max_size: usize,
     pub fanout_direct_write: bool,
+    pub fanout_split_min: usize,
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -272,6 +274,7 @@ impl Default for Config {
             max_request_head: 8 * 1024,
             client_queue_max_size: 1 << 20,
             fanout_direct_write: true,
+            fanout_split_min: 128,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             write_timeout: Duration::from_secs(10),

@@ -162,6 +162,11 @@ impl Server {
             ),
             _ => None,
         };
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        if cores.is_none() && workers > 1 && self.ctx.config.fanout_direct_write && self.ctx.config.fanout_split_min > 0
+        {
+            self.ctx.node.hub.spread_direct_writes(self.ctx.config.fanout_split_min);
+        }
         if let Some(mut sock) = control.predecessor.take() {
             // Accepting starts with the first `accept` below; the backlog holds whoever connects first.
             if let Err(e) = tokio::task::block_in_place(|| crate::app::upgrade::child_accepting(&mut sock)) {

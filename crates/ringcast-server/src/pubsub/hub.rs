@@ -25,7 +25,8 @@
 //! # Direct writes
 //! Subscribers whose connection is idle are not woken: [`deliver_all`] claims them onto a per-thread
 //! list, and once the section is left each is written to directly (one `sendmsg`), so the common
-//! delivery costs no task wake-up, no poll and no lock across the write.
+//! delivery costs no task wake-up, no poll and no lock across the write. A fan-out that claimed many
+//! hands half of them to the other worker in one wake-up ([`crate::pubsub::spread`]).
 //!
 //! # Subscribe
 //! A subscribe runs `before` (read history for recovery, queue the subscribe reply) and registers in the
@@ -54,6 +55,7 @@ use bytes::Bytes;
 use ringcast_protocol::Format;
 
 use crate::pubsub::client::{ClientSet, ClientShared, Delivery};
+use crate::pubsub::spread::Spread;
 use crate::transport::Encoding;
 
 const SHARDS: usize = 64;
@@ -69,6 +71,8 @@ type Channels = HashMap<Arc<str>, Arc<Channel>>;
 #[derive(Debug)]
 pub struct Hub {
     shards: Box<[RwLock<Channels>]>,
+    /// Where fan-outs hand half of a long list of direct writes to the other worker.
+    spread: Arc<Spread>,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -169,34 +173,30 @@ impl FanOut {
 
 /// The subscribers a fan-out claimed (idle connections it writes to itself instead of waking them):
 /// written when this is dropped ([`Self::write`] says so where it matters), which the caller does once
-/// it holds no lock — not the channel's section, nor one of its own.
+/// it holds no lock — not the channel's section, nor one of its own. A long list is split with the
+/// other worker ([`crate::pubsub::spread`]).
 #[must_use = "dropping it writes at once; keep it until the caller's locks are released"]
-pub struct DirectWrites(Vec<Arc<ClientShared>>);
+pub struct DirectWrites<'a> {
+    claimed: Vec<Arc<ClientShared>>,
+    spread: &'a Spread,
+}
 
-impl DirectWrites {
-    fn new() -> Self {
-        DirectWrites(CLAIMED.try_with(|c| c.take()).unwrap_or_default())
+impl<'a> DirectWrites<'a> {
+    fn new(spread: &'a Spread) -> Self {
+        DirectWrites { claimed: CLAIMED.try_with(|c| c.take()).unwrap_or_default(), spread }
     }
 
     /// Writes to the claimed subscribers now (the same as dropping it).
     pub fn write(self) {}
 }
 
-impl Drop for DirectWrites {
+impl Drop for DirectWrites<'_> {
     fn drop(&mut self) {
-        let (mut writes, mut written) = (0u64, 0u64);
-        for client in self.0.drain(..) {
-            let n = client.flush_claimed();
-            writes += u64::from(n > 0);
-            written += n as u64;
-        }
-        if writes > 0 {
-            metrics::counter!(crate::metrics::FANOUT_DIRECT_WRITES_TOTAL).increment(writes);
-            metrics::counter!(crate::metrics::BYTES_OUT_TOTAL).increment(written);
-        }
+        let (writes, written) = self.spread.write(&mut self.claimed);
+        crate::pubsub::spread::record(writes, written);
         // The list goes back with its capacity: the next fan-out on this thread allocates nothing.
-        if self.0.capacity() > 0 {
-            let list = std::mem::take(&mut self.0);
+        if self.claimed.capacity() > 0 {
+            let list = std::mem::take(&mut self.claimed);
             let _ = CLAIMED.try_with(|c| c.replace(list));
         }
     }
@@ -206,6 +206,7 @@ impl Default for Hub {
     fn default() -> Self {
         Hub {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            spread: Arc::new(Spread::new()),
             hasher: std::collections::hash_map::RandomState::new(),
         }
     }
@@ -229,6 +230,12 @@ enum Section<'a> {
 impl Hub {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Splits fan-outs that claimed at least `min` subscribers between this runtime's workers, from
+    /// now on ([`crate::pubsub::spread`]); spawns its helper tasks on the current tokio runtime.
+    pub fn spread_direct_writes(&self, min: usize) {
+        self.spread.start(min);
     }
 
     fn shard_of(&self, channel: &str) -> usize {
@@ -276,7 +283,7 @@ impl Hub {
         during: impl FnOnce() -> T,
         payload: impl Fn(&T, Format) -> Option<Bytes>,
         message: impl Fn(&T) -> Option<Bytes>,
-    ) -> (T, FanOut, DirectWrites) {
+    ) -> (T, FanOut, DirectWrites<'_>) {
         self.sequenced_to(Audience::Subscribers, channel, None, during, payload, message)
     }
 
@@ -329,10 +336,12 @@ impl Hub {
         during: impl FnOnce() -> T,
         payload: impl Fn(&T, Format) -> Option<Bytes>,
         message: impl Fn(&T) -> Option<Bytes>,
-    ) -> (T, FanOut, DirectWrites) {
+    ) -> (T, FanOut, DirectWrites<'_>) {
         loop {
             let ch = match self.section(channel) {
-                Section::Empty(_shard) => return (during(), FanOut::default(), DirectWrites(Vec::new())),
+                Section::Empty(_shard) => {
+                    return (during(), FanOut::default(), DirectWrites { claimed: Vec::new(), spread: &self.spread })
+                }
                 Section::Channel(ch) => ch,
             };
             let state = ch.lock();
@@ -347,8 +356,8 @@ impl Hub {
                 Audience::Subscribers => &state.subs,
                 Audience::JoinLeave => &state.join_leave,
             };
-            let mut writes = DirectWrites::new();
-            let fan = deliver_all(to, skip, &encode, &raw, &mut writes.0);
+            let mut writes = DirectWrites::new(&self.spread);
+            let fan = deliver_all(to, skip, &encode, &raw, &mut writes.claimed);
             drop(state);
             fan.record();
             return (value, fan, writes);

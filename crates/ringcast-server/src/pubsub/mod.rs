@@ -6,6 +6,7 @@
 //!   position and queues it on every subscriber in one step.
 //! * [`client::ClientShared`]: the part of a connection other tasks can reach: its shared queue and the
 //!   requests (disconnect, server-side commands) made of it.
+//! * [`spread`]: a long list of a fan-out's direct writes split between the runtime's workers.
 //! * [`idempotency`]: results of API publications made with an idempotency key.
 //!
 //! Nothing here does IO or knows how a transport frames bytes: a subscriber names its
@@ -16,3 +17,4 @@ pub mod hub;
 pub mod idempotency;
 pub mod node;
 pub mod registry;
+pub mod spread;

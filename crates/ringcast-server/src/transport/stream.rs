@@ -70,9 +70,26 @@ impl Stream for TcpStream {
     fn poll_write_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         TcpStream::poll_write_ready(self, cx)
     }
+    /// A read that leaves room in `iov` took all the kernel had, so it also clears the socket's read
+    /// readiness, as a `WouldBlock` would: the caller's next read then returns `WouldBlock` without a
+    /// syscall, and the connection waits for the next edge instead of asking the kernel again.
     #[inline]
     fn try_read_vectored(&mut self, iov: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        TcpStream::try_read_vectored(self, iov)
+        let room: usize = iov.iter().map(|b| b.len()).sum();
+        let mut short = 0;
+        // `try_io` clears the readiness it observed before the call when the closure says `WouldBlock`,
+        // and only if no event arrived since (tokio compares the event's tick): bytes that land after
+        // the read bring a new edge and a new readiness, which that clear leaves alone.
+        match self.try_io(tokio::io::Interest::READABLE, || match read_vectored(self, iov)? {
+            n if n > 0 && n < room => {
+                short = n;
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            n => Ok(n),
+        }) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok(short),
+            r => r,
+        }
     }
     #[inline]
     fn try_read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
@@ -115,6 +132,20 @@ impl Stream for TcpStream {
             .map(std::net::TcpStream::from)
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
             .and_then(TcpStream::from_std)
+    }
+}
+
+/// One non-blocking read into `iov`, leaving the socket's readiness to the caller's `try_io`. It goes
+/// to the socket layer directly (`recv`, or `recvmsg` for two regions), as `send` does for writes:
+/// `readv` takes the file layer first (iovec import, permission and notify hooks), which profiles as
+/// about a fifth of the read syscall's cost (BENCHMARKS.md, "Echo: reading until a short read").
+#[inline]
+fn read_vectored(tcp: &TcpStream, iov: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+    let sock = socket2::SockRef::from(tcp);
+    match iov {
+        [one] => (&*sock).read(one),
+        [one, two] if two.is_empty() => (&*sock).read(one),
+        _ => (&*sock).read_vectored(iov),
     }
 }
 
@@ -317,5 +348,60 @@ pub fn send_frames(fd: RawFd, frames: &[bytes::Bytes]) -> io::Result<usize> {
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use tokio::io::AsyncWriteExt;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (server, client)
+    }
+
+    /// Polls once: is the socket's read readiness set right now?
+    async fn read_ready_now(s: &mut TcpStream) -> bool {
+        poll_fn(|cx| Poll::Ready(Stream::poll_read_ready(s, cx).is_ready())).await
+    }
+
+    #[tokio::test]
+    async fn short_read_clears_readiness_and_the_next_bytes_set_it_again() {
+        let (mut server, mut client) = pair().await;
+        client.write_all(b"hello").await.expect("write");
+        poll_fn(|cx| Stream::poll_read_ready(&mut server, cx)).await.expect("readable");
+        let mut buf = [0u8; 64];
+        let n = Stream::try_read_vectored(&mut server, &mut [IoSliceMut::new(&mut buf)]).expect("read");
+        assert_eq!(&buf[..n], b"hello");
+        // The kernel had no more: waiting now must not wake at once for a read that would block.
+        assert!(!read_ready_now(&mut server).await, "a short read left the socket marked readable");
+        // Bytes that arrive afterwards bring a new edge, and the connection wakes for them.
+        client.write_all(b"world").await.expect("write");
+        poll_fn(|cx| Stream::poll_read_ready(&mut server, cx)).await.expect("readable again");
+        let n = Stream::try_read_vectored(&mut server, &mut [IoSliceMut::new(&mut buf)]).expect("read");
+        assert_eq!(&buf[..n], b"world");
+    }
+
+    #[tokio::test]
+    async fn full_read_keeps_readiness_and_reads_the_rest() {
+        let (mut server, mut client) = pair().await;
+        client.write_all(b"abcdefgh").await.expect("write");
+        poll_fn(|cx| Stream::poll_read_ready(&mut server, cx)).await.expect("readable");
+        let (mut a, mut b) = ([0u8; 3], [0u8; 1]);
+        let n = Stream::try_read_vectored(&mut server, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)])
+            .expect("read");
+        assert_eq!((n, &a, &b), (4, b"abc", b"d"));
+        // The buffer filled: more may be there, so the socket stays readable and the rest is read.
+        assert!(read_ready_now(&mut server).await, "a full read cleared readiness");
+        let mut rest = [0u8; 16];
+        let n = Stream::try_read_vectored(&mut server, &mut [IoSliceMut::new(&mut rest)]).expect("read");
+        assert_eq!(&rest[..n], b"efgh");
+        let e = Stream::try_read_vectored(&mut server, &mut [IoSliceMut::new(&mut rest)]);
+        assert_eq!(e.map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock));
     }
 }

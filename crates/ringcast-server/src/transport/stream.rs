@@ -355,7 +355,7 @@ pub fn send_frames(fd: RawFd, frames: &[bytes::Bytes]) -> io::Result<usize> {
 mod tests {
     use super::*;
     use std::future::poll_fn;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -403,5 +403,50 @@ mod tests {
         assert_eq!(&rest[..n], b"efgh");
         let e = Stream::try_read_vectored(&mut server, &mut [IoSliceMut::new(&mut rest)]);
         assert_eq!(e.map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock));
+    }
+
+    /// Polls once: is the socket's write readiness set right now?
+    async fn write_ready_now(s: &mut TcpStream) -> bool {
+        poll_fn(|cx| Poll::Ready(Stream::poll_write_ready(s, cx).is_ready())).await
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_keeps_the_rest_queued_and_clears_write_readiness() {
+        let (mut server, mut client) = pair().await;
+        // Small buffers both ways, so a few dozen KiB fill the connection.
+        socket2::SockRef::from(&server).set_send_buffer_size(4096).expect("sndbuf");
+        socket2::SockRef::from(&client).set_recv_buffer_size(4096).expect("rcvbuf");
+        let mut out = super::super::outbound::Outbound::new();
+        let mut expected = Vec::new();
+        let mut full = false;
+        // Frames of distinct bytes until the kernel refuses some (bounded: 8 MB at most).
+        for i in 0..8192u32 {
+            let frame: Vec<u8> = (0..1000u32).map(|j| (i * 7 + j) as u8).collect();
+            expected.extend_from_slice(&frame);
+            out.push(bytes::Bytes::from(frame));
+            if !out.flush(&mut server).expect("flush") {
+                full = true;
+                break;
+            }
+        }
+        assert!(full, "the socket never filled");
+        assert!(out.queued_bytes() > 0);
+        // The refused write cleared the readiness: the connection waits for the socket to drain rather
+        // than spinning on writes that would block.
+        assert!(!write_ready_now(&mut server).await, "a refused write left the socket marked writable");
+        let e = Stream::try_write(&mut server, b"x").map_err(|e| e.kind());
+        assert_eq!(e, Err(io::ErrorKind::WouldBlock));
+        // The peer reads everything; each drain brings writability back and the rest goes out in order.
+        let total = expected.len();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; total];
+            client.read_exact(&mut got).await.expect("read");
+            got
+        });
+        while !out.flush(&mut server).expect("flush") {
+            poll_fn(|cx| Stream::poll_write_ready(&mut server, cx)).await.expect("writable again");
+        }
+        let got = reader.await.expect("reader");
+        assert!(got == expected, "the bytes arrived out of order or cut");
     }
 }

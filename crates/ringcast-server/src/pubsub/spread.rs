@@ -71,7 +71,7 @@ impl Spread {
 
     /// Writes the claimed subscribers in `claimed` (see [`ClientShared::flush_claimed`]), handing the
     /// second half to the helper when there are at least `min` of them; leaves `claimed` empty with its
-    /// capacity. Returns (writes made here, bytes written here).
+    /// capacity. Returns (writes made here, bytes written here), already counted in the metrics.
     pub fn write(&self, claimed: &mut Vec<Arc<ClientShared>>) -> (u64, u64) {
         if claimed.len() >= self.min.load(Ordering::Relaxed) {
             self.hand_off(claimed);
@@ -117,23 +117,20 @@ impl Spread {
     }
 }
 
-/// Writes every claimed subscriber in `list`, leaving it empty. Returns (writes made, bytes written).
-pub fn flush_all(list: &mut Vec<Arc<ClientShared>>) -> (u64, u64) {
+/// Writes every claimed subscriber in `list`, leaving it empty, and counts the writes in the metrics.
+/// Returns (writes made, bytes written).
+fn flush_all(list: &mut Vec<Arc<ClientShared>>) -> (u64, u64) {
     let (mut writes, mut written) = (0u64, 0u64);
     for client in list.drain(..) {
         let n = client.flush_claimed();
         writes += u64::from(n > 0);
         written += n as u64;
     }
-    (writes, written)
-}
-
-/// Counts direct writes in the metrics.
-pub fn record(writes: u64, written: u64) {
     if writes > 0 {
         metrics::counter!(crate::metrics::FANOUT_DIRECT_WRITES_TOTAL).increment(writes);
         metrics::counter!(crate::metrics::BYTES_OUT_TOTAL).increment(written);
     }
+    (writes, written)
 }
 
 /// The helper task: takes what fan-outs handed off and writes it.
@@ -159,8 +156,7 @@ impl Helper {
                 }
                 std::mem::swap(&mut st.pending, &mut self.mine);
             }
-            let (writes, written) = flush_all(&mut self.mine);
-            record(writes, written);
+            flush_all(&mut self.mine);
             if !self.spread.lock().pending.is_empty() {
                 cx.waker().wake_by_ref();
             }
@@ -179,8 +175,7 @@ impl Drop for Helper {
         st.nudge = None;
         self.mine.append(&mut st.pending);
         drop(st);
-        let (writes, written) = flush_all(&mut self.mine);
-        record(writes, written);
+        flush_all(&mut self.mine);
     }
 }
 

@@ -224,11 +224,7 @@ async fn an_api_disconnect_made_while_a_node_reconnects_reaches_its_client_from_
     assert_eq!(api_error_code(&r), 0, "sent while B is away: {r}");
     // B comes back (its backoff is at most 2 s) and reads what it missed from the control stream.
     relay.mend();
-    let c = closed(&mut carol).await;
-    assert_eq!(c, Some((4005, "moved".to_string())), "the missed disconnect, from the control stream");
-    assert!(metric(b.port, "ringcast_control_log_applied_total") >= 1.0, "counted as caught up");
-    assert_eq!(metric(b.port, "ringcast_control_log_gaps_total"), 0.0, "nothing trimmed");
-    assert_eq!(engine_panel(b.port, "up")["state"], "up");
+    assert_missed_disconnect_caught_up(&mut carol, b.port, "control stream").await;
     drop((a, b));
 }
 

@@ -224,6 +224,17 @@ pub async fn closed(ws: &mut Ws) -> Option<(u16, String)> {
     }
 }
 
+/// After the node on `port`, cut off from its engine, is back: `carol` (its client) is closed by the API
+/// disconnect (4005 "moved") made through another node meanwhile, the node counts it as caught up from
+/// its control `log` (named in the messages) with nothing trimmed, and its engine panel is "up" again.
+pub async fn assert_missed_disconnect_caught_up(carol: &mut Ws, port: u16, log: &str) {
+    let c = closed(carol).await;
+    assert_eq!(c, Some((4005, "moved".to_string())), "the missed disconnect, from the {log}");
+    assert!(metric(port, "ringcast_control_log_applied_total") >= 1.0, "counted as caught up");
+    assert_eq!(metric(port, "ringcast_control_log_gaps_total"), 0.0, "nothing trimmed");
+    assert_eq!(engine_panel(port, "up")["state"], "up");
+}
+
 /// Sends a command; returns its reply and the pushes read before it.
 pub async fn call(ws: &mut Ws, cmd: Value) -> (Value, Vec<Value>) {
     let id = cmd["id"].clone();

@@ -37,6 +37,11 @@ use tokio::net::TcpStream;
 pub trait Stream: Unpin + Send + 'static {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn poll_write_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Whether a read that leaves room in its buffers took all there was, so that reading again before
+    /// the next readiness would only say `WouldBlock`: plain TCP (where that read also clears the socket's
+    /// readiness), not TLS (rustls hands out the plaintext of the records it has, while more ciphertext
+    /// may wait in the socket).
+    const SHORT_READ_DRAINS: bool;
     /// Reads into `iov`; `Ok(0)` is the end of the stream, `WouldBlock` means wait for readiness.
     fn try_read_vectored(&mut self, iov: &mut [IoSliceMut<'_>]) -> io::Result<usize>;
     /// Reads into `buf`'s spare capacity (growing its length by what was read).
@@ -62,6 +67,7 @@ pub trait Stream: Unpin + Send + 'static {
 }
 
 impl Stream for TcpStream {
+    const SHORT_READ_DRAINS: bool = true;
     #[inline]
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         TcpStream::poll_read_ready(self, cx)
@@ -80,15 +86,18 @@ impl Stream for TcpStream {
         // `try_io` clears the readiness it observed before the call when the closure says `WouldBlock`,
         // and only if no event arrived since (tokio compares the event's tick): bytes that land after
         // the read bring a new edge and a new readiness, which that clear leaves alone.
-        match self.try_io(tokio::io::Interest::READABLE, || match read_vectored(self, iov)? {
+        let r = self.try_io(tokio::io::Interest::READABLE, || match read_vectored(self, iov)? {
             n if n > 0 && n < room => {
                 short = n;
                 Err(io::ErrorKind::WouldBlock.into())
             }
             n => Ok(n),
-        }) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok(short),
-            r => r,
+        });
+        // `try_io` hands the closure's result back as it was: a short read is that `WouldBlock`.
+        if short > 0 {
+            Ok(short)
+        } else {
+            r
         }
     }
     #[inline]
@@ -231,6 +240,7 @@ impl TlsStream {
 }
 
 impl Stream for TlsStream {
+    const SHORT_READ_DRAINS: bool = false;
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let Some(s) = self.0.as_deref_mut() else { return Poll::Ready(Err(gone())) };
         let (tcp, tls) = s.get_mut();

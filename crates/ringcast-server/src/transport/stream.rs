@@ -104,9 +104,10 @@ impl Stream for TcpStream {
     fn try_read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
         TcpStream::try_read_buf(self, buf)
     }
+    /// tokio's `try_write` with [`send`] as the system call: same readiness handling, same flags.
     #[inline]
     fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        TcpStream::try_write(self, buf)
+        self.try_io(tokio::io::Interest::WRITABLE, || send(self, buf))
     }
     #[inline]
     fn try_write_vectored(&mut self, iov: &[IoSlice<'_>]) -> io::Result<usize> {
@@ -150,12 +151,32 @@ impl Stream for TcpStream {
 /// about a fifth of the read syscall's cost (BENCHMARKS.md, "Echo: reading until a short read").
 #[inline]
 fn read_vectored(tcp: &TcpStream, iov: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-    let sock = socket2::SockRef::from(tcp);
     match iov {
-        [one] => (&*sock).read(one),
-        [one, two] if two.is_empty() => (&*sock).read(one),
-        _ => (&*sock).read_vectored(iov),
+        [one] => recv(tcp, one),
+        [one, two] if two.is_empty() => recv(tcp, one),
+        _ => (&*socket2::SockRef::from(tcp)).read_vectored(iov),
     }
+}
+
+// The per-message system calls of a plain-TCP connection are made directly (rustix's raw Linux
+// backend), not through glibc's `recv`/`send`: those are cancellation points, which in a multi-threaded
+// process switch the thread's cancellation state with two atomic updates around every call. Nothing
+// here uses thread cancellation. Same calls, same flags, same results as `std`'s (`send` with
+// `MSG_NOSIGNAL`, as `std` writes to sockets).
+
+/// `recv(fd, buf, 0)`.
+#[inline]
+fn recv(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    match rustix::net::recv(tcp, buf, rustix::net::RecvFlags::empty()) {
+        Ok((n, _)) => Ok(n),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `send(fd, buf, MSG_NOSIGNAL)`: a peer that reset the connection yields `EPIPE`, never a SIGPIPE.
+#[inline]
+fn send(tcp: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    rustix::net::send(tcp, buf, rustix::net::SendFlags::NOSIGNAL).map_err(io::Error::from)
 }
 
 /// A TLS connection whose handshake is done: tokio-rustls's stream, boxed (the rustls session is over

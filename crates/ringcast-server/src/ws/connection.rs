@@ -394,12 +394,10 @@ impl<S: Stream> Conn<S> {
 
     /// Reads what the socket has (until it would block, or a few reads for fairness). Returns true when
     /// it stopped because the socket had nothing more (`read_frames`' `None`), false for any other reason.
+    /// Only called when [`Self::wants_read`]; each read may change that, so it is asked again after each.
     fn on_readable(&mut self, now: u32) -> io::Result<bool> {
         let mut drained = false;
         for _ in 0..READS_PER_POLL {
-            if !self.wants_read() {
-                break;
-            }
             let n = match self.phase {
                 Phase::Handshake => self.read_handshake()?,
                 _ => self.read_frames(now)?,
@@ -420,6 +418,9 @@ impl<S: Stream> Conn<S> {
                     break;
                 }
                 Some(_) => {}
+            }
+            if !self.wants_read() {
+                break;
             }
         }
         self.reader.settle(&mut self.buf);
@@ -740,9 +741,12 @@ fn emit(scratch: &mut Vec<u8>, out: &mut Outbound, opcode: OpCode, payload: Payl
     let mut hdr = [0u8; MAX_HEADER_LEN];
     let h = encode_header(&mut hdr, true, opcode, payload.len() as u64, None);
     if out.is_empty() {
+        scratch.reserve(h + payload.len());
         scratch.extend_from_slice(&hdr[..h]);
         scratch.extend_from_slice(payload.first);
-        scratch.extend_from_slice(payload.second);
+        if !payload.second.is_empty() {
+            scratch.extend_from_slice(payload.second);
+        }
     } else {
         let mut frame = Vec::with_capacity(h + payload.len());
         frame.extend_from_slice(&hdr[..h]);

@@ -20,11 +20,19 @@
 //!
 //! Times are `u32` milliseconds that wrap every ~49 days; comparisons use wrapping arithmetic, which is
 //! exact for intervals under ~24 days (configured timeouts are validated to be far shorter).
+//!
+//! # The clock
+//! Connections read it on every wake, so it is the kernel's coarse monotonic clock (Linux's
+//! `CLOCK_MONOTONIC_COARSE`: the time of the last timer interrupt, read from the vDSO without touching
+//! the time-stamp counter) turned into milliseconds with integer arithmetic, not `Instant` and
+//! `Duration`. Its resolution is one kernel tick (a few milliseconds), well inside the sweep's [`TICK`].
+//! Every reader of this table's time, the sweep included, goes through [`Deadlines::now_ms`], so all of
+//! them agree on one clock.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How often the sweeper looks for expired deadlines.
 pub const TICK: Duration = Duration::from_millis(50);
@@ -104,7 +112,8 @@ impl Table {
 #[derive(Debug)]
 pub struct Deadlines {
     shards: Box<[Mutex<Table>]>,
-    epoch: Instant,
+    /// [`clock_ms`] when the table was made: times start near zero.
+    epoch: u32,
     shutdown: AtomicBool,
     /// For tasks that are not in the table (HTTP connections) and wait for shutdown as a future.
     shutdown_notify: tokio::sync::Notify,
@@ -116,11 +125,26 @@ pub fn reached(now: u32, at: u32) -> bool {
     now.wrapping_sub(at) as i32 >= 0
 }
 
+/// The clock chosen in the module docs, in wrapping milliseconds.
+#[cfg(target_os = "linux")]
+const CLOCK: libc::clockid_t = libc::CLOCK_MONOTONIC_COARSE;
+#[cfg(not(target_os = "linux"))]
+const CLOCK: libc::clockid_t = libc::CLOCK_MONOTONIC;
+
+#[inline]
+fn clock_ms() -> u32 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; a monotonic clock that exists cannot fail to be read
+    // (and if it did, `ts` would stay zero: a stuck clock, never undefined behaviour).
+    unsafe { libc::clock_gettime(CLOCK, &mut ts) };
+    (ts.tv_sec as u64).wrapping_mul(1000).wrapping_add(ts.tv_nsec as u64 / 1_000_000) as u32
+}
+
 impl Deadlines {
     pub fn new() -> Arc<Self> {
         Arc::new(Deadlines {
             shards: (0..SHARDS).map(|_| Mutex::new(Table::default())).collect(),
-            epoch: Instant::now(),
+            epoch: clock_ms(),
             shutdown: AtomicBool::new(false),
             shutdown_notify: tokio::sync::Notify::new(),
         })
@@ -137,7 +161,7 @@ impl Deadlines {
     /// Milliseconds on this table's clock.
     #[inline]
     pub fn now_ms(&self) -> u32 {
-        self.epoch.elapsed().as_millis() as u32
+        clock_ms().wrapping_sub(self.epoch)
     }
 
     /// Adds an entry (unarmed). `spread` picks the shard (any number that varies between connections).
@@ -260,6 +284,17 @@ mod tests {
         assert!(!reached(9, 10));
         assert!(reached(5, u32::MAX - 5), "past the wrap");
         assert!(!reached(u32::MAX - 5, 5));
+    }
+
+    /// The coarse clock moves with real time, within a kernel tick or two.
+    #[test]
+    fn the_clock_follows_real_time() {
+        let d = Deadlines::new();
+        let (start, real) = (d.now_ms(), std::time::Instant::now());
+        std::thread::sleep(Duration::from_millis(150));
+        let (ms, real) = (d.now_ms().wrapping_sub(start), real.elapsed().as_millis() as u32);
+        assert!(ms + 25 >= real && ms <= real + 25, "the table's clock moved {ms} ms in {real} ms");
+        assert!(d.now_ms() < 60_000, "the table's times start near zero");
     }
 
     #[test]

@@ -37,6 +37,11 @@ use tokio::net::TcpStream;
 pub trait Stream: Unpin + Send + 'static {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn poll_write_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Whether a read that leaves room in its buffers took all there was, so that reading again before
+    /// the next readiness would only say `WouldBlock`: plain TCP (where that read also clears the socket's
+    /// readiness), not TLS (rustls hands out the plaintext of the records it has, while more ciphertext
+    /// may wait in the socket).
+    const SHORT_READ_DRAINS: bool;
     /// Reads into `iov`; `Ok(0)` is the end of the stream, `WouldBlock` means wait for readiness.
     fn try_read_vectored(&mut self, iov: &mut [IoSliceMut<'_>]) -> io::Result<usize>;
     /// Reads into `buf`'s spare capacity (growing its length by what was read).
@@ -62,6 +67,7 @@ pub trait Stream: Unpin + Send + 'static {
 }
 
 impl Stream for TcpStream {
+    const SHORT_READ_DRAINS: bool = true;
     #[inline]
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         TcpStream::poll_read_ready(self, cx)
@@ -80,24 +86,28 @@ impl Stream for TcpStream {
         // `try_io` clears the readiness it observed before the call when the closure says `WouldBlock`,
         // and only if no event arrived since (tokio compares the event's tick): bytes that land after
         // the read bring a new edge and a new readiness, which that clear leaves alone.
-        match self.try_io(tokio::io::Interest::READABLE, || match read_vectored(self, iov)? {
+        let r = self.try_io(tokio::io::Interest::READABLE, || match read_vectored(self, iov)? {
             n if n > 0 && n < room => {
                 short = n;
                 Err(io::ErrorKind::WouldBlock.into())
             }
             n => Ok(n),
-        }) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok(short),
-            r => r,
+        });
+        // `try_io` hands the closure's result back as it was: a short read is that `WouldBlock`.
+        if short > 0 {
+            Ok(short)
+        } else {
+            r
         }
     }
     #[inline]
     fn try_read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
         TcpStream::try_read_buf(self, buf)
     }
+    /// tokio's `try_write` with [`send`] as the system call: same readiness handling, same flags.
     #[inline]
     fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        TcpStream::try_write(self, buf)
+        self.try_io(tokio::io::Interest::WRITABLE, || send(self, buf))
     }
     #[inline]
     fn try_write_vectored(&mut self, iov: &[IoSlice<'_>]) -> io::Result<usize> {
@@ -141,12 +151,32 @@ impl Stream for TcpStream {
 /// about a fifth of the read syscall's cost (BENCHMARKS.md, "Echo: reading until a short read").
 #[inline]
 fn read_vectored(tcp: &TcpStream, iov: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-    let sock = socket2::SockRef::from(tcp);
     match iov {
-        [one] => (&*sock).read(one),
-        [one, two] if two.is_empty() => (&*sock).read(one),
-        _ => (&*sock).read_vectored(iov),
+        [one] => recv(tcp, one),
+        [one, two] if two.is_empty() => recv(tcp, one),
+        _ => (&*socket2::SockRef::from(tcp)).read_vectored(iov),
     }
+}
+
+// The per-message system calls of a plain-TCP connection are made directly (rustix's raw Linux
+// backend), not through glibc's `recv`/`send`: those are cancellation points, which in a multi-threaded
+// process switch the thread's cancellation state with two atomic updates around every call. Nothing
+// here uses thread cancellation. Same calls, same flags, same results as `std`'s (`send` with
+// `MSG_NOSIGNAL`, as `std` writes to sockets).
+
+/// `recv(fd, buf, 0)`.
+#[inline]
+fn recv(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    match rustix::net::recv(tcp, buf, rustix::net::RecvFlags::empty()) {
+        Ok((n, _)) => Ok(n),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `send(fd, buf, MSG_NOSIGNAL)`: a peer that reset the connection yields `EPIPE`, never a SIGPIPE.
+#[inline]
+fn send(tcp: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    rustix::net::send(tcp, buf, rustix::net::SendFlags::NOSIGNAL).map_err(io::Error::from)
 }
 
 /// A TLS connection whose handshake is done: tokio-rustls's stream, boxed (the rustls session is over
@@ -231,6 +261,7 @@ impl TlsStream {
 }
 
 impl Stream for TlsStream {
+    const SHORT_READ_DRAINS: bool = false;
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let Some(s) = self.0.as_deref_mut() else { return Poll::Ready(Err(gone())) };
         let (tcp, tls) = s.get_mut();

@@ -29,7 +29,15 @@
 //! # Timers
 //! Re-armed lazily: reads only record the time; the table entry is moved only when a deadline comes
 //! *earlier* (a write stall, a close wait) or after it fired and the real deadline (recomputed then) is
-//! still ahead. No timer work per message.
+//! still ahead. No timer work per message. The clock is read once per `poll`, and that time serves the
+//! whole poll (the time of its reads, the deadline check): a poll's rounds and reads are bounded, so it
+//! ends long before that time is off by anything a timeout could notice.
+//!
+//! # One round per wake
+//! A wake for bytes costs one round of `step`: the read that takes all the socket had ends the reading
+//! (on plain TCP that read also cleared the socket's readiness, so another would only say `WouldBlock`),
+//! and `poll_read_ready` is asked again at once, which parks our waker in the socket's registration.
+//! Only when that finds more bytes, or the reads changed the phase, does `step` run another round.
 //!
 //! # What lives where
 //! This module is the WebSocket state machine (phases, read → parse → reply, write, close, timers).
@@ -131,12 +139,13 @@ impl<S: Stream> Future for Connection<S> {
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
         // Every field is Unpin: the connection never relies on its own address.
         let conn = &mut self.get_mut().conn;
+        let now = conn.ctx.deadlines.now_ms();
         for _ in 0..ROUNDS_PER_POLL {
             if !conn.shutdown_seen && conn.ctx.deadlines.is_shutdown() {
                 conn.shutdown_seen = true;
                 conn.on_shutdown();
             }
-            match conn.step(cx) {
+            match conn.step(cx, now) {
                 Ok(Step::Again) => continue,
                 Ok(Step::Wait) => {}
                 Ok(Step::Finished) => return Poll::Ready(()),
@@ -145,7 +154,6 @@ impl<S: Stream> Future for Connection<S> {
                     return Poll::Ready(());
                 }
             }
-            let now = conn.ctx.deadlines.now_ms();
             let deadline = conn.next_deadline(now);
             if reached(now, deadline) {
                 if conn.on_timer(now) {
@@ -273,7 +281,8 @@ impl<S: Stream> Conn<S> {
         }
     }
 
-    fn step(&mut self, cx: &mut TaskContext<'_>) -> io::Result<Step> {
+    /// One round: deliveries and commands, reads, writes, the end of the phase. `now` is the poll's time.
+    fn step(&mut self, cx: &mut TaskContext<'_>, now: u32) -> io::Result<Step> {
         let mut progressed = false;
         if let Some(client) = self.client.as_deref().filter(|_| self.phase != Phase::Open) {
             // Our close frame is queued (or the peer's arrived): nothing may follow it (RFC 6455 §5.5.1),
@@ -298,14 +307,21 @@ impl<S: Stream> Conn<S> {
             }
             self.run_server_commands();
             if was_empty && !self.out.is_empty() && self.write_stalled_since.is_none() {
-                self.write_stalled_since = Some(stamp(self.ctx.deadlines.now_ms()));
+                self.write_stalled_since = Some(stamp(now));
             }
         }
         if self.wants_read() {
             match self.stream.poll_read_ready(cx) {
                 Poll::Ready(Ok(())) => {
-                    self.on_readable()?;
-                    progressed = true;
+                    let phase = self.phase;
+                    let drained = self.on_readable(now)?;
+                    // The socket gave all it had: asking again now parks our waker in its registration,
+                    // and the reads need no other round. More bytes already there, a new phase or input
+                    // no longer wanted: look again.
+                    progressed = !(drained
+                        && self.phase == phase
+                        && self.wants_read()
+                        && self.stream.poll_read_ready(cx).is_pending());
                 }
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => {}
@@ -376,18 +392,21 @@ impl<S: Stream> Conn<S> {
         }
     }
 
-    /// Reads what the socket has (until it would block, or a few reads for fairness).
-    fn on_readable(&mut self) -> io::Result<()> {
+    /// Reads what the socket has (until it would block, or a few reads for fairness). Returns true when
+    /// it stopped because the socket had nothing more (`read_frames`' `None`), false for any other reason.
+    /// Only called when [`Self::wants_read`]; each read may change that, so it is asked again after each.
+    fn on_readable(&mut self, now: u32) -> io::Result<bool> {
+        let mut drained = false;
         for _ in 0..READS_PER_POLL {
-            if !self.wants_read() {
-                break;
-            }
             let n = match self.phase {
                 Phase::Handshake => self.read_handshake()?,
-                _ => self.read_frames()?,
+                _ => self.read_frames(now)?,
             };
             match n {
-                None => break,
+                None => {
+                    drained = true;
+                    break;
+                }
                 Some(0) => {
                     self.read_closed = true;
                     if !matches!(self.phase, Phase::Done) {
@@ -400,36 +419,45 @@ impl<S: Stream> Conn<S> {
                 }
                 Some(_) => {}
             }
+            if !self.wants_read() {
+                break;
+            }
         }
         self.reader.settle(&mut self.buf);
         self.buf.release();
-        Ok(())
+        Ok(drained)
     }
 
-    /// One read of frames. `Ok(None)`: would block; `Ok(Some(0))`: EOF.
-    fn read_frames(&mut self) -> io::Result<Option<usize>> {
+    /// One read of frames, at time `now`. `Ok(None)`: nothing more to read now (it would block, or this
+    /// read took all there was: [`Stream::SHORT_READ_DRAINS`]); `Ok(Some(0))`: EOF.
+    fn read_frames(&mut self, now: u32) -> io::Result<Option<usize>> {
         self.reader.settle(&mut self.buf);
         let (a, b) = self.buf.writable();
+        let room = a.len() + b.len();
         let mut iov = [io::IoSliceMut::new(a), io::IoSliceMut::new(b)];
         let n = match self.stream.try_read_vectored(&mut iov) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Some(usize::MAX)),
-            Err(e) => return Err(e),
+            Err(e) => {
+                return match e.kind() {
+                    io::ErrorKind::WouldBlock => Ok(None),
+                    io::ErrorKind::Interrupted => Ok(Some(usize::MAX)),
+                    _ => Err(e),
+                }
+            }
         };
         if n == 0 {
             return Ok(Some(0));
         }
         self.ctx.bytes_in.increment(n as u64);
         self.buf.commit(n);
-        self.last_read = self.ctx.deadlines.now_ms();
+        self.last_read = now;
         if self.phase == Phase::Draining {
             let len = self.buf.len();
             self.buf.consume(len);
         } else {
             self.process_and_reply()?;
         }
-        Ok(Some(n))
+        Ok(if S::SHORT_READ_DRAINS && n < room { None } else { Some(n) })
     }
 
     /// Parses every complete event in the buffer; replies are batched into one write.
@@ -713,9 +741,12 @@ fn emit(scratch: &mut Vec<u8>, out: &mut Outbound, opcode: OpCode, payload: Payl
     let mut hdr = [0u8; MAX_HEADER_LEN];
     let h = encode_header(&mut hdr, true, opcode, payload.len() as u64, None);
     if out.is_empty() {
+        scratch.reserve(h + payload.len());
         scratch.extend_from_slice(&hdr[..h]);
         scratch.extend_from_slice(payload.first);
-        scratch.extend_from_slice(payload.second);
+        if !payload.second.is_empty() {
+            scratch.extend_from_slice(payload.second);
+        }
     } else {
         let mut frame = Vec::with_capacity(h + payload.len());
         frame.extend_from_slice(&hdr[..h]);

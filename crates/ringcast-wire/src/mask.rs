@@ -9,8 +9,9 @@
 /// in pieces, e.g. the two halves of a ring buffer or bytes that arrived in different reads).
 #[inline]
 pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
-    let mut key = key;
-    key.rotate_left(offset % 4);
+    // The key rotated to the payload's phase, as integer arithmetic: `<[u8; 4]>::rotate_left` is an
+    // out-of-line generic rotation, paid on every call even when the phase is zero.
+    let key = u32::from_le_bytes(key).rotate_right(8 * (offset % 4) as u32).to_le_bytes();
     if buf.len() < 16 {
         for (i, b) in buf.iter_mut().enumerate() {
             *b ^= key[i & 3];

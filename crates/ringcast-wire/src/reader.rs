@@ -260,7 +260,17 @@ impl Reader {
 
     /// Applies what the previous event borrowed. Call before reading more into the buffer, so that the
     /// buffer has the room the last event was occupying (`next` also does this itself).
+    ///
+    /// Called several times per read by the driver and by `next`, and nearly always with nothing to do:
+    /// the check is inlined, the work is not.
+    #[inline]
     pub fn settle<B: ReadBuffer + ?Sized>(&mut self, buf: &mut B) {
+        if self.pending_consume > 0 || self.pending_clear {
+            self.settle_pending(buf);
+        }
+    }
+
+    fn settle_pending<B: ReadBuffer + ?Sized>(&mut self, buf: &mut B) {
         if self.pending_consume > 0 {
             buf.consume(self.pending_consume as usize);
             self.pending_consume = 0;

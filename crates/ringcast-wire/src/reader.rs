@@ -283,7 +283,16 @@ impl Reader {
 
     /// Returns the next event, `Ok(None)` when more bytes are needed, or the protocol violation that
     /// must close the connection (see [`WireError::close_code`]).
+    #[inline]
     pub fn next<'a, B: ReadBuffer + ?Sized>(&'a mut self, buf: &'a mut B) -> Result<Option<Event<'a>>, WireError> {
+        buf.next_event(self)
+    }
+
+    /// [`Self::next`], reached through [`ReadBuffer::next_event`] with the buffer's concrete type.
+    pub(crate) fn next_in<'a, B: ReadBuffer + ?Sized>(
+        &'a mut self,
+        buf: &'a mut B,
+    ) -> Result<Option<Event<'a>>, WireError> {
         self.settle(buf);
         if self.closed {
             return Ok(None);

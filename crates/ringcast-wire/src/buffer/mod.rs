@@ -165,3 +165,15 @@ pub fn fill_from<B: ReadBuffer + ?Sized>(buf: &mut B, data: &[u8]) -> usize {
     buf.commit(n1 + n2);
     n1 + n2
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every connection carries one: the strategies' switch to a boxed slice (for a cheap enum tag) must
+    /// not make it larger than it was.
+    #[test]
+    fn any_buffer_stays_small() {
+        let size = std::mem::size_of::<super::AnyBuffer>();
+        println!("AnyBuffer: {size} B");
+        assert!(size <= 40, "AnyBuffer grew to {size} B");
+    }
+}

@@ -75,6 +75,37 @@ fn parse(c: &mut Criterion) {
     }
 }
 
+/// The echo server's case: one small masked client frame per read, parsed through `Reader::next` and
+/// the buffer given back when drained, as a connection does at the end of every read. With the pool
+/// strategy this is a take and a give of the pooled buffer per message.
+fn one_per_read(c: &mut Criterion) {
+    let frame = stream(1, 20);
+    let mut group = c.benchmark_group("parse/small-20B/one-per-read");
+    group.throughput(Throughput::Elements(1));
+    for strategy in Strategy::ALL {
+        let pool = BufferPool::new(16 * 1024, 64);
+        let mut buf = buffer(strategy, &pool);
+        let mut reader = Reader::new(Role::Server, Limits::default());
+        assert_eq!(parse_all(&mut buf, &mut reader, &frame, frame.len()).0, 1);
+        group.bench_function(BenchmarkId::from_parameter(strategy.name()), |b| {
+            b.iter(|| {
+                // The frame is unmasked in place, so each read brings a fresh masked copy.
+                fill_from(&mut buf, black_box(&frame));
+                let mut n = 0;
+                while let Ok(Some(ev)) = reader.next(&mut buf) {
+                    if let Event::Message { payload, .. } = ev {
+                        n += black_box(payload).len();
+                    }
+                }
+                reader.settle(&mut buf);
+                buf.release();
+                n
+            })
+        });
+    }
+    group.finish();
+}
+
 fn encode(c: &mut Criterion) {
     let mut group = c.benchmark_group("encode");
     for size in [20usize, 64 * 1024] {
@@ -98,6 +129,6 @@ fn encode(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = parse, encode
+    targets = parse, one_per_read, encode
 }
 criterion_main!(benches);

@@ -1,22 +1,17 @@
 //! Client-to-server masking (RFC 6455 §5.3).
 //!
 //! Unmasking touches every payload byte, so it works a machine word at a time: the 4-byte key is
-//! rotated to the payload's phase and widened to a `u64`, and the bulk of the slice is XORed eight bytes
-//! per step. Only the unaligned head and the tail go byte by byte. No `unsafe` is needed: `chunks_exact_mut`
-//! plus `from_ne_bytes`/`to_ne_bytes` compile to plain word loads and stores.
+//! rotated to the payload's phase and widened to a `u64`, and the slice is XORed eight bytes per step,
+//! then four if four are left; at most the last three bytes go one by one. No `unsafe` is needed:
+//! `chunks_exact_mut` plus `from_ne_bytes`/`to_ne_bytes` compile to plain word loads and stores.
 
 /// XORs `buf` with `key`, where `buf[0]` is payload byte number `offset` (so a payload can be unmasked
 /// in pieces, e.g. the two halves of a ring buffer or bytes that arrived in different reads).
 #[inline]
 pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
-    let mut key = key;
-    key.rotate_left(offset % 4);
-    if buf.len() < 16 {
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b ^= key[i & 3];
-        }
-        return;
-    }
+    // The key rotated to the payload's phase, as integer arithmetic: `<[u8; 4]>::rotate_left` is an
+    // out-of-line generic rotation, paid on every call even when the phase is zero.
+    let key = u32::from_le_bytes(key).rotate_right(8 * (offset % 4) as u32).to_le_bytes();
     // The key repeated twice, read in native order: XORing a native-order word of payload with it
     // XORs every byte with the right key byte on any endianness.
     let mut kw = [0u8; 8];
@@ -30,8 +25,18 @@ pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
         let v = u64::from_ne_bytes(w) ^ k64;
         chunk.copy_from_slice(&v.to_ne_bytes());
     }
-    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
-        *b ^= key[i & 3];
+    // Fewer than eight left, still in phase: four at once if there are four, then byte by byte.
+    let mut rest = chunks.into_remainder();
+    if rest.len() >= 4 {
+        let (word, tail) = rest.split_at_mut(4);
+        let mut w = [0u8; 4];
+        w.copy_from_slice(word);
+        let v = u32::from_ne_bytes(w) ^ u32::from_ne_bytes(key);
+        word.copy_from_slice(&v.to_ne_bytes());
+        rest = tail;
+    }
+    for (b, k) in rest.iter_mut().zip(key) {
+        *b ^= k;
     }
 }
 

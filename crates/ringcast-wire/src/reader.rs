@@ -260,7 +260,17 @@ impl Reader {
 
     /// Applies what the previous event borrowed. Call before reading more into the buffer, so that the
     /// buffer has the room the last event was occupying (`next` also does this itself).
+    ///
+    /// Called several times per read by the driver and by `next`, and nearly always with nothing to do:
+    /// the check is inlined, the work is not.
+    #[inline]
     pub fn settle<B: ReadBuffer + ?Sized>(&mut self, buf: &mut B) {
+        if self.pending_consume > 0 || self.pending_clear {
+            self.settle_pending(buf);
+        }
+    }
+
+    fn settle_pending<B: ReadBuffer + ?Sized>(&mut self, buf: &mut B) {
         if self.pending_consume > 0 {
             buf.consume(self.pending_consume as usize);
             self.pending_consume = 0;
@@ -273,10 +283,29 @@ impl Reader {
 
     /// Returns the next event, `Ok(None)` when more bytes are needed, or the protocol violation that
     /// must close the connection (see [`WireError::close_code`]).
+    #[inline]
     pub fn next<'a, B: ReadBuffer + ?Sized>(&'a mut self, buf: &'a mut B) -> Result<Option<Event<'a>>, WireError> {
+        buf.next_event(self)
+    }
+
+    /// [`Self::next`], reached through [`ReadBuffer::next_event`] with the buffer's concrete type.
+    pub(crate) fn next_in<'a, B: ReadBuffer + ?Sized>(
+        &'a mut self,
+        buf: &'a mut B,
+    ) -> Result<Option<Event<'a>>, WireError> {
         self.settle(buf);
         if self.closed {
             return Ok(None);
+        }
+        if self.frame.is_none() && self.message.is_none() {
+            if buf.is_empty() {
+                // The usual end of a read: every event parsed. In any state, no bytes means no event.
+                return Ok(None);
+            }
+            let (first, _) = buf.readable_mut();
+            if let Some(whole) = self.whole_frame(first) {
+                return self.deliver_whole(buf, whole);
+            }
         }
         loop {
             let header = match self.frame {
@@ -399,6 +428,59 @@ impl Reader {
         }
     }
 
+    /// The fast path's test: whether the first readable region starts with a whole frame that the general
+    /// path would hand out in place with no other effect — a final, uncompressed text or binary frame
+    /// with a 7-bit length, masked as our role requires and within both limits. Anything else (control
+    /// frames, fragments, RSV bits, longer or cut frames, a header the general path would reject) is
+    /// `None` and goes the general way, which gives the same events and errors for these frames too.
+    /// Call only between messages (`frame` and `message` empty).
+    #[inline]
+    fn whole_frame(&self, first: &[u8]) -> Option<WholeFrame> {
+        let (&b0, &b1) = (first.first()?, first.get(1)?);
+        let opcode = match b0 {
+            0x81 => OpCode::Text,
+            0x82 => OpCode::Binary,
+            _ => return None,
+        };
+        let masked = b1 & 0x80 != 0;
+        if masked != (self.role == Role::Server) {
+            return None;
+        }
+        let len = b1 & 0x7f;
+        if len >= 126 || u32::from(len) > self.max_frame_payload || u32::from(len) > self.max_message_size {
+            return None;
+        }
+        let header_len = if masked { 6 } else { 2 };
+        if first.len() < header_len + len as usize {
+            return None;
+        }
+        let mask = masked.then(|| [first[2], first[3], first[4], first[5]]);
+        Some(WholeFrame { opcode, header_len: header_len as u8, len, mask })
+    }
+
+    /// Unmasks, checks and hands out the frame [`Self::whole_frame`] found; header and payload are
+    /// consumed together at the next call.
+    #[inline]
+    fn deliver_whole<'a, B: ReadBuffer + ?Sized>(
+        &'a mut self,
+        buf: &'a mut B,
+        whole: WholeFrame,
+    ) -> Result<Option<Event<'a>>, WireError> {
+        let start = whole.header_len as usize;
+        let end = start + whole.len as usize;
+        // The same region `whole_frame` measured (nothing ran in between), so the range is in bounds.
+        let (first, _) = buf.readable_mut();
+        let payload = &mut first[start..end];
+        if let Some(key) = whole.mask {
+            apply_mask(payload, key, 0);
+        }
+        if whole.opcode == OpCode::Text && !crate::utf8::is_valid(payload) {
+            return Err(WireError::InvalidUtf8);
+        }
+        self.pending_consume = end as u32;
+        Ok(Some(Event::Message { opcode: whole.opcode, payload: Payload { first: payload, second: &[] } }))
+    }
+
     /// Decodes and consumes the next header, applying the fragmentation rules and limits to it.
     fn read_header<B: ReadBuffer + ?Sized>(&mut self, buf: &mut B) -> Result<Option<FrameHeader>, WireError> {
         let (a, b) = buf.readable_mut();
@@ -497,6 +579,15 @@ impl Reader {
     }
 }
 
+/// A whole small frame at the front of the buffer, found by [`Reader::whole_frame`].
+#[derive(Clone, Copy)]
+struct WholeFrame {
+    opcode: OpCode,
+    header_len: u8,
+    len: u8,
+    mask: Option<[u8; 4]>,
+}
+
 /// The first `n` bytes of the two-slice sequence `(a, b)`.
 fn split_prefix<'a>(a: &'a [u8], b: &'a [u8], n: usize) -> (&'a [u8], &'a [u8]) {
     if n <= a.len() {
@@ -527,11 +618,79 @@ fn skip_prefix_mut<'a>(a: &'a mut [u8], b: &'a mut [u8], n: usize) -> (&'a mut [
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::buffer::{fill_from, GrowableBuffer, RingBuffer};
+    use crate::frame::encode_client_frame;
+
+    /// What stays buffered right after `next` handed out a message: the fast path consumes a frame's
+    /// header together with its payload at the next call, the general path consumes the header at once.
+    fn buffered_after_message(buf: &mut dyn ReadBuffer, reader: &mut Reader) -> usize {
+        match reader.next(buf) {
+            Ok(Some(Event::Message { .. })) => {}
+            other => panic!("expected a message, got {other:?}"),
+        }
+        buf.len()
+    }
+
+    /// The integration tests' "whole read" feeds must reach the fast path, and cut or unusual frames
+    /// must not: this pins which path each kind of frame takes.
+    #[test]
+    fn only_whole_small_final_data_frames_take_the_fast_path() {
+        let server = Limits::default();
+        let masked = |fin: bool, op: OpCode, payload: &[u8]| {
+            let mut f = Vec::new();
+            encode_client_frame(&mut f, fin, op, payload, [1, 2, 3, 4]);
+            f
+        };
+        // Fast: a whole masked text or binary frame of 7-bit length.
+        for (op, payload) in
+            [(OpCode::Text, &b"hello"[..]), (OpCode::Binary, &[0u8; 125][..]), (OpCode::Text, &b""[..])]
+        {
+            let f = masked(true, op, payload);
+            let mut buf = GrowableBuffer::new(4096, 4096);
+            let mut reader = Reader::new(Role::Server, server);
+            fill_from(&mut buf, &f);
+            assert_eq!(buffered_after_message(&mut buf, &mut reader), f.len(), "{op:?} {}", payload.len());
+            assert!(matches!(reader.next(&mut buf), Ok(None)));
+            assert_eq!(buf.len(), 0);
+        }
+        // General: a 16-bit length, and a frame that completes only in a later read.
+        let f = masked(true, OpCode::Binary, &[9u8; 126]);
+        let mut buf = GrowableBuffer::new(4096, 4096);
+        let mut reader = Reader::new(Role::Server, server);
+        fill_from(&mut buf, &f);
+        assert_eq!(buffered_after_message(&mut buf, &mut reader), 126);
+        let f = masked(true, OpCode::Text, b"cut in two");
+        let mut buf = GrowableBuffer::new(4096, 4096);
+        let mut reader = Reader::new(Role::Server, server);
+        fill_from(&mut buf, &f[..8]);
+        assert!(matches!(reader.next(&mut buf), Ok(None)));
+        fill_from(&mut buf, &f[8..]);
+        assert_eq!(buffered_after_message(&mut buf, &mut reader), 10);
+        // General: a frame that wraps around the end of a ring.
+        let mut ring = RingBuffer::new(256);
+        let mut reader = Reader::new(Role::Server, server);
+        let mut st = masked(true, OpCode::Binary, &[4u8; 242]);
+        assert_eq!(st.len(), 250);
+        st.extend(masked(true, OpCode::Binary, &[5u8; 20]));
+        assert_eq!(fill_from(&mut ring, &st), 256);
+        assert_eq!(buffered_after_message(&mut ring, &mut reader), 242 + 6);
+        reader.settle(&mut ring);
+        fill_from(&mut ring, &st[256..]);
+        assert_eq!(buffered_after_message(&mut ring, &mut reader), 20);
+        // A client reads unmasked frames the same way.
+        let f = [0x82, 3, 7, 8, 9];
+        let mut buf = GrowableBuffer::new(4096, 4096);
+        let mut reader = Reader::new(Role::Client, server);
+        fill_from(&mut buf, &f);
+        assert_eq!(buffered_after_message(&mut buf, &mut reader), f.len());
+    }
+
     /// Every connection carries a reader, and the server's connection future is at a size-class edge
     /// (ARCHITECTURE.md): the extension must not make the reader any larger than the 72 B it was.
     #[test]
     fn reader_stays_small() {
-        let size = std::mem::size_of::<super::Reader>();
+        let size = std::mem::size_of::<Reader>();
         println!("Reader: {size} B");
         assert!(size <= 72, "Reader grew to {size} B");
     }

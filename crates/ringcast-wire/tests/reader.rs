@@ -280,6 +280,37 @@ for_each_strategy! {
         assert_eq!(err, Some(WireError::MessageTooLarge));
         assert_eq!(err.unwrap().close_code(), CloseCode::TOO_BIG);
     };
+    whole_small_frame_over_a_small_limit_closes_1009 => |s| {
+        // Whole 7-bit-length frames (the reader's fast path) are held to limits below 126 bytes too.
+        let f = frame(true, OpCode::Binary, &[7u8; 20]);
+        let frame_limit = Limits { max_frame_payload: 19, max_message_size: 1 << 20 };
+        assert_eq!(decode_with(s, 256, frame_limit, &[&f]).1, Some(WireError::FrameTooLarge));
+        let message_limit = Limits { max_frame_payload: 1 << 20, max_message_size: 19 };
+        assert_eq!(decode_with(s, 256, message_limit, &[&f]).1, Some(WireError::MessageTooLarge));
+        let exact = Limits { max_frame_payload: 20, max_message_size: 20 };
+        assert_eq!(decode_with(s, 256, exact, &[&f]), (vec![Ev::Msg(OpCode::Binary, vec![7u8; 20])], None));
+    };
+    whole_small_frames_at_the_length_edges_decode => |s| {
+        let mut st = Vec::new();
+        let lens = [0usize, 1, 3, 4, 5, 15, 16, 17, 124, 125, 126, 127];
+        for &n in &lens {
+            st.extend(frame(true, OpCode::Binary, &vec![n as u8; n]));
+            st.extend(frame(true, OpCode::Text, "é".repeat(n / 2).as_bytes()));
+        }
+        let expected: Vec<Ev> = lens
+            .iter()
+            .flat_map(|&n| [Ev::Msg(OpCode::Binary, vec![n as u8; n]), Ev::Msg(OpCode::Text, "é".repeat(n / 2).into_bytes())])
+            .collect();
+        assert_eq!(decode_with(s, 4096, Limits::default(), &[&st]), (expected, None));
+    };
+    whole_small_text_with_invalid_utf8_closes_1007_after_the_valid_ones => |s| {
+        let mut st = frame(true, OpCode::Text, b"fine");
+        st.extend(frame(true, OpCode::Text, &[b'a', 0xc3, 0x28]));
+        st.extend(frame(true, OpCode::Text, b"never read"));
+        let (ev, err) = decode(s, &[&st]);
+        assert_eq!(ev, vec![Ev::Msg(OpCode::Text, b"fine".to_vec())]);
+        assert_eq!(err, Some(WireError::InvalidUtf8));
+    };
     close_frame_with_code_and_reason_decodes => |s| {
         let (ev, err) = decode(s, &[&frame(true, OpCode::Close, b"\x03\xe8bye")]);
         assert_eq!(err, None);
@@ -729,6 +760,120 @@ proptest! {
             let (ev, err) = decode_full(s, size, limits, Some(&params), &pieces);
             prop_assert_eq!(err, None, "{:?}", s);
             prop_assert_eq!(&ev, &expected, "{:?}", s);
+        }
+    }
+}
+
+// ---- small whole frames: the reader's fast path against its general path ----
+
+/// A stream of small frames, as the echo benchmark and most chat traffic send them: single-frame
+/// messages of 7-bit length (the reader's fast path when a read holds one whole), mixed with what must
+/// take the general path (control frames, fragmented messages, 16-bit lengths), optionally ending in a
+/// text frame of invalid UTF-8.
+#[derive(Debug, Clone)]
+enum Small {
+    Message(bool, Vec<u8>),
+    Fragmented(Vec<u8>),
+    Ping(Vec<u8>),
+    Pong(Vec<u8>),
+    Long(Vec<u8>),
+}
+
+fn small() -> impl proptest::strategy::Strategy<Value = Small> {
+    prop_oneof![
+        8 => (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..=125)).prop_map(|(text, p)| {
+            let p = if text { String::from_utf8_lossy(&p).into_owned().into_bytes() } else { p };
+            // Lossy conversion can grow a payload past 125: keep it a 7-bit length.
+            let mut p = p;
+            while p.len() > 125 || (text && std::str::from_utf8(&p).is_err()) {
+                p.pop();
+            }
+            Small::Message(text, p)
+        }),
+        1 => proptest::collection::vec(any::<u8>(), 0..60).prop_map(Small::Fragmented),
+        1 => proptest::collection::vec(any::<u8>(), 0..=125).prop_map(Small::Ping),
+        1 => proptest::collection::vec(any::<u8>(), 0..=125).prop_map(Small::Pong),
+        1 => proptest::collection::vec(any::<u8>(), 126..200).prop_map(Small::Long),
+    ]
+}
+
+fn encode_small(items: &[Small], bad_tail: bool, key_seed: u8) -> (Vec<u8>, Vec<Ev>) {
+    let mut stream = Vec::new();
+    let mut expected = Vec::new();
+    let mut k = key_seed;
+    let mut key = || {
+        k = k.wrapping_mul(29).wrapping_add(11);
+        [k, k.rotate_left(3), k ^ 0xa5, k.wrapping_mul(7)]
+    };
+    for it in items {
+        match it {
+            Small::Message(text, p) => {
+                let op = if *text { OpCode::Text } else { OpCode::Binary };
+                encode_client_frame(&mut stream, true, op, p, key());
+                expected.push(Ev::Msg(op, p.clone()));
+            }
+            Small::Fragmented(p) => {
+                let (a, b) = p.split_at(p.len() / 2);
+                encode_client_frame(&mut stream, false, OpCode::Binary, a, key());
+                encode_client_frame(&mut stream, true, OpCode::Ping, b"between", key());
+                encode_client_frame(&mut stream, true, OpCode::Continuation, b, key());
+                expected.push(Ev::Ping(b"between".to_vec()));
+                expected.push(Ev::Msg(OpCode::Binary, p.clone()));
+            }
+            Small::Ping(p) => {
+                encode_client_frame(&mut stream, true, OpCode::Ping, p, key());
+                expected.push(Ev::Ping(p.clone()));
+            }
+            Small::Pong(p) => {
+                encode_client_frame(&mut stream, true, OpCode::Pong, p, key());
+                expected.push(Ev::Pong(p.clone()));
+            }
+            Small::Long(p) => {
+                encode_client_frame(&mut stream, true, OpCode::Binary, p, key());
+                expected.push(Ev::Msg(OpCode::Binary, p.clone()));
+            }
+        }
+    }
+    if bad_tail {
+        encode_client_frame(&mut stream, true, OpCode::Text, &[b'o', b'k', 0xe2, 0x28, 0xa1], key());
+        encode_client_frame(&mut stream, true, OpCode::Text, b"after the error", key());
+    }
+    (stream, expected)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// The same stream, read whole (every frame complete in the buffer: the fast path, except where a
+    /// ring wraps), cut at random points (frames completed across reads: the general path), and a byte
+    /// at a time (never the fast path), through every strategy: the same events and the same error.
+    #[test]
+    fn small_frames_decode_the_same_whole_cut_and_byte_by_byte(
+        items in proptest::collection::vec(small(), 1..24),
+        bad_tail in any::<bool>(),
+        cuts in proptest::collection::vec(0usize..5_000, 0..30),
+        key_seed in any::<u8>(),
+        size in prop_oneof![Just(256usize), Just(300), Just(4096)],
+    ) {
+        let (stream, expected) = encode_small(&items, bad_tail, key_seed);
+        let expected_err = bad_tail.then_some(WireError::InvalidUtf8);
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (stream.len() + 1)).collect();
+        cuts.sort();
+        let mut pieces: Vec<&[u8]> = Vec::new();
+        let mut start = 0;
+        for c in cuts {
+            pieces.push(&stream[start..c]);
+            start = c;
+        }
+        pieces.push(&stream[start..]);
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        let limits = Limits { max_frame_payload: 1 << 20, max_message_size: 1 << 20 };
+        for s in Strategy::ALL {
+            for feed in [&[stream.as_slice()][..], &pieces, &bytes] {
+                let (ev, err) = decode_with(s, size, limits, feed);
+                prop_assert_eq!(err, expected_err, "{:?} {} reads", s, feed.len());
+                prop_assert_eq!(&ev, &expected, "{:?} {} reads", s, feed.len());
+            }
         }
     }
 }

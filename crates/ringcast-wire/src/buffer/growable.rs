@@ -7,8 +7,10 @@ use super::ReadBuffer;
 
 #[derive(Debug)]
 pub struct GrowableBuffer {
-    /// Always fully initialized: its length is its size. Readable bytes are `start..end`.
-    buf: Vec<u8>,
+    /// Always fully initialized: its length is its size. Readable bytes are `start..end`. A boxed slice
+    /// rather than a `Vec`: a `Vec`'s capacity would be [`super::AnyBuffer`]'s niche, and decoding it
+    /// on every buffer call costs more than the explicit tag the enum gets without it.
+    buf: Box<[u8]>,
     // u32: the buffer never exceeds `max_frame` (≤ 1 GiB) plus one read, and idle connections carry these.
     start: u32,
     end: u32,
@@ -23,7 +25,7 @@ impl GrowableBuffer {
     /// `initial`: the first allocation; `max_frame`: the largest frame held whole before streaming.
     pub fn new(initial: usize, max_frame: usize) -> Self {
         GrowableBuffer {
-            buf: Vec::new(),
+            buf: Box::default(),
             start: 0,
             end: 0,
             initial: initial.clamp(256, MAX_GROWABLE_FRAME) as u32,
@@ -53,7 +55,7 @@ impl ReadBuffer for GrowableBuffer {
 
     fn writable(&mut self) -> (&mut [u8], &mut [u8]) {
         if self.buf.is_empty() {
-            self.buf = vec![0u8; self.initial as usize];
+            self.buf = vec![0u8; self.initial as usize].into_boxed_slice();
         } else if self.end as usize == self.buf.len() {
             if self.start > 0 {
                 self.buf.copy_within(self.start as usize..self.end as usize, 0);
@@ -63,7 +65,9 @@ impl ReadBuffer for GrowableBuffer {
                 // Grow, but never past what the largest held frame needs (streamed frames don't grow it).
                 let size = (self.buf.len() * 2).min(self.max_frame as usize + 64 * 1024);
                 if size > self.buf.len() {
-                    self.buf.resize(size, 0);
+                    let mut grown = std::mem::take(&mut self.buf).into_vec();
+                    grown.resize(size, 0);
+                    self.buf = grown.into_boxed_slice();
                 }
             }
         }
@@ -80,7 +84,7 @@ impl ReadBuffer for GrowableBuffer {
     }
 
     fn held_bytes(&self) -> usize {
-        self.buf.capacity()
+        self.buf.len()
     }
 }
 

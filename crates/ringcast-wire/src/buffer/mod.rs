@@ -23,6 +23,9 @@ pub use growable::GrowableBuffer;
 pub use pool::{BufferPool, PooledBuffer};
 pub use ring::RingBuffer;
 
+use crate::error::WireError;
+use crate::reader::{Event, Reader};
+
 /// Storage for bytes read from the peer and not yet parsed.
 ///
 /// Readable bytes are in arrival order as `(first, second)`; only a ring that wraps returns a non-empty
@@ -58,6 +61,16 @@ pub trait ReadBuffer {
 
     /// Heap bytes this buffer holds right now (for memory accounting and tests).
     fn held_bytes(&self) -> usize;
+
+    /// [`Reader::next`] on this buffer; `Reader::next` calls it, and nothing else should. It exists for
+    /// [`AnyBuffer`], which overrides it to choose its strategy once per event and then parse with the
+    /// concrete buffer type (every buffer call inlined), instead of dispatching on each of the several
+    /// buffer calls one event takes.
+    #[doc(hidden)]
+    #[inline]
+    fn next_event<'a>(&'a mut self, reader: &'a mut Reader) -> Result<Option<Event<'a>>, WireError> {
+        reader.next_in(self)
+    }
 }
 
 /// The strategy names accepted by configuration.
@@ -135,6 +148,10 @@ impl ReadBuffer for AnyBuffer {
     fn held_bytes(&self) -> usize {
         dispatch!(self, b => b.held_bytes())
     }
+    #[inline]
+    fn next_event<'a>(&'a mut self, reader: &'a mut Reader) -> Result<Option<Event<'a>>, WireError> {
+        dispatch!(self, b => reader.next_in(b))
+    }
 }
 
 /// Copies `data` into the writable regions of `buf` (as a socket read would), returning how much fit.
@@ -147,4 +164,16 @@ pub fn fill_from<B: ReadBuffer + ?Sized>(buf: &mut B, data: &[u8]) -> usize {
     b[..n2].copy_from_slice(&data[n1..n1 + n2]);
     buf.commit(n1 + n2);
     n1 + n2
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every connection carries one: the strategies' switch to a boxed slice (for a cheap enum tag) must
+    /// not make it larger than it was.
+    #[test]
+    fn any_buffer_stays_small() {
+        let size = std::mem::size_of::<super::AnyBuffer>();
+        println!("AnyBuffer: {size} B");
+        assert!(size <= 40, "AnyBuffer grew to {size} B");
+    }
 }

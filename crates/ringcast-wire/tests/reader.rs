@@ -13,7 +13,7 @@ use ringcast_wire::buffer::{
 use ringcast_wire::deflate::{negotiate, DeflateConfig, DeflateParams};
 use ringcast_wire::frame::{encode_client_frame, OpCode, Role};
 use ringcast_wire::{CloseCode, Event, Limits, Reader, WireError};
-use support::PeerDeflate;
+use support::{cut_at, PeerDeflate};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Ev {
@@ -674,15 +674,7 @@ proptest! {
         size in prop_oneof![Just(256usize), Just(300), Just(4096)],
     ) {
         let (stream, expected) = encode_items(&items, key_seed);
-        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (stream.len() + 1)).collect();
-        cuts.sort();
-        let mut pieces: Vec<&[u8]> = Vec::new();
-        let mut start = 0;
-        for c in cuts {
-            pieces.push(&stream[start..c]);
-            start = c;
-        }
-        pieces.push(&stream[start..]);
+        let pieces = cut_at(&stream, cuts);
         let limits = Limits { max_frame_payload: 1 << 20, max_message_size: 1 << 20 };
         for s in Strategy::ALL {
             let (ev, err) = decode_with(s, size, limits, &pieces);
@@ -745,15 +737,7 @@ proptest! {
         size in prop_oneof![Just(256usize), Just(300), Just(4096)],
     ) {
         let (stream, expected) = encode_compressed_items(&items, &compress, key_seed);
-        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (stream.len() + 1)).collect();
-        cuts.sort();
-        let mut pieces: Vec<&[u8]> = Vec::new();
-        let mut start = 0;
-        for c in cuts {
-            pieces.push(&stream[start..c]);
-            start = c;
-        }
-        pieces.push(&stream[start..]);
+        let pieces = cut_at(&stream, cuts);
         let limits = Limits { max_frame_payload: 1 << 20, max_message_size: 1 << 20 };
         let params = deflate_params();
         for s in Strategy::ALL {
@@ -857,15 +841,7 @@ proptest! {
     ) {
         let (stream, expected) = encode_small(&items, bad_tail, key_seed);
         let expected_err = bad_tail.then_some(WireError::InvalidUtf8);
-        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (stream.len() + 1)).collect();
-        cuts.sort();
-        let mut pieces: Vec<&[u8]> = Vec::new();
-        let mut start = 0;
-        for c in cuts {
-            pieces.push(&stream[start..c]);
-            start = c;
-        }
-        pieces.push(&stream[start..]);
+        let pieces = cut_at(&stream, cuts);
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
         let limits = Limits { max_frame_payload: 1 << 20, max_message_size: 1 << 20 };
         for s in Strategy::ALL {

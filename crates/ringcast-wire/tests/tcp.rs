@@ -5,6 +5,8 @@
 //! here by hand (header, `crc32fast::hash`) rather than by the encoder, so that the decoder is checked
 //! against the specification and not only against its own other half.
 
+mod support;
+
 use proptest::prelude::*;
 use proptest::strategy::Strategy as _;
 use ringcast_wire::buffer::{
@@ -12,6 +14,7 @@ use ringcast_wire::buffer::{
 };
 use ringcast_wire::frame::Role;
 use ringcast_wire::tcp::{Command, Decoder, ErrorCode, Malformed, TcpError, DEFAULT_MAX_BODY, HEADER_LEN};
+use support::cut_at;
 
 /// A frame as the decoder delivered it: its command code, body, and what decoding its command gave
 /// (`None`: a valid command).
@@ -367,15 +370,7 @@ proptest! {
         size in prop_oneof![Just(256usize), Just(300), Just(4096)],
     ) {
         let (stream, expected) = encode_items(&items);
-        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (stream.len() + 1)).collect();
-        cuts.sort();
-        let mut pieces: Vec<&[u8]> = Vec::new();
-        let mut start = 0;
-        for c in cuts {
-            pieces.push(&stream[start..c]);
-            start = c;
-        }
-        pieces.push(&stream[start..]);
+        let pieces = cut_at(&stream, cuts);
         for s in Strategy::ALL {
             let (out, err) = decode_with(s, size, DEFAULT_MAX_BODY, &pieces);
             prop_assert_eq!(err, None, "{:?}", s);

@@ -1,4 +1,5 @@
-//! An independent permessage-deflate peer for the tests: miniz_oxide, a different deflate implementation
+//! Shared by the wire tests: cutting a byte stream where a proptest says (as a socket may split it), and
+//! an independent permessage-deflate peer: miniz_oxide, a different deflate implementation
 //! from the zlib-rs the codec uses, so a round trip checks the codec against someone else's reading of
 //! RFC 1951 and RFC 7692 rather than against itself.
 #![allow(dead_code)]
@@ -89,4 +90,19 @@ pub fn parse_server_frame(frame: &[u8]) -> (u8, &[u8]) {
     };
     assert_eq!(frame.len(), at + len, "one whole frame");
     (frame[0], &frame[at..])
+}
+
+/// `stream` cut at `cuts` (any numbers: taken modulo the stream's length + 1, then sorted), as the reads
+/// of a socket that split it there would deliver it; empty pieces included.
+pub fn cut_at(stream: &[u8], cuts: Vec<usize>) -> Vec<&[u8]> {
+    let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (stream.len() + 1)).collect();
+    cuts.sort();
+    let mut pieces = Vec::with_capacity(cuts.len() + 1);
+    let mut start = 0;
+    for c in cuts {
+        pieces.push(&stream[start..c]);
+        start = c;
+    }
+    pieces.push(&stream[start..]);
+    pieces
 }

@@ -23,6 +23,8 @@
 #   AUTOBAHN_CHUNKS                  chunks per strategy for 12/13 (default: 2 x AUTOBAHN_JOBS)
 #   AUTOBAHN_CASES                   patterns for the plain runs (default: groups 1-7, 9, 10)
 #   AUTOBAHN_COMPRESSION_CASES       patterns for the compression runs (default: ["12.*","13.*"])
+#   AUTOBAHN_COMPRESSION_STRATEGY_CASES  "strategy=patterns ..." (patterns: JSON without spaces) for the
+#                                    strategies whose compression run takes other cases than the above
 #   AUTOBAHN_COMPRESSION_LEVELS      "strategy=level ..." for the compression servers (default: empty,
 #                                    every server at the default compression_level). The strategies
 #                                    differ only in how the server reads; what it sends is compressed by
@@ -111,8 +113,12 @@ for s in $strategies; do
     names+=("$s")
 done
 if [ -n "$deflate_strategies" ]; then
-    deflate_ids=$(resolve "${AUTOBAHN_COMPRESSION_CASES:-[\"12.*\",\"13.*\"]}")
     for s in $deflate_strategies; do
+        patterns=${AUTOBAHN_COMPRESSION_CASES:-'["12.*","13.*"]'}
+        for pair in ${AUTOBAHN_COMPRESSION_STRATEGY_CASES:-}; do
+            [ "${pair%%=*}" = "$s" ] && patterns=${pair#*=}
+        done
+        deflate_ids=$(resolve "$patterns")
         level_flags=()
         for pair in ${AUTOBAHN_COMPRESSION_LEVELS:-}; do
             [ "${pair%%=*}" = "$s" ] && level_flags=(--compression-level "${pair#*=}")

@@ -6,19 +6,10 @@
 //! has been parsed ([`ReadBuffer::release`]). A connection holds a buffer across reads only while a frame
 //! is partially received.
 //!
-//! The pool is a mutex-protected free list, no allocation once warm, fronted by a one-buffer cache per
-//! thread: a connection that drains its buffer at the end of a read hands it to its thread's cache, and
-//! the next read on that thread (usually the next connection's) takes it back without a lock, while the
-//! buffer is still in that core's cache. A cached buffer belongs to nobody, exactly like one on the free
-//! list: it is moved out of the cache, never shared. `max_pooled` bounds the idle buffers of both
-//! kinds together and [`BufferPool::pooled`] counts both, so the cache changes neither the memory an
-//! idle server keeps nor what it reports (with `max_pooled == 0` nothing is cached); beyond the bound,
-//! released buffers are freed. A thread's cached buffer goes back to the free list when the thread
-//! exits, and one left behind by a pool that no longer exists is freed when the cache is next used.
+//! The pool is a mutex-protected free list: one uncontended lock per acquire/release, no allocation once
+//! warm. It keeps at most `max_pooled` buffers; beyond that, released buffers are freed.
 
-use std::cell::RefCell;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use super::ReadBuffer;
 
@@ -29,38 +20,14 @@ pub const MAX_POOL_BUFFER: usize = 1 << 30;
 #[derive(Debug)]
 pub struct BufferPool {
     free: Mutex<Vec<Box<[u8]>>>,
-    /// Idle buffers: those on `free` plus those in threads' caches. Raised (within `max_pooled`) before a
-    /// buffer is parked, lowered after one is taken, so it never undercounts what is parked.
-    idle: AtomicUsize,
     buffer_size: usize,
     max_pooled: usize,
-}
-
-/// One thread's cached buffer, and the pool it belongs to (kept across uses, so that parking and taking
-/// touch no reference count; a `Weak` also keeps the pool's address from being reused while held).
-struct ThreadCache {
-    pool: Weak<BufferPool>,
-    buf: Option<Box<[u8]>>,
-}
-
-impl Drop for ThreadCache {
-    fn drop(&mut self) {
-        // The thread is exiting: its buffer stays idle, on the free list (or is freed with a dead pool).
-        if let (Some(buf), Some(pool)) = (self.buf.take(), self.pool.upgrade()) {
-            pool.give_shared(buf);
-        }
-    }
-}
-
-thread_local! {
-    static CACHE: RefCell<ThreadCache> = const { RefCell::new(ThreadCache { pool: Weak::new(), buf: None }) };
 }
 
 impl BufferPool {
     pub fn new(buffer_size: usize, max_pooled: usize) -> Arc<Self> {
         Arc::new(BufferPool {
             free: Mutex::new(Vec::with_capacity(max_pooled.min(4096))),
-            idle: AtomicUsize::new(0),
             buffer_size: buffer_size.clamp(super::ring::MIN_RING_CAPACITY, MAX_POOL_BUFFER),
             max_pooled,
         })
@@ -70,73 +37,28 @@ impl BufferPool {
         self.buffer_size
     }
 
-    /// Buffers currently idle in the pool (on its free list or in a thread's cache).
+    /// Buffers currently idle in the pool.
     pub fn pooled(&self) -> usize {
-        self.idle.load(Relaxed)
+        self.free.lock().map(|f| f.len()).unwrap_or(0)
     }
 
-    /// Counts one more idle buffer if the bound allows it; `false`: the buffer is to be freed.
-    fn reserve_idle(&self) -> bool {
-        self.idle.fetch_update(Relaxed, Relaxed, |n| (n < self.max_pooled).then_some(n + 1)).is_ok()
-    }
-
-    fn take(self: &Arc<Self>) -> Box<[u8]> {
-        let cached = CACHE.try_with(|c| {
-            let mut c = c.try_borrow_mut().ok()?;
-            if !std::ptr::eq(c.pool.as_ptr(), Arc::as_ptr(self)) {
-                return None;
-            }
-            c.buf.take()
-        });
-        if let Ok(Some(buf)) = cached {
-            self.idle.fetch_sub(1, Relaxed);
-            return buf;
-        }
+    fn take(&self) -> Box<[u8]> {
         // A poisoned lock only means another thread panicked mid-push/pop; the Vec is still sound.
         let popped = match self.free.lock() {
             Ok(mut f) => f.pop(),
             Err(p) => p.into_inner().pop(),
         };
-        match popped {
-            Some(buf) => {
-                self.idle.fetch_sub(1, Relaxed);
-                buf
-            }
-            None => vec![0u8; self.buffer_size].into_boxed_slice(),
-        }
+        popped.unwrap_or_else(|| vec![0u8; self.buffer_size].into_boxed_slice())
     }
 
-    fn give(self: &Arc<Self>, buf: Box<[u8]>) {
-        if !self.reserve_idle() {
-            return;
-        }
-        // The thread's cache if it is empty (or holds a dead pool's buffer), else the free list.
-        let mut buf = Some(buf);
-        let _ = CACHE.try_with(|c| {
-            let Ok(mut c) = c.try_borrow_mut() else { return };
-            if !std::ptr::eq(c.pool.as_ptr(), Arc::as_ptr(self)) {
-                if c.buf.is_some() && c.pool.strong_count() > 0 {
-                    return;
-                }
-                // Replacing the entry frees a dead pool's buffer along with its `Weak`.
-                *c = ThreadCache { pool: Arc::downgrade(self), buf: None };
-            }
-            if c.buf.is_none() {
-                c.buf = buf.take();
-            }
-        });
-        if let Some(buf) = buf {
-            self.give_shared(buf);
-        }
-    }
-
-    /// Puts an already counted idle buffer on the free list.
-    fn give_shared(&self, buf: Box<[u8]>) {
+    fn give(&self, buf: Box<[u8]>) {
         let mut free = match self.free.lock() {
             Ok(f) => f,
             Err(p) => p.into_inner(),
         };
-        free.push(buf);
+        if free.len() < self.max_pooled {
+            free.push(buf);
+        }
     }
 }
 
@@ -257,12 +179,12 @@ mod tests {
     }
 
     #[test]
-    fn a_drained_buffer_is_reused_on_the_same_thread_and_counted_as_pooled() {
+    fn a_drained_buffer_is_reused_and_never_shared() {
         let pool = BufferPool::new(1024, 8);
         let mut a = PooledBuffer::new(pool.clone());
         let first = cycle(&mut a);
         assert_eq!(pool.pooled(), 1);
-        assert_eq!(cycle(&mut a), first, "the thread's cached buffer comes back");
+        assert_eq!(cycle(&mut a), first, "the drained buffer comes back");
         // Two connections holding buffers at once never get the same one.
         let mut b = PooledBuffer::new(pool.clone());
         fill_from(&mut a, b"x");
@@ -273,11 +195,11 @@ mod tests {
         b.consume(1);
         a.release();
         b.release();
-        assert_eq!(pool.pooled(), 2, "one in the thread's cache, one on the free list");
+        assert_eq!(pool.pooled(), 2);
     }
 
     #[test]
-    fn max_pooled_bounds_cached_and_listed_buffers_together() {
+    fn max_pooled_bounds_the_idle_buffers() {
         let pool = BufferPool::new(1024, 1);
         let (mut a, mut b) = (PooledBuffer::new(pool.clone()), PooledBuffer::new(pool.clone()));
         fill_from(&mut a, b"x");
@@ -287,7 +209,7 @@ mod tests {
             p.release();
         }
         assert_eq!(pool.pooled(), 1);
-        // With no idle buffers allowed, nothing is cached either.
+        // With no idle buffers allowed, a drained buffer is freed.
         let none = BufferPool::new(1024, 0);
         let mut c = PooledBuffer::new(none.clone());
         cycle(&mut c);
@@ -296,7 +218,7 @@ mod tests {
     }
 
     #[test]
-    fn a_thread_gives_its_cached_buffer_back_when_it_exits() {
+    fn a_buffer_released_on_one_thread_is_taken_on_another() {
         let pool = BufferPool::new(1024, 8);
         let p = pool.clone();
         std::thread::spawn(move || {
@@ -309,20 +231,6 @@ mod tests {
         let mut b = PooledBuffer::new(pool.clone());
         fill_from(&mut b, b"x");
         assert_eq!(pool.pooled(), 0, "taken from the free list");
-    }
-
-    #[test]
-    fn a_dead_pools_cached_buffer_makes_way() {
-        let old = BufferPool::new(1024, 8);
-        cycle(&mut PooledBuffer::new(old.clone()));
-        drop(old);
-        let pool = BufferPool::new(512, 8);
-        let mut b = PooledBuffer::new(pool.clone());
-        let first = cycle(&mut b);
-        assert_eq!(pool.pooled(), 1);
-        assert_eq!(cycle(&mut b), first, "cached on this thread in place of the dead pool's buffer");
-        fill_from(&mut b, b"x");
-        assert_eq!(b.held_bytes(), 512);
     }
 
     #[test]

@@ -33,17 +33,23 @@ use std::task::{Context, Poll};
 
 use tokio::net::TcpStream;
 
+/// What one read gave: `len` bytes (0: the end of the stream), and whether the stream is `drained`, so
+/// that reading again before its next readiness would only say `WouldBlock`. The stream decides: plain
+/// TCP when the read left room in its buffers (that read also cleared the socket's readiness); never
+/// TLS (rustls hands out the plaintext of the records it has, while more ciphertext may wait in the
+/// socket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadOutcome {
+    pub len: usize,
+    pub drained: bool,
+}
+
 /// What a connection needs of its byte stream. Every method is non-blocking.
 pub trait Stream: Unpin + Send + 'static {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn poll_write_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-    /// Whether a read that leaves room in its buffers took all there was, so that reading again before
-    /// the next readiness would only say `WouldBlock`: plain TCP (where that read also clears the socket's
-    /// readiness), not TLS (rustls hands out the plaintext of the records it has, while more ciphertext
-    /// may wait in the socket).
-    const SHORT_READ_DRAINS: bool;
-    /// Reads into `iov`; `Ok(0)` is the end of the stream, `WouldBlock` means wait for readiness.
-    fn try_read_vectored(&mut self, iov: &mut [IoSliceMut<'_>]) -> io::Result<usize>;
+    /// Reads into `iov`; `WouldBlock` means wait for readiness.
+    fn try_read_vectored(&mut self, iov: &mut [IoSliceMut<'_>]) -> io::Result<ReadOutcome>;
     /// Reads into `buf`'s spare capacity (growing its length by what was read).
     fn try_read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize>;
     fn try_write(&mut self, buf: &[u8]) -> io::Result<usize>;
@@ -67,7 +73,6 @@ pub trait Stream: Unpin + Send + 'static {
 }
 
 impl Stream for TcpStream {
-    const SHORT_READ_DRAINS: bool = true;
     #[inline]
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         TcpStream::poll_read_ready(self, cx)
@@ -76,11 +81,11 @@ impl Stream for TcpStream {
     fn poll_write_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         TcpStream::poll_write_ready(self, cx)
     }
-    /// A read that leaves room in `iov` took all the kernel had, so it also clears the socket's read
-    /// readiness, as a `WouldBlock` would: the caller's next read then returns `WouldBlock` without a
-    /// syscall, and the connection waits for the next edge instead of asking the kernel again.
+    /// A read that leaves room in `iov` took all the kernel had: it is `drained`, and it also clears the
+    /// socket's read readiness, as a `WouldBlock` would, so the caller's next read returns `WouldBlock`
+    /// without a syscall and the connection waits for the next edge instead of asking the kernel again.
     #[inline]
-    fn try_read_vectored(&mut self, iov: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+    fn try_read_vectored(&mut self, iov: &mut [IoSliceMut<'_>]) -> io::Result<ReadOutcome> {
         let room: usize = iov.iter().map(|b| b.len()).sum();
         let mut short = 0;
         // `try_io` clears the readiness it observed before the call when the closure says `WouldBlock`,
@@ -95,9 +100,9 @@ impl Stream for TcpStream {
         });
         // `try_io` hands the closure's result back as it was: a short read is that `WouldBlock`.
         if short > 0 {
-            Ok(short)
+            Ok(ReadOutcome { len: short, drained: true })
         } else {
-            r
+            r.map(|len| ReadOutcome { len, drained: false })
         }
     }
     #[inline]
@@ -261,7 +266,6 @@ impl TlsStream {
 }
 
 impl Stream for TlsStream {
-    const SHORT_READ_DRAINS: bool = false;
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let Some(s) = self.0.as_deref_mut() else { return Poll::Ready(Err(gone())) };
         let (tcp, tls) = s.get_mut();
@@ -280,8 +284,8 @@ impl Stream for TlsStream {
         }
     }
 
-    fn try_read_vectored(&mut self, iov: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        self.read_with(|r| r.read_vectored(iov))
+    fn try_read_vectored(&mut self, iov: &mut [IoSliceMut<'_>]) -> io::Result<ReadOutcome> {
+        self.read_with(|r| r.read_vectored(iov)).map(|len| ReadOutcome { len, drained: false })
     }
 
     fn try_read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
@@ -407,15 +411,16 @@ mod tests {
         client.write_all(b"hello").await.expect("write");
         poll_fn(|cx| Stream::poll_read_ready(&mut server, cx)).await.expect("readable");
         let mut buf = [0u8; 64];
-        let n = Stream::try_read_vectored(&mut server, &mut [IoSliceMut::new(&mut buf)]).expect("read");
-        assert_eq!(&buf[..n], b"hello");
+        let got = Stream::try_read_vectored(&mut server, &mut [IoSliceMut::new(&mut buf)]).expect("read");
+        assert_eq!(&buf[..got.len], b"hello");
+        assert!(got.drained, "a read that left room in the buffer did not say it drained the socket");
         // The kernel had no more: waiting now must not wake at once for a read that would block.
         assert!(!read_ready_now(&mut server).await, "a short read left the socket marked readable");
         // Bytes that arrive afterwards bring a new edge, and the connection wakes for them.
         client.write_all(b"world").await.expect("write");
         poll_fn(|cx| Stream::poll_read_ready(&mut server, cx)).await.expect("readable again");
-        let n = Stream::try_read_vectored(&mut server, &mut [IoSliceMut::new(&mut buf)]).expect("read");
-        assert_eq!(&buf[..n], b"world");
+        let got = Stream::try_read_vectored(&mut server, &mut [IoSliceMut::new(&mut buf)]).expect("read");
+        assert_eq!(&buf[..got.len], b"world");
     }
 
     #[tokio::test]
@@ -424,14 +429,14 @@ mod tests {
         client.write_all(b"abcdefgh").await.expect("write");
         poll_fn(|cx| Stream::poll_read_ready(&mut server, cx)).await.expect("readable");
         let (mut a, mut b) = ([0u8; 3], [0u8; 1]);
-        let n = Stream::try_read_vectored(&mut server, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)])
+        let got = Stream::try_read_vectored(&mut server, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)])
             .expect("read");
-        assert_eq!((n, &a, &b), (4, b"abc", b"d"));
+        assert_eq!((got, &a, &b), (ReadOutcome { len: 4, drained: false }, b"abc", b"d"));
         // The buffer filled: more may be there, so the socket stays readable and the rest is read.
         assert!(read_ready_now(&mut server).await, "a full read cleared readiness");
         let mut rest = [0u8; 16];
-        let n = Stream::try_read_vectored(&mut server, &mut [IoSliceMut::new(&mut rest)]).expect("read");
-        assert_eq!(&rest[..n], b"efgh");
+        let got = Stream::try_read_vectored(&mut server, &mut [IoSliceMut::new(&mut rest)]).expect("read");
+        assert_eq!(&rest[..got.len], b"efgh");
         let e = Stream::try_read_vectored(&mut server, &mut [IoSliceMut::new(&mut rest)]);
         assert_eq!(e.map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock));
     }

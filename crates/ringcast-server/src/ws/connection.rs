@@ -65,7 +65,7 @@ use crate::app::admission::IpKey;
 use crate::app::context::Context;
 use crate::transport::deadline::{reached, Key};
 use crate::transport::outbound::Outbound;
-use crate::transport::stream::Stream;
+use crate::transport::stream::{ReadOutcome, Stream};
 
 mod client;
 mod echo;
@@ -428,15 +428,14 @@ impl<S: Stream> Conn<S> {
         Ok(drained)
     }
 
-    /// One read of frames, at time `now`. `Ok(None)`: nothing more to read now (it would block, or this
-    /// read took all there was: [`Stream::SHORT_READ_DRAINS`]); `Ok(Some(0))`: EOF.
+    /// One read of frames, at time `now`. `Ok(None)`: nothing more to read now (it would block, or the
+    /// stream says this read drained it: [`ReadOutcome`]); `Ok(Some(0))`: EOF.
     fn read_frames(&mut self, now: u32) -> io::Result<Option<usize>> {
         self.reader.settle(&mut self.buf);
         let (a, b) = self.buf.writable();
-        let room = a.len() + b.len();
         let mut iov = [io::IoSliceMut::new(a), io::IoSliceMut::new(b)];
-        let n = match self.stream.try_read_vectored(&mut iov) {
-            Ok(n) => n,
+        let ReadOutcome { len: n, drained } = match self.stream.try_read_vectored(&mut iov) {
+            Ok(got) => got,
             Err(e) => {
                 return match e.kind() {
                     io::ErrorKind::WouldBlock => Ok(None),
@@ -457,7 +456,7 @@ impl<S: Stream> Conn<S> {
         } else {
             self.process_and_reply()?;
         }
-        Ok(if S::SHORT_READ_DRAINS && n < room { None } else { Some(n) })
+        Ok(if drained { None } else { Some(n) })
     }
 
     /// Parses every complete event in the buffer; replies are batched into one write.

@@ -39,7 +39,10 @@ impl BufferPool {
 
     /// Buffers currently idle in the pool.
     pub fn pooled(&self) -> usize {
-        self.free.lock().map(|f| f.len()).unwrap_or(0)
+        match self.free.lock() {
+            Ok(f) => f.len(),
+            Err(p) => p.into_inner().len(),
+        }
     }
 
     fn take(&self) -> Box<[u8]> {

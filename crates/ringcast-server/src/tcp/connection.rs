@@ -42,6 +42,7 @@ use crate::tcp::keepalive::RttWindow;
 use crate::tcp::session::{emit, emit_error, Admit, TcpSession};
 use crate::transport::deadline::{reached, Key};
 use crate::transport::outbound::Outbound;
+use crate::transport::stream::{ReadOutcome, Stream};
 use crate::transport::Encoding;
 
 /// Reads one wake-up may do before the loop looks at timers and the queue again.
@@ -320,8 +321,10 @@ impl Connection {
             self.decoder.settle(&mut self.buf);
             let (a, b) = self.buf.writable();
             let mut iov = [io::IoSliceMut::new(a), io::IoSliceMut::new(b)];
-            let n = match self.stream.try_read_vectored(&mut iov) {
-                Ok(n) => n,
+            // The same read as a WebSocket connection's ([`Stream`]): `recv` as a raw system call, and a
+            // read that took all the socket had clears its readiness and ends the reading.
+            let ReadOutcome { len: n, drained } = match Stream::try_read_vectored(&mut self.stream, &mut iov) {
+                Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -343,6 +346,9 @@ impl Connection {
             } else {
                 let len = self.buf.len();
                 self.buf.consume(len);
+            }
+            if drained {
+                break;
             }
         }
         self.decoder.settle(&mut self.buf);
@@ -431,7 +437,7 @@ impl Connection {
         let mut written = 0;
         if self.out.is_empty() {
             while written < self.replies.len() {
-                match self.stream.try_write(&self.replies[written..]) {
+                match Stream::try_write(&mut self.stream, &self.replies[written..]) {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                     Ok(n) => {
                         written += n;
